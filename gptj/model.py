@@ -1,0 +1,155 @@
+"""The GPT-J language model: embedding -> blocks -> ln_f -> vocab-parallel lm_head.
+
+Two ways out:
+- training: `token_losses` / `loss` use vocab-parallel cross-entropy; full logits are never
+  gathered;
+- inference: `logits` gathers the vocab shards for all positions or only the last ones.
+
+The model knows nothing of loops, files or optimizers. Parallelism is given by a
+`ParallelContext`; with the default single-process context there is no communication at all.
+"""
+
+from __future__ import annotations
+
+import hashlib
+
+import torch
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from .config import ModelConfig
+from .layers import Block, RotaryTables, VocabParallelEmbedding, VocabParallelHead
+from .parallel import ParallelContext, gather_from_tensor_parallel, vocab_parallel_cross_entropy
+from .sharding import hf_shapes, read_local_shard, shard_rules
+
+
+def attention_mask_from_segments(segment_ids: torch.Tensor) -> torch.Tensor:
+    """Bool [B, 1, S, S]: causal, and only within equal segment ids.
+
+    Segment 0 marks padding; a padded query still sees itself so that no softmax row is empty.
+    Built once per forward and shared by every block.
+    """
+    seq = segment_ids.shape[1]
+    causal = torch.ones(seq, seq, dtype=torch.bool, device=segment_ids.device).tril_()
+    same = segment_ids.unsqueeze(2) == segment_ids.unsqueeze(1)
+    real = (segment_ids != 0).unsqueeze(1)
+    eye = torch.eye(seq, dtype=torch.bool, device=segment_ids.device)
+    return ((same & real & causal) | eye).unsqueeze(1)
+
+
+class GPTJ(nn.Module):
+    def __init__(
+        self,
+        config: ModelConfig,
+        ctx: ParallelContext | None = None,
+        dtype: torch.dtype = torch.float32,
+        device: torch.device | str | None = None,
+    ):
+        super().__init__()
+        self.ctx = ctx or ParallelContext.single()
+        self.config = config.validate(self.ctx.tensor_parallel)
+        self.embed = VocabParallelEmbedding(config, self.ctx, dtype, device)
+        self.blocks = nn.ModuleList(Block(config, self.ctx, dtype, device) for _ in range(config.num_layers))
+        self.ln_f = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps, dtype=dtype, device=device)
+        self.lm_head = VocabParallelHead(config, self.ctx, dtype, device)
+        self.rotary = RotaryTables(config.rotary_dim, config.max_positions, device=device)
+        self.recompute_blocks = False  # activation recomputation, set by the training engine
+
+    # ---- weights -----------------------------------------------------------------------------
+    @torch.no_grad()
+    def init_weights(self, seed: int = 0, std: float = 0.02) -> GPTJ:
+        """Random weights as Hugging Face initialises GPT-J, identical for any TP size.
+
+        Each full HF tensor is drawn from a generator seeded by (seed, tensor name), then this
+        rank keeps its slice, so TP=1 and TP=t models hold the same numbers.
+        """
+        shapes = hf_shapes(self.config)
+
+        def random_slice(hf_name, dim, start, stop):
+            digest = hashlib.sha256(f"{seed}:{hf_name}".encode()).digest()
+            gen = torch.Generator().manual_seed(int.from_bytes(digest[:8], "little"))
+            shape = shapes[hf_name]
+            if hf_name.endswith((".bias",)) and "ln_" not in hf_name:
+                full = torch.zeros(shape)
+            elif "ln_" in hf_name:
+                full = torch.ones(shape) if hf_name.endswith("weight") else torch.zeros(shape)
+            else:
+                full = torch.empty(shape).normal_(0.0, std, generator=gen)
+            return full if dim is None else full.narrow(dim, start, stop - start)
+
+        self.load_shards(random_slice)
+        return self
+
+    @torch.no_grad()
+    def load_shards(self, read) -> None:
+        """Fill every parameter from `read(hf_name, dim, start, stop)` (see sharding.py)."""
+        params = dict(self.named_parameters())
+        for name in shard_rules(self.config):
+            value = read_local_shard(name, self.config, self.ctx, read)
+            target = params[name]
+            if value.shape != target.shape:
+                raise ValueError(f"{name}: expected shape {tuple(target.shape)}, got {tuple(value.shape)}")
+            target.copy_(value)
+
+    # ---- forward -----------------------------------------------------------------------------
+    def hidden_states(
+        self,
+        input_ids: torch.Tensor,
+        position_ids: torch.Tensor | None = None,
+        segment_ids: torch.Tensor | None = None,
+        attn_mask: torch.Tensor | None = None,
+        kv_cache=None,
+    ) -> torch.Tensor:
+        """ln_f(blocks(embed(ids))) as [B, S, d].
+
+        position_ids: [B, S]; default 0..S-1 (plus the cache offset is the caller's job).
+        segment_ids: [B, S] ints; attention stays within equal ids, 0 = padding.
+        attn_mask: an explicit bool [B, 1, S, T] (e.g. from a KV cache); overrides segment_ids.
+        kv_cache: an object with `.layer(i)` returning something with `update(k, v)`.
+        """
+        batch, seq = input_ids.shape
+        if seq > self.config.max_positions and position_ids is None:
+            raise ValueError(f"sequence length {seq} exceeds max_positions {self.config.max_positions}")
+        if position_ids is None:
+            position_ids = torch.arange(seq, device=input_ids.device).expand(batch, seq)
+        if attn_mask is None and segment_ids is not None:
+            attn_mask = attention_mask_from_segments(segment_ids)
+        rope = self.rotary(position_ids)
+        x = self.embed(input_ids)
+        for i, block in enumerate(self.blocks):
+            cache = kv_cache.layer(i) if kv_cache is not None else None
+            if self.recompute_blocks and self.training and torch.is_grad_enabled():
+                x = checkpoint(block, x, rope, attn_mask, cache, use_reentrant=False)
+            else:
+                x = block(x, rope, attn_mask, cache)
+        return self.ln_f(x)
+
+    def token_losses(self, input_ids, labels, **kwargs) -> torch.Tensor:
+        """Per-token cross-entropy [B, S] in fp32 (unmasked: the caller weights it)."""
+        local_logits = self.lm_head(self.hidden_states(input_ids, **kwargs))
+        return vocab_parallel_cross_entropy(local_logits, labels, self.lm_head.vocab_start, self.ctx)
+
+    def loss(self, input_ids, labels, loss_mask=None, **kwargs) -> torch.Tensor:
+        """Mean loss over tokens where loss_mask is nonzero (all tokens when None)."""
+        losses = self.token_losses(input_ids, labels, **kwargs)
+        if loss_mask is None:
+            return losses.mean()
+        mask = loss_mask.to(losses.dtype)
+        return (losses * mask).sum() / mask.sum().clamp_min(1.0)
+
+    def logits_from_hidden(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Gathered fp32 logits [..., vocab_size]; padded vocab entries are dropped."""
+        full = gather_from_tensor_parallel(self.lm_head(hidden), self.ctx)
+        return full[..., : self.config.vocab_size]
+
+    def logits(self, input_ids, last_only: bool = False, **kwargs) -> torch.Tensor:
+        """Full-vocab logits for every position, or [B, vocab] for the last position only."""
+        hidden = self.hidden_states(input_ids, **kwargs)
+        if last_only:
+            hidden = hidden[:, -1]
+        return self.logits_from_hidden(hidden)
+
+    def forward(self, input_ids, labels=None, loss_mask=None, **kwargs):
+        if labels is None:
+            return self.logits(input_ids, **kwargs)
+        return self.loss(input_ids, labels, loss_mask, **kwargs)
