@@ -55,6 +55,14 @@ def _cache_parts(kind: str, task: Task, src: Source, tokenizer: Tokenizer, **opt
             "tokenizer": tokenizer.identity, **options}
 
 
+def tokenize_examples(task: Task, src: Source, tokenizer: Tokenizer, sequence_length: int,
+                      strict: bool, progress: bool):
+    """Rows, their training tokens (`Encoded`, with `kept` indexing the rows) and the counts."""
+    rows, wheres, summary = read_rows(task, src, strict)
+    enc = encode_train(task, rows, wheres, tokenizer, sequence_length + 1, summary, strict, progress)
+    return rows, enc, summary
+
+
 def build_train_data(task, source, tokenizer, sequence_length: int, layout: str = "packed",
                      loss_mask: str = "all", keep_boundaries: bool = False, split: str = "train",
                      strict: bool = False, cache_dir=None, progress: bool = True,
@@ -85,8 +93,7 @@ def build_train_data(task, source, tokenizer, sequence_length: int, layout: str 
                 return TrainData(arrays["tokens"], arrays["offsets"], arrays["is_target"],
                                  sequence_length, tokenizer.pad_id, layout, loss_mask,
                                  keep_boundaries, summary)
-    rows, wheres, summary = read_rows(task, src, strict)
-    enc = encode_train(task, rows, wheres, tokenizer, sequence_length + 1, summary, strict, progress)
+    rows, enc, summary = tokenize_examples(task, src, tokenizer, sequence_length, strict, progress)
     if path is not None:
         cache.save(path, {"tokens": enc.tokens, "offsets": enc.offsets, "is_target": enc.is_target,
                           "summary": cache.pack_json(summary.to_dict())})

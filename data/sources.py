@@ -44,6 +44,7 @@ class Source:
             self.path = self._in_directory(Path(spec).expanduser())
         elif Path(spec).expanduser().is_file():
             self.path = Path(spec).expanduser()
+            self.split = None  # a single file is a single split
         elif looks_like_path(spec):
             raise DataError(f"data file not found: {spec}")
         else:
