@@ -81,8 +81,8 @@ class CheckpointReader:
         self.directory = directory
         self.expected = hf_shapes(config)
         self.requests: list[tuple[str, int | None, int, int]] = []
-        self._files: dict[str, Path] = self._index()
         self._open: dict[Path, Any] = {}
+        self._files: dict[str, Path] = self._index()
 
     def _index(self) -> dict[str, Path]:
         d = self.directory
@@ -95,7 +95,7 @@ class CheckpointReader:
             raise CheckpointError(f"{d} holds no *.safetensors or *.bin weight files")
         names = {}
         for file in files:
-            for name in self._handle(file):
+            for name in self._handle(file).keys():  # noqa: SIM118 - safe_open is not iterable
                 names[name] = file
         return names
 
