@@ -16,7 +16,7 @@ from .errors import LoadSummary, RowProblem
 from .tasks import Task
 from .tokenizer import Tokenizer
 
-CHUNK = 2048  # rows per encode_batch call: large enough for the Rust thread pool
+CHUNK = 1024  # rows per encode_batch call: large enough for the Rust thread pool
 
 
 @dataclasses.dataclass
@@ -46,19 +46,28 @@ def encode_prompts(task: Task, rows: list[dict], wheres: list[str], tokenizer: T
 
 def _encode(task, rows, wheres, tokenizer, max_tokens, summary, strict, progress, with_target):
     pieces, flags, kept = [], [], []
+    target_ids: dict[str, list[int]] = {}  # few distinct targets for classification tasks
     bar = _progress(len(rows), progress, "tokenizing")
     for start in range(0, len(rows), CHUNK):
         chunk = rows[start:start + CHUNK]
         prompts, spans = zip(*(task.prompt_with_span(r) for r in chunk))
-        texts = [p + task.target(r) for p, r in zip(prompts, chunk)] if with_target else prompts
-        encodings = tokenizer.encode_with_offsets(texts)
-        for j, enc in enumerate(encodings):
-            ids = enc.ids
+        targets = [task.target(r) for r in chunk] if with_target else [""] * len(chunk)
+        texts = [p + t for p, t in zip(prompts, targets)]
+        new = sorted({t for t in targets if t not in target_ids})
+        target_ids.update(zip(new, tokenizer.encode(new)))
+        for j, ids in enumerate(tokenizer.encode(texts)):
             extra = 1 if with_target else 0  # the EOS appended below
-            n_target = _count_target_tokens(enc.offsets, len(prompts[j])) if with_target else 0
-            if max_tokens is not None and len(ids) + extra > max_tokens:
+            too_long = max_tokens is not None and len(ids) + extra > max_tokens
+            n_target = len(target_ids[targets[j]])
+            # The target's own tokens ending the example mean a clean prompt/target boundary;
+            # otherwise (or to truncate) character offsets tell which tokens are which.
+            offsets = None
+            if too_long or (with_target and ids[len(ids) - n_target:] != target_ids[targets[j]]):
+                offsets = tokenizer.encode_with_offsets([texts[j]])[0].offsets
+                n_target = _count_target_tokens(offsets, len(prompts[j])) if with_target else 0
+            if too_long:
                 try:
-                    ids = _truncate(ids, enc.offsets, spans[j], len(ids) + extra - max_tokens,
+                    ids = _truncate(ids, offsets, spans[j], len(ids) + extra - max_tokens,
                                     task.truncate, max_tokens)
                 except RowProblem as problem:
                     summary.unkeep(wheres[start + j], problem, strict)
@@ -66,7 +75,7 @@ def _encode(task, rows, wheres, tokenizer, max_tokens, summary, strict, progress
                 summary.truncated += 1
             if with_target:
                 ids = ids + [tokenizer.eos_id]
-                flags.append((len(ids), n_target + 1))
+                flags.append(n_target + 1)
             pieces.append(ids)
             kept.append(start + j)
         if bar is not None:
@@ -80,7 +89,7 @@ def _encode(task, rows, wheres, tokenizer, max_tokens, summary, strict, progress
     is_target = np.zeros(len(tokens), dtype=np.uint8)
     if with_target and flags:
         # Mark the last n_target tokens of each example: the target and its EOS.
-        n_target = np.fromiter((f[1] for f in flags), dtype=np.int64, count=len(flags))
+        n_target = np.asarray(flags, dtype=np.int64)
         marks = np.zeros(len(tokens) + 1, dtype=np.int64)
         np.add.at(marks, offsets[1:] - n_target, 1)
         np.add.at(marks, offsets[1:], -1)

@@ -39,7 +39,8 @@ class Tokenizer:
 
     def encode(self, texts: list[str]) -> list[list[int]]:
         """Batched encoding; special tokens written in the text (e.g. <|endoftext|>) are kept."""
-        return [e.ids for e in self.backend.encode_batch(list(texts), add_special_tokens=False)]
+        encode = getattr(self.backend, "encode_batch_fast", self.backend.encode_batch)  # no offsets
+        return [e.ids for e in encode(list(texts), add_special_tokens=False)]
 
     def encode_with_offsets(self, texts: list[str]):
         """Batched encoding with character offsets, used for truncation and target masks."""

@@ -118,3 +118,38 @@ def test_gpt2_matches_transformers():
              "are nice enough target: neutral<|endoftext|>", "  odd   spacing\tand émojis 🙂 "]
     assert tok.encode(texts) == [hf(t)["input_ids"] for t in texts]
     assert tok.encode([" entailment"])[0] == hf(" entailment")["input_ids"]
+
+
+def test_target_that_merges_with_the_prompt(tmp_path):
+    """A token straddling the prompt/target boundary carries target text: it is a target token."""
+    tok = tiny_tokenizer()
+    task_file = tmp_path / "glue.yml"
+    task_file.write_text("prompt: 'word: {a}'\ntarget: '{b}'\nfields: {a: a, b: b}\n")
+    rows = tmp_path / "rows.jsonl"
+    rows.write_text('{"a": "ca", "b": "t"}\n{"a": "the", "b": " cat"}\n')
+    train = data.build_train_data(task_file, str(rows), tok, 32, layout="padded", use_cache=False)
+    for i, (text, target) in enumerate([("word: cat", "t"), ("word: the cat", " cat")]):
+        ids = tok.encode([text])[0]
+        ex = train.tokens[train.offsets[i]:train.offsets[i + 1]].tolist()
+        assert ex == ids + [tok.eos_id]
+        enc = tok.encode_with_offsets([text])[0]
+        n = sum(1 for _, end in enc.offsets if end > len(text) - len(target))
+        flags = train.is_target[train.offsets[i]:train.offsets[i + 1]].tolist()
+        assert flags == [0] * (len(ids) - n) + [1] * (n + 1)
+
+
+@needs_gpt2
+def test_target_masks_on_real_mnli_agree_with_offsets():
+    mnli = SHARED_DATA / "mnli" / "train_sample_heldout.jsonl"
+    if not mnli.is_file():
+        pytest.skip(f"{mnli} not present")
+    tok = data.load_tokenizer(GPT2)
+    task = data.load_task("mnli")
+    train = data.build_train_data(task, str(mnli), tok, 1024, use_cache=False, progress=False)
+    rows, _ = data.load_examples(task, str(mnli))
+    for i in range(0, len(rows), 50):
+        prompt = task.render_prompt(rows[i])
+        enc = tok.encode_with_offsets([prompt + task.target(rows[i])])[0]
+        n = sum(1 for _, end in enc.offsets if end > len(prompt))
+        flags = train.is_target[train.offsets[i]:train.offsets[i + 1]]
+        assert flags.sum() == n + 1 and flags[-(n + 1):].all()
