@@ -1,0 +1,125 @@
+"""The generation engine against transformers `generate` and against full recomputation."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from execution.generation import GenerationEngine, generate
+from execution.sampling import SamplingParams
+from tests.reference import TINY, max_rel_diff
+from tests.test_generation_fixtures import PROMPTS, hf_greedy, reference_pair
+
+
+@pytest.fixture(scope="module")
+def pair():
+    return reference_pair(seed=0)
+
+
+def test_greedy_matches_transformers_generate_on_a_ragged_batch(pair):
+    hf, ours = pair
+    expected = hf_greedy(hf, PROMPTS, max_new_tokens=20)
+    results = generate(ours, PROMPTS, max_new_tokens=20, eos_token_id=None)
+    assert [r.token_ids for r in results] == expected
+    assert all(r.finish_reason == "length" for r in results)
+    assert len({tuple(t) for t in expected}) == len(PROMPTS)  # the continuations really differ
+
+
+def test_eos_stops_each_row_and_is_excluded(pair):
+    hf, ours = pair
+    free = hf_greedy(hf, PROMPTS, max_new_tokens=16)
+    eos = free[0][3]  # a token the first row produces mid-way
+    results = generate(ours, PROMPTS, max_new_tokens=16, eos_token_id=eos)
+    with_eos = hf_greedy(hf, PROMPTS, max_new_tokens=16, eos_token_id=eos, pad_token_id=eos)
+    for result, unrestricted, hf_row in zip(results, free, with_eos):
+        if eos in unrestricted:
+            cut = unrestricted.index(eos)
+            assert result.token_ids == unrestricted[:cut]
+            assert result.finish_reason == "eos"
+            assert hf_row[:cut] == result.token_ids
+        else:
+            assert result.token_ids == unrestricted and result.finish_reason == "length"
+    assert results[0].finish_reason == "eos"
+
+
+def test_cached_decode_logits_equal_full_recomputation(pair):
+    _, ours = pair
+    engine = GenerationEngine(ours)
+    seen = []
+    forward = engine._decode_fn
+
+    def recording(tokens, positions, mask):
+        logits = forward(tokens, positions, mask)
+        seen.append((positions.clone(), logits.clone()))
+        return logits
+
+    engine._decode_fn = recording
+    prompts = PROMPTS[:3]
+    results = engine.run(prompts, max_new_tokens=8, eos_token_id=None)
+    assert len(seen) == 7  # first token from prefill, then 7 decode steps
+    for step, (positions, logits) in enumerate(seen):
+        for row, prompt in enumerate(prompts):
+            sequence = prompt + results[row].token_ids[: step + 1]
+            assert positions[row].item() == len(sequence) - 1
+            full = ours.logits(torch.tensor([sequence]), last_only=True)[0]
+            assert max_rel_diff(logits[row], full) < 1e-5
+
+
+def test_continuous_batching_matches_running_each_prompt_alone(pair):
+    _, ours = pair
+    alone = [generate(ours, [p], max_new_tokens=12, eos_token_id=None)[0] for p in PROMPTS]
+    eos = alone[1].token_ids[2]  # rows finish at different steps, so refills interleave
+    alone = [generate(ours, [p], max_new_tokens=12, eos_token_id=eos)[0] for p in PROMPTS]
+    batched = generate(ours, PROMPTS, max_new_tokens=12, eos_token_id=eos, batch_size=2)
+    assert [(r.token_ids, r.finish_reason) for r in batched] == [(r.token_ids, r.finish_reason) for r in alone]
+    assert {r.finish_reason for r in batched} == {"eos", "length"}
+    sampled_alone = [
+        generate(ours, [p], 10, None, temperature=0.9, top_k=20, seed=3)[0].token_ids for p in PROMPTS
+    ]
+    # A prompt's random stream is tied to its index in the list, so pass each at its index.
+    engine = GenerationEngine(ours)
+    sampled = engine.run(PROMPTS, 10, None, SamplingParams(0.9, 20), seed=3, batch_size=2)
+    for i, p in enumerate(PROMPTS):
+        alone_i = engine.run([[1]] * i + [p], 10, None, SamplingParams(0.9, 20), seed=3, batch_size=1)[i]
+        assert sampled[i].token_ids == alone_i.token_ids
+    assert sampled[0].token_ids == sampled_alone[0]
+
+
+def test_stop_sequences_and_stop_strings(pair):
+    _, ours = pair
+    free = generate(ours, PROMPTS[:2], max_new_tokens=16, eos_token_id=None)
+    stop = free[0].token_ids[4:6]
+    results = generate(ours, PROMPTS[:2], max_new_tokens=16, eos_token_id=None, stop_token_sequences=[stop])
+    first = next(i for i in range(len(free[0].token_ids)) if free[0].token_ids[i : i + 2] == stop)
+    assert results[0].token_ids == free[0].token_ids[: first + 2]
+    assert results[0].finish_reason == "stop"
+    expected_second = free[1].token_ids
+    for i in range(len(expected_second) - 1):
+        if expected_second[i : i + 2] == stop:
+            expected_second = expected_second[: i + 2]
+            break
+    assert results[1].token_ids == expected_second
+
+    def letters(ids):
+        return "".join(chr(ord("a") + t % 26) for t in ids)
+
+    text = letters(free[1].token_ids)
+    target = text[5:7]
+    engine = GenerationEngine(ours)
+    out = engine.run(PROMPTS[1:2], 16, None, stop_strings=[target], decode=letters)[0]
+    assert out.finish_reason == "stop"
+    assert letters(out.token_ids).endswith(target) and target not in letters(out.token_ids[:-1])
+    assert out.token_ids == free[1].token_ids[: len(out.token_ids)]
+
+
+def test_bad_inputs_are_named(pair):
+    _, ours = pair
+    with pytest.raises(ValueError, match="prompt 1 is empty"):
+        generate(ours, [[1, 2], []], 4, None)
+    with pytest.raises(ValueError, match="context is 64"):
+        generate(ours, [[1] * 64], 4, None)
+    with pytest.raises(ValueError, match="outside the vocabulary"):
+        generate(ours, [[TINY.vocab_size]], 4, None)
+    with pytest.warns(UserWarning, match="exceeds the context"):
+        result = generate(ours, [[1] * 60], 10, None)[0]
+    assert len(result.token_ids) == 4 and result.finish_reason == "length"
