@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import sys
+
 import numpy as np
 
 from . import cache
@@ -24,11 +26,16 @@ def resolve_source(task: Task, source: str | None) -> str:
                     f"task {task.name!r}: name a data source")
 
 
-def read_rows(task: Task, source: Source, strict: bool) -> tuple[list[dict], list[str], LoadSummary]:
+def read_rows(task: Task, source: Source, strict: bool,
+              progress: bool = False) -> tuple[list[dict], list[str], LoadSummary]:
     """Normalized rows, their "file:line" locations, and the load counts."""
     summary = LoadSummary(source=source.name, split=source.split)
     rows, wheres = [], []
-    for where, record, problem in source.records():
+    records = source.records()
+    if progress and sys.stderr.isatty():
+        from tqdm import tqdm
+        records = tqdm(records, desc="reading", unit="rows", delay=2.0, file=sys.stderr)
+    for where, record, problem in records:
         summary.read += 1
         if problem is None:
             try:
@@ -42,11 +49,14 @@ def read_rows(task: Task, source: Source, strict: bool) -> tuple[list[dict], lis
     return rows, wheres, summary
 
 
-def load_examples(task, source=None, split=None, strict=False) -> tuple[list[dict], LoadSummary]:
+def load_examples(task, source=None, split=None, strict=False,
+                  verbose: bool = True) -> tuple[list[dict], LoadSummary]:
     """Rows of `source` mapped to the task's fields (label field = label name) + counts."""
     task = load_task(task)
     src = Source(resolve_source(task, source), split)
     rows, _, summary = read_rows(task, src, strict)
+    if verbose:
+        summary.report()
     return rows, summary
 
 
@@ -58,7 +68,7 @@ def _cache_parts(kind: str, task: Task, src: Source, tokenizer: Tokenizer, **opt
 def tokenize_examples(task: Task, src: Source, tokenizer: Tokenizer, sequence_length: int,
                       strict: bool, progress: bool):
     """Rows, their training tokens (`Encoded`, with `kept` indexing the rows) and the counts."""
-    rows, wheres, summary = read_rows(task, src, strict)
+    rows, wheres, summary = read_rows(task, src, strict, progress)
     enc = encode_train(task, rows, wheres, tokenizer, sequence_length + 1, summary, strict, progress)
     return rows, enc, summary
 
@@ -66,7 +76,7 @@ def tokenize_examples(task: Task, src: Source, tokenizer: Tokenizer, sequence_le
 def build_train_data(task, source, tokenizer, sequence_length: int, layout: str = "packed",
                      loss_mask: str = "all", keep_boundaries: bool = False, split: str = "train",
                      strict: bool = False, cache_dir=None, progress: bool = True,
-                     use_cache: bool = True) -> TrainData:
+                     use_cache: bool = True, verbose: bool = True) -> TrainData:
     """Load, tokenize (or reuse the cache) and lay out training data.
 
     An example (prompt + target + EOS) may have at most sequence_length + 1 tokens, so that
@@ -89,7 +99,8 @@ def build_train_data(task, source, tokenizer, sequence_length: int, layout: str 
             summary = LoadSummary.from_dict(cache.unpack_json(arrays["summary"]))
             if not (strict and summary.num_skipped):  # strict must re-read to name the bad row
                 summary.cached = True
-                summary.report()
+                if verbose:
+                    summary.report()
                 return TrainData(arrays["tokens"], arrays["offsets"], arrays["is_target"],
                                  sequence_length, tokenizer.pad_id, layout, loss_mask,
                                  keep_boundaries, summary)
@@ -97,7 +108,8 @@ def build_train_data(task, source, tokenizer, sequence_length: int, layout: str 
     if path is not None:
         cache.save(path, {"tokens": enc.tokens, "offsets": enc.offsets, "is_target": enc.is_target,
                           "summary": cache.pack_json(summary.to_dict())})
-    summary.report()
+    if verbose:
+        summary.report()
     return TrainData(enc.tokens, enc.offsets, enc.is_target, sequence_length, tokenizer.pad_id,
                      layout, loss_mask, keep_boundaries, summary)
 
@@ -114,7 +126,7 @@ def label_candidates(task: Task, tokenizer: Tokenizer):
 
 def build_eval_data(task, source, tokenizer, split: str | None = None,
                     max_prompt_length: int | None = None, strict: bool = False, cache_dir=None,
-                    progress: bool = True, use_cache: bool = True) -> EvalData:
+                    progress: bool = True, use_cache: bool = True, verbose: bool = True) -> EvalData:
     """Load and tokenize evaluation prompts (the text up to and including "target:")."""
     task, tokenizer = load_task(task), load_tokenizer(tokenizer)
     src = Source(resolve_source(task, source), split or task.eval_splits[0])
@@ -129,12 +141,13 @@ def build_eval_data(task, source, tokenizer, split: str | None = None,
             summary = LoadSummary.from_dict(cache.unpack_json(arrays["summary"]))
             if not (strict and summary.num_skipped):
                 summary.cached = True
-                summary.report()
+                if verbose:
+                    summary.report()
                 answers = cache.unpack_strings(arrays["answers"], arrays["answer_offsets"])
                 return EvalData(arrays["tokens"], arrays["offsets"], arrays["label_ids"], answers,
                                 arrays["example_index"], task.labels, candidates, candidates_eos,
                                 tokenizer.pad_id, tokenizer.eos_id, summary)
-    rows, wheres, summary = read_rows(task, src, strict)
+    rows, wheres, summary = read_rows(task, src, strict, progress)
     enc = encode_prompts(task, rows, wheres, tokenizer, max_prompt_length, summary, strict,
                          progress)
     kept_rows = [rows[i] for i in enc.kept]
@@ -147,6 +160,7 @@ def build_eval_data(task, source, tokenizer, split: str | None = None,
                           "answers": buffer, "answer_offsets": answer_offsets,
                           "example_index": example_index,
                           "summary": cache.pack_json(summary.to_dict())})
-    summary.report()
+    if verbose:
+        summary.report()
     return EvalData(enc.tokens, enc.offsets, label_ids, answers, example_index, task.labels,
                     candidates, candidates_eos, tokenizer.pad_id, tokenizer.eos_id, summary)

@@ -1,7 +1,7 @@
 """A thin wrapper over a Hugging Face fast tokenizer (`tokenizers.Tokenizer`).
 
-The `tokenizers` library is used directly so that data/ never depends on torch; the
-`transformers` package is only imported to fetch a tokenizer from the Hub.
+The `tokenizers` library is used directly, and Hub files are fetched with `huggingface_hub`,
+because `transformers.AutoTokenizer` imports torch and data/ must not.
 """
 
 from __future__ import annotations
@@ -129,11 +129,14 @@ def _from_directory(path: Path, name: str, gptj_extra_tokens) -> Tokenizer:
         backend = Backend.from_file(str(path / "tokenizer.json"))
     elif (path / "vocab.json").is_file() and (path / "merges.txt").is_file():
         backend = _gpt2_backend(path)
+        added = _added_tokens(path)
         if gptj_extra_tokens is None:
-            gptj_extra_tokens = backend.get_vocab_size() == GPT2_VOCAB_SIZE
+            gptj_extra_tokens = not added and backend.get_vocab_size() == GPT2_VOCAB_SIZE
         if gptj_extra_tokens:
+            added = list(GPTJ_EXTRA_TOKENS)
+        if added:
             from tokenizers import AddedToken
-            backend.add_tokens([AddedToken(t, normalized=False) for t in GPTJ_EXTRA_TOKENS])
+            backend.add_tokens([AddedToken(t, normalized=False) for t in added])
     else:
         raise DataError(f"tokenizer directory {path} has neither tokenizer.json nor "
                         "vocab.json + merges.txt")
@@ -151,6 +154,24 @@ def _gpt2_backend(path: Path):
     if backend.token_to_id(EOS) is not None:
         backend.add_special_tokens([AddedToken(EOS, normalized=False, special=True)])
     return backend
+
+
+def _added_tokens(path: Path) -> list[str]:
+    """Tokens of added_tokens.json (token -> id) in id order; they must follow the vocabulary."""
+    f = path / "added_tokens.json"
+    if not f.is_file():
+        return []
+    try:
+        mapping = json.loads(f.read_text(encoding="utf-8"))
+    except ValueError as e:
+        raise DataError(f"bad JSON in {f}: {e}") from e
+    vocab_size = len(json.loads((path / "vocab.json").read_text(encoding="utf-8")))
+    tokens = [t for t, _ in sorted(mapping.items(), key=lambda kv: kv[1])
+              if t not in ("<|endoftext|>",)]
+    ids = sorted(i for t, i in mapping.items() if t in tokens)
+    if ids != list(range(vocab_size, vocab_size + len(ids))):
+        raise DataError(f"{f}: added token ids must continue the vocabulary from {vocab_size}")
+    return tokens
 
 
 def _special_tokens_config(path: Path) -> dict:
@@ -180,20 +201,22 @@ def _wrap(backend, config: dict, name: str) -> Tokenizer:
     return Tokenizer(backend, eos, pad, name)
 
 
+TOKENIZER_FILES = ["tokenizer.json", "vocab.json", "merges.txt", "added_tokens.json",
+                   "special_tokens_map.json", "tokenizer_config.json"]
+
+
 def _from_hub(spec: str) -> Tokenizer:
+    """Fetch the tokenizer files of a Hub repo (or find them in the local HF cache).
+
+    `huggingface_hub` is used rather than `transformers.AutoTokenizer`, which imports torch.
+    """
     try:
-        from transformers import AutoTokenizer
+        from huggingface_hub import snapshot_download
     except ImportError as e:
-        raise DataError("loading a tokenizer from the Hugging Face Hub needs `transformers`") from e
+        raise DataError("loading a tokenizer from the Hugging Face Hub needs `huggingface_hub`") from e
     try:
-        hf = AutoTokenizer.from_pretrained(spec)
+        local = snapshot_download(spec, allow_patterns=TOKENIZER_FILES)
     except Exception as e:  # network, missing repo, ... all reported the same way
         raise DataError(f"cannot load tokenizer {spec!r} (not a local directory; tried the "
                         f"Hugging Face Hub): {e}") from e
-    backend = getattr(hf, "backend_tokenizer", None)
-    if backend is None:
-        raise DataError(f"tokenizer {spec!r} has no fast (tokenizers) implementation")
-    config = {"eos_token": hf.eos_token or EOS}
-    if hf.pad_token:
-        config["pad_token"] = hf.pad_token
-    return _wrap(backend, config, spec)
+    return _from_directory(Path(local), spec, None)

@@ -66,6 +66,9 @@ s = data.TrainSampler(tr.num_rows, 8, 4)
 data.BatchLoader(tr, s).next_step()
 from data.__main__ import main
 main(['--show', '1', '--json'])
+import huggingface_hub
+huggingface_hub.snapshot_download = lambda repo_id, **kw: {str(tiny_tokenizer_dir())!r}
+data.load_tokenizer('someone/hub-tokenizer').encode(['a'])
 bad = [m for m in sys.modules if m == 'torch' or m.startswith('torch.')]
 assert not bad, bad
 """
