@@ -69,8 +69,8 @@ def main(argv=None) -> int:
     if args.json:
         print(json.dumps(result, ensure_ascii=False))
         return 0
-    print(f"task {result['task']}  source {result['source']} [{result['split']}]  "
-          f"tokenizer {result['tokenizer']}")
+    split = f" [{result['split']}]" if result["split"] else ""
+    print(f"task {result['task']}  source {result['source']}{split}  tokenizer {result['tokenizer']}")
     for i, ex in enumerate(result["examples"]):
         print(f"\n--- example {i}: {ex['num_tokens']} tokens ({ex['num_target_tokens']} target)"
               + (" [truncated]" if ex["truncated"] else ""))

@@ -124,7 +124,7 @@ def _truncate(ids, offsets, span, excess, field, max_tokens):
 
 
 def _progress(total: int, enabled: bool, desc: str):
-    if not enabled or total < 20000 or not sys.stderr.isatty():
+    if not enabled or not total or not sys.stderr.isatty():
         return None
     from tqdm import tqdm
     return tqdm(total=total, desc=desc, unit="rows", delay=2.0, file=sys.stderr)
