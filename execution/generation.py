@@ -289,6 +289,74 @@ class GenerationEngine:
         return results  # type: ignore[return-value]
 
 
+class BlockWeightStreamer:
+    """Block weights live in host memory and are copied to the device just before use.
+
+    For GPUs too small to hold the model: every block's parameters stay in (pinned) host
+    memory; two device buffer sets ("slots") hold the running block and the next one, which
+    is copied one block ahead on a side stream while the current block computes. Everything
+    outside the blocks (embedding, ln_f, lm_head) stays on the device. On a CPU the same code
+    runs with host == device: the copies are real, so a wrong block in a slot would show up
+    as different tokens.
+    """
+
+    def __init__(self, model, device: torch.device | str):
+        self.device = torch.device(device)
+        self.blocks = list(model.blocks)
+        cuda = self.device.type == "cuda"
+        self.host = []
+        for block in self.blocks:
+            tensors = [p.detach().to("cpu") for p in block.parameters()]
+            self.host.append([t.pin_memory() if cuda else t.clone() for t in tensors])
+        for name, module in model.named_children():
+            if name != "blocks":
+                module.to(self.device)
+        self.slots = [[torch.empty_like(t, device=self.device) for t in self.host[0]] for _ in range(2)]
+        for block in self.blocks:
+            for p in block.parameters():
+                p.data = torch.empty(0, dtype=p.dtype, device=self.device)  # free the resident copy
+        self.stream = torch.cuda.Stream(self.device) if cuda else None
+        self.ready = [torch.cuda.Event() if cuda else None for _ in range(2)]
+        self.in_flight: dict[int, int] = {}  # block index -> slot being filled
+        self.current = 1  # slot of the block that ran last
+        self.copies = 0
+        self.handles = [b.register_forward_pre_hook(self._before_block(i)) for i, b in enumerate(self.blocks)]
+
+    def _issue(self, index: int, slot: int) -> None:
+        """Start copying block `index` into `slot` (after the device is done with that slot)."""
+        self.copies += 1
+        targets, sources = self.slots[slot], self.host[index]
+        if self.stream is None:
+            for dst, src in zip(targets, sources):
+                dst.copy_(src)
+        else:
+            self.stream.wait_stream(torch.cuda.current_stream(self.device))
+            with torch.cuda.stream(self.stream):
+                for dst, src in zip(targets, sources):
+                    dst.copy_(src, non_blocking=True)
+                self.ready[slot].record(self.stream)
+        self.in_flight = {index: slot}
+
+    def _before_block(self, index: int):
+        def hook(block, args):
+            slot = self.in_flight.get(index)
+            if slot is None:  # not prefetched (first call): fetch now into the free slot
+                slot = 1 - self.current
+                self._issue(index, slot)
+            if self.stream is not None:
+                torch.cuda.current_stream(self.device).wait_event(self.ready[slot])
+            for p, buffer in zip(block.parameters(), self.slots[slot]):
+                p.data = buffer
+            self.current = slot
+            self._issue((index + 1) % len(self.blocks), 1 - slot)
+
+        return hook
+
+    def remove(self) -> None:
+        for handle in self.handles:
+            handle.remove()
+
+
 def _check_prompts(prompts: list[list[int]], context: int, vocab_size: int) -> None:
     if not prompts:
         raise ValueError("no prompts given")

@@ -123,3 +123,16 @@ def test_bad_inputs_are_named(pair):
     with pytest.warns(UserWarning, match="exceeds the context"):
         result = generate(ours, [[1] * 60], 10, None)[0]
     assert len(result.token_ids) == 4 and result.finish_reason == "length"
+
+
+def test_streamed_block_weights_give_the_resident_tokens():
+    from execution.generation import BlockWeightStreamer
+
+    _, resident = reference_pair(seed=3)
+    _, streamed = reference_pair(seed=3)
+    streamer = BlockWeightStreamer(streamed, "cpu")
+    assert all(p.numel() == 0 for p in streamed.blocks[1].parameters())  # nothing resident between uses
+    expected = generate(resident, PROMPTS, 8, None, batch_size=2)
+    got = generate(streamed, PROMPTS, 8, None, batch_size=2)
+    assert [r.token_ids for r in got] == [r.token_ids for r in expected]
+    assert streamer.copies > 2 * len(streamed.blocks)

@@ -1,0 +1,220 @@
+"""Load once, call many times: text generation and MNLI-style entailment by label likelihood.
+
+    from execution.pipelines import TextGenerationPipeline, EntailmentPipeline
+    generator = TextGenerationPipeline.from_pretrained("EleutherAI/gpt-j-6b", precision="bf16")
+    generator("The capital of France is", max_new_tokens=8)           # -> str
+    nli = EntailmentPipeline.from_pretrained("runs/mnli")              # run_finetuning.py output
+    nli("A man plays a guitar.", "A person makes music.")              # -> {"label", "scores"}
+
+`model_dir_or_id` is a Hugging Face directory or Hub id, the output directory of
+run_finetuning.py (its `hf/` export, which includes the tokenizer, is used), or
+`random:PRESET` for a seeded random model of a gptj.ModelConfig preset (offline tests/demos).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from gptj import GPTJ, ModelConfig, ParallelContext
+
+from .generation import BlockWeightStreamer, GenerationEngine, GenerationStats
+from .sampling import SamplingParams
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def resolve_model_dir(name_or_path: str) -> str:
+    """A run_finetuning.py output dir becomes its hf/ export; anything else is returned as is."""
+    path = Path(name_or_path)
+    if path.is_dir() and not (path / "config.json").is_file() and (path / "hf" / "config.json").is_file():
+        return str(path / "hf")
+    return name_or_path
+
+
+def pick_device(device: str | torch.device | None) -> torch.device:
+    if device in (None, "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device cuda was asked for but no CUDA GPU is available")
+    return device
+
+
+def load_model_and_tokenizer(
+    name_or_path: str,
+    tokenizer: str | None = None,
+    precision: str = "fp32",
+    device: str | torch.device | None = None,
+    ctx: ParallelContext | None = None,
+    offload_weights: bool = False,
+    init_seed: int = 0,
+):
+    """(GPTJ in eval mode, data.Tokenizer). Raises ValueError subclasses with a clear message."""
+    import data
+
+    if precision not in DTYPES:
+        raise ValueError(f"unknown precision {precision!r}; expected one of {', '.join(DTYPES)}")
+    dtype, device = DTYPES[precision], pick_device(device)
+    load_to = torch.device("cpu") if offload_weights else device
+    if name_or_path.startswith("random:"):
+        config = ModelConfig.preset(name_or_path.removeprefix("random:"))
+        tok = data.load_tokenizer(tokenizer or "bundled:tiny")
+        # The random model takes the tokenizer's vocabulary so every id it emits decodes.
+        config = config.replace(vocab_size=tok.vocab_size, eos_token_id=tok.eos_id, bos_token_id=tok.eos_id)
+        model = GPTJ(config, ctx, dtype=dtype, device=load_to).init_weights(seed=init_seed)
+    else:
+        from gptj.hf import load_pretrained
+
+        directory = resolve_model_dir(name_or_path)
+        model, _ = load_pretrained(directory, ctx, dtype=dtype, device=load_to)
+        tok = data.load_tokenizer(tokenizer or directory)
+        if tok.vocab_size > model.config.vocab_size:
+            raise ValueError(
+                f"tokenizer {tokenizer or directory} has {tok.vocab_size} tokens but the model's "
+                f"vocabulary is {model.config.vocab_size}"
+            )
+    if offload_weights:
+        BlockWeightStreamer(model, device)
+    return model.eval(), tok
+
+
+@dataclass
+class GeneratedText:
+    prompt: str
+    text: str
+    token_ids: list[int]
+    finish_reason: str
+
+
+class TextGenerationPipeline:
+    def __init__(self, model: GPTJ, tokenizer, batch_size: int = 16, compile_decode: bool = False):
+        self.model, self.tokenizer, self.batch_size = model, tokenizer, batch_size
+        self.engine = GenerationEngine(model, compile_decode=compile_decode)
+
+    @classmethod
+    def from_pretrained(
+        cls, model_dir_or_id: str, tokenizer: str | None = None, precision: str = "fp32",
+        device: str | None = None, ctx: ParallelContext | None = None, offload_weights: bool = False,
+        compile_decode: bool = False, batch_size: int = 16, init_seed: int = 0,
+    ) -> TextGenerationPipeline:
+        model, tok = load_model_and_tokenizer(
+            model_dir_or_id, tokenizer, precision, device, ctx, offload_weights, init_seed
+        )
+        return cls(model, tok, batch_size=batch_size, compile_decode=compile_decode)
+
+    @property
+    def stats(self) -> GenerationStats:
+        return self.engine.stats
+
+    def encode_prompts(self, prompts: list[str], truncate: bool = False) -> list[list[int]]:
+        """Token ids per prompt; too-long prompts keep their last tokens when `truncate`."""
+        context = self.model.config.max_positions
+        encoded = self.tokenizer.encode(prompts)
+        for i, ids in enumerate(encoded):
+            if not ids:
+                raise ValueError(f"prompt {i} is empty")
+            if len(ids) >= context:
+                if not truncate:
+                    raise ValueError(
+                        f"prompt {i} has {len(ids)} tokens but the model context is {context}; "
+                        "shorten it or allow left truncation"
+                    )
+                encoded[i] = ids[len(ids) - context + 1 :]
+        return encoded
+
+    def generate(
+        self, prompts: list[str], max_new_tokens: int = 32, temperature: float = 0.0, top_k: int = 0,
+        top_p: float = 1.0, seed: int = 0, stop: list[str] | None = None, batch_size: int | None = None,
+        truncate_prompts: bool = False, on_token=None,
+    ) -> list[GeneratedText]:
+        ids = self.encode_prompts(prompts, truncate_prompts)
+        stop = [s for s in (stop or []) if s]
+        results = self.engine.run(
+            ids, max_new_tokens, self.tokenizer.eos_id,
+            SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p), seed=seed,
+            batch_size=batch_size or self.batch_size, stop_strings=stop, decode=self.tokenizer.decode,
+            on_token=on_token,
+        )
+        out = []
+        for prompt, result in zip(prompts, results):
+            text = self.tokenizer.decode(result.token_ids)
+            if result.finish_reason == "stop":
+                cut = min((text.find(s) for s in stop if s in text), default=-1)
+                text = text[:cut] if cut >= 0 else text
+            out.append(GeneratedText(prompt, text, result.token_ids, result.finish_reason))
+        return out
+
+    def __call__(self, prompts: str | list[str], **kwargs) -> str | list[str]:
+        """Generated text (without the prompt) for one prompt, or a list for a list."""
+        single = isinstance(prompts, str)
+        texts = [g.text for g in self.generate([prompts] if single else list(prompts), **kwargs)]
+        return texts[0] if single else texts
+
+
+class EntailmentPipeline:
+    """Label by likelihood: score each label's continuation after the task prompt.
+
+    score(label) = sum of log-probabilities of the label's tokens (" entailment", ...) after
+    the prompt `mnli hypothesis: {hypothesis} premise: {premise} target:` (the data layer's
+    task template); the scores are turned into probabilities by a softmax over the labels.
+    """
+
+    def __init__(self, model: GPTJ, tokenizer, task: str = "mnli", batch_size: int = 8):
+        import data
+
+        self.model, self.tokenizer, self.batch_size = model, tokenizer, batch_size
+        self.task = data.load_task(task)
+        if not self.task.labels:
+            raise ValueError(f"task {self.task.name} has no labels to score")
+        self.labels = list(self.task.labels)
+        self.label_ids = [
+            tokenizer.encode([self.task.target({self.task.label_field: label})])[0] for label in self.labels
+        ]
+
+    @classmethod
+    def from_pretrained(
+        cls, model_dir_or_id: str, tokenizer: str | None = None, precision: str = "fp32",
+        device: str | None = None, ctx: ParallelContext | None = None, task: str = "mnli", init_seed: int = 0,
+    ) -> EntailmentPipeline:
+        model, tok = load_model_and_tokenizer(model_dir_or_id, tokenizer, precision, device, ctx, False, init_seed)
+        return cls(model, tok, task=task)
+
+    def prompt(self, premise: str, hypothesis: str) -> str:
+        return self.task.render_prompt({"premise": premise, "hypothesis": hypothesis, self.task.label_field: ""})
+
+    @torch.inference_mode()
+    def label_log_likelihoods(self, prompts: list[list[int]]) -> torch.Tensor:
+        """[N, labels] sum of label-token log-probs after each prompt (fp32, on the CPU)."""
+        device = self.model.embed.weight.device
+        rows = [(p, c) for p in prompts for c in self.label_ids]
+        scores = []
+        for start in range(0, len(rows), self.batch_size * len(self.labels)):
+            chunk = rows[start : start + self.batch_size * len(self.labels)]
+            longest = max(len(p) + len(c) for p, c in chunk)
+            ids = torch.zeros(len(chunk), longest, dtype=torch.long)
+            for i, (p, c) in enumerate(chunk):
+                ids[i, : len(p) + len(c)] = torch.tensor(p + c)
+            # Right padding sits after every real token, so plain causal attention is exact.
+            hidden = self.model.hidden_states(ids.to(device))
+            for i, (p, c) in enumerate(chunk):
+                where = torch.arange(len(p) - 1, len(p) + len(c) - 1, device=device)
+                logp = self.model.logits_from_hidden(hidden[i, where]).log_softmax(-1)
+                target = torch.tensor(c, device=device)
+                scores.append(logp.gather(-1, target[:, None]).sum().item())
+        return torch.tensor(scores).view(len(prompts), len(self.labels))
+
+    def __call__(self, premise, hypothesis=None):
+        """(premise, hypothesis) -> {"label", "scores"}; a list of pairs -> a list of those."""
+        single = hypothesis is not None
+        pairs = [(premise, hypothesis)] if single else list(premise)
+        prompts = self.tokenizer.encode([self.prompt(p, h) for p, h in pairs])
+        probs = self.label_log_likelihoods(prompts).softmax(-1)
+        out = []
+        for row in probs.tolist():
+            best = max(range(len(row)), key=row.__getitem__)
+            scores = {label: p for label, p in zip(self.labels, row)}
+            out.append({"label": self.labels[best], "scores": scores})
+        return out[0] if single else out

@@ -1,0 +1,66 @@
+"""run_inference.py: the default run, JSONL output and clear errors for bad input."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import run_inference
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_default_run_prints_a_continuation_and_speed(tmp_path):
+    out = tmp_path / "out.jsonl"
+    proc = subprocess.run(
+        [sys.executable, "run_inference.py", "--max-new-tokens", "6", "--prompt", "hello", "--prompt",
+         "the cat", "--output", str(out)],
+        cwd=ROOT, capture_output=True, text=True, timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "tokens/s" in proc.stdout and "time to first token" in proc.stdout
+    records = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [r["prompt"] for r in records] == ["hello", "the cat"]
+    assert all(len(r["token_ids"]) <= 6 and r["finish_reason"] in ("eos", "length", "stop") for r in records)
+    assert "decode_tokens_per_s" in records[0]["timings"]
+
+
+def test_unknown_preset_is_one_line_and_exit_2():
+    proc = subprocess.run([sys.executable, "run_inference.py", "--config", "nope"], cwd=ROOT,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().count("\n") == 0 and "unknown preset 'nope'" in proc.stderr
+
+
+def run_main(argv, capsys):
+    code = run_inference.main(argv)
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--prompt", "  "], "prompt 0 is empty"),
+    (["--prompt", "word " * 600], "model context is 512"),
+    (["--top-p", "0"], "top_p must be in (0, 1]"),
+    (["--model", "{bad_dir}"], "not a GPT-J checkpoint"),
+    (["--model", "/no/such/dir"], "does not exist"),
+])
+def test_bad_input_is_one_clear_line(argv, message, capsys, tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "gpt2"}))
+    argv = [a.replace("{bad_dir}", str(tmp_path)) for a in argv]
+    code, _, err = run_main(argv + ["--max-new-tokens", "2"], capsys)
+    assert code == 2
+    assert err.startswith("error: ") and err.strip().count("\n") == 0 and message in err
+
+
+def test_too_long_requests_are_clamped_or_truncated(capsys, tmp_path):
+    out = tmp_path / "o.jsonl"
+    code, _, err = run_main(["--prompt", "word " * 200, "--max-new-tokens", "600", "--output", str(out)], capsys)
+    assert code == 0 and "clamped" in err
+    assert len(json.loads(out.read_text())["token_ids"]) <= 512
+    code, stdout, _ = run_main(["--prompt", "word " * 600, "--truncate-prompts", "--max-new-tokens", "3"], capsys)
+    assert code == 0 and "tokens/s" in stdout

@@ -1,0 +1,58 @@
+"""Text generation and entailment pipelines on a saved tiny HF model (+ bundled tokenizer)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import data
+from execution.pipelines import EntailmentPipeline, TextGenerationPipeline
+from tests.reference import TINY
+from tests.test_generation_fixtures import hf_greedy, reference_pair
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory):
+    """A run_finetuning.py-like output dir: RUN/hf holds the model and its tokenizer."""
+    tok = data.load_tokenizer("bundled:tiny")
+    config = TINY.replace(vocab_size=tok.vocab_size, eos_token_id=tok.eos_id, bos_token_id=tok.eos_id)
+    hf, _ = reference_pair(seed=4, config=config)
+    run = tmp_path_factory.mktemp("run")
+    hf.save_pretrained(run / "hf")
+    tok.save(run / "hf")
+    return run, hf, tok
+
+
+def test_generation_pipeline_reproduces_transformers(saved):
+    run, hf, tok = saved
+    pipe = TextGenerationPipeline.from_pretrained(str(run))  # resolves RUN/hf
+    prompts = ["the cat sat on", "a dog", "mnli hypothesis: x premise: y target:"]
+    expected = hf_greedy(hf, tok.encode(prompts), max_new_tokens=10, eos_token_id=tok.eos_id, pad_token_id=tok.eos_id)
+    texts = pipe(prompts, max_new_tokens=10)
+    for text, ids in zip(texts, expected):
+        ids = ids[: ids.index(tok.eos_id)] if tok.eos_id in ids else ids
+        assert text == tok.decode(ids)
+    assert pipe(prompts[1], max_new_tokens=10) == texts[1]
+    stop = texts[0][3:5]
+    cut = pipe(prompts[0], max_new_tokens=10, stop=[stop])
+    assert cut == texts[0][: texts[0].index(stop)]
+
+
+def test_entailment_scores_are_label_likelihoods(saved):
+    run, hf, tok = saved
+    nli = EntailmentPipeline.from_pretrained(str(run / "hf"))
+    premise, hypothesis = "the cat is asleep", "a cat sleeps"
+    out = nli(premise, hypothesis)
+    prompt = tok.encode([f"mnli hypothesis: {hypothesis} premise: {premise} target:"])[0]
+    by_hand = []
+    for label in ("entailment", "neutral", "contradiction"):
+        target = tok.encode([" " + label])[0]
+        with torch.no_grad():
+            logp = hf(torch.tensor([prompt + target])).logits[0].log_softmax(-1)
+        by_hand.append(sum(logp[len(prompt) - 1 + i, t].item() for i, t in enumerate(target)))
+    probs = torch.tensor(by_hand).softmax(-1).tolist()
+    assert list(out["scores"]) == ["entailment", "neutral", "contradiction"]
+    assert out["scores"] == pytest.approx(dict(zip(out["scores"], probs)), abs=1e-5)
+    assert out["label"] == max(out["scores"], key=out["scores"].get)
+    batch = nli([(premise, hypothesis), ("a b", "c d")])
+    assert batch[0]["scores"] == pytest.approx(out["scores"], abs=1e-5)
