@@ -226,3 +226,36 @@ def vocab_parallel_cross_entropy(
 ) -> torch.Tensor:
     """Per-token loss [...] from vocab-sharded fp32 logits [..., V_local] and global targets."""
     return _VocabParallelCrossEntropy.apply(local_logits, targets, vocab_start, ctx.tp_group)
+
+
+# ---- flat-buffer collectives for the sharded optimizer -------------------------------------
+
+
+def reduce_scatter_flat(flat: torch.Tensor, group: Any, rank_in_group: int) -> torch.Tensor:
+    """Sum a 1-D buffer over the group and return this rank's equal slice of the sum.
+
+    `flat.numel()` must be a multiple of the group size. gloo has no reduce-scatter, so there
+    the whole buffer is all-reduced (in place) and this rank's slice is returned: the same
+    result for r times the traffic, which only CPU tests pay.
+    """
+    if group is None:
+        return flat
+    size = dist.get_world_size(group)
+    shard = flat.numel() // size
+    if dist.get_backend(group) == "gloo":
+        dist.all_reduce(flat, group=group)
+        return flat.narrow(0, rank_in_group * shard, shard)
+    out = torch.empty(shard, dtype=flat.dtype, device=flat.device)
+    dist.reduce_scatter_tensor(out, flat, group=group)
+    return out
+
+
+def all_gather_flat(shard: torch.Tensor, out: torch.Tensor, group: Any) -> torch.Tensor:
+    """Fill 1-D `out` with every rank's `shard`, in rank order (`out` = size x shard)."""
+    if group is None:
+        return out.copy_(shard)
+    if dist.get_backend(group) == "gloo":
+        dist.all_gather(list(out.chunk(dist.get_world_size(group))), shard.contiguous(), group=group)
+    else:
+        dist.all_gather_into_tensor(out, shard.contiguous(), group=group)
+    return out
