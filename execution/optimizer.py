@@ -191,7 +191,8 @@ class ShardedAdamW:
         self.device = model.embed.weight.device
         replicas = self.ctx.replicas if self.ctx.replica_group is not None else 1
         # Without replicas no collective touches the gradient buffer, so offload keeps it on the host.
-        grad_device = HOST if offload and replicas == 1 else self.device
+        self.grads_on_host = offload and replicas == 1
+        grad_device = HOST if self.grads_on_host else self.device
         opt_device = HOST if offload else self.device
         pin = self.device.type == "cuda"
 
@@ -348,24 +349,21 @@ class ShardedAdamW:
         def size(t: torch.Tensor | None) -> int:
             return 0 if t is None else t.numel() * t.element_size()
 
-        def where(t: torch.Tensor) -> str:
-            host = t.device.type == "cpu" and (self.device.type != "cpu" or self.offload)
-            return "host" if host else "device"
+        def where(on_host: bool) -> str:
+            return "host" if on_host else "device"  # by role: on a CPU-only machine host == device
 
         params = list(self.model.parameters())
-        grad_flat = self.groups[0].grad_flat
-        master = self.groups[0].master
         return {
             "model_params_bytes": sum(size(p) for p in params),
             "model_params_location": "device",
             "grads_bytes": sum(size(g.grad_flat) + size(g.grad_staging) for g in self.groups),
-            "grads_location": where(grad_flat),
+            "grads_location": where(self.grads_on_host),
             "master_bytes": sum(size(g.master) + size(g.master.grad) + size(g.weight_staging) for g in self.groups),
-            "master_location": where(master),
+            "master_location": where(self.offload),
             "optimizer_state_bytes": sum(
                 size(self.adam.state[g.master]["exp_avg"]) + size(self.adam.state[g.master]["exp_avg_sq"])
                 for g in self.groups
             ),
-            "optimizer_state_location": where(master),
+            "optimizer_state_location": where(self.offload),
         }
 
