@@ -168,8 +168,17 @@ class GenerationEngine:
         stop_strings: Sequence[str] | None = None,
         decode: Callable[[list[int]], str] | None = None,
         on_token: Callable[[int, int], None] | None = None,
+        stream_ids: Sequence[int] | None = None,
     ) -> list[GenerationResult]:
+        """Generate for every prompt; see the module docstring for the result contract.
+
+        stream_ids: the random-stream id of each prompt (default: its index in `prompts`), so a
+        prompt sampled alone can reproduce its samples from a larger run.
+        """
         sampling = sampling or SamplingParams()
+        stream_ids = list(range(len(prompts))) if stream_ids is None else list(stream_ids)
+        if len(stream_ids) != len(prompts):
+            raise ValueError(f"{len(stream_ids)} stream ids for {len(prompts)} prompts")
         prompts = [list(map(int, p)) for p in prompts]
         context = self.config.max_positions
         _check_prompts(prompts, context, self.config.vocab_size)
@@ -190,6 +199,8 @@ class GenerationEngine:
 
         batch = max(1, min(batch_size or min(len(prompts), 32), len(prompts)))
         cache_length = max(len(p) + b for p, b in zip(prompts, budgets))
+        if self.compile_decode:  # fewer distinct shapes, fewer recompilations
+            cache_length = min(context, -(-cache_length // 256) * 256)
         cache = self._cache_for(batch, cache_length)
         static = self.compile_decode
         device = self.device
@@ -235,7 +246,7 @@ class GenerationEngine:
                     row = rows[b]
                     row.prompt, row.tokens, row.budget = i, [], budgets[i]
                     row.position = len(prompts[i])
-                    row.generator = None if sampling.greedy else prompt_generator(seed, i)
+                    row.generator = None if sampling.greedy else prompt_generator(seed, stream_ids[i])
                 first = choose_tokens(logits, sampling, [rows[b].generator for b in take])
                 first_list = first.tolist()
                 _sync(device)

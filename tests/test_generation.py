@@ -73,16 +73,15 @@ def test_continuous_batching_matches_running_each_prompt_alone(pair):
     batched = generate(ours, PROMPTS, max_new_tokens=12, eos_token_id=eos, batch_size=2)
     assert [(r.token_ids, r.finish_reason) for r in batched] == [(r.token_ids, r.finish_reason) for r in alone]
     assert {r.finish_reason for r in batched} == {"eos", "length"}
-    sampled_alone = [
-        generate(ours, [p], 10, None, temperature=0.9, top_k=20, seed=3)[0].token_ids for p in PROMPTS
-    ]
-    # A prompt's random stream is tied to its index in the list, so pass each at its index.
     engine = GenerationEngine(ours)
-    sampled = engine.run(PROMPTS, 10, None, SamplingParams(0.9, 20), seed=3, batch_size=2)
+    sampling = SamplingParams(temperature=0.9, top_k=20)
+    sampled = engine.run(PROMPTS, 10, None, sampling, seed=3, batch_size=2)
     for i, p in enumerate(PROMPTS):
-        alone_i = engine.run([[1]] * i + [p], 10, None, SamplingParams(0.9, 20), seed=3, batch_size=1)[i]
+        alone_i = engine.run([p], 10, None, sampling, seed=3, batch_size=1, stream_ids=[i])[0]
         assert sampled[i].token_ids == alone_i.token_ids
-    assert sampled[0].token_ids == sampled_alone[0]
+    # Stream ids default to the prompt's index in the list.
+    first_alone = generate(ours, [PROMPTS[0]], 10, None, temperature=0.9, top_k=20, seed=3)[0]
+    assert sampled[0].token_ids == first_alone.token_ids
 
 
 def test_stop_sequences_and_stop_strings(pair):
