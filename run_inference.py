@@ -123,10 +123,14 @@ def run(config) -> int:
 
     import torch
 
-    from execution.distributed import init_distributed
+    from execution.distributed import init_distributed, world_size
     from execution.pipelines import TextGenerationPipeline
 
-    ctx, device = init_distributed(config.model.tensor_parallel)
+    tp = config.model.tensor_parallel
+    if world_size() % tp:
+        raise UsageError(f"--tensor-parallel {tp} needs a multiple of {tp} processes: "
+                         f"torchrun --nproc-per-node {tp} run_inference.py ... (found {world_size()})")
+    ctx, device = init_distributed(tp)
     main = ctx.is_main
     if config.model.device != "auto":
         if config.model.device == "cuda" and device.type != "cuda":

@@ -211,6 +211,7 @@ class GenerationEngine:
         rows = [_Row() for _ in range(batch)]
         tokens = torch.zeros(batch, 1, dtype=torch.long, device=device)
         positions = torch.zeros(batch, dtype=torch.long, device=device)
+        advance = torch.zeros(batch, dtype=torch.long, device=device)  # 1 on active rows
         idle_generator = torch.Generator().manual_seed(seed)
         start = time.perf_counter()
 
@@ -266,6 +267,7 @@ class GenerationEngine:
                         free.append(b)
 
         fill(list(range(batch)))
+        advance.copy_(torch.tensor([int(row.prompt >= 0) for row in rows]))
         t_decode = time.perf_counter()
         while any(row.prompt >= 0 for row in rows):
             active = [row.prompt >= 0 for row in rows]
@@ -287,12 +289,14 @@ class GenerationEngine:
                 accept(b, token)
                 if rows[b].prompt < 0:
                     freed.append(b)
-            # Idle rows keep rewriting their last slot; active rows move one slot on.
-            positions.copy_(torch.tensor([row.position for row in rows]))
-            if freed and queue:
-                t_fill = time.perf_counter()
-                fill(freed)
-                t_decode += time.perf_counter() - t_fill  # refill time counts as prefill
+            positions.add_(advance)  # active rows move one slot on
+            if freed:
+                if queue:
+                    t_fill = time.perf_counter()
+                    fill(freed)
+                    t_decode += time.perf_counter() - t_fill  # refill time counts as prefill
+                # Idle rows stop moving and keep rewriting their last slot.
+                advance.copy_(torch.tensor([int(row.prompt >= 0) for row in rows]))
         _sync(device)
         end = time.perf_counter()
         stats.decode_seconds = end - t_decode

@@ -48,6 +48,7 @@ def run_main(argv, capsys):
     (["--top-p", "0"], "top_p must be in (0, 1]"),
     (["--model", "{bad_dir}"], "not a GPT-J checkpoint"),
     (["--model", "/no/such/dir"], "does not exist"),
+    (["--tensor-parallel", "2"], "torchrun --nproc-per-node 2"),
 ])
 def test_bad_input_is_one_clear_line(argv, message, capsys, tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "gpt2"}))
