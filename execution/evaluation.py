@@ -23,6 +23,11 @@ from gptj.parallel import all_reduce
 
 def likelihood_choices(model, batch: dict, device: torch.device) -> np.ndarray:
     """Index of the most likely candidate for every prompt of the batch ([B] int)."""
+    return likelihood_scores(model, batch, device).argmin(dim=1).cpu().numpy()
+
+
+def likelihood_scores(model, batch: dict, device: torch.device) -> torch.Tensor:
+    """Summed token loss [B, K] of every candidate after every prompt, all in one forward."""
     candidates = batch["candidate_ids_eos"]
     prompts, lengths = batch["prompt_ids"], batch["prompt_lengths"]
     num_prompts, num_labels = len(lengths), len(candidates)
@@ -44,7 +49,7 @@ def likelihood_choices(model, batch: dict, device: torch.device) -> np.ndarray:
     losses = model.token_losses(ids_t[:, :-1], ids_t[:, 1:],
                                 segment_ids=torch.from_numpy(segments[:, :-1]).to(device))
     scores = (losses * torch.from_numpy(mask).to(device)).sum(dim=1)
-    return scores.view(num_prompts, num_labels).argmin(dim=1).cpu().numpy()
+    return scores.view(num_prompts, num_labels)
 
 
 def generated_answers(model, data, indices: np.ndarray, tokenizer, max_new_tokens: int,

@@ -195,8 +195,9 @@ def check_values(config: FinetuneConfig) -> None:
         raise TrainConfigError("data.tokenizer is required when model.name_or_path is not set")
 
 
-def check_layout(config: FinetuneConfig, world_size: int, model_config) -> int:
-    """Check the parallel layout against the world size and the model; return the replicas."""
+def check_layout(config: FinetuneConfig, world_size: int, model_config=None) -> int:
+    """Check the parallel layout against the world size (and the model shape, when given);
+    return the number of replicas."""
     tp = config.parallel.tensor_parallel
     if world_size % tp:
         raise TrainConfigError(
@@ -208,6 +209,8 @@ def check_layout(config: FinetuneConfig, world_size: int, model_config) -> int:
         raise TrainConfigError(
             f"training.global_batch_size {t.global_batch_size} is not divisible by "
             f"micro_batch_size {t.micro_batch_size} x replicas {replicas} = {per_step}")
+    if model_config is None:
+        return replicas
     if model_config.num_heads % tp:
         raise TrainConfigError(
             f"parallel.tensor_parallel {tp} does not divide the model's {model_config.num_heads} "

@@ -29,7 +29,7 @@ from gptj import GPTJ, ModelConfig, ParallelContext
 from gptj.parallel import all_reduce
 
 from . import checkpoint as ckpt
-from .distributed import all_reduce_max_flag, barrier, init_distributed
+from .distributed import all_reduce_max_flag, barrier, init_distributed, world_size
 from .evaluation import evaluate
 from .metrics import MetricsLogger, format_eval, peak_flops
 from .train_config import FinetuneConfig, TrainConfigError, check_layout
@@ -202,6 +202,7 @@ def train(config: FinetuneConfig, ctx: ParallelContext | None = None,
           device: torch.device | None = None) -> TrainResult:
     """Run (or resume) a fine-tuning run; collective over all ranks."""
     started = time.perf_counter()
+    check_layout(config, ctx.world_size if ctx is not None else world_size())
     if ctx is None:
         ctx, default_device = init_distributed(config.parallel.tensor_parallel)
         device = device or default_device
@@ -394,7 +395,9 @@ def train(config: FinetuneConfig, ctx: ParallelContext | None = None,
                 raise TrainingDiverged(
                     f"{bad_in_row} steps in a row had a non-finite loss or gradient (last: step {step}, "
                     f"{reason}); stopping. Newest good checkpoint: {newest or 'none'}")
-            if config.checkpoint.every and step % config.checkpoint.every == 0 and step < t.steps:
+            # No checkpoint while steps are failing: the newest one stays a known-good state.
+            if (config.checkpoint.every and step % config.checkpoint.every == 0 and step < t.steps
+                    and bad_in_row == 0):
                 result.checkpoint = save(step)
                 last_saved = step
             if config.eval.every and step % config.eval.every == 0 and step < t.steps:

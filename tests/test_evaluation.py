@@ -1,0 +1,119 @@
+"""Evaluation measures what the model learned: a synthetic task learned to high accuracy, a
+random model near chance, batched label scoring equal to one-at-a-time scoring, and the HF
+export equal to the trained model in transformers."""
+
+from __future__ import annotations
+
+import json
+import random
+
+import numpy as np
+import pytest
+import torch
+
+import data as datalib
+from execution.evaluation import evaluate_split, likelihood_scores
+from execution.training import train
+from gptj import GPTJ
+from tests.test_training import small_config
+
+KEYS = {"cat": "apple", "sun": "river", "boat": "stone"}  # marker word -> label
+FILLER = ["the", "a", "one", "two", "tall", "small", "old", "new", "big", "red", "dog", "tree"]
+
+
+@pytest.fixture(scope="module")
+def synthetic_task(tmp_path_factory):
+    """A 3-class text-to-text task: the label names which marker word the text contains."""
+    root = tmp_path_factory.mktemp("synthetic")
+    rng = random.Random(0)
+    for split, count in (("train", 600), ("validation", 90)):
+        with open(root / f"{split}.jsonl", "w") as f:
+            for i in range(count):
+                marker = list(KEYS)[i % 3]
+                words = rng.choices(FILLER, k=rng.randint(3, 7))
+                words.insert(rng.randint(0, len(words)), marker)
+                f.write(json.dumps({"text": " ".join(words), "label": KEYS[marker]}) + "\n")
+    task_file = root / "marker.yml"
+    task_file.write_text(
+        'prompt: "which: {text} target:"\ntarget: " {label}"\n'
+        "fields: {text: text, label: label}\nlabel_field: label\n"
+        "labels: [apple, river, stone]\neval_splits: [validation]\n")
+    return str(task_file), str(root)
+
+
+def _task_config(output_dir, task, source, **updates):
+    values = {"data.task": task, "data.dataset": source, "data.sequence_length": 24,
+              "training.steps": 40, "training.global_batch_size": 16, "training.micro_batch_size": 16,
+              "optimizer.lr": 3e-3, "schedule.warmup_steps": 5, "eval.at_end": True,
+              "eval.max_examples": None}
+    values.update(updates)
+    return small_config(output_dir, **values)
+
+
+@pytest.fixture(scope="module")
+def trained(synthetic_task, tmp_path_factory):
+    task, source = synthetic_task
+    out = tmp_path_factory.mktemp("trained")
+    return train(_task_config(out, task, source, **{"checkpoint.export_hf": True}))
+
+
+def test_learns_the_synthetic_task(trained):
+    (result,) = trained.eval.values()
+    assert result["num_examples"] == 90
+    assert result["accuracy_likelihood"] > 0.9
+    assert result["accuracy_generate"] > 0.9
+    assert result["invalid_generations"] <= 90 * (1 - result["accuracy_generate"])
+    per_class = result["per_class"]
+    assert sum(c["count"] for c in per_class.values()) == 90
+    assert sum(c["correct_likelihood"] for c in per_class.values()) == round(90 * result["accuracy_likelihood"])
+    saved = json.loads((trained.output_dir / "eval.json").read_text())
+    assert saved["splits"]["validation"]["accuracy_likelihood"] == result["accuracy_likelihood"]
+
+
+def test_random_model_scores_near_chance(synthetic_task):
+    task, source = synthetic_task
+    tok = datalib.load_tokenizer("bundled:tiny")
+    evals = datalib.build_eval_data(task, source, tok, "validation", progress=False)
+    config = small_config("unused").model
+    from gptj import ModelConfig
+
+    mc = ModelConfig.preset("tiny").replace(vocab_size=tok.vocab_size, eos_token_id=tok.eos_id,
+                                            bos_token_id=tok.eos_id, **config.shape)
+    model = GPTJ(mc).init_weights(seed=3)
+    result = evaluate_split(model, evals, tok, torch.device("cpu"), batch_size=32)
+    assert 0.15 <= result["accuracy_likelihood"] <= 0.55  # 3 balanced classes: chance is 1/3
+    assert result["accuracy_generate"] < 0.2
+    assert result["invalid_generations"] > 45  # random text is mostly no label at all
+
+
+def test_batched_label_scores_equal_one_at_a_time(trained, synthetic_task):
+    task, source = synthetic_task
+    tok = datalib.load_tokenizer("bundled:tiny")
+    evals = datalib.build_eval_data(task, source, tok, "validation", progress=False)
+    batch = evals.batch(np.arange(7))  # prompts of different lengths, right-padded
+    model = trained.model.eval()
+    with torch.no_grad():
+        scores = likelihood_scores(model, batch, torch.device("cpu"))
+        for b in range(7):
+            prompt = batch["prompt_ids"][b, :batch["prompt_lengths"][b]]
+            for k, cand in enumerate(batch["candidate_ids_eos"]):
+                ids = torch.from_numpy(np.concatenate([prompt, cand]))[None]
+                losses = model.token_losses(ids[:, :-1], ids[:, 1:])
+                expected = losses[0, len(prompt) - 1:].sum()
+                torch.testing.assert_close(scores[b, k], expected, atol=1e-4, rtol=1e-5)
+
+
+def test_hf_export_loads_in_transformers_with_identical_logits(trained):
+    from transformers import AutoTokenizer, GPTJForCausalLM
+
+    hf_dir = trained.hf_dir
+    assert (hf_dir / "config.json").is_file() and (hf_dir / "tokenizer.json").is_file()
+    hf = GPTJForCausalLM.from_pretrained(hf_dir).eval()
+    ids = torch.tensor([[5, 17, 300, 2, 999, 41, 8, 8, 120]])
+    with torch.no_grad():
+        ours = trained.model.eval().logits(ids)
+        theirs = hf(ids).logits
+    torch.testing.assert_close(theirs, ours, atol=1e-4, rtol=1e-4)
+    text = "which: the cat sat target:"
+    assert AutoTokenizer.from_pretrained(hf_dir).encode(text) == \
+        datalib.load_tokenizer("bundled:tiny").encode([text])[0]

@@ -1,0 +1,111 @@
+"""run_finetuning.py: the default command end to end, bad values rejected, SIGTERM."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+import run_finetuning
+from execution import checkpoint as ckpt
+
+ROOT = Path(__file__).resolve().parents[1]
+SMALL = ["--set", "model.shape={hidden_size: 64, num_heads: 4, rotary_dim: 8}",
+         "--set", "logging.progress=false", "--set", "logging.tensorboard=false",
+         "--set", "training.threads=1"]
+
+
+def _run(args, **kwargs):
+    return subprocess.run([sys.executable, "run_finetuning.py", *args], cwd=ROOT, capture_output=True,
+                          text=True, timeout=400, **kwargs)
+
+
+def test_default_command_end_to_end(tmp_path):
+    out = tmp_path / "run"
+    proc = _run(["--output-dir", str(out)])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "resolved config" in proc.stdout and "final evaluation" in proc.stdout
+
+    metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    steps = run_finetuning.build_config(run_finetuning.parse_args([])).training.steps
+    assert [m["step"] for m in metrics] == list(range(1, steps + 1))
+    for key in ("loss", "lr", "grad_norm", "tokens_per_s", "loss_scale", "skipped_steps"):
+        assert all(isinstance(m[key], (int, float)) for m in metrics), key
+    assert metrics[-1]["loss"] < metrics[0]["loss"]
+
+    results = json.loads((out / "eval.json").read_text())["splits"]
+    assert set(results) == {"validation_matched", "validation_mismatched"}
+    for split in results.values():
+        assert split["num_examples"] == 400
+        assert split["invalid_generations"] >= 0
+        assert split["accuracy_likelihood"] > 0.6  # 3 classes: chance is 1/3
+        assert split["accuracy_generate"] > 0.6
+
+    hf = out / "hf"
+    for name in ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"):
+        assert (hf / name).is_file(), name
+    from transformers import AutoTokenizer, GPTJForCausalLM
+
+    model = GPTJForCausalLM.from_pretrained(hf)
+    assert model.config.vocab_size == AutoTokenizer.from_pretrained(hf).vocab_size == 1024
+    assert ckpt.read_meta(ckpt.latest_checkpoint(ckpt.checkpoint_root(out)))["step"] == steps
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--global-batch-size", "30", "--micro-batch-size", "8"],
+     "training.global_batch_size 30 is not divisible by training.micro_batch_size 8"),
+    (["--tensor-parallel", "3"], "world size 1 is not divisible by parallel.tensor_parallel 3"),
+    (["--set", "training.bogus=1"], "unknown field training.bogus"),
+    (["--config", "nope"], "unknown preset 'nope'"),
+    (["--precision", "fp16", "--set", "optimizer.lr=-1"], "optimizer.lr must be positive"),
+    (["--sequence-length", "4096"], "exceeds the model's max_positions 512"),
+])
+def test_bad_values_rejected_in_one_line(args, message, capsys, tmp_path):
+    assert run_finetuning.main([*args, "--output-dir", str(tmp_path)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and "\n" not in err and "Traceback" not in err
+    assert not (tmp_path / "metrics.jsonl").exists()
+
+
+def test_bad_value_exit_code_and_missing_dataset(tmp_path):
+    proc = _run(["--tensor-parallel", "2", "--output-dir", str(tmp_path)])
+    assert proc.returncode == 2 and proc.stderr.strip().count("\n") == 0, proc.stderr
+    assert "tensor_parallel 2" in proc.stderr
+    missing = str(tmp_path / "nothing.jsonl")
+    assert run_finetuning.main(["--dataset", missing, "--output-dir", str(tmp_path), *SMALL]) == 1
+
+
+def test_help_lists_the_options():
+    text = _run(["--help"]).stdout
+    for option in ("--config", "--model", "--tokenizer", "--dataset", "--task", "--eval-dataset",
+                   "--output-dir", "--steps", "--global-batch-size", "--micro-batch-size",
+                   "--sequence-length", "--lr", "--seed", "--tensor-parallel", "--precision",
+                   "--resume", "--set"):
+        assert option in text, option
+
+
+def test_sigterm_saves_a_checkpoint_and_exits_zero(tmp_path):
+    out = tmp_path / "run"
+    proc = subprocess.Popen(
+        [sys.executable, "run_finetuning.py", "--output-dir", str(out), "--steps", "100000", *SMALL],
+        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    metrics = out / "metrics.jsonl"
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None:
+        if metrics.exists() and len(metrics.read_text().splitlines()) >= 3:
+            break
+        time.sleep(0.2)
+    os.kill(proc.pid, signal.SIGTERM)
+    stdout, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 0, stderr[-3000:]
+    assert "stopped by SIGTERM" in stdout
+    done = len(metrics.read_text().splitlines())
+    latest = ckpt.latest_checkpoint(ckpt.checkpoint_root(out))
+    assert latest is not None and ckpt.read_meta(latest)["step"] == done >= 3
+    assert not (out / "hf").exists() and not (out / "eval.json").exists()

@@ -1,0 +1,128 @@
+"""The training loop: schedule, replicas x TP equal to one process, fp16 loss scaling, faults."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+from execution import checkpoint as ckpt
+from execution.train_config import load_config
+from execution.training import TrainingDiverged, learning_rate, train
+from tests.distributed import run_distributed
+
+SMALL_SHAPE = {"hidden_size": 64, "num_heads": 4, "rotary_dim": 8, "num_layers": 2}
+
+
+def small_config(output_dir, **updates):
+    """The tiny preset shrunk further: a few steps of a d=64 model, no export, few eval rows."""
+    values = {"output_dir": str(output_dir), "model.shape": dict(SMALL_SHAPE),
+              "training.steps": 5, "training.global_batch_size": 8, "training.micro_batch_size": 4,
+              "training.threads": 1, "eval.max_examples": 24, "eval.at_end": False,
+              "logging.progress": False, "logging.tensorboard": False,
+              "checkpoint.export_hf": False, "checkpoint.at_end": False, "checkpoint.every": 0}
+    values.update(updates)
+    return load_config("tiny", [], values)
+
+
+def read_metrics(output_dir):
+    return [json.loads(line) for line in (output_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_learning_rate_schedule_by_hand():
+    assert learning_rate(0, 1.0, 10, warmup_steps=4) == pytest.approx(0.25)
+    assert learning_rate(3, 1.0, 10, warmup_steps=4) == pytest.approx(1.0)
+    assert learning_rate(7, 1.0, 10, warmup_steps=4, decay="constant") == 1.0
+    # after warmup: progress = (step - 4) / 6
+    assert learning_rate(7, 2.0, 10, warmup_steps=4, decay="linear") == pytest.approx(2.0 * (1 - 3 / 6))
+    assert learning_rate(7, 2.0, 10, 4, "cosine") == pytest.approx(2.0 * 0.5 * (1 + math.cos(math.pi * 0.5)))
+    assert learning_rate(10, 2.0, 10, 4, "cosine", min_lr_ratio=0.1) == pytest.approx(0.2)
+    assert learning_rate(4, 2.0, 10, 4, "linear", min_lr_ratio=0.1) == pytest.approx(2.0)
+
+
+def _train_on_ranks(rank, world_size, output_dir, tensor_parallel):
+    config = small_config(output_dir, **{"parallel.tensor_parallel": tensor_parallel,
+                                         "eval.at_end": True, "eval.generate": False})
+    result = train(config)
+    from gptj.hf import gather_hf_tensors
+
+    weights = gather_hf_tensors(result.model)
+    return {"losses": result.losses, "eval": result.eval,
+            "weights": {k: weights[k] for k in ("transformer.h.0.attn.q_proj.weight", "lm_head.bias",
+                                                "transformer.h.1.mlp.fc_out.bias")}}
+
+
+def test_two_replicas_times_two_tp_equal_one_process(tmp_path):
+    reference = train(small_config(tmp_path / "one", **{"eval.at_end": True, "eval.generate": False}))
+    results = run_distributed(_train_on_ranks, 4, str(tmp_path / "four"), 2)
+    from gptj.hf import gather_hf_tensors
+
+    ref_weights = gather_hf_tensors(reference.model)
+    assert len(reference.losses) == 5
+    for rank, res in enumerate(results):
+        assert res["losses"] == pytest.approx(reference.losses, abs=1e-5), rank
+        for name, value in res["weights"].items():
+            torch.testing.assert_close(value, ref_weights[name], atol=2e-5, rtol=1e-4)
+        # each replica scored half of the rows; the summed counts equal the single process's
+        assert res["eval"] == reference.eval
+    assert reference.losses[-1] < reference.losses[0]
+    metrics = read_metrics(tmp_path / "four")
+    assert [m["step"] for m in metrics] == [1, 2, 3, 4, 5]
+    assert [m["loss"] for m in metrics] == pytest.approx(reference.losses, abs=1e-5)
+
+
+def test_fp16_overflow_skips_step_and_backs_off(tmp_path):
+    # A huge initial scale overflows fp16 gradients: those steps must change nothing and
+    # halve (here: divide by 16) the scale until the gradients fit.
+    config = small_config(tmp_path, **{"training.precision": "fp16", "training.steps": 6,
+                                       "training.loss_scale.init_scale": 2.0**24,
+                                       "training.loss_scale.backoff_factor": 1 / 16,
+                                       "training.max_bad_steps": 2})
+    result = train(config)
+    metrics = read_metrics(tmp_path)
+    assert metrics[0]["skipped"] and metrics[0]["loss_scale"] == 2.0**24
+    assert metrics[1]["loss_scale"] == 2.0**20  # backed off after the first overflow
+    scales = [m["loss_scale"] for m in metrics]
+    for before, after, m in zip(scales, scales[1:], metrics):
+        assert after == (before / 16 if m["skipped"] else before)
+    assert any(not m["skipped"] for m in metrics)
+    assert result.skipped_steps == sum(m["skipped"] for m in metrics) >= 2
+    assert all(math.isfinite(m["loss"]) for m in metrics)
+
+    # A run made only of overflowing steps leaves the weights exactly as initialised.
+    fresh = train(small_config(tmp_path / "fresh", **{"training.steps": 1, "optimizer.lr": 1e-12,
+                                                      "training.precision": "fp16"}))
+    frozen = train(small_config(tmp_path / "frozen", **{
+        "training.precision": "fp16", "training.steps": 2, "training.loss_scale.init_scale": 2.0**60,
+        "training.max_bad_steps": 3}))
+    assert all(m["skipped"] for m in read_metrics(tmp_path / "frozen"))
+    initial = type(fresh.model)(fresh.model.config, dtype=torch.float16).init_weights(0)
+    for (name, a), b in zip(frozen.model.named_parameters(), initial.parameters()):
+        assert torch.equal(a, b), name
+
+
+def test_nonfinite_steps_in_a_row_stop_with_checkpoint_intact(tmp_path, monkeypatch):
+    from gptj import GPTJ
+
+    calls = {"n": 0}
+    original = GPTJ.token_losses
+
+    def poisoned(self, *args, **kwargs):
+        calls["n"] += 1
+        losses = original(self, *args, **kwargs)
+        return losses * float("nan") if calls["n"] > 6 else losses  # 2 micro-batches per step
+
+    monkeypatch.setattr(GPTJ, "token_losses", poisoned)
+    config = small_config(tmp_path, **{"training.steps": 10, "checkpoint.every": 2,
+                                       "training.max_bad_steps": 3})
+    with pytest.raises(TrainingDiverged, match="3 steps in a row") as err:
+        train(config)
+    root = ckpt.checkpoint_root(tmp_path)
+    newest = ckpt.latest_checkpoint(root)
+    assert newest is not None and str(newest) in str(err.value)
+    assert ckpt.read_meta(newest)["step"] == 2  # step 4 was a bad one: no checkpoint after it
+    metrics = read_metrics(tmp_path)
+    assert [m["skipped"] for m in metrics] == [False, False, False, True, True, True]
+    assert metrics[3]["skip_reason"] == "non-finite loss"
