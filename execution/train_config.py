@@ -191,6 +191,9 @@ def check_values(config: FinetuneConfig) -> None:
         raise TrainConfigError(
             f"training.global_batch_size {t.global_batch_size} is not divisible by "
             f"training.micro_batch_size {t.micro_batch_size}")
+    if config.model.stream_block_weights and not config.optimizer.offload:
+        raise TrainConfigError("model.stream_block_weights needs optimizer.offload: true (the "
+                               "streamed blocks' gradients are kept on the host)")
     if config.model.name_or_path is None and config.data.tokenizer is None:
         raise TrainConfigError("data.tokenizer is required when model.name_or_path is not set")
 

@@ -12,6 +12,9 @@ which gives exactly the gradient of the global-batch mean loss, however the batc
 
 from __future__ import annotations
 
+import contextlib
+import io
+import json
 import math
 import signal
 import threading
@@ -106,7 +109,7 @@ def model_config_for(config: FinetuneConfig, tokenizer) -> ModelConfig:
 
 def build_model(config: FinetuneConfig, mc: ModelConfig, ctx: ParallelContext,
                 device: torch.device, dtype: torch.dtype) -> GPTJ:
-    # Streamed block weights start on the host; the streamer moves them in when needed.
+    # Streamed block weights start on the host; BlockWeightStreamer moves the rest to the device.
     place = torch.device("cpu") if config.model.stream_block_weights else device
     if config.model.name_or_path:
         from gptj.hf import load_pretrained
@@ -114,9 +117,6 @@ def build_model(config: FinetuneConfig, mc: ModelConfig, ctx: ParallelContext,
         model, _ = load_pretrained(config.model.name_or_path, ctx, dtype=dtype, device=place)
     else:
         model = GPTJ(mc, ctx, dtype=dtype, device=place).init_weights(seed=config.model.init_seed)
-    if config.model.stream_block_weights and device.type != "cpu":
-        for part in (model.embed, model.ln_f, model.lm_head, model.rotary):
-            part.to(device)
     model.recompute_blocks = config.model.recompute_blocks
     model.train()
     return model
@@ -254,7 +254,8 @@ def train(config: FinetuneConfig, ctx: ParallelContext | None = None,
         train_data, eval_splits = load_train(True), load_evals(True)
     barrier()
     if not main:
-        train_data, eval_splits = load_train(False), load_evals(False)
+        with contextlib.redirect_stderr(io.StringIO()):  # the data summary: printed by rank 0
+            train_data, eval_splits = load_train(False), load_evals(False)
 
     t = config.training
     sampler = datalib.TrainSampler(train_data.num_rows, t.global_batch_size, t.micro_batch_size,
@@ -330,6 +331,9 @@ def train(config: FinetuneConfig, ctx: ParallelContext | None = None,
                            max_new_tokens=config.eval.max_new_tokens,
                            max_examples=config.eval.max_examples)
         logger.log_eval(at_step, results)
+        if main:
+            with open(out / "eval_history.jsonl", "a") as f:
+                f.write(json.dumps({"step": at_step, "splits": results}) + "\n")
         return results
 
     result = TrainResult(output_dir=out, final_step=step, model=model)
@@ -411,8 +415,6 @@ def train(config: FinetuneConfig, ctx: ParallelContext | None = None,
         if config.eval.at_end and eval_splits:
             result.eval = run_eval(step)
             if main:
-                import json
-
                 (out / "eval.json").write_text(json.dumps({"step": step, "splits": result.eval},
                                                           indent=2) + "\n")
         if config.checkpoint.export_hf:

@@ -117,3 +117,14 @@ def test_hf_export_loads_in_transformers_with_identical_logits(trained):
     text = "which: the cat sat target:"
     assert AutoTokenizer.from_pretrained(hf_dir).encode(text) == \
         datalib.load_tokenizer("bundled:tiny").encode([text])[0]
+
+
+def test_training_starts_from_the_exported_model(trained, synthetic_task, tmp_path):
+    task, source = synthetic_task
+    again = train(_task_config(tmp_path, task, source, **{
+        "model.name_or_path": str(trained.hf_dir), "model.shape": {}, "data.tokenizer": None,
+        "training.steps": 2, "optimizer.lr": 1e-12, "eval.every": 1, "eval.generate": False}))
+    assert again.eval["validation"]["accuracy_likelihood"] == \
+        trained.eval["validation"]["accuracy_likelihood"]
+    history = [json.loads(line) for line in (tmp_path / "eval_history.jsonl").read_text().splitlines()]
+    assert [h["step"] for h in history] == [1, 2]

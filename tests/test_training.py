@@ -44,7 +44,7 @@ def test_learning_rate_schedule_by_hand():
 
 def _train_on_ranks(rank, world_size, output_dir, tensor_parallel):
     config = small_config(output_dir, **{"parallel.tensor_parallel": tensor_parallel,
-                                         "eval.at_end": True, "eval.generate": False})
+                                         "eval.at_end": True})
     result = train(config)
     from gptj.hf import gather_hf_tensors
 
@@ -55,7 +55,7 @@ def _train_on_ranks(rank, world_size, output_dir, tensor_parallel):
 
 
 def test_two_replicas_times_two_tp_equal_one_process(tmp_path):
-    reference = train(small_config(tmp_path / "one", **{"eval.at_end": True, "eval.generate": False}))
+    reference = train(small_config(tmp_path / "one", **{"eval.at_end": True}))
     results = run_distributed(_train_on_ranks, 4, str(tmp_path / "four"), 2)
     from gptj.hf import gather_hf_tensors
 
@@ -126,3 +126,14 @@ def test_nonfinite_steps_in_a_row_stop_with_checkpoint_intact(tmp_path, monkeypa
     metrics = read_metrics(tmp_path)
     assert [m["skipped"] for m in metrics] == [False, False, False, True, True, True]
     assert metrics[3]["skip_reason"] == "non-finite loss"
+
+
+def test_offload_streaming_and_recompute_change_no_number(tmp_path):
+    plain = train(small_config(tmp_path / "plain", **{"training.steps": 3}))
+    offloaded = train(small_config(tmp_path / "offloaded", **{
+        "training.steps": 3, "optimizer.offload": True, "model.stream_block_weights": True,
+        "model.recompute_blocks": True, "checkpoint.at_end": True}))
+    assert offloaded.losses == pytest.approx(plain.losses, abs=1e-6)
+    for (name, a), b in zip(plain.model.named_parameters(), offloaded.model.parameters()):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5, msg=name)
+    assert ckpt.read_meta(ckpt.latest_checkpoint(ckpt.checkpoint_root(tmp_path / "offloaded")))["step"] == 3
