@@ -96,7 +96,7 @@ def run(quick: bool = False) -> dict:
 
     config = ModelConfig.preset("bench-small")
     prompt_len = 64
-    cases = [(1, 32 if quick else 128), (16, 16 if quick else 64)]
+    cases = [(1, 16 if quick else 128), (16, 8 if quick else 64)]
     repeats = 1 if quick else 3
     gen = torch.Generator().manual_seed(0)
     bandwidth = measure_memory_bandwidth(64 if quick else None)

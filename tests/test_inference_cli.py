@@ -49,9 +49,11 @@ def run_main(argv, capsys):
     (["--model", "{bad_dir}"], "not a GPT-J checkpoint"),
     (["--model", "/no/such/dir"], "does not exist"),
     (["--tensor-parallel", "2"], "torchrun --nproc-per-node 2"),
+    (["--prompts-file", "{bad_dir}/p.jsonl"], "p.jsonl:2: expected a JSON object with a \"prompt\" field"),
 ])
 def test_bad_input_is_one_clear_line(argv, message, capsys, tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "gpt2"}))
+    (tmp_path / "p.jsonl").write_text('{"prompt": "a"}\n{"text": "b"}\n')
     argv = [a.replace("{bad_dir}", str(tmp_path)) for a in argv]
     code, _, err = run_main(argv + ["--max-new-tokens", "2"], capsys)
     assert code == 2
@@ -64,3 +66,8 @@ def test_too_long_requests_are_truncated_and_clamped(capsys, tmp_path):
     code, _, err = run_main(argv, capsys)
     assert code == 0 and "clamped to 1" in err
     assert len(json.loads(out.read_text())["token_ids"]) == 1
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("first prompt\n\nsecond prompt\n")
+    code, _, _ = run_main(["--prompts-file", str(prompts), "--max-new-tokens", "2", "--output", str(out)], capsys)
+    assert code == 0
+    assert [json.loads(line)["prompt"] for line in out.read_text().splitlines()] == ["first prompt", "second prompt"]
