@@ -20,7 +20,7 @@ import torch
 
 from gptj import GPTJ, ModelConfig, ParallelContext
 
-from .generation import BlockWeightStreamer, GenerationEngine, GenerationStats
+from .generation import GenerationEngine, GenerationStats
 from .sampling import SamplingParams
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -77,7 +77,11 @@ def load_model_and_tokenizer(
                 f"vocabulary is {model.config.vocab_size}"
             )
     if offload_weights:
-        BlockWeightStreamer(model, device)
+        from .offload import BlockWeightStreamer
+
+        # Streaming hooks stay attached for the model's lifetime (it holds the streamer).
+        model.weight_streamer = BlockWeightStreamer(model, device)
+        model.weight_streamer.attach()
     return model.eval(), tok
 
 
