@@ -41,15 +41,76 @@ class RotaryTables(nn.Module):
         return self.cos[position_ids].unsqueeze(2), self.sin[position_ids].unsqueeze(2)
 
 
+def _rotate_pairs(x: torch.Tensor, turn: torch.Tensor) -> torch.Tensor:
+    """x [..., rot] (any float dtype) with interleaved pairs (x[2i], x[2i+1]) read as complex
+    numbers x[2i] + i x[2i+1], multiplied by `turn` (complex64, broadcastable) in fp32.
+
+    (e + i o)(cos + i sin) = (e cos - o sin) + i (o cos + e sin): GPT-J's interleaved rotary,
+    as one vectorised complex multiply instead of strided even/odd slices.
+    """
+    pairs = x.float().contiguous().unflatten(-1, (-1, 2))
+    return torch.view_as_real(torch.view_as_complex(pairs) * turn).flatten(-2)
+
+
+def _turns(cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """cos/sin [B, S, 1, rot/2] -> complex rotations [B, S, 1, 1, rot/2] for q and k together."""
+    return torch.complex(cos, sin).unsqueeze(2)
+
+
+class _RotaryQKV(torch.autograd.Function):
+    """Split fused qkv [B, S, 3, H, D] into q, k, v [B, H, S, D] (contiguous), rotating q and k.
+
+    Backward is the inverse rotation (multiply by the conjugate) written straight into one
+    grad_qkv buffer: no fp32 copies of q and k are saved, and autograd does not replay the
+    slice/stack/cat chain (zero-filled buffers and adds) an op-by-op rotary would leave.
+    """
+
+    @staticmethod
+    def forward(ctx, qkv, cos, sin):
+        batch, seq, _, heads, dim = qkv.shape
+        rot = 2 * cos.shape[-1]
+        outs = [torch.empty(batch, heads, seq, dim, dtype=qkv.dtype, device=qkv.device) for _ in range(3)]
+        views = [o.transpose(1, 2) for o in outs]  # [B, S, H, D] views of [B, H, S, D] buffers
+        turn = _turns(cos, sin)
+        rotated = _rotate_pairs(qkv[:, :, :2, :, :rot], turn) if rot else None
+        for i in range(2):
+            if rot:
+                views[i][..., :rot] = rotated[:, :, i]
+            if rot < dim:
+                views[i][..., rot:] = qkv[:, :, i, :, rot:]
+        views[2].copy_(qkv[:, :, 2])
+        ctx.save_for_backward(turn)
+        ctx.rot = rot
+        return tuple(outs)
+
+    @staticmethod
+    def backward(ctx, grad_q, grad_k, grad_v):
+        (turn,) = ctx.saved_tensors
+        rot = ctx.rot
+        batch, heads, seq, dim = grad_v.shape
+        grad = torch.empty(batch, seq, 3, heads, dim, dtype=grad_v.dtype, device=grad_v.device)
+        for i, g in enumerate((grad_q, grad_k, grad_v)):
+            g = g.transpose(1, 2)
+            if i < 2 and rot:
+                grad[:, :, i, :, :rot] = _rotate_pairs(g[..., :rot], turn.squeeze(2).conj())
+                if rot < dim:
+                    grad[:, :, i, :, rot:] = g[..., rot:]
+            else:
+                grad[:, :, i] = g
+        return grad, None, None
+
+
+def split_qkv_rotary(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+    """qkv [B, S, 3, H, D] -> (q, k, v) each [B, H, S, D], rotary applied to q and k."""
+    return _RotaryQKV.apply(qkv, cos, sin)
+
+
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Rotate the first 2*cos.shape[-1] dims of x [B, S, H, D] pairwise; math in fp32."""
     rot_dim = 2 * cos.shape[-1]
     if rot_dim == 0:
         return x
-    pairs = x[..., :rot_dim].float().unflatten(-1, (rot_dim // 2, 2))
-    even, odd = pairs[..., 0], pairs[..., 1]
-    rotated = torch.stack((even * cos - odd * sin, odd * cos + even * sin), dim=-1)
-    rotated = rotated.flatten(-2).to(x.dtype)
+    rotated = _rotate_pairs(x[..., :rot_dim], torch.complex(cos, sin)).to(x.dtype)
     if rot_dim == x.shape[-1]:
         return rotated
     return torch.cat((rotated, x[..., rot_dim:]), dim=-1)
@@ -107,10 +168,7 @@ class Attention(nn.Module):
     def forward(self, h, rope, mask=None, cache=None) -> torch.Tensor:
         batch, seq, _ = h.shape
         qkv = F.linear(h, self.qkv_weight).view(batch, seq, 3, self.local_heads, self.head_dim)
-        q, k, v = qkv.unbind(2)
-        q = apply_rotary(q, *rope).transpose(1, 2)
-        k = apply_rotary(k, *rope).transpose(1, 2)
-        v = v.transpose(1, 2)
+        q, k, v = split_qkv_rotary(qkv, *rope)
         if cache is not None:
             k, v = cache.update(k, v)
         out = attend(q, k, v, mask)

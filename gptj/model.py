@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
@@ -35,6 +36,68 @@ def attention_mask_from_segments(segment_ids: torch.Tensor) -> torch.Tensor:
     real = (segment_ids != 0).unsqueeze(1)
     eye = torch.eye(seq, dtype=torch.bool, device=segment_ids.device)
     return ((same & real & causal) | eye).unsqueeze(1)
+
+
+class _HeadCrossEntropy(torch.autograd.Function):
+    """lm_head + per-token cross-entropy when one rank holds the whole vocab.
+
+    The unfused path materialises fp32 logits [T, V], an fp32 softmax saved for backward and
+    an fp32 clone of it in backward: about ten passes over the largest tensor of the step.
+    Here the logits are computed once in the model's dtype, the softmax statistics are taken
+    in fp32 over small row chunks, and the logits buffer is overwritten in place with
+    softmax - onehot (the gradient for a unit loss). Backward folds the per-token loss
+    gradient into the small [T, d] operands, so no further pass over [T, V] is needed.
+    The numbers are those of `lm_head` + `vocab_parallel_cross_entropy`, up to rounding.
+    """
+
+    # fp32 working set per chunk: large enough that per-op overhead is amortised, small
+    # next to the [T, V] logits.
+    CHUNK_ELEMENTS = 1 << 23
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, targets):
+        flat = hidden.reshape(-1, hidden.shape[-1])
+        grad_logits = F.linear(flat, weight, bias)  # becomes softmax - onehot below
+        width = grad_logits.shape[-1]
+        targets = targets.reshape(-1)
+        in_range = (targets >= 0) & (targets < width)
+        safe = targets.clamp(0, width - 1).unsqueeze(-1)
+        drop = -in_range.to(torch.float32).unsqueeze(-1)
+        losses = torch.empty(flat.shape[0], dtype=torch.float32, device=flat.device)
+        rows = max(1, _HeadCrossEntropy.CHUNK_ELEMENTS // width)
+        scratch = None
+        if grad_logits.dtype != torch.float32:  # one fp32 buffer reused by every chunk
+            scratch = torch.empty(min(rows, flat.shape[0]), width, dtype=torch.float32, device=flat.device)
+        for start in range(0, flat.shape[0], rows):
+            stop = min(start + rows, flat.shape[0])
+            block = grad_logits[start:stop]
+            work = block if scratch is None else scratch[: stop - start].copy_(block)
+            work.sub_(work.amax(dim=-1, keepdim=True))
+            target_logit = work.gather(-1, safe[start:stop]).squeeze(-1)
+            target_logit = torch.where(in_range[start:stop], target_logit, 0.0)
+            sum_exp = work.exp_().sum(dim=-1)
+            losses[start:stop] = sum_exp.log() - target_logit
+            work.div_(sum_exp.unsqueeze(-1))
+            work.scatter_add_(-1, safe[start:stop], drop[start:stop])
+            if scratch is not None:
+                block.copy_(work)
+        ctx.save_for_backward(flat, weight, grad_logits)
+        ctx.hidden_shape = hidden.shape
+        return losses.view(ctx.hidden_shape[:-1])
+
+    @staticmethod
+    def backward(ctx, grad_losses):
+        flat, weight, grad_logits = ctx.saved_tensors
+        scale = grad_losses.reshape(-1, 1).float()
+        grad_hidden = grad_weight = grad_bias = None
+        if ctx.needs_input_grad[0]:
+            grad_hidden = (grad_logits @ weight).float().mul_(scale).to(flat.dtype)
+            grad_hidden = grad_hidden.view(ctx.hidden_shape)
+        if ctx.needs_input_grad[1]:
+            grad_weight = grad_logits.t() @ (flat.float() * scale).to(flat.dtype)
+        if ctx.needs_input_grad[2]:
+            grad_bias = grad_logits.t() @ scale.squeeze(-1).to(grad_logits.dtype)
+        return grad_hidden, grad_weight, grad_bias, None
 
 
 class GPTJ(nn.Module):
@@ -126,8 +189,12 @@ class GPTJ(nn.Module):
 
     def token_losses(self, input_ids, labels, **kwargs) -> torch.Tensor:
         """Per-token cross-entropy [B, S] in fp32 (unmasked: the caller weights it)."""
-        local_logits = self.lm_head(self.hidden_states(input_ids, **kwargs))
-        return vocab_parallel_cross_entropy(local_logits, labels, self.lm_head.vocab_start, self.ctx)
+        hidden = self.hidden_states(input_ids, **kwargs)
+        head = self.lm_head
+        if self.ctx.tp_group is None and head.real_rows == head.rows:
+            return _HeadCrossEntropy.apply(hidden, head.weight, head.bias, labels)
+        local_logits = head(hidden)
+        return vocab_parallel_cross_entropy(local_logits, labels, head.vocab_start, self.ctx)
 
     def loss(self, input_ids, labels, loss_mask=None, **kwargs) -> torch.Tensor:
         """Mean loss over tokens where loss_mask is nonzero (all tokens when None)."""
