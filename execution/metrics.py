@@ -110,9 +110,14 @@ class MetricsLogger:
         else:
             print(text, flush=True)
 
-    def close(self) -> None:
+    def end_progress(self) -> None:
+        """Close the bar when the steps are done, so later lines print plainly."""
         if self.bar is not None:
             self.bar.close()
+            self.bar = None
+
+    def close(self) -> None:
+        self.end_progress()
         if self.writer is not None:
             self.writer.close()
         if self.file is not None:

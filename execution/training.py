@@ -407,6 +407,7 @@ def train(config: FinetuneConfig, ctx: ParallelContext | None = None,
             if config.eval.every and step % config.eval.every == 0 and step < t.steps:
                 run_eval(step)
 
+    logger.end_progress()
     result.final_step = step
     result.skipped_steps = skipped_total
     if not result.stopped_by_signal:
