@@ -114,8 +114,9 @@ def evaluate_split(model, data, tokenizer, device: torch.device, batch_size: int
     finally:
         model.train(was_training)
     flat = torch.from_numpy(np.concatenate([totals, confusion_gen.ravel(), confusion_lik.ravel()]))
-    all_reduce(flat, ctx.replica_group)  # int64 sum over replicas (gloo and NCCL both take it)
-    flat = flat.numpy()
+    flat = flat.to(device)  # NCCL reduces device tensors only
+    all_reduce(flat, ctx.replica_group)  # int64 sum over the replicas
+    flat = flat.cpu().numpy()
     totals = flat[:4]
     confusion_gen = flat[4:4 + k * (k + 1)].reshape(k, k + 1)
     confusion_lik = flat[4 + k * (k + 1):].reshape(k, k)

@@ -354,8 +354,9 @@ def train(config: FinetuneConfig, ctx: ParallelContext | None = None,
             loss_sum = torch.zeros((), dtype=torch.float64, device=device)
             scale = scaler.scale
             for indices in sampler.next_step():
-                batch = to_device(train_data.batch(indices), device)
-                one = bool((batch["segment_ids"] == 1).all())
+                rows = train_data.batch(indices)
+                one = bool((rows["segment_ids"] == 1).all())
+                batch = to_device(rows, device)
                 losses = model.token_losses(batch["input_ids"], batch["labels"],
                                             **_model_kwargs(batch, one))
                 contribution = (losses * batch["loss_mask"]).sum()

@@ -104,3 +104,39 @@ def test_rng_state_round_trip_without_pickle():
     assert torch.equal(expected[0], again[0])
     assert np.array_equal(expected[1], again[1])
     assert expected[2] == again[2]
+
+
+KILLED_WRITER = """
+import os, signal, sys
+sys.path.insert(0, {root!r})
+from execution import checkpoint as ckpt
+from execution.training import train
+from tests.test_training import small_config
+
+real_fsync = ckpt._fsync
+def fsync_then_die(path):
+    real_fsync(path)
+    if "step-00000002.partial" in str(path):  # the second checkpoint's shard is on disk
+        os.kill(os.getpid(), signal.SIGKILL)
+ckpt._fsync = fsync_then_die
+train(small_config({out!r}, **{{"training.steps": 3, "checkpoint.every": 1}}))
+"""
+
+
+def test_kill_9_during_a_write_keeps_the_previous_checkpoint(tmp_path):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root_dir = Path(__file__).resolve().parents[1]
+    script = KILLED_WRITER.format(root=str(root_dir), out=str(tmp_path))
+    proc = subprocess.run([sys.executable, "-c", script], cwd=root_dir, capture_output=True,
+                          timeout=300)
+    assert proc.returncode == -9, proc.stderr.decode()[-2000:]
+    root = ckpt.checkpoint_root(tmp_path)
+    assert (root / "step-00000002.partial").is_dir()
+    latest = ckpt.latest_checkpoint(root)
+    assert ckpt.read_meta(latest)["step"] == 1
+    resumed = train(small_config(tmp_path, **{"training.steps": 3}, resume=True))
+    assert len(resumed.losses) == 2  # steps 2 and 3 again
+    assert not (root / "step-00000002.partial").exists()

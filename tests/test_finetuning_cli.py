@@ -109,3 +109,32 @@ def test_sigterm_saves_a_checkpoint_and_exits_zero(tmp_path):
     latest = ckpt.latest_checkpoint(ckpt.checkpoint_root(out))
     assert latest is not None and ckpt.read_meta(latest)["step"] == done >= 3
     assert not (out / "hf").exists() and not (out / "eval.json").exists()
+
+
+def test_options_and_overrides_reach_the_config():
+    args = run_finetuning.parse_args([
+        "--set", "training.steps=7", "--steps", "9", "--set", "schedule.warmup_steps=3",
+        "--eval-dataset", "dev.jsonl", "--eval-dataset", "bundled:mnli_sample@validation_matched",
+        "--lr", "2e-4", "--precision", "bf16", "--resume", "--model", "some/model"])
+    config = run_finetuning.build_config(args)
+    assert config.training.steps == 9  # an explicit option wins over --set
+    assert config.schedule.warmup_steps == 3
+    assert config.data.eval_datasets == ["dev.jsonl", "bundled:mnli_sample@validation_matched"]
+    assert (config.optimizer.lr, config.training.precision) == (2e-4, "bf16")
+    assert config.resume and config.model.name_or_path == "some/model"
+    assert config.out_path == Path("runs/tiny")
+
+
+@pytest.mark.parametrize("preset, world", [("gptj-6b-mnli", 8), ("gptj-6b-mnli-1gpu-offload", 1),
+                                           ("gptj-6b-mnli-8gpu", 8), ("gptj-6b-mnli-multinode", 32)])
+def test_gptj_presets_are_the_recipe_and_fit_their_layouts(preset, world):
+    from execution.train_config import check_layout, load_config
+    from gptj import ModelConfig
+
+    config = load_config(preset)
+    replicas = check_layout(config, world, ModelConfig.preset("gptj-6b"))
+    assert replicas * config.parallel.tensor_parallel == world
+    assert config.model.name_or_path == "EleutherAI/gpt-j-6b" and config.data.task == "mnli"
+    assert (config.data.sequence_length, config.training.global_batch_size) == (1024, 128)
+    assert (config.optimizer.lr, config.optimizer.weight_decay, config.training.steps) == (5e-6, 0.0, 500)
+    assert config.schedule.warmup_steps > 0
