@@ -93,6 +93,7 @@ class ParallelSection:
 class CheckpointSection:
     every: int = 0  # steps between checkpoints; 0: only at the end
     keep: int = 2  # newest checkpoints kept
+    overwrite: bool = False  # a fresh run may delete the checkpoints of an earlier run in its dir
     at_end: bool = True
     export_hf: bool = True  # write OUTPUT_DIR/hf at the end
     export_dtype: Literal["model", "fp32", "bf16", "fp16"] = "model"

@@ -16,6 +16,7 @@ import contextlib
 import io
 import json
 import math
+import shutil
 import signal
 import threading
 import time
@@ -281,11 +282,21 @@ def train(config: FinetuneConfig, ctx: ParallelContext | None = None,
                                backoff_factor=ls.backoff_factor, growth_interval=ls.growth_interval,
                                min_scale=ls.min_scale, enabled=precision == "fp16")
 
-    # Resume.
+    # Resume, or start over.
     step, bad_in_row, skipped_total = 0, 0, 0
+    existing = ckpt.list_checkpoints(root)
+    if existing and not config.resume and not config.checkpoint.overwrite:
+        raise TrainConfigError(
+            f"{root} already holds checkpoints (newest: step {existing[-1][0]}); pass --resume to "
+            "continue that run, another --output-dir, or --set checkpoint.overwrite=true to start over")
+    barrier()  # every rank has looked before rank 0 removes anything
     if main:
         for path in ckpt.remove_partial(root):
             say(f"removed an incomplete checkpoint write: {path}")
+        if existing and not config.resume:
+            for _, path in existing:
+                shutil.rmtree(path, ignore_errors=True)
+            say(f"starting over: removed {len(existing)} checkpoint(s) of an earlier run in {root}")
     barrier()
     if config.resume:
         latest = ckpt.latest_checkpoint(root)
@@ -296,8 +307,11 @@ def train(config: FinetuneConfig, ctx: ParallelContext | None = None,
             _check_resume(meta, config, mc, ctx, latest)
             meta = ckpt.load_checkpoint(latest, ctx.rank, model, optimizer)
             step = int(meta["step"])
-            sampler.load_state_dict(meta["sampler"])
-            scaler.load_state_dict(meta["loss_scaler"])
+            try:
+                sampler.load_state_dict(meta["sampler"])
+                scaler.load_state_dict(meta["loss_scaler"])
+            except (KeyError, ValueError) as err:
+                raise ckpt.CheckpointLoadError(f"checkpoint {latest} does not fit this run: {err}") from None
             bad_in_row, skipped_total = int(meta["bad_in_row"]), int(meta["skipped_steps"])
             say(f"resumed from {latest} at step {step}")
 

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from execution import checkpoint as ckpt
+from execution.train_config import TrainConfigError
 from execution.training import train
 from tests.test_training import read_metrics, small_config
 
@@ -83,6 +84,8 @@ def test_resume_errors_name_the_problem(tmp_path):
     shard.write_bytes(shard.read_bytes()[:100])
     with pytest.raises(ckpt.CheckpointLoadError, match="cannot read checkpoint shard .*rank-00000"):
         train(small_config(tmp_path, resume=True))
+    with pytest.raises(TrainConfigError, match="already holds checkpoints .*--resume"):
+        train(small_config(tmp_path, **{"checkpoint.overwrite": False}))
     meta = ckpt.latest_checkpoint(ckpt.checkpoint_root(tmp_path)) / ckpt.META_FILE
     meta.write_text("{not json")
     with pytest.raises(ckpt.CheckpointLoadError, match="meta.json"):
@@ -110,6 +113,7 @@ KILLED_WRITER = """
 import os, signal, sys
 sys.path.insert(0, {root!r})
 from execution import checkpoint as ckpt
+from execution.train_config import TrainConfigError
 from execution.training import train
 from tests.test_training import small_config
 
