@@ -124,22 +124,29 @@ def build_model(config: FinetuneConfig, mc: ModelConfig, ctx: ParallelContext,
 
 
 def eval_sources(config: FinetuneConfig, task) -> list[tuple[str, str, str | None]]:
-    """(display name, source, split) of every evaluation split."""
-    dataset = config.data.dataset
-    entries = config.data.eval_datasets or [dataset or ""]
+    """(display name, source, split) of every evaluation split.
+
+    Entries are "SOURCE" (a file: that file; otherwise the task's eval splits of it) or
+    "SOURCE@SPLIT". Without entries: the task's eval splits of the training source. Names are
+    plain split names when there is one entry, "SOURCE@SPLIT" when there are several.
+    """
+    default_source = config.data.dataset or task.sample
+    entries = config.data.eval_datasets or [default_source or ""]
     out = []
     for entry in entries:
-        source, _, split = entry.rpartition("@") if "@" in entry else (entry, "", "")
-        source = source or dataset or task.sample
+        source, at, split = entry.rpartition("@")
+        if not at:
+            source, split = entry, ""
+        source = source or default_source or ""
         if split:
-            out.append((f"{split}" if len(entries) == 1 else f"{source}@{split}", source, split))
-            continue
-        if source and Path(source).expanduser().is_file():
+            splits = [split]
+        elif Path(source).expanduser().is_file():
             out.append((Path(source).stem, source, None))
+            continue
         else:
-            for split_name in task.eval_splits:
-                name = split_name if len(entries) == 1 else f"{source}@{split_name}"
-                out.append((name, source, split_name))
+            splits = list(task.eval_splits)
+        for name in splits:
+            out.append((name if len(entries) == 1 else f"{source}@{name}", source, name))
     return out
 
 

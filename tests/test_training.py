@@ -137,3 +137,23 @@ def test_offload_streaming_and_recompute_change_no_number(tmp_path):
     for (name, a), b in zip(plain.model.named_parameters(), offloaded.model.parameters()):
         torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5, msg=name)
     assert ckpt.read_meta(ckpt.latest_checkpoint(ckpt.checkpoint_root(tmp_path / "offloaded")))["step"] == 3
+
+
+def test_eval_sources_default_to_the_task_validation_splits(tmp_path):
+    import data as datalib
+    from execution.training import eval_sources
+
+    task = datalib.load_task("mnli")
+    default = small_config(tmp_path)
+    assert eval_sources(default, task) == [
+        ("validation_matched", "bundled:mnli_sample", "validation_matched"),
+        ("validation_mismatched", "bundled:mnli_sample", "validation_mismatched")]
+    dev = tmp_path / "dev.jsonl"
+    dev.write_text("")
+    several = small_config(tmp_path, **{"data.eval_datasets": [
+        str(dev), "bundled:mnli_sample@validation_mismatched", "hf:glue/mnli"]})
+    assert eval_sources(several, task) == [
+        ("dev", str(dev), None),
+        ("bundled:mnli_sample@validation_mismatched", "bundled:mnli_sample", "validation_mismatched"),
+        ("hf:glue/mnli@validation_matched", "hf:glue/mnli", "validation_matched"),
+        ("hf:glue/mnli@validation_mismatched", "hf:glue/mnli", "validation_mismatched")]
