@@ -43,18 +43,33 @@ def test_learning_rate_schedule_by_hand():
 
 
 def _train_on_ranks(rank, world_size, output_dir, tensor_parallel):
-    config = small_config(output_dir, **{"parallel.tensor_parallel": tensor_parallel,
-                                         "eval.at_end": True})
-    result = train(config)
+    import shutil
+
+    import torch.distributed as dist
+
     from gptj.hf import gather_hf_tensors
 
+    checkpoints = {"checkpoint.every": 2, "checkpoint.keep": 5, "checkpoint.at_end": True}
+    config = small_config(output_dir, **{"parallel.tensor_parallel": tensor_parallel,
+                                         "eval.at_end": True, **checkpoints})
+    result = train(config)
     weights = gather_hf_tensors(result.model)
-    return {"losses": result.losses, "eval": result.eval,
+    # Interrupted after step 2: resume from the per-rank shards of that checkpoint.
+    dist.barrier()
+    if rank == 0:
+        for step in (4, 5):
+            shutil.rmtree(ckpt.step_dir(ckpt.checkpoint_root(output_dir), step))
+    dist.barrier()
+    resumed = train(small_config(output_dir, resume=True, **{
+        "parallel.tensor_parallel": tensor_parallel, **checkpoints}))
+    resumed_weights = gather_hf_tensors(resumed.model)
+    return {"losses": result.losses, "eval": result.eval, "resumed_losses": resumed.losses,
+            "resume_equal": all(torch.equal(resumed_weights[k], v) for k, v in weights.items()),
             "weights": {k: weights[k] for k in ("transformer.h.0.attn.q_proj.weight", "lm_head.bias",
                                                 "transformer.h.1.mlp.fc_out.bias")}}
 
 
-def test_two_replicas_times_two_tp_equal_one_process(tmp_path):
+def test_two_replicas_times_two_tp_equal_one_process_and_resume(tmp_path):
     reference = train(small_config(tmp_path / "one", **{"eval.at_end": True}))
     results = run_distributed(_train_on_ranks, 4, str(tmp_path / "four"), 2)
     from gptj.hf import gather_hf_tensors
@@ -67,6 +82,7 @@ def test_two_replicas_times_two_tp_equal_one_process(tmp_path):
             torch.testing.assert_close(value, ref_weights[name], atol=2e-5, rtol=1e-4)
         # each replica scored half of the rows; the summed counts equal the single process's
         assert res["eval"] == reference.eval
+        assert res["resumed_losses"] == res["losses"][2:] and res["resume_equal"], rank
     assert reference.losses[-1] < reference.losses[0]
     metrics = read_metrics(tmp_path / "four")
     assert [m["step"] for m in metrics] == [1, 2, 3, 4, 5]
