@@ -1,0 +1,108 @@
+"""The layout planner: hand-computed counts, and predicted memory against a measured training run."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+from execution.planner import (
+    MACHINES,
+    OPTIMIZER_BYTES,
+    Layout,
+    load_model_config,
+    main,
+    parameter_counts,
+    plan,
+    plan_layout,
+)
+from gptj import ConfigError, ModelConfig
+
+GPTJ6B = ModelConfig.preset("gptj-6b")
+
+
+def test_parameter_counts_match_the_model_for_every_tp():
+    for t in (1, 2, 4, 8):
+        counts = parameter_counts(GPTJ6B, t)
+        replicated_per_block = 2 * 4096 + 4096  # ln_1 weight+bias, fc_out bias
+        replicated = GPTJ6B.num_layers * replicated_per_block + 2 * 4096  # + ln_f
+        assert t * (counts["total"] - replicated) + replicated == GPTJ6B.num_parameters()
+    assert parameter_counts(GPTJ6B, 1)["total"] == 6_050_882_784
+
+
+def test_bytes_and_communication_by_hand():
+    machine = MACHINES["h100-80gb-x8"]
+    row = plan_layout(GPTJ6B, Layout(2, 4, False, False, False), machine, seq=1024, micro_batch=1,
+                      global_batch=128, precision="bf16")
+    p_local = parameter_counts(GPTJ6B, 2)["total"]
+    assert row["device_bytes"]["weights"] == 2 * p_local
+    assert row["device_bytes"]["optimizer"] == OPTIMIZER_BYTES * p_local / 4
+    # 128 / (1 x 4 replicas) = 32 micro-batches; 2 all-reduces per block + embedding + head,
+    # each of 1024 tokens x 4096 x 2 bytes, ring factor 2 (t-1)/t = 1.
+    assert row["grad_accumulation"] == 32
+    assert row["comm_bytes_per_step"]["tensor_parallel"] == 32 * (2 * 28 + 2) * 1024 * 4096 * 2
+    assert row["comm_bytes_per_step"]["replicas"] == p_local * 2 * 2 * 3 / 4
+
+
+def test_one_80gb_device_needs_optimizer_offload_for_gptj_6b():
+    result = plan(GPTJ6B, MACHINES["h100-80gb-x1"], seq=1024, micro_batch=1, global_batch=128)
+    fitting = {r["layout"] for r in result["layouts"] if r["fits"]}
+    assert "tp1xr1" not in fitting and "tp1xr1+recompute" not in fitting
+    assert result["recommended"].startswith("tp1xr1+offload")
+
+
+def test_bad_inputs_are_named(tmp_path, capsys):
+    with pytest.raises(ConfigError, match="unknown model preset"):
+        load_model_config("gptj-7b")
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "gpt2"}))
+    with pytest.raises(ConfigError, match="not a GPT-J"):
+        load_model_config(str(tmp_path))
+    hf = ModelConfig.preset("tiny").to_hf_dict()
+    (tmp_path / "config.json").write_text(json.dumps(hf))
+    assert load_model_config(str(tmp_path / "config.json")).hidden_size == 128
+    assert main(["--model", str(tmp_path), "--machine", "cpu-24gb", "--seq", "64", "--global-batch", "4",
+                 "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["recommended"] is not None
+
+
+MEASURE = textwrap.dedent("""
+    import json, os, resource, sys, torch
+    from gptj import GPTJ, ModelConfig
+    from execution.optimizer import ShardedAdamW
+    config = ModelConfig(**json.loads(sys.argv[1]))
+    batch, seq, steps = int(sys.argv[2]), int(sys.argv[3]), 3
+    rows = torch.randint(0, config.vocab_size, (batch, seq + 1), generator=torch.Generator().manual_seed(0))
+    def rss():
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    baseline = rss()
+    model = GPTJ(config).init_weights(seed=0)
+    model.train()
+    opt = ShardedAdamW(model, lr=1e-4, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.0, max_grad_norm=1.0,
+                       offload=False)
+    for _ in range(steps):
+        model.loss(rows[:, :-1], rows[:, 1:]).backward()
+        opt.step(1e-4)
+        opt.zero_grad()
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    print(json.dumps({"peak_delta": peak - baseline}))
+""")
+
+
+@pytest.mark.slow
+def test_predicted_memory_matches_a_measured_cpu_training_run():
+    # 77M parameters in fp32 so the model and optimizer state dominate fixed overheads.
+    config = ModelConfig.preset("bench-small")
+    batch, seq = 2, 128
+    done = subprocess.run([sys.executable, "-c", MEASURE, json.dumps(config.to_dict()), str(batch), str(seq)],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    measured = json.loads(done.stdout.strip().splitlines()[-1])["peak_delta"]
+    row = plan_layout(config, Layout(1, 1, False, False, False), MACHINES["cpu-24gb"], seq=seq,
+                      micro_batch=batch, global_batch=batch, precision="fp32")
+    predicted = row["device_total"] - row["device_bytes"]["reserved"]
+    print(f"predicted {predicted / 2**20:.0f} MiB, measured {measured / 2**20:.0f} MiB")
+    assert abs(measured - predicted) / predicted < 0.15, (predicted, measured)
