@@ -42,22 +42,23 @@ def parse_args(argv=None) -> argparse.Namespace:
                "... (replicas = N / T). Presets: config/finetuning.yml.")
     p.add_argument("--config", default="tiny", metavar="PRESET",
                    help="preset in config/finetuning.yml (default: tiny, the CPU demo)")
-    p.add_argument("--preset-file", default=None, help="another preset YAML file")
+    p.add_argument("--preset-file", default=None, metavar="YAML", help="another preset YAML file")
     p.add_argument("--model", metavar="HF_ID_OR_DIR",
                    help="initial weights (Hugging Face directory or Hub id); default: random init")
-    p.add_argument("--tokenizer", metavar="HF_ID_OR_DIR", help="tokenizer (default: the preset's)")
+    p.add_argument("--tokenizer", metavar="HF_ID_OR_DIR",
+                   help="tokenizer (default: the one of --model when given, else the preset's)")
     p.add_argument("--dataset", metavar="SOURCE",
                    help="training data: bundled:NAME, a directory or file, or hf:NAME/CONFIG")
     p.add_argument("--task", metavar="NAME", help="task name (config/tasks.yml) or task YAML file")
     p.add_argument("--eval-dataset", action="append", metavar="SOURCE[@SPLIT]",
                    help="evaluation data, repeatable (default: the task's validation splits)")
     p.add_argument("--output-dir", metavar="DIR", help="run directory (default: runs/<preset>)")
-    p.add_argument("--steps", type=int, help="optimizer steps")
-    p.add_argument("--global-batch-size", type=int, help="rows per optimizer step, all replicas")
-    p.add_argument("--micro-batch-size", type=int, help="rows per forward/backward per replica")
-    p.add_argument("--sequence-length", type=int, help="tokens per row")
-    p.add_argument("--lr", type=float, help="peak learning rate")
-    p.add_argument("--seed", type=int, help="data order seed")
+    p.add_argument("--steps", type=int, metavar="N", help="optimizer steps")
+    p.add_argument("--global-batch-size", type=int, metavar="N", help="rows per optimizer step, all replicas")
+    p.add_argument("--micro-batch-size", type=int, metavar="N", help="rows per forward/backward per replica")
+    p.add_argument("--sequence-length", type=int, metavar="N", help="tokens per row")
+    p.add_argument("--lr", type=float, metavar="X", help="peak learning rate")
+    p.add_argument("--seed", type=int, metavar="N", help="data order seed")
     p.add_argument("--tensor-parallel", type=int, metavar="T", help="tensor-parallel ranks")
     p.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"],
                    help="compute precision (auto: bf16 on GPU, fp32 on CPU)")
@@ -75,6 +76,8 @@ def build_config(args: argparse.Namespace):
 
     updates = {field: getattr(args, option) for option, field in OPTION_FIELDS.items()
                if getattr(args, option) is not None}
+    if args.model and not args.tokenizer:
+        updates["data.tokenizer"] = None  # the model's own tokenizer, not the preset's
     if args.resume:
         updates["resume"] = True
     return load_config(args.config, args.set, updates, args.preset_file or PRESET_FILE)

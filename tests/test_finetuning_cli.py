@@ -122,6 +122,7 @@ def test_options_and_overrides_reach_the_config():
     assert config.data.eval_datasets == ["dev.jsonl", "bundled:mnli_sample@validation_matched"]
     assert (config.optimizer.lr, config.training.precision) == (2e-4, "bf16")
     assert config.resume and config.model.name_or_path == "some/model"
+    assert config.data.tokenizer is None  # the model's own tokenizer
     assert config.out_path == Path("runs/tiny")
 
 
