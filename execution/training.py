@@ -163,6 +163,25 @@ def _model_kwargs(batch: dict[str, torch.Tensor], segments_all_one: bool) -> dic
     return kwargs
 
 
+def accumulate_gradients(model: GPTJ, train_data, micro_batches: list, weight: float,
+                         device: torch.device) -> torch.Tensor:
+    """Forward + backward of this replica's micro-batches; returns the summed masked loss.
+
+    Each micro-batch's summed token loss is multiplied by `weight` (loss scale / trained tokens
+    of the global batch) before backward, so the gradients add up to the convention above.
+    """
+    loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+    for indices in micro_batches:
+        rows = train_data.batch(indices)
+        one = bool((rows["segment_ids"] == 1).all())
+        batch = to_device(rows, device)
+        losses = model.token_losses(batch["input_ids"], batch["labels"], **_model_kwargs(batch, one))
+        contribution = (losses * batch["loss_mask"]).sum()
+        (contribution * weight).backward()
+        loss_sum += contribution.detach().double()
+    return loss_sum
+
+
 class _StopRequest:
     """Turns SIGTERM into a flag the loop checks between steps (main thread only)."""
 
@@ -372,17 +391,9 @@ def train(config: FinetuneConfig, ctx: ParallelContext | None = None,
             # Trained tokens of the whole global batch (every rank computes the same number).
             global_tokens = float(train_data.batch(sampler.global_batch())["loss_mask"].sum())
             denominator = max(global_tokens, 1.0)
-            loss_sum = torch.zeros((), dtype=torch.float64, device=device)
             scale = scaler.scale
-            for indices in sampler.next_step():
-                rows = train_data.batch(indices)
-                one = bool((rows["segment_ids"] == 1).all())
-                batch = to_device(rows, device)
-                losses = model.token_losses(batch["input_ids"], batch["labels"],
-                                            **_model_kwargs(batch, one))
-                contribution = (losses * batch["loss_mask"]).sum()
-                (contribution * (scale / denominator)).backward()
-                loss_sum += contribution.detach().double()
+            loss_sum = accumulate_gradients(model, train_data, sampler.next_step(),
+                                            scale / denominator, device)
             all_reduce(loss_sum, ctx.replica_group)
             loss = float(loss_sum.item() / denominator)
 
