@@ -204,8 +204,9 @@ def check_layout(config: FinetuneConfig, world_size: int, model_config=None) -> 
     return the number of replicas."""
     tp = config.parallel.tensor_parallel
     if world_size % tp:
+        hint = f" (launch with torchrun --nproc-per-node {tp} or a multiple)" if world_size == 1 else ""
         raise TrainConfigError(
-            f"world size {world_size} is not divisible by parallel.tensor_parallel {tp}")
+            f"world size {world_size} is not divisible by parallel.tensor_parallel {tp}{hint}")
     replicas = world_size // tp
     t = config.training
     per_step = t.micro_batch_size * replicas
