@@ -1,0 +1,59 @@
+"""The benchmark suite and the GPU script run end to end on tiny shapes (no timing assertions)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.slow
+def test_run_all_quick_writes_table_and_json(tmp_path):
+    out = tmp_path / "latest.json"
+    done = subprocess.run(
+        [sys.executable, "-m", "benchmarks.run_all", "--quick", "--skip", "generation", "data", "--out", str(out)],
+        cwd=ROOT, capture_output=True, text=True, timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = json.loads(out.read_text())
+    limits = report["machine"]
+    assert set(limits["matmul_flops"]) == {"fp32", "bf16"} and limits["memory_bandwidth"] > 0
+    results = report["training"]["results"]
+    assert {(r["impl"], r["precision"]) for r in results} == {
+        ("ours", "fp32"), ("ours", "bf16"), ("hf", "fp32"), ("hf", "bf16-autocast"), ("hf", "bf16-pure")}
+    for r in results:
+        assert "error" not in r, r
+        assert r["tokens_per_s"] > 0 and r["peak_memory_bytes"] > 0 and r["mfu"] > 0
+    # Both sides trained the same random batch from a similar init: losses near log(vocab).
+    assert all(abs(r["last_loss"] - 7.62) < 1.0 for r in results)
+    metrics = {row["metric"] for row in report["table"]}
+    assert {"train tok/s fp32", "train tok/s best", "train peak MiB fp32", "train peak MiB best"} <= metrics
+    assert set(report["targets"]) >= {"train_best_ratio", "train_fp32_ratio", "decode_b1_ratio"}
+    for line in ("train tok/s fp32", "train tok/s best", "targets:", "limits: matmul fp32"):
+        assert line in done.stdout
+
+
+@pytest.mark.slow
+def test_gpu_bench_smoke_runs_on_cpu(tmp_path):
+    done = subprocess.run(
+        [sys.executable, "-m", "benchmarks.gpu_bench", "--smoke", "--out", str(tmp_path)],
+        cwd=ROOT, capture_output=True, text=True, timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = json.loads((tmp_path / "gpu_bench.json").read_text())
+    assert (tmp_path / "gpu_bench.md").read_text().startswith("#")
+    for section in ("machine", "training", "decode"):
+        assert section in report and "error" not in report[section], report.get(section)
+    train = report["training"]["runs"]
+    assert {r["offload"] for r in train} == {False, True}
+    for r in train:
+        assert "error" not in r, r
+        assert r["tokens_per_s"] > 0 and r["mfu"] > 0
+    batches = {r["batch"] for r in report["decode"]["runs"] if r["impl"] == "ours" and "error" not in r}
+    assert batches == {1, 16, 64}
+    assert "decode" in done.stdout and "MFU" in done.stdout
