@@ -91,8 +91,10 @@ def test_single_process_matches_hf(shape):
 
 @pytest.mark.parametrize("tensor_parallel", [2, 4])
 def test_tensor_parallel_matches_hf(tensor_parallel):
-    # vocab 101 is not divisible by 2 or 4: the last shard carries padded rows
-    for shape in ("tiny", "partial-rotary-n-inner"):
+    # vocab 101 is not divisible by 2 or 4: the last shard carries padded rows. The partial
+    # rotary shape runs at TP=2 only, to keep the 4-process case short.
+    shapes = ("tiny", "partial-rotary-n-inner") if tensor_parallel == 2 else ("tiny",)
+    for shape in shapes:
         results = run_distributed(compare_with_hf, tensor_parallel, shape, tensor_parallel)
         for result in results:
             _check(result, SHAPES[shape])
