@@ -93,10 +93,15 @@ class _HeadCrossEntropy(torch.autograd.Function):
         if ctx.needs_input_grad[0]:
             grad_hidden = (grad_logits @ weight).float().mul_(scale).to(flat.dtype)
             grad_hidden = grad_hidden.view(ctx.hidden_shape)
-        if ctx.needs_input_grad[1]:
-            grad_weight = grad_logits.t() @ (flat.float() * scale).to(flat.dtype)
-        if ctx.needs_input_grad[2]:
-            grad_bias = grad_logits.t() @ scale.squeeze(-1).to(grad_logits.dtype)
+        if ctx.needs_input_grad[1] or ctx.needs_input_grad[2]:
+            # One pass over grad_logits for both: the bias gradient is the weight gradient of an
+            # extra input column holding the scale (padded to 16 columns for the matmul kernel).
+            width = flat.shape[-1]
+            columns = torch.zeros(flat.shape[0], width + 16, dtype=flat.dtype, device=flat.device)
+            columns[:, :width] = flat.float() * scale
+            columns[:, width] = scale.squeeze(-1)
+            both = grad_logits.t() @ columns
+            grad_weight, grad_bias = both[:, :width], both[:, width]
         return grad_hidden, grad_weight, grad_bias, None
 
 
