@@ -91,8 +91,12 @@ def decode_bytes_per_step(model: GPTJ, batch: int, context: int) -> int:
     return weights + kv
 
 
-def run(quick: bool = False) -> dict:
+def run(quick: bool = False, threads: int | None = None) -> dict:
+    """The report as a dict; `threads` sets torch's CPU threads for both sides (None: default)."""
     from benchmarks.machine import describe, measure_memory_bandwidth
+
+    if threads:
+        torch.set_num_threads(threads)
 
     config = ModelConfig.preset("bench-small")
     prompt_len = 64
@@ -146,8 +150,10 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="short runs (< 20 s)")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
+    p.add_argument("--threads", type=int, help="CPU threads for both sides (default: torch's choice); "
+                   "1 gives steadier numbers on a busy machine")
     args = p.parse_args(argv)
-    report = run(quick=args.quick)
+    report = run(quick=args.quick, threads=args.threads)
     print(json.dumps(report, indent=2) if args.json else "", end="")
     if not args.json:
         print_report(report)
