@@ -43,6 +43,7 @@ class DataSection:
     layout: Literal["packed", "padded"] = "padded"
     loss_mask: Literal["all", "target"] = "target"
     keep_boundaries: bool = False
+    strict: bool = False  # the first bad row is an error naming file, line and reason
     cache_dir: str | None = None
 
 

@@ -269,11 +269,12 @@ def train(config: FinetuneConfig, ctx: ParallelContext | None = None,
             task, config.data.dataset, tokenizer, config.data.sequence_length,
             layout=config.data.layout, loss_mask=config.data.loss_mask,
             keep_boundaries=config.data.keep_boundaries, split=task.train_split,
-            cache_dir=config.data.cache_dir, progress=progress)
+            strict=config.data.strict, cache_dir=config.data.cache_dir, progress=progress)
 
     def load_evals(progress: bool):
         return {name: datalib.build_eval_data(task, source, tokenizer, split,
                                               max_prompt_length=mc.max_positions - 8,
+                                              strict=config.data.strict,
                                               cache_dir=config.data.cache_dir, progress=progress)
                 for name, source, split in eval_sources(config, task)} if _wants_eval(config) else {}
 

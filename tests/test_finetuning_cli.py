@@ -139,3 +139,17 @@ def test_gptj_presets_are_the_recipe_and_fit_their_layouts(preset, world):
     assert (config.data.sequence_length, config.training.global_batch_size) == (1024, 128)
     assert (config.optimizer.lr, config.optimizer.weight_decay, config.training.steps) == (5e-6, 0.0, 500)
     assert config.schedule.warmup_steps > 0
+
+
+def test_strict_data_stops_at_the_first_bad_row_naming_file_and_line(tmp_path, capsys):
+    rows = [{"premise": "A cat sleeps.", "hypothesis": "A cat rests.", "label": 0}] * 40
+    rows[2] = {"premise": "A dog runs.", "hypothesis": "", "label": 1}  # empty field, line 3
+    data = tmp_path / "train.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    args = ["--dataset", str(data), "--eval-dataset", str(data), "--steps", "1",
+            "--output-dir", str(tmp_path / "run"), *SMALL]
+    assert run_finetuning.main([*args, "--set", "data.strict=true"]) == 1
+    err = capsys.readouterr().err
+    assert "train.jsonl:3: empty_field" in err and "Traceback" not in err
+    # without strict the bad row is skipped and counted, and the run goes on
+    assert run_finetuning.main(args) == 0
