@@ -33,9 +33,11 @@ class _LayerCache:
     def update(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         owner = self.owner
         if owner.phase == "decode":
-            index = owner.write_index  # [B, H, 1, D], shared by every layer of the step
-            self.keys.scatter_(2, index, k)
-            self.values.scatter_(2, index, v)
+            # index_put_ rather than scatter_: the same write, but bf16 scatter_ is ~100x slower
+            # on CPU (measured 1 ms vs 0.01 ms for one [16, 8, 1, 64] write).
+            index = owner.write_index  # (row, head, slot), each [B, H], shared by every layer
+            self.keys.index_put_(index, k[:, :, 0])
+            self.values.index_put_(index, v[:, :, 0])
             window = owner.window
             if window == self.keys.shape[2]:
                 return self.keys, self.values
@@ -71,7 +73,10 @@ class StaticKVCache:
             for _ in range(num_layers)
         ]
         self.decode_mask = torch.zeros(batch_size, 1, 1, max_length, dtype=torch.bool, device=device)
-        self.write_index = torch.zeros(batch_size, num_heads, 1, head_dim, dtype=torch.long, device=device)
+        rows = torch.arange(batch_size, device=device)[:, None].expand(batch_size, num_heads)
+        heads = torch.arange(num_heads, device=device)[None, :].expand(batch_size, num_heads)
+        self._slots = torch.zeros(batch_size, num_heads, dtype=torch.long, device=device)
+        self.write_index = (rows, heads, self._slots)
         self.phase: str | None = None
         self.rows: torch.Tensor | None = None
         self.window = max_length
@@ -111,7 +116,7 @@ class StaticKVCache:
         """Next forward writes one token per row at slot positions[b] and attends slots < window."""
         self.phase, self.rows = "decode", None
         self.window = self.max_length if window is None else window
-        self.write_index.copy_(positions.view(-1, 1, 1, 1).expand_as(self.write_index))
+        self._slots.copy_(positions.view(-1, 1).expand_as(self._slots))
         self.decode_mask.scatter_(3, positions.view(-1, 1, 1, 1), True)
 
     def decode_mask_window(self) -> torch.Tensor:
