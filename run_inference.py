@@ -26,6 +26,7 @@ OPTION_FIELDS = {
     "precision": "model.precision",
     "device": "model.device",
     "tensor_parallel": "model.tensor_parallel",
+    "threads": "model.threads",
     "max_new_tokens": "generation.max_new_tokens",
     "temperature": "generation.temperature",
     "top_k": "generation.top_k",
@@ -60,6 +61,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--tensor-parallel", type=int, metavar="T", help="tensor-parallel ranks (launch with torchrun)")
     p.add_argument("--precision", choices=["fp32", "bf16", "fp16"])
     p.add_argument("--device", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--threads", type=int, metavar="N", help="CPU threads for torch (0: torch's default)")
     p.add_argument("--offload-weights", action="store_true", help="stream block weights from host memory")
     p.add_argument("--compile", action="store_true", help="compile the decode step")
     p.add_argument("--truncate-prompts", action="store_true", help="keep the last tokens of too-long prompts")
@@ -130,6 +132,8 @@ def run(config) -> int:
     if world_size() % tp:
         raise UsageError(f"--tensor-parallel {tp} needs a multiple of {tp} processes: "
                          f"torchrun --nproc-per-node {tp} run_inference.py ... (found {world_size()})")
+    if config.model.threads:
+        torch.set_num_threads(config.model.threads)
     ctx, device = init_distributed(tp)
     main = ctx.is_main
     if config.model.device != "auto":
@@ -211,12 +215,16 @@ def main(argv=None) -> int:
     from gptj import ConfigError
 
     known = (UsageError, PresetError, ConfigError, DataError, ValueError, FileNotFoundError)
+    import torch
+
+    threads = torch.get_num_threads()
     try:
         return run(build_config(args))
     except known as err:  # bad input: one clear line, no stack trace
         print(f"error: {err}", file=sys.stderr)
         return 2
     finally:
+        torch.set_num_threads(threads)  # main() may run inside a larger program (tests)
         from execution.distributed import shutdown
 
         shutdown()

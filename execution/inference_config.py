@@ -20,10 +20,15 @@ class ModelSection:
     tensor_parallel: int = 1
     offload_weights: bool = False  # keep block weights in host memory, stream them per block
     compile: bool = False  # torch.compile the decode step (CUDA graphs on GPU)
+    # CPU threads for torch (0 = torch's default). Tiny models run fastest on one thread: every
+    # op is too small to split, and a second thread only adds a barrier per op.
+    threads: int = 0
 
     def __post_init__(self):
         if self.tensor_parallel < 1:
             raise ValueError(f"model.tensor_parallel must be >= 1, got {self.tensor_parallel}")
+        if self.threads < 0:
+            raise ValueError(f"model.threads must be >= 0, got {self.threads}")
 
 
 @dataclass
