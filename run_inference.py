@@ -82,6 +82,8 @@ def build_config(args: argparse.Namespace):
         if value is not None:
             section, _, name = field.rpartition(".")
             (settings.setdefault(section, {}) if section else settings)[name] = value
+    if args.model is not None and args.tokenizer is None:
+        settings.setdefault("model", {})["tokenizer"] = None  # a model brings its own tokenizer
     for flag, field in (("offload_weights", "model"), ("compile", "model"),
                         ("truncate_prompts", "generation"), ("stream", "generation")):
         if getattr(args, flag):

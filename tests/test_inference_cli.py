@@ -71,3 +71,15 @@ def test_too_long_requests_are_truncated_and_clamped(capsys, tmp_path):
     code, _, _ = run_main(["--prompts-file", str(prompts), "--max-new-tokens", "2", "--output", str(out)], capsys)
     assert code == 0
     assert [json.loads(line)["prompt"] for line in out.read_text().splitlines()] == ["first prompt", "second prompt"]
+
+
+def test_a_model_brings_its_own_tokenizer_unless_one_is_named():
+    import run_inference
+
+    preset_tokenizer = run_inference.build_config(run_inference.parse_args([])).model.tokenizer
+    assert preset_tokenizer == "bundled:tiny"
+    own = run_inference.build_config(run_inference.parse_args(["--model", "some/dir", "--prompt", "x"]))
+    assert own.model.tokenizer is None
+    named = run_inference.build_config(
+        run_inference.parse_args(["--model", "some/dir", "--tokenizer", "tok/dir", "--prompt", "x"]))
+    assert named.model.tokenizer == "tok/dir"
