@@ -112,6 +112,7 @@ def section_machine(device: torch.device, smoke: bool) -> dict:
         "datasheet_bf16_flops": datasheet_peak(name),
     }
     if device.type == "cuda":
+        free_memory(device)  # the measurement buffers above go back before counting free memory
         free, total = torch.cuda.mem_get_info(device)
         out.update(device_free=free, device_total=total)
     return out

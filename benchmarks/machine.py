@@ -48,7 +48,7 @@ def measure_matmul_flops(dtype: torch.dtype = torch.float32, size: int | None = 
     a = torch.randn(size, size, device=dev).to(dtype)
     b = torch.randn(size, size, device=dev).to(dtype)
     out = torch.empty(size, size, device=dev, dtype=dtype)
-    seconds = _best_time(lambda: torch.matmul(a, b, out=out), dev, repeats=10, min_seconds=2.0)
+    seconds = _best_time(lambda: torch.matmul(a, b, out=out), dev, repeats=30, min_seconds=3.0)
     return 2.0 * size**3 / seconds
 
 
@@ -60,7 +60,7 @@ def measure_memory_bandwidth(megabytes: int | None = None, device=None) -> float
     numel = megabytes * 2**20 // 4
     src = torch.ones(numel, device=dev, dtype=torch.float32)
     dst = torch.empty_like(src)
-    seconds = _best_time(lambda: dst.copy_(src), dev, repeats=10, min_seconds=2.0)
+    seconds = _best_time(lambda: dst.copy_(src), dev, repeats=20, min_seconds=3.0)
     return 2.0 * src.numel() * src.element_size() / seconds
 
 
