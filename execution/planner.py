@@ -48,7 +48,7 @@ class Machine:
 def _h100(nodes: int, per_node: int) -> Machine:
     return Machine(
         name=f"h100-80gb-{'x' + str(per_node) if nodes == 1 else f'{nodes}x{per_node}'}",
-        devices_per_node=per_node, nodes=nodes, device_memory=80 * GB,
+        devices_per_node=per_node, nodes=nodes, device_memory=80 * GiB,  # 81,559 MiB usable on an H100 80GB
         host_memory=(2000 if per_node == 8 else 240) * GB,
         intra_bandwidth=(450 if per_node > 1 else 0) * GB, inter_bandwidth=50 * GB,
         host_link_bandwidth=25 * GB, matmul_flops=989e12, reserved=3 * GiB,
@@ -68,7 +68,7 @@ MACHINES = {
 
 PRECISION_BYTES = {"bf16": 2, "fp16": 2, "fp32": 4}
 OPTIMIZER_BYTES = 16  # fp32 master + fp32 gradient slice + Adam m + Adam v, per parameter
-STEP_TRANSIENT_BYTES = 8  # AdamW's sqrt(v) and sqrt(v)/bias_correction temporaries, fp32
+STEP_TRANSIENT_BYTES = 8  # unfused AdamW's sqrt(v) and sqrt(v)/bias_correction temporaries, fp32
 ASSUMED_MFU = 0.5  # for the rough step-time estimate used to rank layouts
 
 
@@ -129,7 +129,7 @@ def activation_bytes(config: ModelConfig, tp: int, tokens: int, seq: int, pb: in
 
 
 def plan_layout(config, layout: Layout, machine: Machine, seq: int, micro_batch: int,
-                global_batch: int, precision: str) -> dict:
+                global_batch: int, precision: str, fused_adamw: bool = True) -> dict:
     t, r = layout.tensor_parallel, layout.replicas
     pb = PRECISION_BYTES[precision]
     counts = parameter_counts(config, t)
@@ -145,19 +145,22 @@ def plan_layout(config, layout: Layout, machine: Machine, seq: int, micro_batch:
     act = activation_bytes(config, t, tokens, seq, pb, layout.recompute)
     device["activations"] = act["blocks"] + act["mask"]
     device["logits"] = act["logits"]
-    # torch.optim.AdamW (for-loop form) makes two fp32 temporaries the size of the flat master
-    # slice while computing the update denominator. It runs after backward has freed the
-    # activations, so the step's peak is the larger of the two.
-    step_transient = STEP_TRANSIENT_BYTES * p_local / r
+    # Backward also holds the dense [V/t, d] gradients of the embedding and of lm_head before
+    # they are added into the flat gradient buffer.
+    device["backward_transient"] = 2 * (config.padded_vocab_size(t) // t) * config.hidden_size * pb
+    # The unfused torch.optim.AdamW makes two fp32 temporaries the size of the flat master slice
+    # (the fused kernel none). The step runs after backward has freed the activations, so the
+    # peak is the larger of the two phases.
+    step_transient = 0 if fused_adamw else STEP_TRANSIENT_BYTES * p_local / r
     device["step_transient"] = 0 if layout.offload else step_transient
     device["reserved"] = machine.reserved
-    peak_extra = max(device["activations"] + device["logits"], device["step_transient"])
-    device_total = (sum(device.values()) - device["activations"] - device["logits"]
-                    - device["step_transient"] + peak_extra)
+    backward_peak = device["activations"] + device["logits"] + device["backward_transient"]
+    device_total = (sum(device.values()) - backward_peak - device["step_transient"]
+                    + max(backward_peak, device["step_transient"]))
 
     host = 0.0
     if layout.offload:  # fp32 state + staging buffers for the slice crossing the bus
-        host += (OPTIMIZER_BYTES + STEP_TRANSIENT_BYTES) * p_local / r + 2 * pb * p_local / r
+        host += (OPTIMIZER_BYTES * p_local + step_transient * r) / r + 2 * pb * p_local / r
         if r == 1:  # without replicas the optimizer keeps the flat gradient buffer on the host
             host += pb * p_local
     if layout.streaming:  # the block weights and their gradients live on the host
@@ -235,11 +238,11 @@ def layouts(config: ModelConfig, machine: Machine):
 
 
 def plan(config: ModelConfig, machine: Machine, seq: int, micro_batch: int, global_batch: int,
-         precision: str = "bf16") -> dict:
+         precision: str = "bf16", fused_adamw: bool = True) -> dict:
     """Every layout, and the recommended one: the fitting layout with the lowest estimated step time."""
     if precision not in PRECISION_BYTES:
         raise ConfigError(f"precision {precision!r}; expected one of {sorted(PRECISION_BYTES)}")
-    rows = [plan_layout(config, lay, machine, seq, micro_batch, global_batch, precision)
+    rows = [plan_layout(config, lay, machine, seq, micro_batch, global_batch, precision, fused_adamw)
             for lay in layouts(config, machine)]
     fitting = [r for r in rows if r["fits"]]
     best = min(fitting, key=lambda r: (r["estimated_seconds"]["step"], r["device_total"]), default=None)
@@ -286,6 +289,8 @@ def main(argv=None) -> int:
     parser.add_argument("--machine", default="h100-80gb-x8", help=f"one of {', '.join(MACHINES)}")
     parser.add_argument("--device-memory-gib", type=float, help="override the machine's device memory")
     parser.add_argument("--host-memory-gib", type=float, help="override the machine's host memory per node")
+    parser.add_argument("--unfused-adamw", action="store_true",
+                        help="count the fp32 temporaries of the for-loop torch AdamW (8 B/param)")
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
     args = parser.parse_args(argv)
     if args.machine not in MACHINES:
@@ -300,7 +305,8 @@ def main(argv=None) -> int:
     except ConfigError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    result = plan(config, machine, args.seq, args.micro_batch, args.global_batch, args.precision)
+    result = plan(config, machine, args.seq, args.micro_batch, args.global_batch, args.precision,
+                  fused_adamw=not args.unfused_adamw)
     print(json.dumps(result, indent=1) if args.json else format_table(result))
     return 0
 

@@ -88,7 +88,7 @@ MEASURE = textwrap.dedent("""
         opt.step(1e-4)
         opt.zero_grad()
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    print(json.dumps({"peak_delta": peak - baseline}))
+    print(json.dumps({"peak_delta": peak - baseline, "fused": bool(opt.adam.defaults.get("fused"))}))
 """)
 
 
@@ -100,9 +100,10 @@ def test_predicted_memory_matches_a_measured_cpu_training_run():
     done = subprocess.run([sys.executable, "-c", MEASURE, json.dumps(config.to_dict()), str(batch), str(seq)],
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
-    measured = json.loads(done.stdout.strip().splitlines()[-1])["peak_delta"]
+    run = json.loads(done.stdout.strip().splitlines()[-1])
+    measured = run["peak_delta"]
     row = plan_layout(config, Layout(1, 1, False, False, False), MACHINES["cpu-24gb"], seq=seq,
-                      micro_batch=batch, global_batch=batch, precision="fp32")
+                      micro_batch=batch, global_batch=batch, precision="fp32", fused_adamw=run["fused"])
     predicted = row["device_total"] - row["device_bytes"]["reserved"]
-    print(f"predicted {predicted / 2**20:.0f} MiB, measured {measured / 2**20:.0f} MiB")
+    print(f"predicted {predicted / 2**20:.0f} MiB, measured {measured / 2**20:.0f} MiB, fused {run['fused']}")
     assert abs(measured - predicted) / predicted < 0.15, (predicted, measured)
