@@ -45,7 +45,7 @@ class Machine:
         return self.devices_per_node * self.nodes
 
 
-def _h100(nodes: int, per_node: int) -> Machine:
+def h100_machine(nodes: int, per_node: int) -> Machine:
     return Machine(
         name=f"h100-80gb-{'x' + str(per_node) if nodes == 1 else f'{nodes}x{per_node}'}",
         devices_per_node=per_node, nodes=nodes, device_memory=80 * GiB,  # 81,559 MiB usable on an H100 80GB
@@ -56,9 +56,9 @@ def _h100(nodes: int, per_node: int) -> Machine:
 
 
 MACHINES = {
-    "h100-80gb-x1": _h100(1, 1),
-    "h100-80gb-x8": _h100(1, 8),
-    "h100-80gb-8x8": _h100(8, 8),
+    "h100-80gb-x1": h100_machine(1, 1),
+    "h100-80gb-x8": h100_machine(1, 8),
+    "h100-80gb-8x8": h100_machine(8, 8),
     "cpu-24gb": Machine(
         name="cpu-24gb", devices_per_node=1, nodes=1, device_memory=24 * GiB, host_memory=24 * GiB,
         intra_bandwidth=0.0, inter_bandwidth=0.0, host_link_bandwidth=20 * GB, matmul_flops=2e12,

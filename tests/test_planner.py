@@ -13,6 +13,7 @@ from execution.planner import (
     MACHINES,
     OPTIMIZER_BYTES,
     Layout,
+    h100_machine,
     load_model_config,
     main,
     parameter_counts,
@@ -107,3 +108,22 @@ def test_predicted_memory_matches_a_measured_cpu_training_run():
     predicted = row["device_total"] - row["device_bytes"]["reserved"]
     print(f"predicted {predicted / 2**20:.0f} MiB, measured {measured / 2**20:.0f} MiB, fused {run['fused']}")
     assert abs(measured - predicted) / predicted < 0.15, (predicted, measured)
+
+
+@pytest.mark.parametrize("preset, machine", [
+    ("gptj-6b-mnli-1gpu-offload", h100_machine(1, 1)),
+    ("gptj-6b-mnli-8gpu", h100_machine(1, 8)),
+    ("gptj-6b-mnli-multinode", h100_machine(4, 8)),
+])
+def test_gpu_fine_tuning_presets_are_the_planners_choice(preset, machine):
+    """config/finetuning.yml's GPU layouts are what the planner recommends for their machine."""
+    from execution.train_config import load_config
+
+    config = load_config(preset)
+    result = plan(ModelConfig.preset("gptj-6b"), machine, seq=config.data.sequence_length,
+                  micro_batch=config.training.micro_batch_size,
+                  global_batch=config.training.global_batch_size, precision=config.training.precision)
+    t = config.parallel.tensor_parallel
+    chosen = Layout(t, machine.devices // t, config.optimizer.offload,
+                    config.model.stream_block_weights, config.model.recompute_blocks)
+    assert result["recommended"] == chosen.name
