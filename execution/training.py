@@ -227,15 +227,28 @@ def _check_resume(meta: dict, config: FinetuneConfig, mc: ModelConfig, ctx: Para
 
 def train(config: FinetuneConfig, ctx: ParallelContext | None = None,
           device: torch.device | None = None) -> TrainResult:
-    """Run (or resume) a fine-tuning run; collective over all ranks."""
+    """Run (or resume) a fine-tuning run; collective over all ranks.
+
+    `training.threads` applies for the run only: train() may be called inside a larger
+    program (tests, notebooks) whose own thread setting must survive it.
+    """
+    threads = torch.get_num_threads()
+    try:
+        if config.training.threads:
+            torch.set_num_threads(config.training.threads)
+        return _train(config, ctx, device)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _train(config: FinetuneConfig, ctx: ParallelContext | None,
+           device: torch.device | None) -> TrainResult:
     started = time.perf_counter()
     check_layout(config, ctx.world_size if ctx is not None else world_size())
     if ctx is None:
         ctx, default_device = init_distributed(config.parallel.tensor_parallel)
         device = device or default_device
     device = device or torch.device("cpu")
-    if config.training.threads:
-        torch.set_num_threads(config.training.threads)
     main = ctx.is_main
     say = print if main else (lambda *a, **k: None)
 

@@ -151,5 +151,10 @@ def test_strict_data_stops_at_the_first_bad_row_naming_file_and_line(tmp_path, c
     assert run_finetuning.main([*args, "--set", "data.strict=true"]) == 1
     err = capsys.readouterr().err
     assert "train.jsonl:3: empty_field" in err and "Traceback" not in err
-    # without strict the bad row is skipped and counted, and the run goes on
+    # without strict the bad row is skipped and counted, and the run goes on; its one-thread
+    # setting (training.threads in SMALL) does not outlive it
+    import torch
+
+    threads = torch.get_num_threads()
     assert run_finetuning.main(args) == 0
+    assert torch.get_num_threads() == threads

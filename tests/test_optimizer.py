@@ -59,10 +59,11 @@ def test_equals_torch_adamw_without_replicas(weight_decay):
         assert not result.skipped and result.reason is None
         assert all(p.grad is None or not p.grad.any() for p in model.parameters()), f"step {step}"
     # The fused kernel runs one flat buffer here and one tensor per parameter in the
-    # reference: an element that falls in a vector tail on one side may round its last bit
-    # differently, so allow one fp32 ulp and nothing more.
+    # reference, split over threads: an element in a vector tail on one side may round its
+    # last bit differently, and three steps compound it to a few fp32 ulps. A real error (e.g.
+    # decay applied to a bias: lr * wd = 1e-4 relative) is hundreds of times larger.
     for (name, a), b in zip(model.named_parameters(), ref.parameters()):
-        torch.testing.assert_close(a, b, rtol=1.2e-7, atol=1e-12, msg=name)
+        torch.testing.assert_close(a, b, rtol=5e-7, atol=1e-12, msg=name)
 
 
 def test_clipping_equals_clip_grad_norm():
