@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
+from execution.sampling import SamplingParams
+
 
 @dataclass
 class ModelSection:
@@ -45,15 +47,10 @@ class GenerationSection:
 
     def __post_init__(self):
         if self.max_new_tokens < 1:
-            raise ValueError(f"generation.max_new_tokens must be >= 1, got {self.max_new_tokens}")
+            raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
         if self.batch_size < 1:
-            raise ValueError(f"generation.batch_size must be >= 1, got {self.batch_size}")
-        if self.temperature < 0:
-            raise ValueError(f"generation.temperature must be >= 0, got {self.temperature}")
-        if self.top_k < 0:
-            raise ValueError(f"generation.top_k must be >= 0, got {self.top_k}")
-        if not 0.0 < self.top_p <= 1.0:
-            raise ValueError(f"generation.top_p must be in (0, 1], got {self.top_p}")
+            raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
+        SamplingParams(self.temperature, self.top_k, self.top_p)  # checked where they are used
 
 
 @dataclass
