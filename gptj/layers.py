@@ -105,17 +105,6 @@ def split_qkv_rotary(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
     return _RotaryQKV.apply(qkv, cos, sin)
 
 
-def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate the first 2*cos.shape[-1] dims of x [B, S, H, D] pairwise; math in fp32."""
-    rot_dim = 2 * cos.shape[-1]
-    if rot_dim == 0:
-        return x
-    rotated = _rotate_pairs(x[..., :rot_dim], torch.complex(cos, sin)).to(x.dtype)
-    if rot_dim == x.shape[-1]:
-        return rotated
-    return torch.cat((rotated, x[..., rot_dim:]), dim=-1)
-
-
 class VocabParallelEmbedding(nn.Module):
     """Token embedding split by vocab rows; ids outside this shard contribute zeros."""
 
