@@ -20,10 +20,6 @@ def env_world_size() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
 
 
-def env_rank() -> int:
-    return int(os.environ.get("RANK", "0"))
-
-
 def world_size() -> int:
     if dist.is_available() and dist.is_initialized():
         return dist.get_world_size()

@@ -21,9 +21,8 @@ import torch
 from gptj import GPTJ, ModelConfig, ParallelContext
 
 from .generation import GenerationEngine, GenerationStats
+from .precision import parse_dtype
 from .sampling import SamplingParams
-
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def resolve_model_dir(name_or_path: str) -> str:
@@ -55,9 +54,7 @@ def load_model_and_tokenizer(
     """(GPTJ in eval mode, data.Tokenizer). Raises ValueError subclasses with a clear message."""
     import data
 
-    if precision not in DTYPES:
-        raise ValueError(f"unknown precision {precision!r}; expected one of {', '.join(DTYPES)}")
-    dtype, device = DTYPES[precision], pick_device(device)
+    dtype, device = parse_dtype(precision), pick_device(device)
     load_to = torch.device("cpu") if offload_weights else device
     if name_or_path.startswith("random:"):
         config = ModelConfig.preset(name_or_path.removeprefix("random:"))

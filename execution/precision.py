@@ -16,7 +16,7 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 def parse_dtype(name: str) -> torch.dtype:
     """The torch dtype for a config name ("fp32" | "bf16" | "fp16")."""
     if name not in DTYPES:
-        raise ValueError(f"unknown dtype {name!r}; expected one of {sorted(DTYPES)}")
+        raise ValueError(f"unknown precision {name!r}; expected one of {', '.join(DTYPES)}")
     return DTYPES[name]
 
 

@@ -105,15 +105,6 @@ def all_gather(tensor: torch.Tensor, group: Any, dim: int) -> torch.Tensor:
     return torch.cat(parts, dim=dim)
 
 
-def broadcast_object(value: Any, src: int = 0) -> Any:
-    """Send a small Python value from rank `src` of the world to every rank."""
-    if not (dist.is_available() and dist.is_initialized()):
-        return value
-    box = [value]
-    dist.broadcast_object_list(box, src=src)
-    return box[0]
-
-
 def average_gradients_across_replicas(params: list[torch.Tensor], ctx: ParallelContext) -> None:
     """Mean of each gradient over the replicas (plain data parallel, no sharding)."""
     if ctx.replica_group is None:
