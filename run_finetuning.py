@@ -30,12 +30,15 @@ OPTION_FIELDS = {
     "seed": "training.seed",
     "tensor_parallel": "parallel.tensor_parallel",
     "precision": "training.precision",
+    "threads": "training.threads",
     "eval_every": "eval.every",
     "checkpoint_every": "checkpoint.every",
 }
 
 
 def parse_args(argv=None) -> argparse.Namespace:
+    from config import threads_value
+
     p = argparse.ArgumentParser(
         description="Fine-tune GPT-J (tensor parallel x replicas, sharded AdamW, host offload).",
         epilog="Multi-process: torchrun --nproc-per-node N run_finetuning.py --tensor-parallel T "
@@ -61,7 +64,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, metavar="N", help="data order seed")
     p.add_argument("--tensor-parallel", type=int, metavar="T", help="tensor-parallel ranks")
     p.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"],
-                   help="compute precision (auto: bf16 on GPU, fp32 on CPU)")
+                   help="compute precision (auto: bf16 where the GPU or CPU runs it natively and "
+                        "the model is not tiny, else fp32)")
+    p.add_argument("--threads", type=threads_value, metavar="N|auto",
+                   help="CPU threads per process (auto: 1 for tiny models, else the physical cores)")
     p.add_argument("--eval-every", type=int, metavar="N", help="evaluate every N steps (0: at the end)")
     p.add_argument("--checkpoint-every", type=int, metavar="N", help="checkpoint every N steps")
     p.add_argument("--resume", action="store_true",

@@ -43,6 +43,8 @@ class UsageError(Exception):
 
 
 def parse_args(argv=None) -> argparse.Namespace:
+    from config import threads_value
+
     p = argparse.ArgumentParser(description="Generate text with GPT-J (static KV cache, continuous batching).")
     p.add_argument("--config", default="tiny", metavar="PRESET", help="preset in config/inference.yml (default: tiny)")
     p.add_argument("--preset-file", default=str(PRESET_FILE), help="another preset YAML file")
@@ -59,9 +61,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--stop", action="append", metavar="TEXT", help="stop string (repeatable)")
     p.add_argument("--batch-size", type=int, metavar="N")
     p.add_argument("--tensor-parallel", type=int, metavar="T", help="tensor-parallel ranks (launch with torchrun)")
-    p.add_argument("--precision", choices=["fp32", "bf16", "fp16"])
+    p.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"],
+                   help="auto (default): bf16 where the hardware runs it natively and the model is "
+                        "not tiny, else fp32")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"])
-    p.add_argument("--threads", type=int, metavar="N", help="CPU threads for torch (0: torch's default)")
+    p.add_argument("--threads", type=threads_value, metavar="N|auto",
+                   help="CPU threads for torch (auto, the default: 1 for tiny models, else the "
+                        "physical cores; 0: torch's default)")
     p.add_argument("--offload-weights", action="store_true", help="stream block weights from host memory")
     p.add_argument("--compile", action="store_true", help="compile the decode step")
     p.add_argument("--truncate-prompts", action="store_true", help="keep the last tokens of too-long prompts")
@@ -127,23 +133,22 @@ def run(config) -> int:
 
     import torch
 
+    from execution.defaults import resolve_threads
     from execution.distributed import init_distributed, world_size
+    from execution.hardware import detect
     from execution.pipelines import TextGenerationPipeline
+    from execution.precision import DTYPES
 
     tp = config.model.tensor_parallel
     if world_size() % tp:
         raise UsageError(f"--tensor-parallel {tp} needs a multiple of {tp} processes: "
                          f"torchrun --nproc-per-node {tp} run_inference.py ... (found {world_size()})")
-    if config.model.threads:
-        torch.set_num_threads(config.model.threads)
     ctx, device = init_distributed(tp)
     main = ctx.is_main
     if config.model.device != "auto":
         if config.model.device == "cuda" and device.type != "cuda":
             raise UsageError("device cuda was asked for but no CUDA GPU is available")
         device = torch.device(config.model.device) if device.type != config.model.device else device
-    if main:
-        print("config: " + json.dumps(dataclasses.asdict(config)), flush=True)
     model = config.model
     name = model.name_or_path or f"random:{model.preset}"
     pipe = TextGenerationPipeline.from_pretrained(
@@ -151,6 +156,15 @@ def run(config) -> int:
         offload_weights=model.offload_weights, compile_decode=model.compile,
         batch_size=config.generation.batch_size, init_seed=model.init_seed,
     )
+    # "auto" values become what was chosen for this machine and model, as printed below.
+    model.precision = next(k for k, v in DTYPES.items() if v == pipe.model.embed.weight.dtype)
+    chosen_threads = resolve_threads(model.threads, pipe.model.config)
+    if chosen_threads:
+        torch.set_num_threads(chosen_threads)
+    model.threads = torch.get_num_threads()
+    if main:
+        print(f"machine: {detect().summary()}", flush=True)
+        print("config: " + json.dumps(dataclasses.asdict(config)), flush=True)
     gen = config.generation
     context = pipe.model.config.max_positions
     prompts = config.prompts

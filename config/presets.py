@@ -7,6 +7,7 @@ silently does nothing.
 
 from __future__ import annotations
 
+import argparse
 import copy
 import dataclasses
 import types
@@ -164,6 +165,16 @@ def _coerce(hint: Any, value: Any, where: str) -> Any:
             raise PresetError(f"{where} must be a string, got {value!r}")
         return value
     return value
+
+
+def threads_value(text: str) -> int | str:
+    """A command-line thread count: a number, or "auto" (the machine decides)."""
+    if text == "auto":
+        return text
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of threads or 'auto', got {text!r}") from None
 
 
 def to_dict(obj: Any) -> dict[str, Any]:

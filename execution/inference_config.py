@@ -17,19 +17,21 @@ class ModelSection:
     init_seed: int = 0
     # Tokenizer spec for data.load_tokenizer; None = the model directory's own tokenizer.
     tokenizer: str | None = None
-    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    # auto: bf16 where the hardware runs it natively (not for tiny models), else fp32
+    # (execution/defaults.py); an explicit dtype without native kernels warns once and runs.
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     device: Literal["auto", "cpu", "cuda"] = "auto"
     tensor_parallel: int = 1
     offload_weights: bool = False  # keep block weights in host memory, stream them per block
     compile: bool = False  # torch.compile the decode step (CUDA graphs on GPU)
-    # CPU threads for torch (0 = torch's default). Tiny models run fastest on one thread: every
-    # op is too small to split, and a second thread only adds a barrier per op.
-    threads: int = 0
+    # CPU threads for torch. auto: 1 for tiny models (each op is too small to split), else the
+    # physical cores shared among this machine's processes; 0: torch's default.
+    threads: int | Literal["auto"] = "auto"
 
     def __post_init__(self):
         if self.tensor_parallel < 1:
             raise ValueError(f"model.tensor_parallel must be >= 1, got {self.tensor_parallel}")
-        if self.threads < 0:
+        if self.threads != "auto" and self.threads < 0:
             raise ValueError(f"model.threads must be >= 0, got {self.threads}")
 
 

@@ -20,6 +20,7 @@ import torch
 
 from gptj import GPTJ, ModelConfig, ParallelContext
 
+from .defaults import resolve_precision, warn_slow_precision
 from .generation import GenerationEngine, GenerationStats
 from .precision import parse_dtype
 from .sampling import SamplingParams
@@ -45,27 +46,33 @@ def pick_device(device: str | torch.device | None) -> torch.device:
 def load_model_and_tokenizer(
     name_or_path: str,
     tokenizer: str | None = None,
-    precision: str = "fp32",
+    precision: str = "auto",
     device: str | torch.device | None = None,
     ctx: ParallelContext | None = None,
     offload_weights: bool = False,
     init_seed: int = 0,
 ):
-    """(GPTJ in eval mode, data.Tokenizer). Raises ValueError subclasses with a clear message."""
+    """(GPTJ in eval mode, data.Tokenizer). Raises ValueError subclasses with a clear message.
+
+    precision "auto": the fastest dtype this device runs natively for the model's size
+    (execution.defaults.resolve_precision); a dtype without native kernels here is used as
+    asked, after one warning line on stderr."""
     import data
 
-    dtype, device = parse_dtype(precision), pick_device(device)
+    device = pick_device(device)
     load_to = torch.device("cpu") if offload_weights else device
     if name_or_path.startswith("random:"):
         config = ModelConfig.preset(name_or_path.removeprefix("random:"))
         tok = data.load_tokenizer(tokenizer or "bundled:tiny")
         # The random model takes the tokenizer's vocabulary so every id it emits decodes.
         config = config.replace(vocab_size=tok.vocab_size, eos_token_id=tok.eos_id, bos_token_id=tok.eos_id)
+        dtype = _dtype_for(precision, device, config, ctx)
         model = GPTJ(config, ctx, dtype=dtype, device=load_to).init_weights(seed=init_seed)
     else:
-        from gptj.hf import load_pretrained
+        from gptj.hf import load_pretrained, read_model_config, resolve_checkpoint
 
-        directory = resolve_model_dir(name_or_path)
+        directory = resolve_checkpoint(resolve_model_dir(name_or_path))
+        dtype = _dtype_for(precision, device, read_model_config(directory), ctx)
         model, _ = load_pretrained(directory, ctx, dtype=dtype, device=load_to)
         tok = data.load_tokenizer(tokenizer or directory)
         if tok.vocab_size > model.config.vocab_size:
@@ -80,6 +87,14 @@ def load_model_and_tokenizer(
         model.weight_streamer = BlockWeightStreamer(model, device)
         model.weight_streamer.attach()
     return model.eval(), tok
+
+
+def _dtype_for(precision: str, device: torch.device, config: ModelConfig,
+               ctx: ParallelContext | None) -> torch.dtype:
+    precision = resolve_precision(precision, device, config)
+    if ctx is None or ctx.is_main:
+        warn_slow_precision(precision, device)
+    return parse_dtype(precision)
 
 
 @dataclass
@@ -97,7 +112,7 @@ class TextGenerationPipeline:
 
     @classmethod
     def from_pretrained(
-        cls, model_dir_or_id: str, tokenizer: str | None = None, precision: str = "fp32",
+        cls, model_dir_or_id: str, tokenizer: str | None = None, precision: str = "auto",
         device: str | None = None, ctx: ParallelContext | None = None, offload_weights: bool = False,
         compile_decode: bool = False, batch_size: int = 16, init_seed: int = 0,
     ) -> TextGenerationPipeline:
@@ -177,7 +192,7 @@ class EntailmentPipeline:
 
     @classmethod
     def from_pretrained(
-        cls, model_dir_or_id: str, tokenizer: str | None = None, precision: str = "fp32",
+        cls, model_dir_or_id: str, tokenizer: str | None = None, precision: str = "auto",
         device: str | None = None, ctx: ParallelContext | None = None, task: str = "mnli", init_seed: int = 0,
     ) -> EntailmentPipeline:
         model, tok = load_model_and_tokenizer(model_dir_or_id, tokenizer, precision, device, ctx, False, init_seed)

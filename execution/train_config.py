@@ -79,10 +79,14 @@ class TrainingSection:
     global_batch_size: int = 32
     micro_batch_size: int = 32
     seed: int = 0
-    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"  # auto: bf16 on GPU, fp32 on CPU
+    # auto: bf16 where the hardware runs it natively (a GPU with bf16; a CPU with AMX-BF16 or
+    # AVX512-BF16, for models that are not tiny), else fp32 (execution/defaults.py)
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     loss_scale: LossScaleSection = field(default_factory=LossScaleSection)
     max_bad_steps: int = 5  # this many non-finite steps in a row stop the run
-    threads: int | None = None  # CPU threads per process (None: torch's default)
+    # CPU threads per process. auto: 1 for tiny models, else the physical cores shared among
+    # this machine's processes; null or 0: torch's default.
+    threads: int | Literal["auto"] | None = "auto"
 
 
 @dataclass
@@ -189,6 +193,8 @@ def check_values(config: FinetuneConfig) -> None:
         raise TrainConfigError(f"optimizer.betas must be two numbers in [0, 1), got {o.betas}")
     if not 0 <= s.min_lr_ratio <= 1:
         raise TrainConfigError(f"schedule.min_lr_ratio must be in [0, 1], got {s.min_lr_ratio}")
+    if isinstance(t.threads, int) and t.threads < 0:
+        raise TrainConfigError(f"training.threads must be >= 0 or auto, got {t.threads}")
     if t.global_batch_size % t.micro_batch_size:
         raise TrainConfigError(
             f"training.global_batch_size {t.global_batch_size} is not divisible by "

@@ -33,6 +33,8 @@ from gptj import GPTJ, ModelConfig, ParallelContext
 from gptj.parallel import all_reduce
 
 from . import checkpoint as ckpt
+from . import hardware
+from .defaults import resolve_precision, resolve_threads, warn_slow_precision
 from .distributed import all_reduce_max_flag, barrier, init_distributed, world_size
 from .evaluation import evaluate
 from .metrics import MetricsLogger, format_eval, peak_flops
@@ -80,11 +82,11 @@ def learning_rate(step: int, base_lr: float, total_steps: int, warmup_steps: int
 # ---- building the pieces ------------------------------------------------------------------------------
 
 
-def compute_dtype(precision: str, device: torch.device) -> tuple[str, torch.dtype]:
+def compute_dtype(precision: str, device: torch.device, mc: ModelConfig) -> tuple[str, torch.dtype]:
+    """The precision name and dtype of the run ("auto" resolved for this device and model)."""
     from .precision import DTYPES
 
-    if precision == "auto":
-        precision = "bf16" if device.type == "cuda" else "fp32"
+    precision = resolve_precision(precision, device, mc)
     return precision, DTYPES[precision]
 
 
@@ -234,8 +236,6 @@ def train(config: FinetuneConfig, ctx: ParallelContext | None = None,
     """
     threads = torch.get_num_threads()
     try:
-        if config.training.threads:
-            torch.set_num_threads(config.training.threads)
         return _train(config, ctx, device)
     finally:
         torch.set_num_threads(threads)
@@ -261,14 +261,21 @@ def _train(config: FinetuneConfig, ctx: ParallelContext | None,
     if tokenizer.vocab_size > mc.vocab_size:
         raise TrainConfigError(f"tokenizer {config.data.tokenizer} has {tokenizer.vocab_size} tokens, "
                                f"the model only {mc.vocab_size}")
-    precision, dtype = compute_dtype(config.training.precision, device)
+    precision, dtype = compute_dtype(config.training.precision, device, mc)
+    chosen_threads = resolve_threads(config.training.threads, mc)
+    if chosen_threads:
+        torch.set_num_threads(chosen_threads)
     out = config.out_path
     root = ckpt.checkpoint_root(out)
     if main:
         out.mkdir(parents=True, exist_ok=True)
         say("resolved config:\n" + yaml.safe_dump(config.to_dict(), sort_keys=False).rstrip())
+        say(f"machine: {hardware.detect().summary()}")
         say(f"layout: world {ctx.world_size} = tensor_parallel {ctx.tensor_parallel} x "
-            f"replicas {ctx.replicas}; device {device.type}; precision {precision}")
+            f"replicas {ctx.replicas}; device {device.type}; precision {precision} "
+            f"(configured {config.training.precision}); threads {torch.get_num_threads()} "
+            f"(configured {config.training.threads})")
+        warn_slow_precision(precision, device)
         say(f"model: {mc.num_parameters():,} parameters ({mc.num_layers} layers, d {mc.hidden_size})")
 
     torch.manual_seed(config.training.seed)

@@ -43,9 +43,24 @@ class ModelConfig:
         per_block = 2 * d + 4 * d * d + (d * f + f) + (f * d + d)
         return v * d + self.num_layers * per_block + 2 * d + (v * d + v)
 
+    def matmul_parameters(self) -> int:
+        """Weights that multiply activations: per block q, k, v, out (4 d^2) and fc_in, fc_out
+        (2 d f), plus lm_head (d V). The embedding table is a lookup, not a matmul; biases and
+        layer norms are elementwise and left out."""
+        d, f = self.hidden_size, self.ffn_dim
+        return self.num_layers * (4 * d * d + 2 * d * f) + d * self.vocab_size
+
     def flops_per_token(self, sequence_length: int) -> float:
-        """Training FLOPs per token: 6 N for the matmuls plus 12 L d s for attention scores."""
-        return 6.0 * self.num_parameters() + 12.0 * self.num_layers * self.hidden_size * sequence_length
+        """Training FLOPs per token, the numerator of every MFU in this project:
+
+            6 M + 12 L d s
+
+        M = matmul_parameters(): each weight costs 2 FLOPs per token forward and 4 backward.
+        12 L d s: attention's scores (q k^T) and weighted values (p v), 2 s d FLOPs each per
+        layer forward, times 3 for training; s is the full sequence length (no halving for the
+        causal mask, the usual convention).
+        """
+        return 6.0 * self.matmul_parameters() + 12.0 * self.num_layers * self.hidden_size * sequence_length
 
     def validate(self, tensor_parallel: int = 1) -> ModelConfig:
         """Raise ConfigError naming the first problem; return self so calls can chain."""

@@ -194,9 +194,20 @@ def test_config_round_trips_through_hugging_face():
     assert ModelConfig.from_hf(config.to_hf()) == config
     six_b = ModelConfig()
     assert six_b.num_parameters() == 6_050_882_784
-    assert abs(six_b.flops_per_token(1024) / 1e9 - 37.7) < 0.1
+    # 6 x (28 x (4 x 4096^2 + 2 x 4096 x 16384) + 4096 x 50400) + 12 x 28 x 4096 x 1024
+    assert six_b.flops_per_token(1024) == 36_470_784_000
     with pytest.raises(ConfigError, match="not a GPT-J checkpoint"):
         ModelConfig.from_hf({"model_type": "gpt2", "architectures": ["GPT2LMHeadModel"]})
     with pytest.raises(ConfigError, match="unknown model config fields"):
         ModelConfig.from_dict({"hidden": 3})
     assert json.loads(json.dumps(config.to_hf_dict()))["rotary_dim"] == 4
+
+
+def test_flops_per_token_counts_matmuls_not_the_embedding_lookup():
+    """By hand for the tiny shape (d 128, 2 layers, ffn 512, vocab 2048) at sequence length 32:
+    matmul weights M = 2 x (4 x 128^2 + 2 x 128 x 512) + 128 x 2048 = 655,360 (the 262,144
+    embedding rows are read, not multiplied); 6 M + 12 x 2 x 128 x 32 = 3,932,160 + 98,304."""
+    tiny = ModelConfig.preset("tiny")
+    assert tiny.matmul_parameters() == 655_360
+    assert tiny.flops_per_token(32) == 4_030_464
+    assert tiny.num_parameters() - tiny.matmul_parameters() > tiny.vocab_size * tiny.hidden_size
