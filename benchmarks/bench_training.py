@@ -194,8 +194,15 @@ def _summarise(rounds: list[dict], config, seq: int) -> dict:
     return out
 
 
-def measure_in_subprocess(impl: str, precision: str, quick: bool = False, timeout: float = 600) -> dict:
+# Seconds one configuration may take (a fresh process: start, build, warm-up and timed steps).
+# bf16 on a CPU without AMX-BF16 / AVX512-BF16 runs ~35x slower than fp32; it is reported as
+# "timed out after N s" instead of holding up the whole benchmark.
+TIME_LIMIT_S = {"quick": 120.0, "full": 300.0}
+
+
+def measure_in_subprocess(impl: str, precision: str, quick: bool = False, timeout: float | None = None) -> dict:
     """One configuration in a fresh Python process (so each peak RSS is its own)."""
+    timeout = timeout or TIME_LIMIT_S["quick" if quick else "full"]
     cmd = [sys.executable, "-m", "benchmarks.bench_training", "--worker", impl, precision]
     if quick:
         cmd.append("--quick")
@@ -217,12 +224,21 @@ def run(quick: bool = False, limits: dict | None = None, configs=CONFIGS, rounds
     Configurations run in interleaved rounds (forward order, then reversed), each round in a
     fresh process, so a slow spell of a shared machine does not land on one side only.
     """
+    from benchmarks.machine import capability
+
     config, batch, seq = shape(quick)
+    print(f"  {capability()}", file=sys.stderr, flush=True)
     rounds = rounds or (1 if quick else 2)
     collected: dict[tuple[str, str], list[dict]] = {c: [] for c in configs}
+    timed_out: set[tuple[str, str]] = set()
     for index in range(rounds):
         for impl, precision in (configs if index % 2 == 0 else list(reversed(configs))):
-            collected[(impl, precision)].append(measure_in_subprocess(impl, precision, quick))
+            if (impl, precision) in timed_out:
+                continue  # it would only time out again
+            result = measure_in_subprocess(impl, precision, quick)
+            if result.get("error", "").startswith("timed out"):
+                timed_out.add((impl, precision))
+            collected[(impl, precision)].append(result)
     results = []
     for impl, precision in configs:
         result = _summarise(collected[(impl, precision)], config, seq)
@@ -232,6 +248,8 @@ def run(quick: bool = False, limits: dict | None = None, configs=CONFIGS, rounds
         results.append(result)
         print(_line(result), file=sys.stderr, flush=True)
     return {
+        "capability": capability(),
+        "time_limit_s": TIME_LIMIT_S["quick" if quick else "full"],
         "shape": {"preset": "tiny" if quick else "bench-small", "batch": batch, "seq": seq,
                   "parameters": config.num_parameters(), "flops_per_token": config.flops_per_token(seq)},
         "timing": f"best step over {rounds} interleaved rounds, a fresh process per configuration and round",

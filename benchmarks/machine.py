@@ -40,11 +40,31 @@ def _best_time(fn, device: torch.device, repeats: int, min_seconds: float) -> fl
     return best
 
 
-def measure_matmul_flops(dtype: torch.dtype = torch.float32, size: int | None = None, device=None) -> float:
-    """FLOP/s of a large square matmul (2 n^3 FLOPs per product), best of a few runs."""
+def _size_within(budget_s: float, dtype: torch.dtype, size: int, dev: torch.device) -> int:
+    """The largest size <= `size` (halving) whose ~5 timed products fit in `budget_s`, estimated
+    from one small product: a CPU without native bf16 runs bf16 matmuls ~35x slower than fp32,
+    and a full-size measurement there would take minutes."""
+    probe = min(size, 256)
+    a = torch.randn(probe, probe, device=dev).to(dtype)
+    torch.matmul(a, a)
+    _sync(dev)
+    start = time.perf_counter()
+    torch.matmul(a, a)
+    _sync(dev)
+    per_flop = (time.perf_counter() - start) / (2.0 * probe**3)
+    while size > probe and 5 * per_flop * 2.0 * size**3 > budget_s:
+        size //= 2
+    return size
+
+
+def measure_matmul_flops(dtype: torch.dtype = torch.float32, size: int | None = None, device=None,
+                         budget_s: float = 30.0) -> float:
+    """FLOP/s of a large square matmul (2 n^3 FLOPs per product), best of a few runs; the size
+    shrinks when the product is so slow that the measurement would exceed `budget_s`."""
     dev = _device(device)
     if size is None:
         size = 8192 if dev.type == "cuda" else 2048
+    size = _size_within(budget_s, dtype, size, dev)
     a = torch.randn(size, size, device=dev).to(dtype)
     b = torch.randn(size, size, device=dev).to(dtype)
     out = torch.empty(size, size, device=dev, dtype=dtype)
@@ -62,6 +82,13 @@ def measure_memory_bandwidth(megabytes: int | None = None, device=None) -> float
     dst = torch.empty_like(src)
     seconds = _best_time(lambda: dst.copy_(src), dev, repeats=20, min_seconds=3.0)
     return 2.0 * src.numel() * src.element_size() / seconds
+
+
+def capability() -> str:
+    """The CPU (and GPU) line every benchmark header carries: model, physical cores, native bf16."""
+    from execution.hardware import detect
+
+    return detect().summary()
 
 
 def describe(device=None) -> str:
@@ -100,6 +127,7 @@ def machine_limits(quick: bool = False, device=None) -> dict:
         "cpu_count": os.cpu_count(),
         "threads": torch.get_num_threads(),
         "features": cpu_features() if dev.type == "cpu" else [],
+        "capability": capability(),
         "torch": torch.__version__,
         "matmul_flops": {
             "fp32": measure_matmul_flops(torch.float32, size, dev),
@@ -111,7 +139,7 @@ def machine_limits(quick: bool = False, device=None) -> dict:
 
 if __name__ == "__main__":
     limits = machine_limits()
-    print(limits["device"], limits["features"])
+    print(limits["capability"])
     for name, value in limits["matmul_flops"].items():
         print(f"matmul {name}: {value / 1e9:.0f} GFLOP/s")
     print(f"memory bandwidth: {limits['memory_bandwidth'] / 1e9:.1f} GB/s")

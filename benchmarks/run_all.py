@@ -156,6 +156,7 @@ def format_table(report: dict) -> str:
     lines = [
         f"machine: {limits['device']}; features {' '.join(limits.get('features', [])) or '-'}; "
         f"load average at start {report['load_average_start'][0]:.1f}, end {report['load_average_end'][0]:.1f}",
+        limits.get("capability", ""),
         f"limits: matmul fp32 {limits['matmul_flops']['fp32'] / 1e9:.0f} GFLOP/s, bf16 "
         f"{limits['matmul_flops']['bf16'] / 1e9:.0f} GFLOP/s, memory {limits['memory_bandwidth'] / 1e9:.1f} GB/s",
         f"{'metric':34s} {'ours':>12s} {'theirs':>12s} {'ratio':>7s} {'of limit':>9s}  note",

@@ -57,3 +57,27 @@ def test_gpu_bench_smoke_runs_on_cpu(tmp_path):
     batches = {r["batch"] for r in report["decode"]["runs"] if r["impl"] == "ours" and "error" not in r}
     assert batches == {1, 16, 64}
     assert "decode" in done.stdout and "MFU" in done.stdout
+
+
+def test_a_configuration_past_its_time_limit_is_reported_not_waited_for(monkeypatch):
+    import torch
+
+    from benchmarks import bench_training
+    from benchmarks.machine import _size_within
+
+    # A real subprocess that cannot even import torch in 1 s: stopped and reported.
+    assert bench_training.measure_in_subprocess("ours", "fp32", quick=True, timeout=1)["error"] == \
+        "timed out after 1 s"
+    calls = []
+
+    def never_finishes(impl, precision, quick=False, timeout=None):
+        calls.append((impl, precision))
+        return {"impl": impl, "precision": precision, "error": "timed out after 120 s"}
+
+    monkeypatch.setattr(bench_training, "measure_in_subprocess", never_finishes)
+    report = bench_training.run(quick=True, configs=[("ours", "bf16")], rounds=2)
+    assert calls == [("ours", "bf16")]  # not tried again in the second round
+    assert report["results"][0]["error"] == "timed out after 120 s"
+    # A matmul too slow for the budget is measured at a smaller size instead.
+    assert _size_within(1e-9, torch.float32, 2048, torch.device("cpu")) == 256
+    assert _size_within(1e9, torch.float32, 2048, torch.device("cpu")) == 2048
