@@ -10,8 +10,9 @@ budget skips what no longer fits):
 1. machine: device name, measured bf16 matmul FLOP/s and device-copy bandwidth (read + write).
 2. training: GPTJ with as many 6B-shaped blocks as fit (chosen with execution.planner from the
    free device memory and the host memory), bf16 weights + ShardedAdamW fp32 master, with and
-   without optimizer offload; tokens/s and MFU (6 N + 12 L d s FLOPs per token) against the
-   measured matmul limit and the card's datasheet peak. Hugging Face (GPTJForCausalLM, fp32
+   without optimizer offload; tokens/s and MFU (ModelConfig.flops_per_token: 6 M + 12 L d s
+   per token, M the matmul weights, embedding excluded) against the measured matmul limit
+   and the card's datasheet peak. Hugging Face (GPTJForCausalLM, fp32
    weights + torch.autocast(bf16) + fused AdamW, the Trainer's bf16 path) on the same blocks
    where it fits.
 3. decode: the full 28-block model, greedy, batch 1, 16 and 64; tokens/s and the fraction of
