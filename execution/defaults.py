@@ -37,11 +37,14 @@ def is_small(model_config: ModelConfig) -> bool:
 
 
 def processes_per_machine() -> int:
-    """Processes sharing this machine's cores (torchrun sets LOCAL_WORLD_SIZE)."""
-    try:
-        return max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
-    except ValueError:
-        return 1
+    """Processes sharing this machine's cores: torchrun's LOCAL_WORLD_SIZE; else WORLD_SIZE
+    (launchers that start every rank on one machine set only that); else 1."""
+    for name in ("LOCAL_WORLD_SIZE", "WORLD_SIZE"):
+        try:
+            return max(1, int(os.environ[name]))
+        except (KeyError, ValueError):
+            continue
+    return 1
 
 
 def resolve_threads(setting: int | str | None, model_config: ModelConfig,

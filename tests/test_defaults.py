@@ -63,6 +63,7 @@ def test_auto_precision_follows_native_bf16():
 
 def test_auto_threads_by_model_size(monkeypatch):
     monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
     assert defaults.resolve_threads("auto", BIG, fake(cores=8)) == 8
     assert defaults.resolve_threads("auto", ModelConfig(), fake(cores=64)) == 64  # GPT-J 6B
     assert defaults.resolve_threads("auto", TINY, fake(cores=8)) == 1
