@@ -89,6 +89,16 @@ def build_config(args: argparse.Namespace):
     return load_config(args.config, args.set, updates, args.preset_file or PRESET_FILE)
 
 
+def check_inputs(config) -> None:
+    """Output directory, model and data files, before any model is built or data is read."""
+    from execution.preflight import check_data_sources, check_output_dir, resolve_model_source
+
+    check_output_dir(config.out_path)
+    if config.model.name_or_path:
+        config.model.name_or_path = resolve_model_source(config.model.name_or_path)
+    check_data_sources(config)
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     import os
@@ -97,6 +107,7 @@ def main(argv=None) -> int:
     from data import DataError
     from execution.checkpoint import CheckpointLoadError
     from execution.distributed import shutdown
+    from execution.preflight import InputError
     from execution.train_config import TrainConfigError
     from execution.training import TrainingDiverged, train
     from gptj import ConfigError
@@ -105,18 +116,29 @@ def main(argv=None) -> int:
     rank = int(os.environ.get("RANK", "0"))
     try:
         config = build_config(args)
+        check_inputs(config)
         result = train(config)
     except (PresetError, TrainConfigError, ConfigError) as err:
         if rank == 0:
             print(f"error: invalid configuration: {err}", file=sys.stderr)
         return 2
-    except (DataError, CheckpointError, CheckpointLoadError, TrainingDiverged) as err:
+    except InputError as err:
+        if rank == 0:
+            print(f"error: {err}", file=sys.stderr)
+        return 2
+    except DataError as err:  # bad or missing data: the user's input
+        print(f"error{f' (rank {rank})' if rank else ''}: {err}", file=sys.stderr)
+        return 2
+    except (CheckpointError, CheckpointLoadError, TrainingDiverged) as err:
         print(f"error{f' (rank {rank})' if rank else ''}: {err}", file=sys.stderr)
         return 1
     finally:
         shutdown()
     if rank == 0:
-        if result.stopped_by_signal:
+        if result.nothing_to_do:
+            print(f"already at step {result.final_step} of {config.training.steps}: nothing to do "
+                  f"(raise --steps to train on); outputs in {result.output_dir}")
+        elif result.stopped_by_signal:
             print(f"stopped by SIGTERM at step {result.final_step}; checkpoint {result.checkpoint}; "
                   f"continue with --resume --output-dir {result.output_dir}")
         else:

@@ -26,6 +26,19 @@ def resolve_source(task: Task, source: str | None) -> str:
                     f"task {task.name!r}: name a data source")
 
 
+def require_rows(summary: LoadSummary, kind: str) -> None:
+    """A load that kept nothing is an error naming the source and why every row was skipped."""
+    if summary.kept > 0:
+        return
+    name = summary.source + (f"[{summary.split}]" if summary.split else "")
+    if not summary.read:
+        raise DataError(f"no usable {kind} rows in {name}: it holds no rows")
+    reasons = ", ".join(f"{r} {n}" for r, n in summary.to_dict()["skipped"].items())
+    first = next(iter(summary.first_seen.values()), "")
+    raise DataError(f"no usable {kind} rows in {name}: {reasons} of {summary.read} read"
+                    + (f" (first: {first})" if first else ""))
+
+
 def read_rows(task: Task, source: Source, strict: bool,
               progress: bool = False) -> tuple[list[dict], list[str], LoadSummary]:
     """Normalized rows, their "file:line" locations, and the load counts."""
@@ -101,6 +114,7 @@ def build_train_data(task, source, tokenizer, sequence_length: int, layout: str 
                 summary.cached = True
                 if verbose:
                     summary.report()
+                require_rows(summary, "training")
                 return TrainData(arrays["tokens"], arrays["offsets"], arrays["is_target"],
                                  sequence_length, tokenizer.pad_id, layout, loss_mask,
                                  keep_boundaries, summary)
@@ -110,6 +124,7 @@ def build_train_data(task, source, tokenizer, sequence_length: int, layout: str 
                           "summary": cache.pack_json(summary.to_dict())})
     if verbose:
         summary.report()
+    require_rows(summary, "training")
     return TrainData(enc.tokens, enc.offsets, enc.is_target, sequence_length, tokenizer.pad_id,
                      layout, loss_mask, keep_boundaries, summary)
 
@@ -143,6 +158,7 @@ def build_eval_data(task, source, tokenizer, split: str | None = None,
                 summary.cached = True
                 if verbose:
                     summary.report()
+                require_rows(summary, "evaluation")
                 answers = cache.unpack_strings(arrays["answers"], arrays["answer_offsets"])
                 return EvalData(arrays["tokens"], arrays["offsets"], arrays["label_ids"], answers,
                                 arrays["example_index"], task.labels, candidates, candidates_eos,
@@ -162,5 +178,6 @@ def build_eval_data(task, source, tokenizer, split: str | None = None,
                           "summary": cache.pack_json(summary.to_dict())})
     if verbose:
         summary.report()
+    require_rows(summary, "evaluation")
     return EvalData(enc.tokens, enc.offsets, label_ids, answers, example_index, task.labels,
                     candidates, candidates_eos, tokenizer.pad_id, tokenizer.eos_id, summary)

@@ -14,7 +14,6 @@ run_finetuning.py (its `hf/` export, which includes the tokenizer, is used), or
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 
@@ -23,15 +22,14 @@ from gptj import GPTJ, ModelConfig, ParallelContext
 from .defaults import resolve_precision, warn_slow_precision
 from .generation import GenerationEngine, GenerationStats
 from .precision import parse_dtype
+from .preflight import resolve_model_source
 from .sampling import SamplingParams
 
 
 def resolve_model_dir(name_or_path: str) -> str:
-    """A run_finetuning.py output dir becomes its hf/ export; anything else is returned as is."""
-    path = Path(name_or_path)
-    if path.is_dir() and not (path / "config.json").is_file() and (path / "hf" / "config.json").is_file():
-        return str(path / "hf")
-    return name_or_path
+    """A run_finetuning.py output dir becomes its hf/ export; a Hub id is returned as is; a local
+    path that holds no model is a ValueError naming the problem."""
+    return resolve_model_source(name_or_path, option="model")
 
 
 def pick_device(device: str | torch.device | None) -> torch.device:

@@ -8,6 +8,7 @@ cannot work together (batch split, tensor-parallel split, model shape) before an
 from __future__ import annotations
 
 import dataclasses
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -153,7 +154,10 @@ def load_config(preset: str = DEFAULT_PRESET, overrides: list[str] | None = None
     presets = read_presets(preset_file)
     values = resolve_preset(presets, preset, str(preset_file))
     values.setdefault("name", preset)
+    preset_data = build(FinetuneConfig, values).data
     values = apply_overrides(values, list(overrides or []))
+    if overrides:
+        check_values(build(FinetuneConfig, values))  # a bad --set value fails even if an option replaces it
     for dotted, value in (updates or {}).items():
         node = values
         *parents, last = dotted.split(".")
@@ -162,7 +166,23 @@ def load_config(preset: str = DEFAULT_PRESET, overrides: list[str] | None = None
         node[last] = value
     config = build(FinetuneConfig, values)
     check_values(config)
+    if config.output_dir is None:
+        config.output_dir = default_output_dir(config, preset_data)
     return config
+
+
+def default_output_dir(config: FinetuneConfig, preset_data: DataSection) -> str | None:
+    """runs/PRESET for the preset's own task and data; another task or data set gets its own
+    directory (runs/PRESET-TASK-DATASET), so it never meets the preset's checkpoints."""
+    parts = []
+    if config.data.task != preset_data.task:
+        parts.append(Path(config.data.task).stem)
+    if config.data.dataset != preset_data.dataset and config.data.dataset:
+        parts.append(Path(config.data.dataset.rstrip("/").split(":")[-1]).stem)
+    if not parts:
+        return None
+    slug = "-".join(dict.fromkeys(re.sub(r"[^A-Za-z0-9_.]+", "_", p) for p in parts))
+    return f"runs/{config.name}-{slug}"
 
 
 def from_dict(values: dict[str, Any]) -> FinetuneConfig:
@@ -204,6 +224,12 @@ def check_values(config: FinetuneConfig) -> None:
                                "streamed blocks' gradients are kept on the host)")
     if config.model.name_or_path is None and config.data.tokenizer is None:
         raise TrainConfigError("data.tokenizer is required when model.name_or_path is not set")
+    if config.model.shape:
+        from gptj import ModelConfig
+
+        # Typed like every other field: unknown keys list the valid ones, "abc" is no integer.
+        shape = build(ModelConfig, config.model.shape, "model.shape")
+        config.model.shape = {name: getattr(shape, name) for name in config.model.shape}
 
 
 def check_layout(config: FinetuneConfig, world_size: int, model_config=None) -> int:

@@ -18,6 +18,7 @@ import json
 import math
 import shutil
 import signal
+import sys
 import threading
 import time
 from dataclasses import dataclass, field
@@ -52,6 +53,7 @@ class TrainResult:
     losses: list[float] = field(default_factory=list)  # per step run by this call
     skipped_steps: int = 0
     stopped_by_signal: bool = False
+    nothing_to_do: bool = False  # resumed at or past training.steps: nothing was run or written
     eval: dict | None = None
     checkpoint: Path | None = None
     hf_dir: Path | None = None
@@ -150,6 +152,22 @@ def eval_sources(config: FinetuneConfig, task) -> list[tuple[str, str, str | Non
         for name in splits:
             out.append((name if len(entries) == 1 else f"{source}@{name}", source, name))
     return out
+
+
+def evaluated_on_training_rows(config: FinetuneConfig, task) -> list[str]:
+    """Names of the evaluation splits that read the very file the model trains on."""
+    if not _wants_eval(config):
+        return []
+    from data.pipeline import resolve_source
+    from data.sources import Source
+
+    def where(source, split):
+        src = Source(resolve_source(task, source), split)
+        return src.path.resolve() if src.path is not None else (src.spec, src.split)
+
+    trained = where(config.data.dataset, task.train_split)
+    return [name for name, source, split in eval_sources(config, task)
+            if where(source, split or task.eval_splits[0]) == trained]
 
 
 def to_device(batch: dict[str, np.ndarray], device: torch.device) -> dict[str, torch.Tensor]:
@@ -300,6 +318,10 @@ def _train(config: FinetuneConfig, ctx: ParallelContext | None,
 
     if main:
         train_data, eval_splits = load_train(True), load_evals(True)
+        for name in evaluated_on_training_rows(config, task):
+            print(f"warning: evaluation split {name} is the training data itself (no held-out data "
+                  "given): its accuracy shows fit, not generalisation; name held-out data with "
+                  "--eval-dataset", file=sys.stderr)
     barrier()
     if not main:
         with contextlib.redirect_stderr(io.StringIO()):  # the data summary: printed by rank 0
@@ -352,6 +374,12 @@ def _train(config: FinetuneConfig, ctx: ParallelContext | None,
         else:
             meta = ckpt.read_meta(latest)
             _check_resume(meta, config, mc, ctx, latest)
+            if int(meta["step"]) >= t.steps:  # a finished run: no second eval, export or history line
+                say(f"{latest} is already at step {meta['step']} of training.steps {t.steps}: nothing to do")
+                if streamer is not None:
+                    streamer.detach()
+                return TrainResult(output_dir=out, final_step=int(meta["step"]), checkpoint=latest,
+                                   nothing_to_do=True, elapsed_s=time.perf_counter() - started)
             meta = ckpt.load_checkpoint(latest, ctx.rank, model, optimizer)
             step = int(meta["step"])
             try:
