@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 import warnings
 from pathlib import Path
@@ -52,13 +53,15 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="HF directory or Hub id, or a run_finetuning.py output dir (uses its hf/ export)")
     p.add_argument("--tokenizer", metavar="HF_ID_OR_DIR", help="tokenizer (default: the model's own)")
     p.add_argument("--prompt", action="append", metavar="TEXT", help="a prompt (repeatable)")
-    p.add_argument("--prompts-file", metavar="FILE", help="one prompt per line, or JSONL with a \"prompt\" field")
+    p.add_argument("--prompts-file", metavar="FILE",
+                   help="one prompt per line, or JSON lines with a \"prompt\" field (UTF-8)")
     p.add_argument("--max-new-tokens", type=int, metavar="N")
     p.add_argument("--temperature", type=float, metavar="X", help="0 = greedy (default)")
     p.add_argument("--top-k", type=int, metavar="N")
     p.add_argument("--top-p", type=float, metavar="X")
     p.add_argument("--seed", type=int, metavar="N", help="sampling seed")
-    p.add_argument("--stop", action="append", metavar="TEXT", help="stop string (repeatable)")
+    p.add_argument("--stop", action="append", metavar="TEXT",
+                   help="stop string (repeatable); \\n, \\t, \\r and \\\\ are read as escapes")
     p.add_argument("--batch-size", type=int, metavar="N")
     p.add_argument("--tensor-parallel", type=int, metavar="T", help="tensor-parallel ranks (launch with torchrun)")
     p.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"],
@@ -83,6 +86,10 @@ def build_config(args: argparse.Namespace):
 
     settings = resolve_preset(read_presets(args.preset_file), args.config, args.preset_file)
     settings = apply_overrides(settings, args.set)
+    if args.set:
+        build(InferenceConfig, settings, "")  # a bad --set value fails even if an option replaces it
+    if args.stop:
+        args.stop = [unescape(s) for s in args.stop]
     for option, field in OPTION_FIELDS.items():
         value = getattr(args, option)
         if value is not None:
@@ -103,23 +110,54 @@ def build_config(args: argparse.Namespace):
     return config
 
 
+ESCAPES = {"n": "\n", "t": "\t", "r": "\r", "\\": "\\"}
+
+
+def unescape(text: str) -> str:
+    """`\\n`, `\\t`, `\\r` and `\\\\` as typed in a shell become the characters they name."""
+    return re.sub(r"\\([ntr\\])", lambda m: ESCAPES[m.group(1)], text)
+
+
+def read_prompts_file(path: Path) -> list[str]:
+    """One prompt per line, or JSON lines with a "prompt" field (any file whose first line is a
+    JSON object); UTF-8, with or without a byte-order mark."""
+    if not path.is_file():
+        raise UsageError(f"prompts file {path} does not exist")
+    try:
+        lines = path.read_text(encoding="utf-8-sig").splitlines()
+    except UnicodeDecodeError as err:
+        raise UsageError(f"prompts file {path} is not UTF-8 text (byte {err.start}: {err.reason})") from None
+    numbered = [(n, line) for n, line in enumerate(lines, 1) if line.strip()]
+    as_json = path.suffix in (".jsonl", ".json") or (numbered and _is_json_object(numbered[0][1]))
+    prompts = []
+    for number, line in numbered:
+        if not as_json:
+            prompts.append(line)
+            continue
+        try:
+            record = json.loads(line)
+            prompt = record["prompt"]
+        except (json.JSONDecodeError, KeyError, TypeError):
+            raise UsageError(f"{path}:{number}: expected a JSON object with a \"prompt\" field") from None
+        if not isinstance(prompt, str):
+            raise UsageError(f"{path}:{number}: \"prompt\" must be a string")
+        prompts.append(prompt)
+    if not prompts:
+        raise UsageError(f"prompts file {path} has no prompts")
+    return prompts
+
+
+def _is_json_object(line: str) -> bool:
+    try:
+        return isinstance(json.loads(line), dict)
+    except json.JSONDecodeError:
+        return False
+
+
 def read_prompts(args) -> list[str] | None:
     prompts = list(args.prompt or [])
     if args.prompts_file:
-        path = Path(args.prompts_file)
-        if not path.is_file():
-            raise UsageError(f"prompts file {path} does not exist")
-        for number, line in enumerate(path.read_text().splitlines(), 1):
-            if not line.strip():
-                continue
-            if path.suffix == ".jsonl":
-                try:
-                    record = json.loads(line)
-                    prompts.append(record["prompt"])
-                except (json.JSONDecodeError, KeyError, TypeError):
-                    raise UsageError(f"{path}:{number}: expected a JSON object with a \"prompt\" field") from None
-            else:
-                prompts.append(line)
+        prompts += read_prompts_file(Path(args.prompts_file))
     if args.prompt is None and not args.prompts_file:
         return None
     for i, p in enumerate(prompts):
@@ -138,7 +176,18 @@ def run(config) -> int:
     from execution.hardware import detect
     from execution.pipelines import TextGenerationPipeline
     from execution.precision import DTYPES
+    from execution.preflight import check_output_file, resolve_model_source
+    from execution.streaming import StreamPrinter, format_result
 
+    if config.output:  # checked now, not after generating: the results must not be lost
+        check_output_file(config.output)
+    prompts = config.prompts
+    if not prompts:
+        raise UsageError("no prompts: pass --prompt TEXT or --prompts-file FILE")
+    model = config.model
+    name = resolve_model_source(model.name_or_path) if model.name_or_path else f"random:{model.preset}"
+    gen = config.generation
+    check_prompts_before_loading(name, model.tokenizer, prompts, gen)
     tp = config.model.tensor_parallel
     if world_size() % tp:
         raise UsageError(f"--tensor-parallel {tp} needs a multiple of {tp} processes: "
@@ -149,8 +198,6 @@ def run(config) -> int:
         if config.model.device == "cuda" and device.type != "cuda":
             raise UsageError("device cuda was asked for but no CUDA GPU is available")
         device = torch.device(config.model.device) if device.type != config.model.device else device
-    model = config.model
-    name = model.name_or_path or f"random:{model.preset}"
     pipe = TextGenerationPipeline.from_pretrained(
         name, tokenizer=model.tokenizer, precision=model.precision, device=device, ctx=ctx,
         offload_weights=model.offload_weights, compile_decode=model.compile,
@@ -165,12 +212,8 @@ def run(config) -> int:
     if main:
         print(f"machine: {detect().summary()}", flush=True)
         print("config: " + json.dumps(dataclasses.asdict(config)), flush=True)
-    gen = config.generation
     context = pipe.model.config.max_positions
-    prompts = config.prompts
-    if not prompts:
-        raise UsageError("no prompts: pass --prompt TEXT or --prompts-file FILE")
-    ids = pipe.encode_prompts(prompts, gen.truncate_prompts)
+    ids = pipe.encode_prompts(prompts, gen.truncate_prompts, gen.max_new_tokens)
     longest = max(len(i) for i in ids)
     if longest + gen.max_new_tokens > context:
         if main:
@@ -178,36 +221,24 @@ def run(config) -> int:
                   f"after a {longest}-token prompt; clamped to {context - longest}", file=sys.stderr)
         gen.max_new_tokens = context - longest
 
-    stream_state = {"prompt": -1, "tokens": [], "shown": 0}
-
-    def on_token(prompt_index, token):
-        # Stream mode runs one prompt at a time (batch size 1).
-        if prompt_index != stream_state["prompt"]:
-            prefix = "\n" if stream_state["prompt"] >= 0 else ""
-            print(f"{prefix}--- prompt: {prompts[prompt_index]!r}", flush=True)
-            stream_state.update(prompt=prompt_index, tokens=[], shown=0)
-        stream_state["tokens"].append(token)
-        text = pipe.tokenizer.decode(stream_state["tokens"])
-        print(text[stream_state["shown"]:], end="", flush=True)
-        stream_state["shown"] = len(text)
-
+    # Stream mode runs one prompt at a time (batch size 1) and shows what the plain output would.
+    printer = StreamPrinter(prompts, pipe.tokenizer.decode, gen.stop) if gen.stream and main else None
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the clamp above already said it
         results = pipe.generate(
             prompts, max_new_tokens=gen.max_new_tokens, temperature=gen.temperature, top_k=gen.top_k,
             top_p=gen.top_p, seed=gen.seed, stop=gen.stop, batch_size=gen.batch_size,
-            truncate_prompts=gen.truncate_prompts, on_token=on_token if gen.stream and main else None,
+            truncate_prompts=gen.truncate_prompts, on_token=printer and printer.on_token,
+            on_finish=printer and printer.on_finish,
         )
     stats = pipe.stats.as_dict()
     if not main:
         return 0
-    if gen.stream:
-        print()
-    else:
+    if not gen.stream:
         for r in results:
-            print(f"--- prompt: {r.prompt!r}\n{r.prompt}\033[1m{r.text}\033[0m" if sys.stdout.isatty()
-                  else f"--- prompt: {r.prompt!r}\n{r.text}")
-            print(f"--- ({len(r.token_ids)} tokens, finish: {r.finish_reason})")
+            if sys.stdout.isatty():  # the prompt, then its continuation in bold
+                r = dataclasses.replace(r, text=f"{r.prompt}\033[1m{r.text}\033[0m")
+            print(format_result(r), end="")
     print(
         f"{stats['generated_tokens']} tokens in {stats['total_s']:.3f} s: {stats['tokens_per_s']:.1f} tokens/s | "
         f"time to first token {stats['time_to_first_token_s'] * 1000:.1f} ms | "
@@ -217,11 +248,30 @@ def run(config) -> int:
         path = Path(config.output)
         path.parent.mkdir(parents=True, exist_ok=True)
         with path.open("w") as f:
-            for r in results:
+            for r in results:  # timings: this prompt's own; run_timings: the whole run's
                 f.write(json.dumps({"prompt": r.prompt, "text": r.text, "token_ids": r.token_ids,
-                                    "finish_reason": r.finish_reason, "timings": stats}) + "\n")
+                                    "finish_reason": r.finish_reason, "timings": r.timings(),
+                                    "run_timings": stats}) + "\n")
         print(f"wrote {len(results)} results to {path}")
     return 0
+
+
+def check_prompts_before_loading(name: str, tokenizer: str | None, prompts: list[str], gen) -> None:
+    """Prompt lengths against the context, with the tokenizer alone: a too-long prompt is
+    reported before the model loads. A Hub model is checked once it is downloaded."""
+    import data
+    from execution.pipelines import fit_prompts
+    from gptj import ModelConfig
+
+    if name.startswith("random:"):
+        context, tokenizer = ModelConfig.preset(name.removeprefix("random:")).max_positions, tokenizer or "bundled:tiny"
+    elif Path(name).is_dir():
+        from gptj.hf import read_model_config
+
+        context, tokenizer = read_model_config(Path(name)).max_positions, tokenizer or name
+    else:
+        return
+    fit_prompts(data.load_tokenizer(tokenizer).encode(prompts), context, gen.max_new_tokens, gen.truncate_prompts)
 
 
 def main(argv=None) -> int:

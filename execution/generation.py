@@ -41,6 +41,10 @@ class GenerationResult:
     token_ids: list[int]
     finish_reason: str  # "eos" | "stop" | "length"
     prompt_length: int = 0
+    # Seconds from the start of the run to this prompt's first token and to its end (a prompt
+    # may wait in the queue while others run, so both include that wait).
+    time_to_first_token: float = 0.0
+    total_seconds: float = 0.0
 
 
 @dataclass
@@ -49,7 +53,9 @@ class GenerationStats:
 
     prompt_tokens: int = 0
     prefill_seconds: float = 0.0
-    decode_tokens: int = 0  # tokens produced by decode steps (first tokens come from prefill)
+    # Tokens are counted as the results hold them: a final EOS is not counted, a stop
+    # sequence is. decode_tokens: those produced by decode steps (first tokens come from prefill).
+    decode_tokens: int = 0
     decode_steps: int = 0
     decode_seconds: float = 0.0
     generated_tokens: int = 0
@@ -86,7 +92,7 @@ class GenerationStats:
 class _Row:
     """Host-side state of one batch row."""
 
-    __slots__ = ("prompt", "tokens", "budget", "position", "generator")
+    __slots__ = ("prompt", "tokens", "budget", "position", "generator", "first_token_at")
 
     def __init__(self):
         self.prompt = -1  # index of the prompt in this row, -1 = idle
@@ -94,6 +100,7 @@ class _Row:
         self.budget = 0
         self.position = 0  # slot the next fed token is written to
         self.generator = None
+        self.first_token_at = 0.0
 
 
 def _sync(device: torch.device) -> None:
@@ -169,8 +176,12 @@ class GenerationEngine:
         decode: Callable[[list[int]], str] | None = None,
         on_token: Callable[[int, int], None] | None = None,
         stream_ids: Sequence[int] | None = None,
+        on_finish: Callable[[int, GenerationResult], None] | None = None,
     ) -> list[GenerationResult]:
         """Generate for every prompt; see the module docstring for the result contract.
+
+        on_token(prompt_index, token) sees every kept token as it comes; on_finish(prompt_index,
+        result) sees each prompt's result as soon as it is done (also one with no new token).
 
         stream_ids: the random-stream id of each prompt (default: its index in `prompts`), so a
         prompt sampled alone can reproduce its samples from a larger run.
@@ -217,15 +228,19 @@ class GenerationEngine:
 
         def finish(b: int, reason: str) -> None:
             row = rows[b]
-            results[row.prompt] = GenerationResult(row.tokens, reason, len(prompts[row.prompt]))
+            result = GenerationResult(row.tokens, reason, len(prompts[row.prompt]),
+                                      row.first_token_at - start, time.perf_counter() - start)
+            results[row.prompt] = result
+            if on_finish is not None:
+                on_finish(row.prompt, result)
             row.prompt = -1
 
-        def accept(b: int, token: int) -> None:
-            """Record row b's new token and stop the row if it is done."""
+        def accept(b: int, token: int) -> bool:
+            """Record row b's new token and stop the row if it is done; False for an EOS."""
             row = rows[b]
             if eos_token_id is not None and token == eos_token_id:
                 finish(b, "eos")
-                return
+                return False
             row.tokens.append(token)
             if on_token is not None:
                 on_token(row.prompt, token)
@@ -235,6 +250,7 @@ class GenerationEngine:
                 finish(b, "stop")
             elif len(row.tokens) >= row.budget:
                 finish(b, "length")
+            return True
 
         def fill(free: list[int]) -> None:
             """Prefill waiting prompts into free rows until no free row can be filled."""
@@ -261,8 +277,9 @@ class GenerationEngine:
                 positions[take_index] = torch.tensor([rows[b].position for b in take], device=device)
                 free = free[len(take):]
                 for b, token in zip(take, first_list):
-                    stats.generated_tokens += 1
-                    accept(b, token)
+                    rows[b].first_token_at = now
+                    if accept(b, token):
+                        stats.generated_tokens += 1
                     if rows[b].prompt < 0:
                         free.append(b)
 
@@ -284,9 +301,9 @@ class GenerationEngine:
                 if not active[b]:
                     continue
                 rows[b].position += 1
-                stats.decode_tokens += 1
-                stats.generated_tokens += 1
-                accept(b, token)
+                if accept(b, token):
+                    stats.decode_tokens += 1
+                    stats.generated_tokens += 1
                 if rows[b].prompt < 0:
                     freed.append(b)
             positions.add_(advance)  # active rows move one slot on

@@ -95,12 +95,46 @@ def _dtype_for(precision: str, device: torch.device, config: ModelConfig,
     return parse_dtype(precision)
 
 
+def fit_prompts(encoded: list[list[int]], context: int, max_new_tokens: int = 1,
+                truncate: bool = False) -> list[list[int]]:
+    """Check prompt lengths against the context. A prompt with no room to generate is an error;
+    with `truncate`, a prompt longer than context - max_new_tokens keeps its last that many
+    tokens (at least one), so the requested new tokens fit."""
+    keep = max(1, context - max_new_tokens)
+    for i, ids in enumerate(encoded):
+        if not ids:
+            raise ValueError(f"prompt {i} is empty")
+        if truncate and len(ids) > keep:
+            encoded[i] = ids[len(ids) - keep :]
+        elif len(ids) >= context:
+            raise ValueError(
+                f"prompt {i} has {len(ids)} tokens but the model context is {context}; "
+                "shorten it or allow left truncation"
+            )
+    return encoded
+
+
+def trim_at_stop(text: str, stop: list[str]) -> str:
+    """The text before the first stop string in it."""
+    cut = min((text.find(s) for s in stop if s and s in text), default=-1)
+    return text[:cut] if cut >= 0 else text
+
+
 @dataclass
 class GeneratedText:
     prompt: str
     text: str
     token_ids: list[int]
     finish_reason: str
+    prompt_tokens: int = 0
+    time_to_first_token: float = 0.0  # seconds from the start of the run (queue wait included)
+    total_seconds: float = 0.0  # seconds from the start of the run to this prompt's end
+
+    def timings(self) -> dict:
+        """This prompt's own figures (generated_tokens counts the text's tokens, EOS excluded)."""
+        return {"prompt_tokens": self.prompt_tokens, "generated_tokens": len(self.token_ids),
+                "time_to_first_token_s": round(self.time_to_first_token, 6),
+                "total_s": round(self.total_seconds, 6)}
 
 
 class TextGenerationPipeline:
@@ -123,43 +157,37 @@ class TextGenerationPipeline:
     def stats(self) -> GenerationStats:
         return self.engine.stats
 
-    def encode_prompts(self, prompts: list[str], truncate: bool = False) -> list[list[int]]:
-        """Token ids per prompt; too-long prompts keep their last tokens when `truncate`."""
-        context = self.model.config.max_positions
+    def encode_prompts(self, prompts: list[str], truncate: bool = False,
+                       max_new_tokens: int = 1) -> list[list[int]]:
+        """Token ids per prompt; see fit_prompts for too-long prompts."""
         encoded = self.tokenizer.encode(prompts)
-        for i, ids in enumerate(encoded):
-            if not ids:
-                raise ValueError(f"prompt {i} is empty")
-            if len(ids) >= context:
-                if not truncate:
-                    raise ValueError(
-                        f"prompt {i} has {len(ids)} tokens but the model context is {context}; "
-                        "shorten it or allow left truncation"
-                    )
-                encoded[i] = ids[len(ids) - context + 1 :]
-        return encoded
+        return fit_prompts(encoded, self.model.config.max_positions, max_new_tokens, truncate)
 
     def generate(
         self, prompts: list[str], max_new_tokens: int = 32, temperature: float = 0.0, top_k: int = 0,
         top_p: float = 1.0, seed: int = 0, stop: list[str] | None = None, batch_size: int | None = None,
-        truncate_prompts: bool = False, on_token=None,
+        truncate_prompts: bool = False, on_token=None, on_finish=None,
     ) -> list[GeneratedText]:
-        ids = self.encode_prompts(prompts, truncate_prompts)
+        """on_token(prompt_index, token) as tokens come; on_finish(prompt_index, GeneratedText)
+        as each prompt is done."""
+        ids = self.encode_prompts(prompts, truncate_prompts, max_new_tokens)
         stop = [s for s in (stop or []) if s]
+
+        def as_text(index, result) -> GeneratedText:
+            text = self.tokenizer.decode(result.token_ids)
+            if result.finish_reason == "stop":
+                text = trim_at_stop(text, stop)
+            return GeneratedText(prompts[index], text, result.token_ids, result.finish_reason,
+                                 result.prompt_length, result.time_to_first_token, result.total_seconds)
+
         results = self.engine.run(
             ids, max_new_tokens, self.tokenizer.eos_id,
             SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p), seed=seed,
             batch_size=batch_size or self.batch_size, stop_strings=stop, decode=self.tokenizer.decode,
             on_token=on_token,
+            on_finish=None if on_finish is None else (lambda i, r: on_finish(i, as_text(i, r))),
         )
-        out = []
-        for prompt, result in zip(prompts, results):
-            text = self.tokenizer.decode(result.token_ids)
-            if result.finish_reason == "stop":
-                cut = min((text.find(s) for s in stop if s in text), default=-1)
-                text = text[:cut] if cut >= 0 else text
-            out.append(GeneratedText(prompt, text, result.token_ids, result.finish_reason))
-        return out
+        return [as_text(i, result) for i, result in enumerate(results)]
 
     def __call__(self, prompts: str | list[str], **kwargs) -> str | list[str]:
         """Generated text (without the prompt) for one prompt, or a list for a list."""
@@ -221,9 +249,9 @@ class EntailmentPipeline:
         return torch.tensor(scores).view(len(prompts), len(self.labels))
 
     def __call__(self, premise, hypothesis=None):
-        """(premise, hypothesis) -> {"label", "scores"}; a list of pairs -> a list of those."""
-        single = hypothesis is not None
-        pairs = [(premise, hypothesis)] if single else list(premise)
+        """(premise, hypothesis) -> {"label", "scores"}; two lists (premises, hypotheses) or one
+        list of (premise, hypothesis) pairs -> a list of those."""
+        single, pairs = _entailment_pairs(premise, hypothesis)
         prompts = self.tokenizer.encode([self.prompt(p, h) for p, h in pairs])
         probs = self.label_log_likelihoods(prompts).softmax(-1)
         out = []
@@ -232,3 +260,31 @@ class EntailmentPipeline:
             scores = {label: p for label, p in zip(self.labels, row)}
             out.append({"label": self.labels[best], "scores": scores})
         return out[0] if single else out
+
+
+def _entailment_pairs(premise, hypothesis) -> tuple[bool, list[tuple[str, str]]]:
+    """(one pair given?, the pairs); wrong shapes are a TypeError, empty texts a ValueError."""
+    usage = ("EntailmentPipeline takes (premise, hypothesis), two lists (premises, hypotheses) "
+             "or one list of (premise, hypothesis) pairs")
+    if isinstance(premise, str) and isinstance(hypothesis, str):
+        single, pairs = True, [(premise, hypothesis)]
+    elif isinstance(premise, (list, tuple)) and isinstance(hypothesis, (list, tuple)):
+        if len(premise) != len(hypothesis):
+            raise ValueError(f"{len(premise)} premises but {len(hypothesis)} hypotheses")
+        single, pairs = False, list(zip(premise, hypothesis))
+    elif isinstance(premise, (list, tuple)) and hypothesis is None:
+        if not all(isinstance(p, (list, tuple)) and len(p) == 2 for p in premise):
+            raise TypeError(f"{usage}; got a list whose items are not (premise, hypothesis) pairs")
+        single, pairs = False, [tuple(p) for p in premise]
+    else:
+        got = type(premise).__name__ + ("" if hypothesis is None else f" and {type(hypothesis).__name__}")
+        raise TypeError(f"{usage}; got {got}")
+    if not pairs:
+        raise ValueError("no (premise, hypothesis) pairs given")
+    for i, (p, h) in enumerate(pairs):
+        for name, text in (("premise", p), ("hypothesis", h)):
+            if not isinstance(text, str):
+                raise TypeError(f"{name} {i} must be a string, got {type(text).__name__}")
+            if not text.strip():
+                raise ValueError(f"{name} {i} is empty")
+    return single, pairs

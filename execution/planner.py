@@ -275,8 +275,27 @@ def format_table(result: dict) -> str:
     lines.append("(GiB per device; comm = GiB sent+received per device per optimizer step; est s = rough step time)")
     lines.append(f"KV cache for inference: {result['kv_cache_bytes_per_token'] / 2**20:.2f} MiB per token (all layers, "
                  "divide by tensor parallel)")
-    lines.append(f"recommended: {result['recommended'] or 'nothing fits'}")
+    lines.append(f"recommended: {result['recommended'] or 'nothing fits: ' + why_nothing_fits(result)}")
     return "\n".join(lines)
+
+
+def why_nothing_fits(result: dict) -> str:
+    """The real reason no layout fits: the batch split when that alone rules out layouts that
+    would otherwise fit, else how many layouts each kind of problem rules out."""
+    rows = result["layouts"]
+    if not rows:
+        return "no layout for this machine"
+    batch_only = [r["layout"] for r in rows
+                  if r["problems"] and all(p.startswith("global batch") for p in r["problems"])]
+    if batch_only:
+        return (f"global batch {result['global_batch']} is not a multiple of micro-batch "
+                f"{result['micro_batch']} x replicas in the {len(batch_only)} layout(s) that would "
+                f"otherwise fit ({', '.join(batch_only[:3])}{', ...' if len(batch_only) > 3 else ''})")
+    kinds = {"memory": lambda p: p.startswith("needs"),
+             "the batch split": lambda p: p.startswith("global batch"),
+             "the tensor-parallel split": lambda p: "not divisible by tp" in p or "spans nodes" in p}
+    counts = {k: sum(any(test(p) for p in r["problems"]) for r in rows) for k, test in kinds.items()}
+    return ", ".join(f"{k} rules out {n}" for k, n in counts.items() if n) + f" of {len(rows)} layouts"
 
 
 def main(argv=None) -> int:
@@ -293,6 +312,14 @@ def main(argv=None) -> int:
                         help="count the fp32 temporaries of the for-loop torch AdamW (8 B/param)")
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
     args = parser.parse_args(argv)
+    for option in ("seq", "micro_batch", "global_batch"):
+        if getattr(args, option) < 1:
+            parser.error(f"--{option.replace('_', '-')} must be >= 1, got {getattr(args, option)}")
+    for option in ("device_memory_gib", "host_memory_gib"):
+        if getattr(args, option) is not None and getattr(args, option) <= 0:
+            parser.error(f"--{option.replace('_', '-')} must be positive, got {getattr(args, option)}")
+    if args.global_batch % args.micro_batch:
+        parser.error(f"--global-batch {args.global_batch} is not a multiple of --micro-batch {args.micro_batch}")
     if args.machine not in MACHINES:
         parser.error(f"unknown machine {args.machine!r}; known: {', '.join(MACHINES)}")
     machine = MACHINES[args.machine]
