@@ -1,0 +1,275 @@
+"""Load once, call many times: text generation and MNLI-style entailment by label likelihood.
+
+    from execution.pipelines import TextGenerationPipeline, EntailmentPipeline
+    generator = TextGenerationPipeline.from_pretrained("EleutherAI/gpt-j-6b", precision="bf16")
+    generator("The capital of France is", max_new_tokens=8)           # -> str
+    nli = EntailmentPipeline.from_pretrained("runs/mnli")              # run_finetuning.py output
+    nli("A man plays a guitar.", "A person makes music.")              # -> {"label", "scores"}
+
+`model_dir_or_id` is a Hugging Face directory or Hub id, the output directory of
+run_finetuning.py (its `hf/` export, which includes the tokenizer, is used), or
+`random:PRESET` for a seeded random model of a gptj.ModelConfig preset (offline tests/demos).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from gptj import GPTJ, ModelConfig, ParallelContext
+
+from .generation import GenerationEngine, GenerationStats
+from .precision import parse_dtype
+from .preflight import resolve_model_source
+from .sampling import SamplingParams
+
+
+def resolve_model_dir(name_or_path: str) -> str:
+    """A run_finetuning.py output dir becomes its hf/ export; a Hub id is returned as is; a local
+    path that holds no model is a ValueError naming the problem."""
+    return resolve_model_source(name_or_path, option="model")
+
+
+def pick_device(device: str | torch.device | None) -> torch.device:
+    if device in (None, "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device cuda was asked for but no CUDA GPU is available")
+    return device
+
+
+def load_model_and_tokenizer(
+    name_or_path: str,
+    tokenizer: str | None = None,
+    precision: str = "fp32",
+    device: str | torch.device | None = None,
+    ctx: ParallelContext | None = None,
+    offload_weights: bool = False,
+    init_seed: int = 0,
+):
+    """(GPTJ in eval mode, data.Tokenizer). Raises ValueError subclasses with a clear message."""
+    import data
+
+    dtype, device = parse_dtype(precision), pick_device(device)
+    load_to = torch.device("cpu") if offload_weights else device
+    if name_or_path.startswith("random:"):
+        config = ModelConfig.preset(name_or_path.removeprefix("random:"))
+        tok = data.load_tokenizer(tokenizer or "bundled:tiny")
+        # The random model takes the tokenizer's vocabulary so every id it emits decodes.
+        config = config.replace(vocab_size=tok.vocab_size, eos_token_id=tok.eos_id, bos_token_id=tok.eos_id)
+        model = GPTJ(config, ctx, dtype=dtype, device=load_to).init_weights(seed=init_seed)
+    else:
+        from gptj.hf import load_pretrained
+
+        directory = resolve_model_dir(name_or_path)
+        model, _ = load_pretrained(directory, ctx, dtype=dtype, device=load_to)
+        tok = data.load_tokenizer(tokenizer or directory)
+        if tok.vocab_size > model.config.vocab_size:
+            raise ValueError(
+                f"tokenizer {tokenizer or directory} has {tok.vocab_size} tokens but the model's "
+                f"vocabulary is {model.config.vocab_size}"
+            )
+    if offload_weights:
+        from .offload import BlockWeightStreamer
+
+        # Streaming hooks stay attached for the model's lifetime (it holds the streamer).
+        model.weight_streamer = BlockWeightStreamer(model, device)
+        model.weight_streamer.attach()
+    return model.eval(), tok
+
+
+def fit_prompts(encoded: list[list[int]], context: int, max_new_tokens: int = 1,
+                truncate: bool = False) -> list[list[int]]:
+    """Check prompt lengths against the context. A prompt with no room to generate is an error;
+    with `truncate`, a prompt longer than context - max_new_tokens keeps its last that many
+    tokens (at least one), so the requested new tokens fit."""
+    keep = max(1, context - max_new_tokens)
+    for i, ids in enumerate(encoded):
+        if not ids:
+            raise ValueError(f"prompt {i} is empty")
+        if truncate and len(ids) > keep:
+            encoded[i] = ids[len(ids) - keep :]
+        elif len(ids) >= context:
+            raise ValueError(
+                f"prompt {i} has {len(ids)} tokens but the model context is {context}; "
+                "shorten it or allow left truncation"
+            )
+    return encoded
+
+
+def trim_at_stop(text: str, stop: list[str]) -> str:
+    """The text before the first stop string in it."""
+    cut = min((text.find(s) for s in stop if s and s in text), default=-1)
+    return text[:cut] if cut >= 0 else text
+
+
+@dataclass
+class GeneratedText:
+    prompt: str
+    text: str
+    token_ids: list[int]
+    finish_reason: str
+    prompt_tokens: int = 0
+    time_to_first_token: float = 0.0  # seconds from the start of the run (queue wait included)
+    total_seconds: float = 0.0  # seconds from the start of the run to this prompt's end
+
+    def timings(self) -> dict:
+        """This prompt's own figures (generated_tokens counts the text's tokens, EOS excluded)."""
+        return {"prompt_tokens": self.prompt_tokens, "generated_tokens": len(self.token_ids),
+                "time_to_first_token_s": round(self.time_to_first_token, 6),
+                "total_s": round(self.total_seconds, 6)}
+
+
+class TextGenerationPipeline:
+    def __init__(self, model: GPTJ, tokenizer, batch_size: int = 16, compile_decode: bool = False):
+        self.model, self.tokenizer, self.batch_size = model, tokenizer, batch_size
+        self.engine = GenerationEngine(model, compile_decode=compile_decode)
+
+    @classmethod
+    def from_pretrained(
+        cls, model_dir_or_id: str, tokenizer: str | None = None, precision: str = "fp32",
+        device: str | None = None, ctx: ParallelContext | None = None, offload_weights: bool = False,
+        compile_decode: bool = False, batch_size: int = 16, init_seed: int = 0,
+    ) -> TextGenerationPipeline:
+        model, tok = load_model_and_tokenizer(
+            model_dir_or_id, tokenizer, precision, device, ctx, offload_weights, init_seed
+        )
+        return cls(model, tok, batch_size=batch_size, compile_decode=compile_decode)
+
+    @property
+    def stats(self) -> GenerationStats:
+        return self.engine.stats
+
+    def encode_prompts(self, prompts: list[str], truncate: bool = False,
+                       max_new_tokens: int = 1) -> list[list[int]]:
+        """Token ids per prompt; see fit_prompts for too-long prompts."""
+        encoded = self.tokenizer.encode(prompts)
+        return fit_prompts(encoded, self.model.config.max_positions, max_new_tokens, truncate)
+
+    def generate(
+        self, prompts: list[str], max_new_tokens: int = 32, temperature: float = 0.0, top_k: int = 0,
+        top_p: float = 1.0, seed: int = 0, stop: list[str] | None = None, batch_size: int | None = None,
+        truncate_prompts: bool = False, on_token=None, on_finish=None,
+    ) -> list[GeneratedText]:
+        """on_token(prompt_index, token) as tokens come; on_finish(prompt_index, GeneratedText)
+        as each prompt is done."""
+        ids = self.encode_prompts(prompts, truncate_prompts, max_new_tokens)
+        stop = [s for s in (stop or []) if s]
+
+        def as_text(index, result) -> GeneratedText:
+            text = self.tokenizer.decode(result.token_ids)
+            if result.finish_reason == "stop":
+                text = trim_at_stop(text, stop)
+            return GeneratedText(prompts[index], text, result.token_ids, result.finish_reason,
+                                 result.prompt_length, result.time_to_first_token, result.total_seconds)
+
+        results = self.engine.run(
+            ids, max_new_tokens, self.tokenizer.eos_id,
+            SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p), seed=seed,
+            batch_size=batch_size or self.batch_size, stop_strings=stop, decode=self.tokenizer.decode,
+            on_token=on_token,
+            on_finish=None if on_finish is None else (lambda i, r: on_finish(i, as_text(i, r))),
+        )
+        return [as_text(i, result) for i, result in enumerate(results)]
+
+    def __call__(self, prompts: str | list[str], **kwargs) -> str | list[str]:
+        """Generated text (without the prompt) for one prompt, or a list for a list."""
+        single = isinstance(prompts, str)
+        texts = [g.text for g in self.generate([prompts] if single else list(prompts), **kwargs)]
+        return texts[0] if single else texts
+
+
+class EntailmentPipeline:
+    """Label by likelihood: score each label's continuation after the task prompt.
+
+    score(label) = sum of log-probabilities of the label's tokens (" entailment", ...) after
+    the prompt `mnli hypothesis: {hypothesis} premise: {premise} target:` (the data layer's
+    task template); the scores are turned into probabilities by a softmax over the labels.
+    """
+
+    def __init__(self, model: GPTJ, tokenizer, task: str = "mnli", batch_size: int = 8):
+        import data
+
+        self.model, self.tokenizer, self.batch_size = model, tokenizer, batch_size
+        self.task = data.load_task(task)
+        if not self.task.labels:
+            raise ValueError(f"task {self.task.name} has no labels to score")
+        self.labels = list(self.task.labels)
+        self.label_ids = [
+            tokenizer.encode([self.task.target({self.task.label_field: label})])[0] for label in self.labels
+        ]
+
+    @classmethod
+    def from_pretrained(
+        cls, model_dir_or_id: str, tokenizer: str | None = None, precision: str = "fp32",
+        device: str | None = None, ctx: ParallelContext | None = None, task: str = "mnli", init_seed: int = 0,
+    ) -> EntailmentPipeline:
+        model, tok = load_model_and_tokenizer(model_dir_or_id, tokenizer, precision, device, ctx, False, init_seed)
+        return cls(model, tok, task=task)
+
+    def prompt(self, premise: str, hypothesis: str) -> str:
+        return self.task.render_prompt({"premise": premise, "hypothesis": hypothesis, self.task.label_field: ""})
+
+    @torch.inference_mode()
+    def label_log_likelihoods(self, prompts: list[list[int]]) -> torch.Tensor:
+        """[N, labels] sum of label-token log-probs after each prompt (fp32, on the CPU)."""
+        device = self.model.embed.weight.device
+        rows = [(p, c) for p in prompts for c in self.label_ids]
+        scores = []
+        for start in range(0, len(rows), self.batch_size * len(self.labels)):
+            chunk = rows[start : start + self.batch_size * len(self.labels)]
+            longest = max(len(p) + len(c) for p, c in chunk)
+            ids = torch.zeros(len(chunk), longest, dtype=torch.long)
+            for i, (p, c) in enumerate(chunk):
+                ids[i, : len(p) + len(c)] = torch.tensor(p + c)
+            # Right padding sits after every real token, so plain causal attention is exact.
+            hidden = self.model.hidden_states(ids.to(device))
+            for i, (p, c) in enumerate(chunk):
+                where = torch.arange(len(p) - 1, len(p) + len(c) - 1, device=device)
+                logp = self.model.logits_from_hidden(hidden[i, where]).log_softmax(-1)
+                target = torch.tensor(c, device=device)
+                scores.append(logp.gather(-1, target[:, None]).sum().item())
+        return torch.tensor(scores).view(len(prompts), len(self.labels))
+
+    def __call__(self, premise, hypothesis=None):
+        """(premise, hypothesis) -> {"label", "scores"}; two lists (premises, hypotheses) or one
+        list of (premise, hypothesis) pairs -> a list of those."""
+        single, pairs = _entailment_pairs(premise, hypothesis)
+        prompts = self.tokenizer.encode([self.prompt(p, h) for p, h in pairs])
+        probs = self.label_log_likelihoods(prompts).softmax(-1)
+        out = []
+        for row in probs.tolist():
+            best = max(range(len(row)), key=row.__getitem__)
+            scores = {label: p for label, p in zip(self.labels, row)}
+            out.append({"label": self.labels[best], "scores": scores})
+        return out[0] if single else out
+
+
+def _entailment_pairs(premise, hypothesis) -> tuple[bool, list[tuple[str, str]]]:
+    """(one pair given?, the pairs); wrong shapes are a TypeError, empty texts a ValueError."""
+    usage = ("EntailmentPipeline takes (premise, hypothesis), two lists (premises, hypotheses) "
+             "or one list of (premise, hypothesis) pairs")
+    if isinstance(premise, str) and isinstance(hypothesis, str):
+        single, pairs = True, [(premise, hypothesis)]
+    elif isinstance(premise, (list, tuple)) and isinstance(hypothesis, (list, tuple)):
+        if len(premise) != len(hypothesis):
+            raise ValueError(f"{len(premise)} premises but {len(hypothesis)} hypotheses")
+        single, pairs = False, list(zip(premise, hypothesis))
+    elif isinstance(premise, (list, tuple)) and hypothesis is None:
+        if not all(isinstance(p, (list, tuple)) and len(p) == 2 for p in premise):
+            raise TypeError(f"{usage}; got a list whose items are not (premise, hypothesis) pairs")
+        single, pairs = False, [tuple(p) for p in premise]
+    else:
+        got = type(premise).__name__ + ("" if hypothesis is None else f" and {type(hypothesis).__name__}")
+        raise TypeError(f"{usage}; got {got}")
+    if not pairs:
+        raise ValueError("no (premise, hypothesis) pairs given")
+    for i, (p, h) in enumerate(pairs):
+        for name, text in (("premise", p), ("hypothesis", h)):
+            if not isinstance(text, str):
+                raise TypeError(f"{name} {i} must be a string, got {type(text).__name__}")
+            if not text.strip():
+                raise ValueError(f"{name} {i} is empty")
+    return single, pairs

@@ -1,0 +1,343 @@
+"""Layout planner: bytes per device, communication per step and host bytes for every layout.
+
+A layout is tensor parallel t x replicas r (t * r = every device of the machine) plus three
+switches: optimizer offload (fp32 master + Adam state on the host), block-weight streaming
+(only ~2 blocks of weights/gradients resident on the device) and activation recomputation.
+For each layout the planner counts, per device, exactly what this project's training step
+keeps (see execution/optimizer.py for the optimizer's buffers) and says which layouts fit.
+
+    python -m execution.planner --model gptj-6b --seq 1024 --micro-batch 1 --global-batch 128 \
+        --machine h100-80gb-x8
+    python -m execution.planner --model path/to/config.json --machine cpu-24gb --json
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+from gptj import ConfigError, ModelConfig
+
+GiB = 2**30
+GB = 1e9
+
+
+@dataclass(frozen=True)
+class Machine:
+    name: str
+    devices_per_node: int
+    nodes: int
+    device_memory: float  # bytes per device
+    host_memory: float  # bytes per node
+    intra_bandwidth: float  # bytes/s per device inside a node (NVLink)
+    inter_bandwidth: float  # bytes/s per device across nodes (InfiniBand)
+    host_link_bandwidth: float  # bytes/s per device between host and device (PCIe)
+    matmul_flops: float  # bf16 dense FLOP/s per device
+    reserved: float  # bytes per device the runtime keeps (CUDA context, allocator slack)
+    shared_host: bool = False  # CPU: "device" and host memory are the same RAM
+
+    @property
+    def devices(self) -> int:
+        return self.devices_per_node * self.nodes
+
+
+def h100_machine(nodes: int, per_node: int) -> Machine:
+    return Machine(
+        name=f"h100-80gb-{'x' + str(per_node) if nodes == 1 else f'{nodes}x{per_node}'}",
+        devices_per_node=per_node, nodes=nodes, device_memory=80 * GiB,  # 81,559 MiB usable on an H100 80GB
+        host_memory=(2000 if per_node == 8 else 240) * GB,
+        intra_bandwidth=(450 if per_node > 1 else 0) * GB, inter_bandwidth=50 * GB,
+        host_link_bandwidth=25 * GB, matmul_flops=989e12, reserved=3 * GiB,
+    )
+
+
+MACHINES = {
+    "h100-80gb-x1": h100_machine(1, 1),
+    "h100-80gb-x8": h100_machine(1, 8),
+    "h100-80gb-8x8": h100_machine(8, 8),
+    "cpu-24gb": Machine(
+        name="cpu-24gb", devices_per_node=1, nodes=1, device_memory=24 * GiB, host_memory=24 * GiB,
+        intra_bandwidth=0.0, inter_bandwidth=0.0, host_link_bandwidth=20 * GB, matmul_flops=2e12,
+        reserved=0.5 * GiB, shared_host=True,
+    ),
+}
+
+PRECISION_BYTES = {"bf16": 2, "fp16": 2, "fp32": 4}
+OPTIMIZER_BYTES = 16  # fp32 master + fp32 gradient slice + Adam m + Adam v, per parameter
+STEP_TRANSIENT_BYTES = 8  # unfused AdamW's sqrt(v) and sqrt(v)/bias_correction temporaries, fp32
+ASSUMED_MFU = 0.5  # for the rough step-time estimate used to rank layouts
+
+
+@dataclass(frozen=True)
+class Layout:
+    tensor_parallel: int
+    replicas: int
+    offload: bool
+    streaming: bool
+    recompute: bool
+
+    @property
+    def name(self) -> str:
+        flags = [f for f, on in (("offload", self.offload), ("stream", self.streaming),
+                                 ("recompute", self.recompute)) if on]
+        return f"tp{self.tensor_parallel}xr{self.replicas}" + ("+" + "+".join(flags) if flags else "")
+
+
+def load_model_config(spec: str) -> ModelConfig:
+    """A preset name or the path of a Hugging Face config.json (or its directory)."""
+    path = Path(spec)
+    if path.is_dir():
+        path = path / "config.json"
+    if path.suffix == ".json":
+        if not path.is_file():
+            raise ConfigError(f"{path}: no such config.json")
+        return ModelConfig.from_hf(json.loads(path.read_text()))
+    return ModelConfig.preset(spec)
+
+
+def parameter_counts(config: ModelConfig, tp: int) -> dict[str, int]:
+    """Parameters held by one TP rank: per block, outside blocks, and in total."""
+    d, f, vp = config.hidden_size, config.ffn_dim, config.padded_vocab_size(tp)
+    width = config.num_heads // tp * config.head_dim
+    block = 2 * d + 3 * width * d + width * d + (f // tp) * d + f // tp + d * (f // tp) + d
+    outside = (vp // tp) * d + 2 * d + (vp // tp) * (d + 1)
+    return {"block": block, "outside": outside, "total": outside + config.num_layers * block}
+
+
+def activation_bytes(config: ModelConfig, tp: int, tokens: int, seq: int, pb: int, recompute: bool) -> dict:
+    """Bytes kept for backward over one micro-batch (`tokens` = micro_batch * seq).
+
+    Per block and token, without recomputation: the block input x and ln_1 output (d each),
+    q, k, v and the attention output (4 d/t), fc_in output and gelu output (2 f/t). The CPU
+    and GPU fused attention kernels keep no S x S scores. With recomputation only the block
+    inputs stay, plus one block's full set while it is recomputed.
+    """
+    d, f = config.hidden_size, config.ffn_dim
+    full_block = (2 * d + 4 * d // tp + 2 * f // tp) * pb * tokens
+    inputs = d * pb * tokens
+    blocks = (config.num_layers * inputs + full_block) if recompute else config.num_layers * full_block
+    vocab_local = config.padded_vocab_size(tp) // tp
+    if tp == 1:  # fused head + loss: one [T, V] buffer in the model dtype + a small fp32 chunk
+        logits = tokens * vocab_local * pb + min(tokens, max(1, (1 << 23) // vocab_local)) * vocab_local * 4
+    else:  # model-dtype logits, fp32 logits, fp32 softmax kept for backward
+        logits = tokens * vocab_local * (pb + 4 + 4)
+    return {"blocks": blocks, "logits": logits, "mask": tokens * seq}  # bool segment mask [B,1,S,S]
+
+
+def plan_layout(config, layout: Layout, machine: Machine, seq: int, micro_batch: int,
+                global_batch: int, precision: str, fused_adamw: bool = True) -> dict:
+    t, r = layout.tensor_parallel, layout.replicas
+    pb = PRECISION_BYTES[precision]
+    counts = parameter_counts(config, t)
+    p_local = counts["total"]
+    tokens = micro_batch * seq
+    resident_params = counts["outside"] + 2 * counts["block"] if layout.streaming else p_local
+
+    device = {
+        "weights": resident_params * pb,
+        "gradients": resident_params * pb,
+        "optimizer": 0 if layout.offload else OPTIMIZER_BYTES * p_local / r,
+    }
+    act = activation_bytes(config, t, tokens, seq, pb, layout.recompute)
+    device["activations"] = act["blocks"] + act["mask"]
+    device["logits"] = act["logits"]
+    # Backward also holds the dense [V/t, d] gradients of the embedding and of lm_head before
+    # they are added into the flat gradient buffer.
+    device["backward_transient"] = 2 * (config.padded_vocab_size(t) // t) * config.hidden_size * pb
+    # The unfused torch.optim.AdamW makes two fp32 temporaries the size of the flat master slice
+    # (the fused kernel none). The step runs after backward has freed the activations, so the
+    # peak is the larger of the two phases.
+    step_transient = 0 if fused_adamw else STEP_TRANSIENT_BYTES * p_local / r
+    device["step_transient"] = 0 if layout.offload else step_transient
+    device["reserved"] = machine.reserved
+    backward_peak = device["activations"] + device["logits"] + device["backward_transient"]
+    device_total = (sum(device.values()) - backward_peak - device["step_transient"]
+                    + max(backward_peak, device["step_transient"]))
+
+    host = 0.0
+    if layout.offload:  # fp32 state + staging buffers for the slice crossing the bus
+        host += (OPTIMIZER_BYTES * p_local + step_transient * r) / r + 2 * pb * p_local / r
+        if r == 1:  # without replicas the optimizer keeps the flat gradient buffer on the host
+            host += pb * p_local
+    if layout.streaming:  # the block weights and their gradients live on the host
+        host += 2 * (p_local - resident_params) * pb
+    host_per_node = host * machine.devices_per_node
+
+    # Communication per optimizer step, bytes sent+received per device (ring algorithms).
+    accumulation = global_batch / (micro_batch * r)
+    passes = 3 if layout.recompute else 2  # forward all-reduce is repeated when recomputing
+    tp_volume = 0.0
+    if t > 1:
+        per_allreduce = tokens * config.hidden_size * pb * 2 * (t - 1) / t
+        tp_volume = accumulation * (passes * config.num_layers + 2) * per_allreduce
+    replica_volume = p_local * pb * 2 * (r - 1) / r if r > 1 else 0.0  # reduce-scatter + all-gather
+    host_volume = 0.0
+    if layout.offload:
+        host_volume += 2 * p_local * pb / r  # gradient slice down, updated weights up
+    if layout.streaming:  # weights in for forward and backward (+ recompute), gradients out
+        host_volume += accumulation * (passes + 1) * (p_local - resident_params) * pb
+
+    spans_nodes = machine.nodes > 1 and r > 1
+    replica_bw = machine.inter_bandwidth if spans_nodes else machine.intra_bandwidth
+    flops = config.flops_per_token(seq) * global_batch * seq / machine.devices
+    if layout.recompute:
+        flops *= 4 / 3  # one more forward
+    times = {
+        "compute": flops / (machine.matmul_flops * ASSUMED_MFU),
+        "tp_comm": tp_volume / machine.intra_bandwidth if tp_volume else 0.0,
+        "replica_comm": replica_volume / replica_bw if replica_volume else 0.0,
+        "host_transfer": host_volume / machine.host_link_bandwidth if host_volume else 0.0,
+    }
+    problems = []
+    if config.num_heads % t or config.ffn_dim % t:
+        problems.append(f"num_heads {config.num_heads} / ffn {config.ffn_dim} not divisible by tp {t}")
+    if t > machine.devices_per_node:
+        problems.append(f"tensor parallel {t} spans nodes ({machine.devices_per_node} devices per node)")
+    if abs(accumulation - round(accumulation)) > 1e-9 or accumulation < 1:
+        problems.append(f"global batch {global_batch} is not a multiple of micro-batch x replicas "
+                        f"({micro_batch} x {r})")
+    memory = machine.device_memory
+    if machine.shared_host:  # host and device share the same RAM
+        if device_total + host > memory:
+            problems.append(f"needs {(device_total + host) / GiB:.1f} GiB of {memory / GiB:.1f} GiB RAM")
+    else:
+        if device_total > memory:
+            problems.append(f"needs {device_total / GiB:.1f} GiB per device of {memory / GiB:.1f} GiB")
+        if host_per_node > machine.host_memory:
+            problems.append(f"needs {host_per_node / GiB:.0f} GiB host memory per node "
+                            f"of {machine.host_memory / GiB:.0f} GiB")
+    return {
+        "layout": layout.name,
+        **dataclasses.asdict(layout),
+        "params_per_device": p_local,
+        "grad_accumulation": accumulation,
+        "device_bytes": device,
+        "device_total": device_total,
+        "host_bytes_per_device": host,
+        "host_bytes_per_node": host_per_node,
+        "comm_bytes_per_step": {"tensor_parallel": tp_volume, "replicas": replica_volume, "host": host_volume},
+        "estimated_seconds": {**times, "step": sum(times.values())},
+        "fits": not problems,
+        "problems": problems,
+    }
+
+
+def layouts(config: ModelConfig, machine: Machine):
+    t = 1
+    while t <= machine.devices:
+        if machine.devices % t == 0:
+            for offload in (False, True):
+                for streaming in ((False, True) if offload else (False,)):
+                    for recompute in (False, True):
+                        yield Layout(t, machine.devices // t, offload, streaming, recompute)
+        t *= 2
+
+
+def plan(config: ModelConfig, machine: Machine, seq: int, micro_batch: int, global_batch: int,
+         precision: str = "bf16", fused_adamw: bool = True) -> dict:
+    """Every layout, and the recommended one: the fitting layout with the lowest estimated step time."""
+    if precision not in PRECISION_BYTES:
+        raise ConfigError(f"precision {precision!r}; expected one of {sorted(PRECISION_BYTES)}")
+    rows = [plan_layout(config, lay, machine, seq, micro_batch, global_batch, precision, fused_adamw)
+            for lay in layouts(config, machine)]
+    fitting = [r for r in rows if r["fits"]]
+    best = min(fitting, key=lambda r: (r["estimated_seconds"]["step"], r["device_total"]), default=None)
+    return {
+        "model": config.to_dict(),
+        "parameters": config.num_parameters(),
+        "machine": dataclasses.asdict(machine),
+        "seq": seq, "micro_batch": micro_batch, "global_batch": global_batch, "precision": precision,
+        "kv_cache_bytes_per_token": 2 * config.num_layers * config.hidden_size * PRECISION_BYTES[precision],
+        "layouts": rows,
+        "recommended": best["layout"] if best else None,
+    }
+
+
+def format_table(result: dict) -> str:
+    lines = [
+        f"{result['parameters'] / 1e9:.2f} B parameters, seq {result['seq']}, micro-batch "
+        f"{result['micro_batch']}, global batch {result['global_batch']}, {result['precision']}, "
+        f"machine {result['machine']['name']}",
+        f"{'layout':34s} {'weights':>8s} {'grads':>8s} {'optim':>8s} {'activ':>8s} {'logits':>8s} "
+        f"{'total':>8s} {'host/dev':>9s} {'TP comm':>8s} {'DP comm':>8s} {'host io':>8s} {'est s':>7s}  fits",
+    ]
+    for r in result["layouts"]:
+        dev, comm = r["device_bytes"], r["comm_bytes_per_step"]
+        cells = [dev["weights"], dev["gradients"], dev["optimizer"], dev["activations"], dev["logits"],
+                 r["device_total"], r["host_bytes_per_device"], comm["tensor_parallel"], comm["replicas"], comm["host"]]
+        lines.append(f"{r['layout']:34s} " + " ".join(f"{c / GiB:8.1f}" for c in cells[:6])
+                     + f" {cells[6] / GiB:9.1f} " + " ".join(f"{c / GiB:8.1f}" for c in cells[7:])
+                     + f" {r['estimated_seconds']['step']:7.2f}  " + ("yes" if r["fits"] else "no: " + "; ".join(r["problems"])))
+    lines.append("(GiB per device; comm = GiB sent+received per device per optimizer step; est s = rough step time)")
+    lines.append(f"KV cache for inference: {result['kv_cache_bytes_per_token'] / 2**20:.2f} MiB per token (all layers, "
+                 "divide by tensor parallel)")
+    lines.append(f"recommended: {result['recommended'] or 'nothing fits: ' + why_nothing_fits(result)}")
+    return "\n".join(lines)
+
+
+def why_nothing_fits(result: dict) -> str:
+    """The real reason no layout fits: the batch split when that alone rules out layouts that
+    would otherwise fit, else how many layouts each kind of problem rules out."""
+    rows = result["layouts"]
+    if not rows:
+        return "no layout for this machine"
+    batch_only = [r["layout"] for r in rows
+                  if r["problems"] and all(p.startswith("global batch") for p in r["problems"])]
+    if batch_only:
+        return (f"global batch {result['global_batch']} is not a multiple of micro-batch "
+                f"{result['micro_batch']} x replicas in the {len(batch_only)} layout(s) that would "
+                f"otherwise fit ({', '.join(batch_only[:3])}{', ...' if len(batch_only) > 3 else ''})")
+    kinds = {"memory": lambda p: p.startswith("needs"),
+             "the batch split": lambda p: p.startswith("global batch"),
+             "the tensor-parallel split": lambda p: "not divisible by tp" in p or "spans nodes" in p}
+    counts = {k: sum(any(test(p) for p in r["problems"]) for r in rows) for k, test in kinds.items()}
+    return ", ".join(f"{k} rules out {n}" for k, n in counts.items() if n) + f" of {len(rows)} layouts"
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description="Memory and communication of every training layout.")
+    parser.add_argument("--model", default="gptj-6b", help="preset name or Hugging Face config.json")
+    parser.add_argument("--seq", type=int, default=1024)
+    parser.add_argument("--micro-batch", type=int, default=1)
+    parser.add_argument("--global-batch", type=int, default=128)
+    parser.add_argument("--precision", default="bf16", choices=sorted(PRECISION_BYTES))
+    parser.add_argument("--machine", default="h100-80gb-x8", help=f"one of {', '.join(MACHINES)}")
+    parser.add_argument("--device-memory-gib", type=float, help="override the machine's device memory")
+    parser.add_argument("--host-memory-gib", type=float, help="override the machine's host memory per node")
+    parser.add_argument("--unfused-adamw", action="store_true",
+                        help="count the fp32 temporaries of the for-loop torch AdamW (8 B/param)")
+    parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    args = parser.parse_args(argv)
+    for option in ("seq", "micro_batch", "global_batch"):
+        if getattr(args, option) < 1:
+            parser.error(f"--{option.replace('_', '-')} must be >= 1, got {getattr(args, option)}")
+    for option in ("device_memory_gib", "host_memory_gib"):
+        if getattr(args, option) is not None and getattr(args, option) <= 0:
+            parser.error(f"--{option.replace('_', '-')} must be positive, got {getattr(args, option)}")
+    if args.global_batch % args.micro_batch:
+        parser.error(f"--global-batch {args.global_batch} is not a multiple of --micro-batch {args.micro_batch}")
+    if args.machine not in MACHINES:
+        parser.error(f"unknown machine {args.machine!r}; known: {', '.join(MACHINES)}")
+    machine = MACHINES[args.machine]
+    if args.device_memory_gib:
+        machine = dataclasses.replace(machine, device_memory=args.device_memory_gib * GiB)
+    if args.host_memory_gib:
+        machine = dataclasses.replace(machine, host_memory=args.host_memory_gib * GiB)
+    try:
+        config = load_model_config(args.model)
+    except ConfigError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    result = plan(config, machine, args.seq, args.micro_batch, args.global_batch, args.precision,
+                  fused_adamw=not args.unfused_adamw)
+    print(json.dumps(result, indent=1) if args.json else format_table(result))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
+

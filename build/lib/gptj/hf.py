@@ -1,0 +1,244 @@
+"""Hugging Face checkpoints in and out.
+
+Loading reads only this rank's slices from safetensors (`safe_open(...).get_slice`), so no
+rank materialises the full model. Legacy `.bin` files are opened with
+`torch.load(weights_only=True, mmap=True)`: never unpickled as code, and paged in lazily.
+Export gathers each tensor across the tensor-parallel group and writes, from rank 0, a
+directory that `transformers.GPTJForCausalLM.from_pretrained` loads.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .config import ConfigError, ModelConfig
+from .model import GPTJ
+from .parallel import ParallelContext
+from .sharding import gather_to_hf, hf_shapes, shard_rules
+
+SAFE_INDEX = "model.safetensors.index.json"
+BIN_INDEX = "pytorch_model.bin.index.json"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that does not hold the GPT-J this config describes."""
+
+
+def resolve_checkpoint(name_or_path: str | os.PathLike) -> Path:
+    """A local directory as is; otherwise a Hub id, downloaded (safetensors preferred)."""
+    path = Path(name_or_path)
+    if path.is_dir():
+        return path
+    if path.exists():
+        raise CheckpointError(f"{path} is a file; pass the directory that holds config.json")
+    text = str(name_or_path)
+    if text.startswith((".", "/")) or text.count("/") > 1:
+        raise CheckpointError(f"checkpoint directory {text} does not exist")
+    try:
+        from huggingface_hub import list_repo_files, snapshot_download
+    except ImportError as err:  # pragma: no cover - transformers depends on it
+        raise CheckpointError(f"{text} is not a local directory and huggingface_hub is missing") from err
+    try:
+        files = list_repo_files(text)
+    except Exception as err:
+        raise CheckpointError(
+            f"{text} is neither a local directory nor a reachable Hugging Face Hub model ({err})"
+        ) from err
+    weights = ["*.safetensors", SAFE_INDEX] if any(f.endswith(".safetensors") for f in files) else ["*.bin", BIN_INDEX]
+    patterns = ["config.json", "tokenizer*", "vocab.json", "merges.txt", "special_tokens_map.json", "added_tokens.json", *weights]
+    return Path(snapshot_download(text, allow_patterns=patterns))
+
+
+def read_model_config(directory: Path) -> ModelConfig:
+    config_file = directory / "config.json"
+    if not config_file.is_file():
+        raise CheckpointError(f"{directory} has no config.json: not a Hugging Face model directory")
+    try:
+        values = json.loads(config_file.read_text())
+    except json.JSONDecodeError as err:
+        raise CheckpointError(f"{config_file} is not valid JSON: {err}") from err
+    try:
+        return ModelConfig.from_hf(values)
+    except ConfigError as err:
+        raise CheckpointError(f"{directory}: {err}") from err
+
+
+class CheckpointReader:
+    """Reads slices of named HF tensors from safetensors (or legacy .bin) files.
+
+    Every read is recorded in `self.requests` as (name, dim, start, stop) so tests and users
+    can see exactly which bytes a rank asked for.
+    """
+
+    def __init__(self, directory: Path, config: ModelConfig):
+        self.directory = directory
+        self.expected = hf_shapes(config)
+        self.requests: list[tuple[str, int | None, int, int]] = []
+        self._open: dict[Path, Any] = {}
+        self._files: dict[str, Path] = self._index()
+
+    def _index(self) -> dict[str, Path]:
+        d = self.directory
+        for index_name in (SAFE_INDEX, BIN_INDEX):
+            if (d / index_name).is_file():
+                weight_map = json.loads((d / index_name).read_text())["weight_map"]
+                return {name: d / file for name, file in weight_map.items()}
+        files = sorted(d.glob("*.safetensors")) or sorted(d.glob("*.bin"))
+        if not files:
+            raise CheckpointError(f"{d} holds no *.safetensors or *.bin weight files")
+        names = {}
+        for file in files:
+            for name in self._handle(file).keys():  # noqa: SIM118 - safe_open is not iterable
+                names[name] = file
+        return names
+
+    def _handle(self, file: Path):
+        if file not in self._open:
+            if file.suffix == ".safetensors":
+                from safetensors import safe_open
+
+                self._open[file] = safe_open(str(file), framework="pt")
+            else:
+                self._open[file] = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
+        return self._open[file]
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        handle = self._handle(self._files[name])
+        if isinstance(handle, dict):
+            return tuple(handle[name].shape)
+        return tuple(handle.get_slice(name).get_shape())
+
+    def check(self) -> None:
+        """Every expected tensor is present with its expected shape."""
+        missing = [n for n in self.expected if n not in self._files]
+        if missing:
+            more = f" (and {len(missing) - 3} more)" if len(missing) > 3 else ""
+            raise CheckpointError(
+                f"checkpoint {self.directory} is missing tensor {', '.join(missing[:3])}{more}"
+            )
+        for name, want in self.expected.items():
+            found = self.shape(name)
+            if found != want:
+                raise CheckpointError(
+                    f"checkpoint {self.directory}: tensor {name} has shape {found}, expected {want}"
+                )
+
+    def __call__(self, name: str, dim: int | None, start: int, stop: int) -> torch.Tensor:
+        self.requests.append((name, dim, start, stop))
+        handle = self._handle(self._files[name])
+        if isinstance(handle, dict):  # .bin: an mmap-backed tensor, sliced before copying
+            full = handle[name]
+            return full.clone() if dim is None else full.narrow(dim, start, stop - start).clone()
+        piece = handle.get_slice(name)
+        if dim is None:
+            return piece[:]
+        index = [slice(None)] * len(self.expected[name])
+        index[dim] = slice(start, stop)
+        return piece[tuple(index)]
+
+
+def load_pretrained(
+    name_or_path: str | os.PathLike,
+    ctx: ParallelContext | None = None,
+    dtype: torch.dtype = torch.float32,
+    device: torch.device | str | None = None,
+) -> tuple[GPTJ, CheckpointReader]:
+    """A GPTJ holding this rank's shard of a Hugging Face checkpoint."""
+    directory = resolve_checkpoint(name_or_path)
+    config = read_model_config(directory)
+    reader = CheckpointReader(directory, config)
+    reader.check()
+    model = GPTJ(config, ctx, dtype=dtype, device=device)
+    model.load_shards(reader)
+    return model, reader
+
+
+def gather_hf_tensors(model: GPTJ, grads: bool = False) -> dict[str, torch.Tensor]:
+    """All parameters (or their gradients) as full HF-named tensors, on every TP rank.
+
+    Collective over the TP group. Meant for small models and tests; export streams instead.
+    """
+    params = dict(model.named_parameters())
+    out = {}
+    for name in shard_rules(model.config):
+        tensor = params[name].grad if grads else params[name].detach()
+        if tensor is None:
+            raise ValueError(f"parameter {name} has no gradient")
+        out.update(gather_to_hf(name, tensor, model.config, model.ctx))
+    return out
+
+
+def export_hf(
+    model: GPTJ,
+    out_dir: str | os.PathLike,
+    dtype: torch.dtype | None = None,
+    max_shard_bytes: int = 2 * 1024**3,
+    extra: Callable[[Path], None] | None = None,
+) -> Path | None:
+    """Write config.json + safetensors shards to out_dir, atomically; collective over TP.
+
+    Only replica 0 / TP rank 0 writes. Tensors are gathered one at a time and flushed to a
+    shard file whenever `max_shard_bytes` is reached, so the full model is never held in
+    memory at once. `extra(tmp_dir)` may add files (e.g. the tokenizer) before the rename.
+    """
+    from safetensors.torch import save_file
+
+    ctx = model.ctx
+    writes = ctx.rank == 0
+    out_dir = Path(out_dir)
+    tmp = out_dir.with_name(out_dir.name + ".tmp")
+    if writes:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    params = dict(model.named_parameters())
+    pending: dict[str, torch.Tensor] = {}
+    pending_bytes, shard_files, weight_map = 0, [], {}
+
+    def flush():
+        nonlocal pending, pending_bytes
+        if pending:
+            file = f"model-{len(shard_files) + 1:05d}.safetensors"
+            save_file(pending, str(tmp / file), metadata={"format": "pt"})
+            shard_files.append(file)
+            weight_map.update(dict.fromkeys(pending, file))
+            pending, pending_bytes = {}, 0
+
+    for name in shard_rules(model.config):
+        if ctx.replica_rank != 0:
+            continue  # replicas hold identical weights; replica 0 exports
+        full = gather_to_hf(name, params[name].detach(), model.config, ctx)
+        if not writes:
+            continue
+        for hf_name, tensor in full.items():
+            tensor = tensor.to("cpu", dtype or tensor.dtype).contiguous()
+            pending[hf_name] = tensor
+            pending_bytes += tensor.numel() * tensor.element_size()
+        if pending_bytes >= max_shard_bytes:
+            flush()
+    if not writes:
+        return None
+    flush()
+    if len(shard_files) == 1:
+        (tmp / shard_files[0]).rename(tmp / "model.safetensors")
+    else:
+        index = {"metadata": {}, "weight_map": weight_map}
+        (tmp / SAFE_INDEX).write_text(json.dumps(index, indent=2))
+    config = model.config.to_hf_dict()
+    config["torch_dtype"] = str(dtype or next(model.parameters()).dtype).removeprefix("torch.")
+    (tmp / "config.json").write_text(json.dumps(config, indent=2))
+    if extra is not None:
+        extra(tmp)
+    old = out_dir.with_name(out_dir.name + ".old")
+    if out_dir.exists():
+        shutil.rmtree(old, ignore_errors=True)
+        out_dir.rename(old)
+    tmp.rename(out_dir)
+    shutil.rmtree(old, ignore_errors=True)
+    return out_dir

@@ -1,0 +1,144 @@
+"""Fine-tune GPT-J on a text-to-text task (default: the `tiny` preset, offline, on CPU).
+
+    python run_finetuning.py                                   # tiny model, bundled MNLI sample
+    python run_finetuning.py --config gptj-6b-mnli-1gpu-offload
+    torchrun --nproc-per-node 8 run_finetuning.py --config gptj-6b-mnli-8gpu
+    python run_finetuning.py --resume --output-dir runs/tiny   # continue a run
+
+Presets live in config/finetuning.yml; any field can be set with --set section.field=value.
+Writes OUTPUT_DIR/metrics.jsonl, eval.json, checkpoints/ and hf/ (a transformers model).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+# Command-line option -> config field (typed by argparse; applied after --set overrides).
+OPTION_FIELDS = {
+    "model": "model.name_or_path",
+    "tokenizer": "data.tokenizer",
+    "dataset": "data.dataset",
+    "task": "data.task",
+    "eval_dataset": "data.eval_datasets",
+    "output_dir": "output_dir",
+    "steps": "training.steps",
+    "global_batch_size": "training.global_batch_size",
+    "micro_batch_size": "training.micro_batch_size",
+    "sequence_length": "data.sequence_length",
+    "lr": "optimizer.lr",
+    "seed": "training.seed",
+    "tensor_parallel": "parallel.tensor_parallel",
+    "precision": "training.precision",
+    "eval_every": "eval.every",
+    "checkpoint_every": "checkpoint.every",
+}
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        description="Fine-tune GPT-J (tensor parallel x replicas, sharded AdamW, host offload).",
+        epilog="Multi-process: torchrun --nproc-per-node N run_finetuning.py --tensor-parallel T "
+               "... (replicas = N / T). Presets: config/finetuning.yml.")
+    p.add_argument("--config", default="tiny", metavar="PRESET",
+                   help="preset in config/finetuning.yml (default: tiny, the CPU demo)")
+    p.add_argument("--preset-file", default=None, metavar="YAML", help="another preset YAML file")
+    p.add_argument("--model", metavar="HF_ID_OR_DIR",
+                   help="initial weights (Hugging Face directory or Hub id); default: random init")
+    p.add_argument("--tokenizer", metavar="HF_ID_OR_DIR",
+                   help="tokenizer (default: the one of --model when given, else the preset's)")
+    p.add_argument("--dataset", metavar="SOURCE",
+                   help="training data: bundled:NAME, a directory or file, or hf:NAME/CONFIG")
+    p.add_argument("--task", metavar="NAME", help="task name (config/tasks.yml) or task YAML file")
+    p.add_argument("--eval-dataset", action="append", metavar="SOURCE[@SPLIT]",
+                   help="evaluation data, repeatable (default: the task's validation splits)")
+    p.add_argument("--output-dir", metavar="DIR", help="run directory (default: runs/<preset>)")
+    p.add_argument("--steps", type=int, metavar="N", help="optimizer steps")
+    p.add_argument("--global-batch-size", type=int, metavar="N", help="rows per optimizer step, all replicas")
+    p.add_argument("--micro-batch-size", type=int, metavar="N", help="rows per forward/backward per replica")
+    p.add_argument("--sequence-length", type=int, metavar="N", help="tokens per row")
+    p.add_argument("--lr", type=float, metavar="X", help="peak learning rate")
+    p.add_argument("--seed", type=int, metavar="N", help="data order seed")
+    p.add_argument("--tensor-parallel", type=int, metavar="T", help="tensor-parallel ranks")
+    p.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"],
+                   help="compute precision (auto: bf16 on GPU, fp32 on CPU)")
+    p.add_argument("--eval-every", type=int, metavar="N", help="evaluate every N steps (0: at the end)")
+    p.add_argument("--checkpoint-every", type=int, metavar="N", help="checkpoint every N steps")
+    p.add_argument("--resume", action="store_true",
+                   help="continue from the newest complete checkpoint in the output dir")
+    p.add_argument("--set", action="append", default=[], metavar="SECTION.FIELD=VALUE",
+                   help="override any config field, e.g. --set schedule.warmup_steps=10")
+    return p.parse_args(argv)
+
+
+def build_config(args: argparse.Namespace):
+    from execution.train_config import PRESET_FILE, load_config
+
+    updates = {field: getattr(args, option) for option, field in OPTION_FIELDS.items()
+               if getattr(args, option) is not None}
+    if args.model and not args.tokenizer:
+        updates["data.tokenizer"] = None  # the model's own tokenizer, not the preset's
+    if args.resume:
+        updates["resume"] = True
+    return load_config(args.config, args.set, updates, args.preset_file or PRESET_FILE)
+
+
+def check_inputs(config) -> None:
+    """Output directory, model and data files, before any model is built or data is read."""
+    from execution.preflight import check_data_sources, check_output_dir, resolve_model_source
+
+    check_output_dir(config.out_path)
+    if config.model.name_or_path:
+        config.model.name_or_path = resolve_model_source(config.model.name_or_path)
+    check_data_sources(config)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    import os
+
+    from config import PresetError
+    from data import DataError
+    from execution.checkpoint import CheckpointLoadError
+    from execution.distributed import shutdown
+    from execution.preflight import InputError
+    from execution.train_config import TrainConfigError
+    from execution.training import TrainingDiverged, train
+    from gptj import ConfigError
+    from gptj.hf import CheckpointError
+
+    rank = int(os.environ.get("RANK", "0"))
+    try:
+        config = build_config(args)
+        check_inputs(config)
+        result = train(config)
+    except (PresetError, TrainConfigError, ConfigError) as err:
+        if rank == 0:
+            print(f"error: invalid configuration: {err}", file=sys.stderr)
+        return 2
+    except InputError as err:
+        if rank == 0:
+            print(f"error: {err}", file=sys.stderr)
+        return 2
+    except DataError as err:  # bad or missing data: the user's input
+        print(f"error{f' (rank {rank})' if rank else ''}: {err}", file=sys.stderr)
+        return 2
+    except (CheckpointError, CheckpointLoadError, TrainingDiverged) as err:
+        print(f"error{f' (rank {rank})' if rank else ''}: {err}", file=sys.stderr)
+        return 1
+    finally:
+        shutdown()
+    if rank == 0:
+        if result.nothing_to_do:
+            print(f"already at step {result.final_step} of {config.training.steps}: nothing to do "
+                  f"(raise --steps to train on); outputs in {result.output_dir}")
+        elif result.stopped_by_signal:
+            print(f"stopped by SIGTERM at step {result.final_step}; checkpoint {result.checkpoint}; "
+                  f"continue with --resume --output-dir {result.output_dir}")
+        else:
+            print(f"done: {result.final_step} steps in {result.elapsed_s:.1f} s; outputs in {result.output_dir}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,286 @@
+"""Generate text with GPT-J (default: the `tiny` preset, a random model, offline, on CPU).
+
+    python run_inference.py                                        # tiny preset, prints tokens/s
+    python run_inference.py --model runs/tiny --prompt "mnli hypothesis: ... target:"
+    python run_inference.py --config gptj-6b --prompt "The capital of France is" --stream
+    torchrun --nproc-per-node 2 run_inference.py --config gptj-6b-tp2 --prompts-file prompts.jsonl
+
+Presets live in config/inference.yml; options override them, --set section.field=value
+reaches any field. Reports time to first token and prefill / decode tokens per second.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+import warnings
+from pathlib import Path
+
+PRESET_FILE = Path(__file__).resolve().parent / "config" / "inference.yml"
+
+# Command-line option -> config field.
+OPTION_FIELDS = {
+    "model": "model.name_or_path",
+    "tokenizer": "model.tokenizer",
+    "precision": "model.precision",
+    "device": "model.device",
+    "tensor_parallel": "model.tensor_parallel",
+    "threads": "model.threads",
+    "max_new_tokens": "generation.max_new_tokens",
+    "temperature": "generation.temperature",
+    "top_k": "generation.top_k",
+    "top_p": "generation.top_p",
+    "seed": "generation.seed",
+    "stop": "generation.stop",
+    "batch_size": "generation.batch_size",
+    "output": "output",
+}
+
+
+class UsageError(Exception):
+    """Bad input from the user: reported as one line on stderr, exit code 2."""
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description="Generate text with GPT-J (static KV cache, continuous batching).")
+    p.add_argument("--config", default="tiny", metavar="PRESET", help="preset in config/inference.yml (default: tiny)")
+    p.add_argument("--preset-file", default=str(PRESET_FILE), help="another preset YAML file")
+    p.add_argument("--model", metavar="HF_ID_OR_DIR",
+                   help="HF directory or Hub id, or a run_finetuning.py output dir (uses its hf/ export)")
+    p.add_argument("--tokenizer", metavar="HF_ID_OR_DIR", help="tokenizer (default: the model's own)")
+    p.add_argument("--prompt", action="append", metavar="TEXT", help="a prompt (repeatable)")
+    p.add_argument("--prompts-file", metavar="FILE",
+                   help="one prompt per line, or JSON lines with a \"prompt\" field (UTF-8)")
+    p.add_argument("--max-new-tokens", type=int, metavar="N")
+    p.add_argument("--temperature", type=float, metavar="X", help="0 = greedy (default)")
+    p.add_argument("--top-k", type=int, metavar="N")
+    p.add_argument("--top-p", type=float, metavar="X")
+    p.add_argument("--seed", type=int, metavar="N", help="sampling seed")
+    p.add_argument("--stop", action="append", metavar="TEXT",
+                   help="stop string (repeatable); \\n, \\t, \\r and \\\\ are read as escapes")
+    p.add_argument("--batch-size", type=int, metavar="N")
+    p.add_argument("--tensor-parallel", type=int, metavar="T", help="tensor-parallel ranks (launch with torchrun)")
+    p.add_argument("--precision", choices=["fp32", "bf16", "fp16"])
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--threads", type=int, metavar="N", help="CPU threads for torch (0: torch's default)")
+    p.add_argument("--offload-weights", action="store_true", help="stream block weights from host memory")
+    p.add_argument("--compile", action="store_true", help="compile the decode step")
+    p.add_argument("--truncate-prompts", action="store_true", help="keep the last tokens of too-long prompts")
+    p.add_argument("--output", metavar="FILE", help="write JSONL results")
+    p.add_argument("--stream", action="store_true", help="print tokens as they come (batch size 1)")
+    p.add_argument("--set", action="append", default=[], metavar="SECTION.FIELD=VALUE", help="override any field")
+    return p.parse_args(argv)
+
+
+def build_config(args: argparse.Namespace):
+    from config import apply_overrides, build, read_presets, resolve_preset
+    from execution.inference_config import InferenceConfig
+
+    settings = resolve_preset(read_presets(args.preset_file), args.config, args.preset_file)
+    settings = apply_overrides(settings, args.set)
+    if args.set:
+        build(InferenceConfig, settings, "")  # a bad --set value fails even if an option replaces it
+    if args.stop:
+        args.stop = [unescape(s) for s in args.stop]
+    for option, field in OPTION_FIELDS.items():
+        value = getattr(args, option)
+        if value is not None:
+            section, _, name = field.rpartition(".")
+            (settings.setdefault(section, {}) if section else settings)[name] = value
+    if args.model is not None and args.tokenizer is None:
+        settings.setdefault("model", {})["tokenizer"] = None  # a model brings its own tokenizer
+    for flag, field in (("offload_weights", "model"), ("compile", "model"),
+                        ("truncate_prompts", "generation"), ("stream", "generation")):
+        if getattr(args, flag):
+            settings.setdefault(field, {})[flag] = True
+    prompts = read_prompts(args)
+    if prompts is not None:
+        settings["prompts"] = prompts
+    config = build(InferenceConfig, settings, "")
+    if config.generation.stream:
+        config.generation.batch_size = 1
+    return config
+
+
+ESCAPES = {"n": "\n", "t": "\t", "r": "\r", "\\": "\\"}
+
+
+def unescape(text: str) -> str:
+    """`\\n`, `\\t`, `\\r` and `\\\\` as typed in a shell become the characters they name."""
+    return re.sub(r"\\([ntr\\])", lambda m: ESCAPES[m.group(1)], text)
+
+
+def read_prompts_file(path: Path) -> list[str]:
+    """One prompt per line, or JSON lines with a "prompt" field (any file whose first line is a
+    JSON object); UTF-8, with or without a byte-order mark."""
+    if not path.is_file():
+        raise UsageError(f"prompts file {path} does not exist")
+    try:
+        lines = path.read_text(encoding="utf-8-sig").splitlines()
+    except UnicodeDecodeError as err:
+        raise UsageError(f"prompts file {path} is not UTF-8 text (byte {err.start}: {err.reason})") from None
+    numbered = [(n, line) for n, line in enumerate(lines, 1) if line.strip()]
+    as_json = path.suffix in (".jsonl", ".json") or (numbered and _is_json_object(numbered[0][1]))
+    prompts = []
+    for number, line in numbered:
+        if not as_json:
+            prompts.append(line)
+            continue
+        try:
+            record = json.loads(line)
+            prompt = record["prompt"]
+        except (json.JSONDecodeError, KeyError, TypeError):
+            raise UsageError(f"{path}:{number}: expected a JSON object with a \"prompt\" field") from None
+        if not isinstance(prompt, str):
+            raise UsageError(f"{path}:{number}: \"prompt\" must be a string")
+        prompts.append(prompt)
+    if not prompts:
+        raise UsageError(f"prompts file {path} has no prompts")
+    return prompts
+
+
+def _is_json_object(line: str) -> bool:
+    try:
+        return isinstance(json.loads(line), dict)
+    except json.JSONDecodeError:
+        return False
+
+
+def read_prompts(args) -> list[str] | None:
+    prompts = list(args.prompt or [])
+    if args.prompts_file:
+        prompts += read_prompts_file(Path(args.prompts_file))
+    if args.prompt is None and not args.prompts_file:
+        return None
+    for i, p in enumerate(prompts):
+        if not p.strip():
+            raise UsageError(f"prompt {i} is empty")
+    return prompts
+
+
+def run(config) -> int:
+    import dataclasses
+
+    import torch
+
+    from execution.distributed import init_distributed, world_size
+    from execution.pipelines import TextGenerationPipeline
+    from execution.preflight import check_output_file, resolve_model_source
+    from execution.streaming import StreamPrinter, format_result
+
+    if config.output:  # checked now, not after generating: the results must not be lost
+        check_output_file(config.output)
+    prompts = config.prompts
+    if not prompts:
+        raise UsageError("no prompts: pass --prompt TEXT or --prompts-file FILE")
+    model = config.model
+    name = resolve_model_source(model.name_or_path) if model.name_or_path else f"random:{model.preset}"
+    gen = config.generation
+    check_prompts_before_loading(name, model.tokenizer, prompts, gen)
+    tp = config.model.tensor_parallel
+    if world_size() % tp:
+        raise UsageError(f"--tensor-parallel {tp} needs a multiple of {tp} processes: "
+                         f"torchrun --nproc-per-node {tp} run_inference.py ... (found {world_size()})")
+    if config.model.threads:
+        torch.set_num_threads(config.model.threads)
+    ctx, device = init_distributed(tp)
+    main = ctx.is_main
+    if config.model.device != "auto":
+        if config.model.device == "cuda" and device.type != "cuda":
+            raise UsageError("device cuda was asked for but no CUDA GPU is available")
+        device = torch.device(config.model.device) if device.type != config.model.device else device
+    if main:
+        print("config: " + json.dumps(dataclasses.asdict(config)), flush=True)
+    pipe = TextGenerationPipeline.from_pretrained(
+        name, tokenizer=model.tokenizer, precision=model.precision, device=device, ctx=ctx,
+        offload_weights=model.offload_weights, compile_decode=model.compile,
+        batch_size=config.generation.batch_size, init_seed=model.init_seed,
+    )
+    context = pipe.model.config.max_positions
+    ids = pipe.encode_prompts(prompts, gen.truncate_prompts, gen.max_new_tokens)
+    longest = max(len(i) for i in ids)
+    if longest + gen.max_new_tokens > context:
+        if main:
+            print(f"warning: max_new_tokens {gen.max_new_tokens} does not fit the context of {context} "
+                  f"after a {longest}-token prompt; clamped to {context - longest}", file=sys.stderr)
+        gen.max_new_tokens = context - longest
+
+    # Stream mode runs one prompt at a time (batch size 1) and shows what the plain output would.
+    printer = StreamPrinter(prompts, pipe.tokenizer.decode, gen.stop) if gen.stream and main else None
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the clamp above already said it
+        results = pipe.generate(
+            prompts, max_new_tokens=gen.max_new_tokens, temperature=gen.temperature, top_k=gen.top_k,
+            top_p=gen.top_p, seed=gen.seed, stop=gen.stop, batch_size=gen.batch_size,
+            truncate_prompts=gen.truncate_prompts, on_token=printer and printer.on_token,
+            on_finish=printer and printer.on_finish,
+        )
+    stats = pipe.stats.as_dict()
+    if not main:
+        return 0
+    if not gen.stream:
+        for r in results:
+            if sys.stdout.isatty():  # the prompt, then its continuation in bold
+                r = dataclasses.replace(r, text=f"{r.prompt}\033[1m{r.text}\033[0m")
+            print(format_result(r), end="")
+    print(
+        f"{stats['generated_tokens']} tokens in {stats['total_s']:.3f} s: {stats['tokens_per_s']:.1f} tokens/s | "
+        f"time to first token {stats['time_to_first_token_s'] * 1000:.1f} ms | "
+        f"prefill {stats['prefill_tokens_per_s']:.1f} tokens/s | decode {stats['decode_tokens_per_s']:.1f} tokens/s"
+    )
+    if config.output:
+        path = Path(config.output)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with path.open("w") as f:
+            for r in results:  # timings: this prompt's own; run_timings: the whole run's
+                f.write(json.dumps({"prompt": r.prompt, "text": r.text, "token_ids": r.token_ids,
+                                    "finish_reason": r.finish_reason, "timings": r.timings(),
+                                    "run_timings": stats}) + "\n")
+        print(f"wrote {len(results)} results to {path}")
+    return 0
+
+
+def check_prompts_before_loading(name: str, tokenizer: str | None, prompts: list[str], gen) -> None:
+    """Prompt lengths against the context, with the tokenizer alone: a too-long prompt is
+    reported before the model loads. A Hub model is checked once it is downloaded."""
+    import data
+    from execution.pipelines import fit_prompts
+    from gptj import ModelConfig
+
+    if name.startswith("random:"):
+        context, tokenizer = ModelConfig.preset(name.removeprefix("random:")).max_positions, tokenizer or "bundled:tiny"
+    elif Path(name).is_dir():
+        from gptj.hf import read_model_config
+
+        context, tokenizer = read_model_config(Path(name)).max_positions, tokenizer or name
+    else:
+        return
+    fit_prompts(data.load_tokenizer(tokenizer).encode(prompts), context, gen.max_new_tokens, gen.truncate_prompts)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    from config import PresetError
+    from data import DataError
+    from gptj import ConfigError
+
+    known = (UsageError, PresetError, ConfigError, DataError, ValueError, FileNotFoundError)
+    import torch
+
+    threads = torch.get_num_threads()
+    try:
+        return run(build_config(args))
+    except known as err:  # bad input: one clear line, no stack trace
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    finally:
+        torch.set_num_threads(threads)  # main() may run inside a larger program (tests)
+        from execution.distributed import shutdown
+
+        shutdown()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
