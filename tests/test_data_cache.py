@@ -55,7 +55,8 @@ def test_second_load_reuses_the_cache(tmp_path):
 def test_cache_key_changes_with_inputs(tmp_path):
     tok, path, root = tiny_tokenizer(), mnli_file(tmp_path), tmp_path / "cache"
     build(path, tok, root)
-    data.build_train_data("mnli", str(path), tok, sequence_length=16, cache_dir=root)
+    with pytest.raises(data.DataError, match="no usable training rows"):  # every row too long
+        data.build_train_data("mnli", str(path), tok, sequence_length=16, cache_dir=root)
     assert len(list(root.glob("train-*.npz"))) == 2  # other length
     mnli_file(tmp_path, MNLI_ROWS[:3])
     os.utime(path, ns=(1, 1))  # same name, new content and mtime

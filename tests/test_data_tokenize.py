@@ -59,8 +59,9 @@ def test_truncation_shortens_the_premise_only(tmp_path):
 def test_too_long_even_without_premise_is_dropped(tmp_path):
     tok = tiny_tokenizer()
     path = mnli_file(tmp_path)
-    train = data.build_train_data("mnli", str(path), tok, sequence_length=8, use_cache=False)
-    assert train.summary.kept == 0 and train.summary.skipped == {"too_long": 5}
+    with pytest.raises(data.DataError, match=r"no usable training rows in .*mnli.jsonl: too_long 5 of 5 read "
+                                             r"\(first: .*mnli.jsonl:1: too_long"):
+        data.build_train_data("mnli", str(path), tok, sequence_length=8, use_cache=False)
     with pytest.raises(data.DataError, match=r"mnli.jsonl:1: too_long"):
         data.build_train_data("mnli", str(path), tok, sequence_length=8, strict=True,
                               use_cache=False)

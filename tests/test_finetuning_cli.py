@@ -78,7 +78,7 @@ def test_bad_value_exit_code_and_missing_dataset(tmp_path):
     assert proc.returncode == 2 and proc.stderr.strip().count("\n") == 0, proc.stderr
     assert "tensor_parallel 2" in proc.stderr
     missing = str(tmp_path / "nothing.jsonl")
-    assert run_finetuning.main(["--dataset", missing, "--output-dir", str(tmp_path), *SMALL]) == 1
+    assert run_finetuning.main(["--dataset", missing, "--output-dir", str(tmp_path), *SMALL]) == 2
 
 
 def test_help_lists_the_options():
@@ -148,7 +148,7 @@ def test_strict_data_stops_at_the_first_bad_row_naming_file_and_line(tmp_path, c
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))
     args = ["--dataset", str(data), "--eval-dataset", str(data), "--steps", "1",
             "--output-dir", str(tmp_path / "run"), *SMALL]
-    assert run_finetuning.main([*args, "--set", "data.strict=true"]) == 1
+    assert run_finetuning.main([*args, "--set", "data.strict=true"]) == 2
     err = capsys.readouterr().err
     assert "train.jsonl:3: empty_field" in err and "Traceback" not in err
     # without strict the bad row is skipped and counted, and the run goes on; its one-thread

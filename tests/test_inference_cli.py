@@ -26,7 +26,8 @@ def test_default_run_prints_a_continuation_and_speed(tmp_path):
     records = [json.loads(line) for line in out.read_text().splitlines()]
     assert [r["prompt"] for r in records] == ["hello", "the cat"]
     assert all(len(r["token_ids"]) <= 6 and r["finish_reason"] in ("eos", "length", "stop") for r in records)
-    assert "decode_tokens_per_s" in records[0]["timings"]
+    assert "decode_tokens_per_s" in records[0]["run_timings"]
+    assert records[0]["timings"]["generated_tokens"] == len(records[0]["token_ids"])
 
 
 def test_unknown_preset_is_one_line_and_exit_2():
@@ -64,8 +65,8 @@ def test_too_long_requests_are_truncated_and_clamped(capsys, tmp_path):
     out = tmp_path / "o.jsonl"
     argv = ["--prompt", "word " * 600, "--truncate-prompts", "--max-new-tokens", "600", "--output", str(out)]
     code, _, err = run_main(argv, capsys)
-    assert code == 0 and "clamped to 1" in err
-    assert len(json.loads(out.read_text())["token_ids"]) == 1
+    assert code == 0 and "clamped to 511" in err  # the prompt keeps one token, the rest is for new ones
+    assert len(json.loads(out.read_text())["token_ids"]) == 511
     prompts = tmp_path / "p.txt"
     prompts.write_text("first prompt\n\nsecond prompt\n")
     code, _, _ = run_main(["--prompts-file", str(prompts), "--max-new-tokens", "2", "--output", str(out)], capsys)

@@ -56,3 +56,36 @@ def test_entailment_scores_are_label_likelihoods(saved):
     assert out["label"] == max(out["scores"], key=out["scores"].get)
     batch = nli([(premise, hypothesis), ("a b", "c d")])
     assert batch[0]["scores"] == pytest.approx(out["scores"], abs=1e-5)
+
+
+def test_entailment_inputs_two_lists_wrong_arity_and_empty_text(saved):
+    run, _, _ = saved
+    nli = EntailmentPipeline.from_pretrained(str(run))
+    premises, hypotheses = ["the cat is asleep", "a b"], ["a cat sleeps", "c d"]
+    as_lists = nli(premises, hypotheses)
+    assert isinstance(as_lists, list) and len(as_lists) == 2
+    for out, premise, hypothesis in zip(as_lists, premises, hypotheses):
+        assert out["scores"] == pytest.approx(nli(premise, hypothesis)["scores"], abs=1e-5)
+    assert nli(list(zip(premises, hypotheses)))[1]["scores"] == pytest.approx(as_lists[1]["scores"], abs=1e-5)
+    with pytest.raises(TypeError, match="takes \\(premise, hypothesis\\)"):
+        nli("only a premise")
+    with pytest.raises(TypeError):
+        nli("a premise", ["a hypothesis"])
+    with pytest.raises(ValueError, match="2 premises but 1 hypotheses"):
+        nli(premises, hypotheses[:1])
+    with pytest.raises(ValueError, match="hypothesis 0 is empty"):
+        nli("the cat is asleep", "  ")
+    with pytest.raises(ValueError, match="premise 1 is empty"):
+        nli(["x", ""], ["y", "z"])
+
+
+def test_truncated_prompts_leave_room_for_the_new_tokens(saved):
+    run, _, tok = saved
+    pipe = TextGenerationPipeline.from_pretrained(str(run))
+    context = pipe.model.config.max_positions
+    prompt = "word " * (2 * context)
+    full = tok.encode([prompt])[0]
+    kept = pipe.encode_prompts([prompt], truncate=True, max_new_tokens=10)[0]
+    assert kept == full[-(context - 10):]
+    out = pipe.generate([prompt], max_new_tokens=10, truncate_prompts=True)[0]
+    assert out.prompt_tokens == context - 10 and (len(out.token_ids) == 10 or out.finish_reason != "length")

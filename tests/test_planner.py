@@ -127,3 +127,27 @@ def test_gpu_fine_tuning_presets_are_the_planners_choice(preset, machine):
     chosen = Layout(t, machine.devices // t, config.optimizer.offload,
                     config.model.stream_block_weights, config.model.recompute_blocks)
     assert result["recommended"] == chosen.name
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--seq", "0"], "--seq must be >= 1, got 0"),
+    (["--micro-batch", "-1"], "--micro-batch must be >= 1, got -1"),
+    (["--global-batch", "0"], "--global-batch must be >= 1, got 0"),
+    (["--device-memory-gib", "-4"], "--device-memory-gib must be positive"),
+    (["--global-batch", "100", "--micro-batch", "3"], "--global-batch 100 is not a multiple of --micro-batch 3"),
+])
+def test_bad_sizes_are_rejected(argv, message, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    assert exit_info.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_nothing_fits_names_the_real_reason(capsys):
+    # 100 rows split over 64 devices: every replica count but 1, 2 and 4 leaves a remainder,
+    # and TP 16 or more spans nodes.
+    assert main(["--machine", "h100-80gb-8x8", "--global-batch", "100", "--micro-batch", "1"]) == 0
+    last = capsys.readouterr().out.strip().splitlines()[-1]
+    assert last.startswith("recommended: nothing fits: global batch 100 is not a multiple of micro-batch 1 x replicas")
+    assert main(["--machine", "h100-80gb-x1", "--device-memory-gib", "1", "--host-memory-gib", "1"]) == 0
+    last = capsys.readouterr().out.strip().splitlines()[-1]
+    assert last == "recommended: nothing fits: memory rules out 6 of 6 layouts"

@@ -1,0 +1,73 @@
+"""The project builds as a wheel that carries its presets and bundled files, and the installed
+layout works from any directory (the Python API and the commands)."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def installed(tmp_path_factory):
+    """The wheel of a clean copy of the sources, unpacked as pip would install it."""
+    pytest.importorskip("setuptools")
+    tmp = tmp_path_factory.mktemp("package")
+    source = tmp / "source"
+    shutil.copytree(ROOT, source, ignore=shutil.ignore_patterns(
+        ".git", ".venv", "venv", "runs", "build", "*.egg-info", "__pycache__", ".pytest_cache",
+        ".ruff_cache", "results", "tests"))
+    proc = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation",
+                           "--no-index", "-q", "-w", str(tmp / "dist"), str(source)],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    (wheel,) = (tmp / "dist").glob("*.whl")
+    site = tmp / "site"
+    with zipfile.ZipFile(wheel) as archive:
+        names = set(archive.namelist())
+        archive.extractall(site)
+    return site, names
+
+
+def run_elsewhere(site: Path, args: list[str], cwd: Path) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(site)}
+    return subprocess.run([sys.executable, *args], cwd=cwd, env=env, capture_output=True, text=True,
+                          timeout=300)
+
+
+def test_wheel_holds_the_packages_presets_and_bundled_files(installed):
+    site, names = installed
+    for name in ("gptj/model.py", "execution/pipelines.py", "data/pipeline.py", "config/presets.py",
+                 "config/finetuning.yml", "config/inference.yml", "config/tasks.yml",
+                 "data/bundled/tokenizer/tokenizer.json", "data/bundled/mnli_sample/train.jsonl",
+                 "run_finetuning.py", "run_inference.py"):
+        assert name in names, name
+    assert not any(n.startswith(("tests/", "benchmarks/")) for n in names)
+    (entry_points,) = site.glob("*.dist-info/entry_points.txt")
+    text = entry_points.read_text()
+    for script in ("gptj-finetune = run_finetuning:main", "gptj-generate = run_inference:main",
+                   "gptj-plan = execution.planner:main"):
+        assert script in text
+
+
+def test_api_and_commands_work_from_another_directory(installed, tmp_path):
+    site, _ = installed
+    code = ("import execution, run_inference\n"
+            "from execution.pipelines import TextGenerationPipeline\n"
+            "g = TextGenerationPipeline.from_pretrained('random:tiny')\n"
+            "print(execution.__file__)\n"
+            "print(repr(g('The cat sat on the', max_new_tokens=3)))\n"
+            "raise SystemExit(run_inference.main(['--max-new-tokens', '2']))\n")
+    proc = run_elsewhere(site, ["-c", code], tmp_path)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.splitlines()[0].startswith(str(site))
+    assert "2 tokens in" in proc.stdout
+    proc = run_elsewhere(site, ["-m", "execution.planner", "--machine", "cpu-24gb", "--model", "tiny"], tmp_path)
+    assert proc.returncode == 0 and "recommended:" in proc.stdout, proc.stderr[-2000:]
