@@ -4,6 +4,7 @@
     python run_finetuning.py --config gptj-6b-mnli-1gpu-offload
     torchrun --nproc-per-node 8 run_finetuning.py --config gptj-6b-mnli-8gpu
     python run_finetuning.py --resume --output-dir runs/tiny   # continue a run
+    torchrun --nproc-per-node 8 --max-restarts 3 run_finetuning.py --config gptj-6b-mnli-8gpu --resume auto
 
 Presets live in config/finetuning.yml; any field can be set with --set section.field=value.
 Writes OUTPUT_DIR/metrics.jsonl, eval.json, checkpoints/ and hf/ (a transformers model).
@@ -70,8 +71,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="CPU threads per process (auto: 1 for tiny models, else the physical cores)")
     p.add_argument("--eval-every", type=int, metavar="N", help="evaluate every N steps (0: at the end)")
     p.add_argument("--checkpoint-every", type=int, metavar="N", help="checkpoint every N steps")
-    p.add_argument("--resume", action="store_true",
-                   help="continue from the newest complete checkpoint in the output dir")
+    p.add_argument("--resume", nargs="?", const=True, choices=["auto"], default=None,
+                   help="continue from the newest valid checkpoint in the output dir; `--resume auto`: "
+                        "also start fresh when there is none (for torchrun --max-restarts)")
     p.add_argument("--set", action="append", default=[], metavar="SECTION.FIELD=VALUE",
                    help="override any config field, e.g. --set schedule.warmup_steps=10")
     return p.parse_args(argv)
@@ -85,7 +87,7 @@ def build_config(args: argparse.Namespace):
     if args.model and not args.tokenizer:
         updates["data.tokenizer"] = None  # the model's own tokenizer, not the preset's
     if args.resume:
-        updates["resume"] = True
+        updates["resume"] = args.resume  # True or "auto"
     return load_config(args.config, args.set, updates, args.preset_file or PRESET_FILE)
 
 
@@ -105,13 +107,14 @@ def main(argv=None) -> int:
 
     from config import PresetError
     from data import DataError
-    from execution.checkpoint import CheckpointLoadError
+    from execution.checkpoint import CheckpointLoadError, CheckpointWriteError
     from execution.distributed import shutdown
     from execution.preflight import InputError
     from execution.train_config import TrainConfigError
     from execution.training import TrainingDiverged, train
     from gptj import ConfigError
     from gptj.hf import CheckpointError
+    from gptj.parallel import CollectiveError
 
     rank = int(os.environ.get("RANK", "0"))
     try:
@@ -129,7 +132,11 @@ def main(argv=None) -> int:
     except DataError as err:  # bad or missing data: the user's input
         print(f"error{f' (rank {rank})' if rank else ''}: {err}", file=sys.stderr)
         return 2
-    except (CheckpointError, CheckpointLoadError, TrainingDiverged) as err:
+    except CheckpointWriteError as err:  # the same message on every rank
+        if rank == 0:
+            print(f"error: {err}", file=sys.stderr)
+        return 1
+    except (CheckpointError, CheckpointLoadError, TrainingDiverged, CollectiveError) as err:
         print(f"error{f' (rank {rank})' if rank else ''}: {err}", file=sys.stderr)
         return 1
     finally:

@@ -4,16 +4,22 @@ torchrun sets RANK, WORLD_SIZE and LOCAL_RANK. Without them (or with WORLD_SIZE=
 no process group and every collective of the project is the identity. NCCL joins CUDA
 devices, gloo joins CPU processes. A process group that already exists (tests start their
 own) is used as it is.
+
+Every collective waits at most `timeout_s` for the other ranks, so a rank that hangs ends the
+job instead of stalling it forever. On gloo the waiting ranks raise `CollectiveError` naming the
+collective; on NCCL the process group's watchdog ends them (its log names the NCCL operation).
 """
 
 from __future__ import annotations
 
 import os
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
 
 from gptj import ParallelContext
+from gptj.parallel import collective_error
 
 
 def env_world_size() -> int:
@@ -26,8 +32,12 @@ def world_size() -> int:
     return env_world_size()
 
 
-def init_distributed(tensor_parallel: int = 1) -> tuple[ParallelContext, torch.device]:
-    """Join the torchrun job (if any), pick this process's device, build the parallel groups."""
+def init_distributed(tensor_parallel: int = 1,
+                     timeout_s: float | None = None) -> tuple[ParallelContext, torch.device]:
+    """Join the torchrun job (if any), pick this process's device, build the parallel groups.
+
+    `timeout_s` bounds every collective of the process group created here (None: torch's default).
+    """
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if torch.cuda.is_available():
         device = torch.device("cuda", local_rank % torch.cuda.device_count())
@@ -37,22 +47,53 @@ def init_distributed(tensor_parallel: int = 1) -> tuple[ParallelContext, torch.d
     if not dist.is_initialized() and env_world_size() > 1:
         backend = "nccl" if device.type == "cuda" else "gloo"
         kwargs = {"device_id": device} if device.type == "cuda" else {}
+        if timeout_s is not None:
+            kwargs["timeout"] = timedelta(seconds=timeout_s)
+        if backend == "nccl":
+            # A timed-out NCCL collective ends this process (its watchdog), not a silent hang.
+            os.environ.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "3")
         dist.init_process_group(backend, **kwargs)
     return ParallelContext.from_process_group(tensor_parallel), device
 
 
-def barrier() -> None:
+def _joined() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def barrier(name: str = "barrier") -> None:
+    """Wait for every rank; `name` says what for in a timeout error."""
     if dist.is_available() and dist.is_initialized():
-        dist.barrier()
+        try:
+            dist.barrier()
+        except RuntimeError as err:
+            raise collective_error(f"barrier ({name})", None, err) from err
 
 
 def all_reduce_max_flag(flag: bool, device: torch.device) -> bool:
     """True on every rank when `flag` is true on any rank (e.g. a stop request)."""
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+    if not _joined():
         return flag
     t = torch.tensor([1.0 if flag else 0.0], device=device)
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    try:
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    except RuntimeError as err:
+        raise collective_error("stop-request flag", None, err) from err
     return bool(t.item() > 0)
+
+
+def gather_ints(values: list[int], name: str) -> list[list[int]]:
+    """Every rank's list of int64 `values` (the same length on all ranks), indexed by rank."""
+    if not _joined():
+        return [list(values)]
+    device = (torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl"
+              else torch.device("cpu"))  # NCCL moves device tensors only
+    mine = torch.tensor(values, dtype=torch.int64, device=device)
+    parts = [torch.empty_like(mine) for _ in range(dist.get_world_size())]
+    try:
+        dist.all_gather(parts, mine)
+    except RuntimeError as err:
+        raise collective_error(name, None, err) from err
+    return [part.tolist() for part in parts]
 
 
 def shutdown() -> None:

@@ -115,7 +115,7 @@ def evaluate_split(model, data, tokenizer, device: torch.device, batch_size: int
         model.train(was_training)
     flat = torch.from_numpy(np.concatenate([totals, confusion_gen.ravel(), confusion_lik.ravel()]))
     flat = flat.to(device)  # NCCL reduces device tensors only
-    all_reduce(flat, ctx.replica_group)  # int64 sum over the replicas
+    all_reduce(flat, ctx.replica_group, name="evaluation counts")  # int64 sum over the replicas
     flat = flat.cpu().numpy()
     totals = flat[:4]
     confusion_gen = flat[4:4 + k * (k + 1)].reshape(k, k + 1)

@@ -278,8 +278,8 @@ class ShardedAdamW:
             for chunk in g.master.grad[start:stop].split(1 << 24):
                 squares += torch.linalg.vector_norm(chunk, dtype=torch.float64).square()
         squares = squares.to(self.device)
-        all_reduce(squares, self.ctx.tp_group)
-        all_reduce(squares, self.ctx.replica_group)
+        all_reduce(squares, self.ctx.tp_group, name="gradient norm (tensor parallel)")
+        all_reduce(squares, self.ctx.replica_group, name="gradient norm (replicas)")
         return squares.sqrt().item()
 
     @torch.no_grad()

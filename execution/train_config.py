@@ -93,6 +93,9 @@ class TrainingSection:
 @dataclass
 class ParallelSection:
     tensor_parallel: int = 1
+    # Longest wait of any collective for the other ranks; a rank that hangs longer ends the job.
+    # Generous: rank 0 alone prepares the data (first run: download + tokenize) while others wait.
+    timeout_s: float = 1800.0
 
 
 @dataclass
@@ -103,6 +106,7 @@ class CheckpointSection:
     at_end: bool = True
     export_hf: bool = True  # write OUTPUT_DIR/hf at the end
     export_dtype: Literal["model", "fp32", "bf16", "fp16"] = "model"
+    on_error: Literal["stop", "continue"] = "stop"  # a failed write (disk full, ...): stop or go on
 
 
 @dataclass
@@ -136,7 +140,9 @@ class FinetuneConfig:
     checkpoint: CheckpointSection = field(default_factory=CheckpointSection)
     eval: EvalSection = field(default_factory=EvalSection)
     logging: LoggingSection = field(default_factory=LoggingSection)
-    resume: bool = False
+    # true: continue from the newest valid checkpoint; auto: the same, and start fresh when the
+    # output directory holds none (for runs restarted by torchrun --max-restarts)
+    resume: bool | Literal["auto"] = False
 
     @property
     def out_path(self) -> Path:
@@ -207,6 +213,8 @@ def check_values(config: FinetuneConfig) -> None:
                         "schedule.warmup_steps": s.warmup_steps}.items():
         if value < 0:
             raise TrainConfigError(f"{name} must be >= 0, got {value}")
+    if not config.parallel.timeout_s > 0:
+        raise TrainConfigError(f"parallel.timeout_s must be positive, got {config.parallel.timeout_s}")
     if o.lr <= 0:
         raise TrainConfigError(f"optimizer.lr must be positive, got {o.lr}")
     if len(o.betas) != 2 or not all(0 <= b < 1 for b in o.betas):

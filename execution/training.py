@@ -39,6 +39,7 @@ from .defaults import resolve_precision, resolve_threads, warn_slow_precision
 from .distributed import all_reduce_max_flag, barrier, init_distributed, world_size
 from .evaluation import evaluate
 from .metrics import MetricsLogger, format_eval, peak_flops
+from .resume import select_checkpoint
 from .train_config import FinetuneConfig, TrainConfigError, check_layout
 
 
@@ -264,7 +265,7 @@ def _train(config: FinetuneConfig, ctx: ParallelContext | None,
     started = time.perf_counter()
     check_layout(config, ctx.world_size if ctx is not None else world_size())
     if ctx is None:
-        ctx, default_device = init_distributed(config.parallel.tensor_parallel)
+        ctx, default_device = init_distributed(config.parallel.tensor_parallel, config.parallel.timeout_s)
         device = device or default_device
     device = device or torch.device("cpu")
     main = ctx.is_main
@@ -322,7 +323,7 @@ def _train(config: FinetuneConfig, ctx: ParallelContext | None,
             print(f"warning: evaluation split {name} is the training data itself (no held-out data "
                   "given): its accuracy shows fit, not generalisation; name held-out data with "
                   "--eval-dataset", file=sys.stderr)
-    barrier()
+    barrier("rank 0 prepares the data")
     if not main:
         with contextlib.redirect_stderr(io.StringIO()):  # the data summary: printed by rank 0
             train_data, eval_splits = load_train(False), load_evals(False)
@@ -358,7 +359,7 @@ def _train(config: FinetuneConfig, ctx: ParallelContext | None,
         raise TrainConfigError(
             f"{root} already holds checkpoints (newest: step {existing[-1][0]}); pass --resume to "
             "continue that run, another --output-dir, or --set checkpoint.overwrite=true to start over")
-    barrier()  # every rank has looked before rank 0 removes anything
+    barrier("checkpoint directory check")  # every rank has looked before rank 0 removes anything
     if main:
         for path in ckpt.remove_partial(root):
             say(f"removed an incomplete checkpoint write: {path}")
@@ -366,21 +367,24 @@ def _train(config: FinetuneConfig, ctx: ParallelContext | None,
             for _, path in existing:
                 shutil.rmtree(path, ignore_errors=True)
             say(f"starting over: removed {len(existing)} checkpoint(s) of an earlier run in {root}")
-    barrier()
+    barrier("checkpoint directory cleanup")
     if config.resume:
-        latest = ckpt.latest_checkpoint(root)
-        if latest is None:
-            say(f"resume: no complete checkpoint in {root}; starting from step 0")
+        # The newest checkpoint whose files every rank verified (damaged ones are named and
+        # skipped); `auto` and `true` differ only in the message when there is none.
+        found = select_checkpoint(root, ctx.rank,
+                                  check=lambda meta, path: _check_resume(meta, config, mc, ctx, path))
+        if found is None:
+            say(f"resume: no checkpoint in {root}; starting from step 0" if config.resume != "auto"
+                else f"resume auto: no checkpoint in {root} yet; starting from step 0")
         else:
-            meta = ckpt.read_meta(latest)
-            _check_resume(meta, config, mc, ctx, latest)
+            latest, meta = found
             if int(meta["step"]) >= t.steps:  # a finished run: no second eval, export or history line
                 say(f"{latest} is already at step {meta['step']} of training.steps {t.steps}: nothing to do")
                 if streamer is not None:
                     streamer.detach()
                 return TrainResult(output_dir=out, final_step=int(meta["step"]), checkpoint=latest,
                                    nothing_to_do=True, elapsed_s=time.perf_counter() - started)
-            meta = ckpt.load_checkpoint(latest, ctx.rank, model, optimizer)
+            meta = ckpt.load_checkpoint(latest, ctx.rank, model, optimizer, verify=False)
             step = int(meta["step"])
             try:
                 sampler.load_state_dict(meta["sampler"])
@@ -403,14 +407,22 @@ def _train(config: FinetuneConfig, ctx: ParallelContext | None,
     flops_per_token = mc.flops_per_token(config.data.sequence_length)
     tokens_per_step = t.global_batch_size * config.data.sequence_length
 
-    def save(at_step: int) -> Path:
+    def save(at_step: int) -> Path | None:
+        """Write a checkpoint; on a failed write stop (raise) or, with on_error continue, go on."""
         meta = {"config": config.to_dict(), "model_config": mc.to_dict(),
                 "tensor_parallel": ctx.tensor_parallel, "replicas": ctx.replicas,
                 "world_size": ctx.world_size, "precision": precision,
                 "sampler": sampler.state_dict(), "loss_scaler": scaler.state_dict(),
                 "bad_in_row": bad_in_row, "skipped_steps": skipped_total}
-        path = ckpt.save_checkpoint(root, at_step, ctx.rank, model, optimizer, meta,
-                                    config.checkpoint.keep)
+        try:
+            path = ckpt.save_checkpoint(root, at_step, ctx.rank, model, optimizer, meta,
+                                        config.checkpoint.keep)
+        except ckpt.CheckpointWriteError as err:
+            if config.checkpoint.on_error != "continue":
+                logger.close()
+                raise
+            logger.write(f"warning: {err}; training continues (checkpoint.on_error: continue)")
+            return None
         logger.write(f"checkpoint saved: {path}")
         return path
 
@@ -484,8 +496,9 @@ def _train(config: FinetuneConfig, ctx: ParallelContext | None,
             # No checkpoint while steps are failing: the newest one stays a known-good state.
             if (config.checkpoint.every and step % config.checkpoint.every == 0 and step < t.steps
                     and bad_in_row == 0):
-                result.checkpoint = save(step)
-                last_saved = step
+                saved = save(step)
+                if saved is not None:
+                    result.checkpoint, last_saved = saved, step
             if config.eval.every and step % config.eval.every == 0 and step < t.steps:
                 run_eval(step)
 
@@ -494,7 +507,7 @@ def _train(config: FinetuneConfig, ctx: ParallelContext | None,
     result.skipped_steps = skipped_total
     if not result.stopped_by_signal:
         if config.checkpoint.at_end and last_saved != step:
-            result.checkpoint = save(step)
+            result.checkpoint = save(step) or result.checkpoint
         if config.eval.at_end and eval_splits:
             result.eval = run_eval(step)
             if main:

@@ -10,6 +10,10 @@ The model reaches other ranks only through the named autograd functions here:
     reduce_from_tensor_parallel forward: all-reduce    backward: identity     (leave a TP region)
     gather_from_tensor_parallel forward: all-gather    backward: take own slice
     vocab_parallel_cross_entropy: three all-reduces of [tokens] vectors, no logits gathered
+
+A collective that fails (a peer died) or times out (a peer hangs longer than the process
+group's timeout) raises `CollectiveError` naming the collective, so the log says where the
+job stopped.
 """
 
 from __future__ import annotations
@@ -86,22 +90,47 @@ class ParallelContext:
         )
 
 
+# ---- errors ------------------------------------------------------------------------------------
+
+
+class CollectiveError(RuntimeError):
+    """A collective that failed or timed out because another rank died, hung or left."""
+
+
+def collective_error(name: str, group: Any, err: BaseException) -> CollectiveError:
+    """`err` (raised by torch.distributed inside collective `name`) as a CollectiveError."""
+    detail = next((line.strip() for line in str(err).splitlines() if line.strip()), type(err).__name__)
+    what = "timed out" if "timed out" in detail.lower() or "timeout" in detail.lower() else "failed"
+    try:
+        where = f"rank {dist.get_rank()}, group of {dist.get_world_size(group)} ranks"
+    except (RuntimeError, ValueError):
+        where = "process group gone"
+    return CollectiveError(f"collective {name} {what} ({where}): another rank is hung, dead or "
+                           f"gone; see its log ({detail})")
+
+
 # ---- plain collectives (no autograd) -------------------------------------------------------
 
 
-def all_reduce(tensor: torch.Tensor, group: Any, op: Any = None) -> torch.Tensor:
-    """In-place all-reduce; the identity when the group is None."""
+def all_reduce(tensor: torch.Tensor, group: Any, op: Any = None, name: str = "all_reduce") -> torch.Tensor:
+    """In-place all-reduce; the identity when the group is None. `name` labels errors."""
     if group is not None:
-        dist.all_reduce(tensor, op=op or dist.ReduceOp.SUM, group=group)
+        try:
+            dist.all_reduce(tensor, op=op or dist.ReduceOp.SUM, group=group)
+        except RuntimeError as err:
+            raise collective_error(name, group, err) from err
     return tensor
 
 
-def all_gather(tensor: torch.Tensor, group: Any, dim: int) -> torch.Tensor:
+def all_gather(tensor: torch.Tensor, group: Any, dim: int, name: str = "all_gather") -> torch.Tensor:
     """Concatenate every rank's `tensor` along `dim`, in rank order."""
     if group is None:
         return tensor
     parts = [torch.empty_like(tensor) for _ in range(dist.get_world_size(group))]
-    dist.all_gather(parts, tensor.contiguous(), group=group)
+    try:
+        dist.all_gather(parts, tensor.contiguous(), group=group)
+    except RuntimeError as err:
+        raise collective_error(name, group, err) from err
     return torch.cat(parts, dim=dim)
 
 
@@ -111,7 +140,7 @@ def average_gradients_across_replicas(params: list[torch.Tensor], ctx: ParallelC
         return
     for p in params:
         if p.grad is not None:
-            all_reduce(p.grad, ctx.replica_group).div_(ctx.replicas)
+            all_reduce(p.grad, ctx.replica_group, name="average_gradients_across_replicas").div_(ctx.replicas)
 
 
 # ---- named autograd functions --------------------------------------------------------------
@@ -125,13 +154,13 @@ class _CopyToTensorParallel(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):
-        return all_reduce(grad.contiguous(), ctx.group), None
+        return all_reduce(grad.contiguous(), ctx.group, name="copy_to_tensor_parallel (backward)"), None
 
 
 class _ReduceFromTensorParallel(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, group):
-        return all_reduce(x.contiguous(), group)
+        return all_reduce(x.contiguous(), group, name="reduce_from_tensor_parallel")
 
     @staticmethod
     def backward(ctx, grad):
@@ -142,7 +171,7 @@ class _GatherFromTensorParallel(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, group, rank):
         ctx.group, ctx.rank, ctx.width = group, rank, x.shape[-1]
-        return all_gather(x, group, dim=-1)
+        return all_gather(x, group, dim=-1, name="gather_from_tensor_parallel")
 
     @staticmethod
     def backward(ctx, grad):
@@ -180,7 +209,7 @@ class _VocabParallelCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logits, targets, vocab_start, group):
         local_max = logits.max(dim=-1).values
-        all_reduce(local_max, group, dist.ReduceOp.MAX)
+        all_reduce(local_max, group, dist.ReduceOp.MAX, name="vocab_parallel_cross_entropy (max)")
         shifted = logits - local_max.unsqueeze(-1)
 
         width = logits.shape[-1]
@@ -193,7 +222,7 @@ class _VocabParallelCrossEntropy(torch.autograd.Function):
         exp = shifted.exp_()  # reuse the buffer: `shifted` is not needed again
         sum_exp = exp.sum(dim=-1)
         both = torch.stack([sum_exp, target_logit])
-        all_reduce(both, group)
+        all_reduce(both, group, name="vocab_parallel_cross_entropy (sums)")
         sum_exp, target_logit = both[0], both[1]
 
         loss = sum_exp.log() - target_logit
@@ -233,11 +262,14 @@ def reduce_scatter_flat(flat: torch.Tensor, group: Any, rank_in_group: int) -> t
         return flat
     size = dist.get_world_size(group)
     shard = flat.numel() // size
-    if dist.get_backend(group) == "gloo":
-        dist.all_reduce(flat, group=group)
-        return flat.narrow(0, rank_in_group * shard, shard)
-    out = torch.empty(shard, dtype=flat.dtype, device=flat.device)
-    dist.reduce_scatter_tensor(out, flat, group=group)
+    try:
+        if dist.get_backend(group) == "gloo":
+            dist.all_reduce(flat, group=group)
+            return flat.narrow(0, rank_in_group * shard, shard)
+        out = torch.empty(shard, dtype=flat.dtype, device=flat.device)
+        dist.reduce_scatter_tensor(out, flat, group=group)
+    except RuntimeError as err:
+        raise collective_error("reduce_scatter_flat", group, err) from err
     return out
 
 
@@ -245,8 +277,11 @@ def all_gather_flat(shard: torch.Tensor, out: torch.Tensor, group: Any) -> torch
     """Fill 1-D `out` with every rank's `shard`, in rank order (`out` = size x shard)."""
     if group is None:
         return out.copy_(shard)
-    if dist.get_backend(group) == "gloo":
-        dist.all_gather(list(out.chunk(dist.get_world_size(group))), shard.contiguous(), group=group)
-    else:
-        dist.all_gather_into_tensor(out, shard.contiguous(), group=group)
+    try:
+        if dist.get_backend(group) == "gloo":
+            dist.all_gather(list(out.chunk(dist.get_world_size(group))), shard.contiguous(), group=group)
+        else:
+            dist.all_gather_into_tensor(out, shard.contiguous(), group=group)
+    except RuntimeError as err:
+        raise collective_error("all_gather_flat", group, err) from err
     return out
