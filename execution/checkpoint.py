@@ -221,7 +221,8 @@ def _raise_if_any_failed(statuses: list[list[int]], step: int, partial: Path, fi
     failed = [(r, s) for r, s in enumerate(statuses) if s[0]]
     if not failed:
         return
-    rank, (stage, code, _, free) = failed[0]
+    rank, status = failed[0]
+    stage, code, free = status[0], status[1], status[3]
     reason = f"[Errno {code}] {os.strerror(code)}" if code else "an I/O error"
     if code in errnos.errorcode:
         reason += f" ({errnos.errorcode[code]})"
@@ -231,7 +232,7 @@ def _raise_if_any_failed(statuses: list[list[int]], step: int, partial: Path, fi
     raise CheckpointWriteError(
         f"cannot write checkpoint step {step}: rank {rank}, {_STAGES[stage]} "
         f"{_stage_path(stage, rank, partial, final)}: {reason}{others}. The checkpoint needs about "
-        f"{total:,} bytes ({len(statuses)} shard(s) + meta.json){free_text}; the partial files "
+        f"{total:,} bytes for its {len(statuses)} shard(s){free_text}; the partial files "
         "were removed and the previous checkpoints are intact")
 
 

@@ -8,6 +8,10 @@ own) is used as it is.
 Every collective waits at most `timeout_s` for the other ranks, so a rank that hangs ends the
 job instead of stalling it forever. On gloo the waiting ranks raise `CollectiveError` naming the
 collective; on NCCL the process group's watchdog ends them (its log names the NCCL operation).
+
+Restarts (`torchrun --max-restarts N`): torchrun's agent keeps one key-value store for all
+attempts, so a restarted process could read the addresses the previous attempt's (dead)
+processes published and fail to connect. Each attempt therefore uses its own key prefix.
 """
 
 from __future__ import annotations
@@ -32,6 +36,17 @@ def world_size() -> int:
     return env_world_size()
 
 
+def _store_of_this_attempt(timeout: timedelta | None):
+    """torchrun's agent store, seen through a prefix unique to this restart attempt (None when
+    not launched by torchrun with an agent store: torch's own rendezvous then applies)."""
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
+        return None
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False,
+                          timeout=timeout or timedelta(minutes=30))
+    return dist.PrefixStore(f"gptj/attempt-{attempt}", store)
+
+
 def init_distributed(tensor_parallel: int = 1,
                      timeout_s: float | None = None) -> tuple[ParallelContext, torch.device]:
     """Join the torchrun job (if any), pick this process's device, build the parallel groups.
@@ -39,6 +54,7 @@ def init_distributed(tensor_parallel: int = 1,
     `timeout_s` bounds every collective of the process group created here (None: torch's default).
     """
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    timeout = timedelta(seconds=timeout_s) if timeout_s is not None else None
     if torch.cuda.is_available():
         device = torch.device("cuda", local_rank % torch.cuda.device_count())
         torch.cuda.set_device(device)
@@ -47,13 +63,16 @@ def init_distributed(tensor_parallel: int = 1,
     if not dist.is_initialized() and env_world_size() > 1:
         backend = "nccl" if device.type == "cuda" else "gloo"
         kwargs = {"device_id": device} if device.type == "cuda" else {}
-        if timeout_s is not None:
-            kwargs["timeout"] = timedelta(seconds=timeout_s)
+        if timeout is not None:
+            kwargs["timeout"] = timeout
         if backend == "nccl":
             # A timed-out NCCL collective ends this process (its watchdog), not a silent hang.
             os.environ.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "3")
+        store = _store_of_this_attempt(timeout)
+        if store is not None:
+            kwargs.update(store=store, rank=int(os.environ["RANK"]), world_size=env_world_size())
         dist.init_process_group(backend, **kwargs)
-    return ParallelContext.from_process_group(tensor_parallel), device
+    return ParallelContext.from_process_group(tensor_parallel, timeout), device
 
 
 def _joined() -> bool:

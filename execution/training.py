@@ -455,7 +455,7 @@ def _train(config: FinetuneConfig, ctx: ParallelContext | None,
             scale = scaler.scale
             loss_sum = accumulate_gradients(model, train_data, sampler.next_step(),
                                             scale / denominator, device)
-            all_reduce(loss_sum, ctx.replica_group)
+            all_reduce(loss_sum, ctx.replica_group, name="training loss (replicas)")
             loss = float(loss_sum.item() / denominator)
 
             if math.isfinite(loss):

@@ -54,8 +54,11 @@ class ParallelContext:
         return cls()
 
     @classmethod
-    def from_process_group(cls, tensor_parallel: int) -> ParallelContext:
-        """Build the groups over an initialised default process group (every rank must call)."""
+    def from_process_group(cls, tensor_parallel: int, timeout: Any = None) -> ParallelContext:
+        """Build the groups over an initialised default process group (every rank must call).
+
+        `timeout` (a timedelta) bounds the groups' collectives; None: torch's default.
+        """
         if not dist.is_available() or not dist.is_initialized():
             if tensor_parallel != 1:
                 raise RuntimeError(
@@ -73,12 +76,12 @@ class ParallelContext:
         # new_group must be called by every rank for every group, in the same order.
         for r in range(replicas):
             ranks = list(range(r * tensor_parallel, (r + 1) * tensor_parallel))
-            group = dist.new_group(ranks)
+            group = dist.new_group(ranks, timeout=timeout)
             if rank in ranks:
                 tp_group = group
         for t in range(tensor_parallel):
             ranks = list(range(t, world, tensor_parallel))
-            group = dist.new_group(ranks)
+            group = dist.new_group(ranks, timeout=timeout)
             if rank in ranks:
                 replica_group = group
         return cls(
