@@ -81,3 +81,13 @@ def test_a_configuration_past_its_time_limit_is_reported_not_waited_for(monkeypa
     # A matmul too slow for the budget is measured at a smaller size instead.
     assert _size_within(1e-9, torch.float32, 2048, torch.device("cpu")) == 256
     assert _size_within(1e9, torch.float32, 2048, torch.device("cpu")) == 2048
+
+
+def test_checksum_bench_runs_in_process():
+    from benchmarks import bench_checksum
+
+    result = bench_checksum.run(mib=4, repeats=1)
+    assert result["bytes"] == 4 << 20
+    assert set(result["gb_per_s"]) >= {"xxh3_128 (used)", "crc32 (zlib)", "sha256",
+                                        "file_checksum (xxh3_128, page cache)"}
+    assert all(rate > 0 for rate in result["gb_per_s"].values())

@@ -167,6 +167,15 @@ def test_failed_write_can_let_training_continue(finished_run, tmp_path, monkeypa
     assert [s for s, _ in ckpt.step_dirs(ckpt.checkpoint_root(tmp_path))] == [1, 3]
 
 
+def test_file_checksum_is_xxh3_128_of_the_whole_file(tmp_path):
+    import xxhash
+
+    data = os.urandom(10_000)
+    (tmp_path / "f").write_bytes(data)
+    # chunks that do not divide the file: the streamed digest must equal the one-shot digest
+    assert ckpt.file_checksum(tmp_path / "f", chunk_bytes=4096) == xxhash.xxh3_128(data).hexdigest()
+
+
 def test_real_io_errors_of_the_writer_carry_errno_and_path(tmp_path):
     target = tmp_path / "no-such-dir" / "rank-00000.safetensors"
     with pytest.raises(OSError) as info:
