@@ -11,7 +11,10 @@ collective; on NCCL the process group's watchdog ends them (its log names the NC
 
 Restarts (`torchrun --max-restarts N`): torchrun's agent keeps one key-value store for all
 attempts, so a restarted process could read the addresses the previous attempt's (dead)
-processes published and fail to connect. Each attempt therefore uses its own key prefix.
+processes published and fail to connect. Each attempt therefore uses its own key prefix, named
+by the agent's restart count. That count is per agent, so on several nodes it can differ;
+there TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 gives every attempt a fresh store instead (and this
+prefix is not used).
 """
 
 from __future__ import annotations
