@@ -4,7 +4,7 @@
     python run_finetuning.py --config gptj-6b-mnli-1gpu-offload
     torchrun --nproc-per-node 8 run_finetuning.py --config gptj-6b-mnli-8gpu
     python run_finetuning.py --resume --output-dir runs/tiny   # continue a run
-    torchrun --nproc-per-node 8 --max-restarts 3 run_finetuning.py --config gptj-6b-mnli-8gpu --resume auto
+    torchrun --nproc-per-node 8 --max-restarts 3 run_finetuning.py --config gptj-6b-mnli-8gpu  # resume: auto
 
 Presets live in config/finetuning.yml; any field can be set with --set section.field=value.
 Writes OUTPUT_DIR/metrics.jsonl, eval.json, checkpoints/ and hf/ (a transformers model).

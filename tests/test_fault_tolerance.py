@@ -196,6 +196,19 @@ def test_unwritable_directory_is_one_error(tmp_path):
     assert [s for s, _ in ckpt.step_dirs(root)] == [1]
 
 
+def test_resume_auto_option_and_gpu_preset_defaults():
+    import run_finetuning
+    from execution.train_config import load_config
+
+    assert run_finetuning.build_config(run_finetuning.parse_args(["--resume", "auto"])).resume == "auto"
+    assert run_finetuning.build_config(run_finetuning.parse_args(["--resume"])).resume is True
+    assert load_config("tiny").resume is False
+    for preset in ("gptj-6b-mnli", "gptj-6b-mnli-1gpu-offload", "gptj-6b-mnli-8gpu", "gptj-6b-mnli-multinode"):
+        config = load_config(preset)
+        assert config.resume == "auto" and config.parallel.timeout_s == 1800, preset
+        assert config.checkpoint.on_error == "stop", preset
+
+
 # ---- two ranks: agreement on the checkpoint to load and on a failed write ---------------------
 
 
