@@ -33,6 +33,7 @@ import os
 import random
 import re
 import shutil
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -209,11 +210,17 @@ def _stage_path(stage: int, rank: int, partial: Path, final: Path) -> Path:
     return {1: partial, 2: rank_file(partial, rank), 3: partial / META_FILE, 4: final}[stage]
 
 
-def _status(stage: int, err: OSError | None, needed: int, partial: Path) -> list[int]:
-    """[failed stage (0: none), errno, bytes this rank writes, bytes free] for gather_ints."""
+def _status(stage: int, err: Exception | None, needed: int, partial: Path) -> list[int]:
+    """[failed stage (0: none), errno, bytes this rank writes, bytes free] for gather_ints.
+
+    A failure that is no OSError (no errno) is printed here, by the rank it happened on: the
+    others only learn that it happened.
+    """
     if err is None:
         return [0, 0, needed, 0]
-    return [stage, err.errno or 0, needed, _free_bytes(partial)]
+    if not isinstance(err, OSError):
+        print(f"error: checkpoint write: {type(err).__name__}: {err}", file=sys.stderr, flush=True)
+    return [stage, getattr(err, "errno", None) or 0, needed, _free_bytes(partial)]
 
 
 def _raise_if_any_failed(statuses: list[list[int]], step: int, partial: Path, final: Path) -> None:
@@ -223,7 +230,7 @@ def _raise_if_any_failed(statuses: list[list[int]], step: int, partial: Path, fi
         return
     rank, status = failed[0]
     stage, code, free = status[0], status[1], status[3]
-    reason = f"[Errno {code}] {os.strerror(code)}" if code else "an I/O error"
+    reason = f"[Errno {code}] {os.strerror(code)}" if code else "an error (see that rank's log)"
     if code in errnos.errorcode:
         reason += f" ({errnos.errorcode[code]})"
     total = sum(s[2] for s in statuses)
@@ -275,7 +282,7 @@ def save_checkpoint(root: str | os.PathLike, step: int, rank: int, model: torch.
         _fsync(file)
         digest = int(file_checksum(file), 16)
         record = [file.stat().st_size, *_int64_pair(digest)]
-    except OSError as err:
+    except Exception as err:  # reported to every rank, so that none waits for this one
         error = err
     del tensors
     statuses = gather_ints(_status(2, error, needed, partial) + record, "checkpoint write status")
@@ -302,7 +309,7 @@ def save_checkpoint(root: str | os.PathLike, step: int, rank: int, model: torch.
                 shutil.rmtree(old, ignore_errors=True)
             partial.rename(final)
             _fsync_dir(root)
-        except OSError as err:
+        except Exception as err:  # reported to every rank, so that none waits for rank 0
             error = err
             shutil.rmtree(partial, ignore_errors=True)
         if error is None:

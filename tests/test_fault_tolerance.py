@@ -167,6 +167,17 @@ def test_failed_write_can_let_training_continue(finished_run, tmp_path, monkeypa
     assert [s for s, _ in ckpt.step_dirs(ckpt.checkpoint_root(tmp_path))] == [1, 3]
 
 
+def test_a_writer_bug_is_a_write_error_too_not_a_hang(tmp_path, monkeypatch, capsys):
+    def broken(tensors, file, metadata):
+        raise ValueError("tensor 'x' is not contiguous")
+
+    monkeypatch.setattr(ckpt, "_write_shard", broken)
+    with pytest.raises(ckpt.CheckpointWriteError, match="rank 0, writing .*: an error .see that rank's log"):
+        train(small_config(tmp_path, **{"training.steps": 1, "checkpoint.at_end": True}))
+    assert "ValueError: tensor 'x' is not contiguous" in capsys.readouterr().err
+    assert ckpt.step_dirs(ckpt.checkpoint_root(tmp_path)) == []
+
+
 def test_file_checksum_is_xxh3_128_of_the_whole_file(tmp_path):
     import xxhash
 
