@@ -356,10 +356,13 @@ def test_rank_killed_mid_training_restarts_and_ends_bit_identical(tmp_path, laun
     launched.append(proc)
     victim, deadline = None, time.time() + 400
     while proc.poll() is None and time.time() < deadline:
-        if victim is None and _last_step(killed / "metrics.jsonl") >= at_step:
+        seen = _last_step(killed / "metrics.jsonl")
+        if victim is None and seen >= at_step:
             victim = _worker_pid(proc.pid, rank)
             assert victim is not None, what
             os.kill(victim, signal.SIGKILL)
+            what += f" (metrics showed step {seen})"
+            assert seen < 12, what  # still training
         time.sleep(0.02)
     assert proc.wait(timeout=60) == 0, (what, _logs(tmp_path / "log-kill")[1][-3000:])
     stdout, _ = _logs(tmp_path / "log-kill")
