@@ -85,7 +85,7 @@ class StaticKVCache:
     def for_model(cls, model, batch_size: int, max_length: int, dtype=None, device=None) -> StaticKVCache:
         """A cache shaped for this rank's heads of `model`."""
         attn = model.blocks[0].attn
-        weight = attn.qkv_weight
+        weight = model.embed.weight  # the activation dtype (projections may be quantized)
         return cls(
             len(model.blocks), batch_size, attn.local_heads, attn.head_dim, max_length,
             dtype=dtype or weight.dtype, device=device or weight.device,

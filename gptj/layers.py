@@ -13,6 +13,7 @@ from torch import nn
 
 from .config import ModelConfig
 from .parallel import ParallelContext, copy_to_tensor_parallel, reduce_from_tensor_parallel
+from .quant import linear
 
 
 def _empty(*shape: int, dtype: torch.dtype, device) -> nn.Parameter:
@@ -138,35 +139,35 @@ def attend(q, k, v, mask: torch.Tensor | None) -> torch.Tensor:
 
 
 class Attention(nn.Module):
-    """Multi-head attention over this rank's whole heads, with one fused QKV matmul.
+    """Multi-head attention over this rank's whole heads, from an already projected qkv.
 
-    `qkv_weight` stacks [q; k; v] rows of this rank's heads: [3 * H * D, d]. The output
-    projection is split by input rows, so it returns a partial sum for the block to reduce.
-    A KV cache plugs in through `cache.update(k, v)`, which stores the new keys/values and
-    returns every key/value the queries may see.
+    The q/k/v projection is part of the block's fused input matmul (see `Block`); this module
+    holds the output projection, split by input rows, so it returns a partial sum for the block
+    to reduce. A KV cache plugs in through `cache.update(k, v)`, which stores the new
+    keys/values and returns every key/value the queries may see.
     """
 
     def __init__(self, config: ModelConfig, ctx: ParallelContext, dtype, device=None):
         super().__init__()
         self.local_heads = config.num_heads // ctx.tensor_parallel
         self.head_dim = config.head_dim
-        width = self.local_heads * self.head_dim
-        self.qkv_weight = _empty(3 * width, config.hidden_size, dtype=dtype, device=device)
-        self.out_proj_weight = _empty(config.hidden_size, width, dtype=dtype, device=device)
+        self.width = self.local_heads * self.head_dim
+        self.out_proj_weight = _empty(config.hidden_size, self.width, dtype=dtype, device=device)
 
-    def forward(self, h, rope, mask=None, cache=None) -> torch.Tensor:
-        batch, seq, _ = h.shape
-        qkv = F.linear(h, self.qkv_weight).view(batch, seq, 3, self.local_heads, self.head_dim)
-        q, k, v = split_qkv_rotary(qkv, *rope)
+    def forward(self, qkv, rope, mask=None, cache=None) -> torch.Tensor:
+        """qkv [B, S, 3 * H * D] (q, k, v of this rank's heads) -> partial output [B, S, d]."""
+        batch, seq, _ = qkv.shape
+        q, k, v = split_qkv_rotary(qkv.view(batch, seq, 3, self.local_heads, self.head_dim), *rope)
         if cache is not None:
             k, v = cache.update(k, v)
         out = attend(q, k, v, mask)
-        out = out.transpose(1, 2).reshape(batch, seq, self.local_heads * self.head_dim)
-        return F.linear(out, self.out_proj_weight)
+        out = out.transpose(1, 2).reshape(batch, seq, self.width)
+        return linear(out, self.out_proj_weight)
 
 
 class MLP(nn.Module):
-    """fc_in split by output columns (with its bias), fc_out split by input rows.
+    """gelu(fc_in) then fc_out. fc_in's matmul is part of the block's fused input matmul; its
+    bias (split by columns) is added here. fc_out is split by input rows.
 
     `forward` returns fc_out's partial sum WITHOUT its bias: the block adds the bias once,
     after the all-reduce, so it is not counted t times.
@@ -174,19 +175,23 @@ class MLP(nn.Module):
 
     def __init__(self, config: ModelConfig, ctx: ParallelContext, dtype, device=None):
         super().__init__()
-        local = config.ffn_dim // ctx.tensor_parallel
-        self.fc_in_weight = _empty(local, config.hidden_size, dtype=dtype, device=device)
-        self.fc_in_bias = _empty(local, dtype=dtype, device=device)
-        self.fc_out_weight = _empty(config.hidden_size, local, dtype=dtype, device=device)
+        self.local = config.ffn_dim // ctx.tensor_parallel
+        self.fc_in_bias = _empty(self.local, dtype=dtype, device=device)
+        self.fc_out_weight = _empty(config.hidden_size, self.local, dtype=dtype, device=device)
         self.fc_out_bias = _empty(config.hidden_size, dtype=dtype, device=device)  # replicated
 
-    def forward(self, h: torch.Tensor) -> torch.Tensor:
-        x = F.gelu(F.linear(h, self.fc_in_weight, self.fc_in_bias), approximate="tanh")
-        return F.linear(x, self.fc_out_weight)
+    def forward(self, pre: torch.Tensor) -> torch.Tensor:
+        """pre = h @ fc_in^T (without bias) [B, S, f_local] -> partial output [B, S, d]."""
+        x = F.gelu(pre + self.fc_in_bias, approximate="tanh")
+        return linear(x, self.fc_out_weight)
 
 
 class Block(nn.Module):
-    """x + attn(ln_1(x)) + mlp(ln_1(x)), with ONE all-reduce in forward and one in backward."""
+    """x + attn(ln_1(x)) + mlp(ln_1(x)), with ONE all-reduce in forward and one in backward.
+
+    Attention's q, k, v and the MLP's fc_in all read h = ln_1(x), so they are one matmul:
+    `in_proj_weight` stacks this rank's rows [q; k; v; fc_in], [3 * H * D + f_local, d].
+    """
 
     def __init__(self, config: ModelConfig, ctx: ParallelContext, dtype, device=None):
         super().__init__()
@@ -194,10 +199,13 @@ class Block(nn.Module):
         self.ln_1 = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps, dtype=dtype, device=device)
         self.attn = Attention(config, ctx, dtype, device)
         self.mlp = MLP(config, ctx, dtype, device)
+        self.split = (3 * self.attn.width, self.mlp.local)
+        self.in_proj_weight = _empty(sum(self.split), config.hidden_size, dtype=dtype, device=device)
 
     def forward(self, x, rope, mask=None, cache=None) -> torch.Tensor:
         h = copy_to_tensor_parallel(self.ln_1(x), self.ctx)
-        partial = self.attn(h, rope, mask, cache) + self.mlp(h)
+        qkv, pre = linear(h, self.in_proj_weight).split(self.split, dim=-1)
+        partial = self.attn(qkv, rope, mask, cache) + self.mlp(pre)
         return x + reduce_from_tensor_parallel(partial, self.ctx) + self.mlp.fc_out_bias
 
 
@@ -216,7 +224,7 @@ class VocabParallelHead(nn.Module):
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         """Local fp32 logits [..., rows]; entries past the real vocab are -inf."""
         h = copy_to_tensor_parallel(h, self.ctx)
-        logits = F.linear(h, self.weight, self.bias).float()
+        logits = linear(h, self.weight, self.bias).float()
         if self.real_rows < self.rows:
             logits[..., self.real_rows :] = -math.inf
         return logits

@@ -4,7 +4,8 @@ One table drives loading (each rank reads only its slices), random initialisatio
 values for any tensor-parallel size), export to Hugging Face, and gradient comparisons.
 
 A rule says: this local parameter is the concatenation (along dim 0) of slices of one or more
-HF tensors, each sliced along `dim` into `tensor_parallel` equal parts (None = replicated).
+HF tensors (of possibly different sizes), each sliced along `dim` into `tensor_parallel` equal
+parts (None = replicated).
 `pad_rows` marks vocab-sized tensors whose row count is rounded up to a multiple of t.
 """
 
@@ -34,11 +35,12 @@ def shard_rules(config: ModelConfig) -> dict[str, ShardRule]:
         rules.update({
             ours + "ln_1.weight": ShardRule((hf + "ln_1.weight",), None),
             ours + "ln_1.bias": ShardRule((hf + "ln_1.bias",), None),
-            ours + "attn.qkv_weight": ShardRule(
-                tuple(hf + f"attn.{p}_proj.weight" for p in "qkv"), 0
+            # q, k, v and fc_in read the same ln_1 output: one fused matmul, one local weight
+            # made of each rank's whole heads of q, k, v and its columns of fc_in.
+            ours + "in_proj_weight": ShardRule(
+                (*(hf + f"attn.{p}_proj.weight" for p in "qkv"), hf + "mlp.fc_in.weight"), 0
             ),
             ours + "attn.out_proj_weight": ShardRule((hf + "attn.out_proj.weight",), 1),
-            ours + "mlp.fc_in_weight": ShardRule((hf + "mlp.fc_in.weight",), 0),
             ours + "mlp.fc_in_bias": ShardRule((hf + "mlp.fc_in.bias",), 0),
             ours + "mlp.fc_out_weight": ShardRule((hf + "mlp.fc_out.weight",), 1),
             ours + "mlp.fc_out_bias": ShardRule((hf + "mlp.fc_out.bias",), None),
@@ -80,6 +82,12 @@ def slice_range(full_size: int, rule: ShardRule, ctx: ParallelContext) -> tuple[
     return min(start, full_size), min(start + part, full_size)
 
 
+def local_rows(rule: ShardRule, config: ModelConfig, ctx: ParallelContext) -> list[int]:
+    """Rows each HF tensor of a multi-tensor rule (split along dim 0) gives this rank."""
+    shapes = hf_shapes(config)
+    return [shapes[h][0] // ctx.tensor_parallel for h in rule.hf_names]
+
+
 # A reader returns rows [start, stop) of HF tensor `name` along `dim` (or all of it if dim is None).
 SliceReader = Callable[[str, "int | None", int, int], torch.Tensor]
 
@@ -117,7 +125,7 @@ def gather_to_hf(
     rule = shard_rules(config)[name]
     if rule.dim is None:
         return {rule.hf_names[0]: local}
-    pieces = local.chunk(len(rule.hf_names), dim=0)
+    pieces = [local] if len(rule.hf_names) == 1 else local.split(local_rows(rule, config, ctx), dim=0)
     out = {}
     for hf_name, piece in zip(rule.hf_names, pieces):
         full = all_gather(piece, ctx.tp_group, dim=rule.dim)

@@ -196,7 +196,7 @@ def test_fp16_overflow_skips_and_backs_off():
     scaler = DynamicLossScaler(init_scale=1024.0, growth_interval=2)
     before = [p.detach().clone() for p in model.parameters()]
     _fill_grads(model, scaler.scale)
-    model.blocks[0].attn.qkv_weight.grad[3, 5] = float("inf")
+    model.blocks[0].in_proj_weight.grad[3, 5] = float("inf")
     result = opt.step(LR, loss_scale=scaler.scale)
     scaler.update(result.skipped)
     assert result.skipped and result.reason == "overflow"
