@@ -3,6 +3,7 @@
     python run_inference.py                                        # tiny preset, prints tokens/s
     python run_inference.py --model runs/tiny --prompt "mnli hypothesis: ... target:"
     python run_inference.py --config gptj-6b --prompt "The capital of France is" --stream
+    python run_inference.py --model runs/tiny --quantize int8           # weight-only int8
     torchrun --nproc-per-node 2 run_inference.py --config gptj-6b-tp2 --prompts-file prompts.jsonl
 
 Presets live in config/inference.yml; options override them, --set section.field=value
@@ -28,6 +29,8 @@ OPTION_FIELDS = {
     "device": "model.device",
     "tensor_parallel": "model.tensor_parallel",
     "threads": "model.threads",
+    "quantize": "model.quantize",
+    "group_size": "model.group_size",
     "max_new_tokens": "generation.max_new_tokens",
     "temperature": "generation.temperature",
     "top_k": "generation.top_k",
@@ -71,6 +74,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--threads", type=threads_value, metavar="N|auto",
                    help="CPU threads for torch (auto, the default: 1 for tiny models, else the "
                         "physical cores; 0: torch's default)")
+    p.add_argument("--quantize", choices=["int8", "int4"],
+                   help="weight-only quantization while loading (int8 per channel, int4 group-wise)")
+    p.add_argument("--group-size", type=int, choices=[32, 64, 128, 256], metavar="N",
+                   help="int4 group size: 32, 64, 128 (default) or 256")
     p.add_argument("--offload-weights", action="store_true", help="stream block weights from host memory")
     p.add_argument("--compile", action="store_true", help="compile the decode step")
     p.add_argument("--truncate-prompts", action="store_true", help="keep the last tokens of too-long prompts")
@@ -202,6 +209,7 @@ def run(config) -> int:
         name, tokenizer=model.tokenizer, precision=model.precision, device=device, ctx=ctx,
         offload_weights=model.offload_weights, compile_decode=model.compile,
         batch_size=config.generation.batch_size, init_seed=model.init_seed,
+        quantize=model.quantize, group_size=model.group_size,
     )
     # "auto" values become what was chosen for this machine and model, as printed below.
     model.precision = next(k for k, v in DTYPES.items() if v == pipe.model.embed.weight.dtype)

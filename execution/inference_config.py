@@ -28,7 +28,17 @@ class ModelSection:
     # physical cores shared among this machine's processes; 0: torch's default.
     threads: int | Literal["auto"] = "auto"
 
+    # Weight-only quantization of the projections while loading: int8 (per output channel) or
+    # int4 (groups of `group_size` input columns: 32, 64, 128 or 256). None: the model dtype.
+    quantize: Literal["int8", "int4"] | None = None
+    group_size: int = 128
+
     def __post_init__(self):
+        if self.group_size not in (32, 64, 128, 256):
+            raise ValueError(f"model.group_size must be 32, 64, 128 or 256, got {self.group_size}")
+        if self.quantize is not None and self.offload_weights:
+            raise ValueError("model.quantize and model.offload_weights cannot be combined: quantized "
+                             "weights stay on the device")
         if self.tensor_parallel < 1:
             raise ValueError(f"model.tensor_parallel must be >= 1, got {self.tensor_parallel}")
         if self.threads != "auto" and self.threads < 0:

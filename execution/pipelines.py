@@ -2,6 +2,7 @@
 
     from execution.pipelines import TextGenerationPipeline, EntailmentPipeline
     generator = TextGenerationPipeline.from_pretrained("EleutherAI/gpt-j-6b", precision="bf16")
+    small = TextGenerationPipeline.from_pretrained("EleutherAI/gpt-j-6b", quantize="int4", group_size=128)
     generator("The capital of France is", max_new_tokens=8)           # -> str
     nli = EntailmentPipeline.from_pretrained("runs/mnli")              # run_finetuning.py output
     nli("A man plays a guitar.", "A person makes music.")              # -> {"label", "scores"}
@@ -49,29 +50,49 @@ def load_model_and_tokenizer(
     ctx: ParallelContext | None = None,
     offload_weights: bool = False,
     init_seed: int = 0,
+    quantize: str | None = None,
+    group_size: int = 128,
 ):
     """(GPTJ in eval mode, data.Tokenizer). Raises ValueError subclasses with a clear message.
 
     precision "auto": the fastest dtype this device runs natively for the model's size
     (execution.defaults.resolve_precision); a dtype without native kernels here is used as
-    asked, after one warning line on stderr."""
+    asked, after one warning line on stderr.
+
+    quantize: "int8" / "int4" (with `group_size`) quantizes the projections while loading,
+    tensor by tensor and per tensor-parallel rank (gptj/quantized.py); a checkpoint written by
+    `python -m execution.quantize` loads quantized without it.
+    """
     import data
+    from gptj.quant import QuantSpec
 
     device = pick_device(device)
+    spec = QuantSpec.parse(quantize, group_size)
+    if spec is not None and offload_weights:
+        raise ValueError("quantized weights are not streamed from host memory: use --quantize or --offload-weights, not both")
     load_to = torch.device("cpu") if offload_weights else device
     if name_or_path.startswith("random:"):
+        from gptj.model import random_reader
+        from gptj.quantized import quantize_from_reader
+
         config = ModelConfig.preset(name_or_path.removeprefix("random:"))
         tok = data.load_tokenizer(tokenizer or "bundled:tiny")
         # The random model takes the tokenizer's vocabulary so every id it emits decodes.
         config = config.replace(vocab_size=tok.vocab_size, eos_token_id=tok.eos_id, bos_token_id=tok.eos_id)
         dtype = _dtype_for(precision, device, config, ctx)
-        model = GPTJ(config, ctx, dtype=dtype, device=load_to).init_weights(seed=init_seed)
+        if spec is None:
+            model = GPTJ(config, ctx, dtype=dtype, device=load_to).init_weights(seed=init_seed)
+        else:
+            model = quantize_from_reader(config, ctx, dtype, load_to, spec, random_reader(config, init_seed))
     else:
         from gptj.hf import load_pretrained, read_model_config, resolve_checkpoint
 
         directory = resolve_checkpoint(resolve_model_dir(name_or_path))
         dtype = _dtype_for(precision, device, read_model_config(directory), ctx)
-        model, _ = load_pretrained(directory, ctx, dtype=dtype, device=load_to)
+        model, _ = load_pretrained(directory, ctx, dtype=dtype, device=load_to, quantize=spec)
+        if offload_weights and model.quantization is not None:
+            raise ValueError(f"{directory} holds quantized weights, which are not streamed from host memory: "
+                             "drop --offload-weights")
         tok = data.load_tokenizer(tokenizer or directory)
         if tok.vocab_size > model.config.vocab_size:
             raise ValueError(
@@ -147,9 +168,11 @@ class TextGenerationPipeline:
         cls, model_dir_or_id: str, tokenizer: str | None = None, precision: str = "auto",
         device: str | None = None, ctx: ParallelContext | None = None, offload_weights: bool = False,
         compile_decode: bool = False, batch_size: int = 16, init_seed: int = 0,
+        quantize: str | None = None, group_size: int = 128,
     ) -> TextGenerationPipeline:
         model, tok = load_model_and_tokenizer(
-            model_dir_or_id, tokenizer, precision, device, ctx, offload_weights, init_seed
+            model_dir_or_id, tokenizer, precision, device, ctx, offload_weights, init_seed,
+            quantize=quantize, group_size=group_size,
         )
         return cls(model, tok, batch_size=batch_size, compile_decode=compile_decode)
 
@@ -220,8 +243,10 @@ class EntailmentPipeline:
     def from_pretrained(
         cls, model_dir_or_id: str, tokenizer: str | None = None, precision: str = "auto",
         device: str | None = None, ctx: ParallelContext | None = None, task: str = "mnli", init_seed: int = 0,
+        quantize: str | None = None, group_size: int = 128,
     ) -> EntailmentPipeline:
-        model, tok = load_model_and_tokenizer(model_dir_or_id, tokenizer, precision, device, ctx, False, init_seed)
+        model, tok = load_model_and_tokenizer(model_dir_or_id, tokenizer, precision, device, ctx, False, init_seed,
+                                              quantize=quantize, group_size=group_size)
         return cls(model, tok, task=task)
 
     def prompt(self, premise: str, hypothesis: str) -> str:

@@ -21,6 +21,7 @@ import torch
 from .config import ConfigError, ModelConfig
 from .model import GPTJ
 from .parallel import ParallelContext
+from .quant import QuantSpec
 from .sharding import gather_to_hf, hf_shapes, shard_rules
 
 SAFE_INDEX = "model.safetensors.index.json"
@@ -56,6 +57,17 @@ def resolve_checkpoint(name_or_path: str | os.PathLike) -> Path:
     return Path(snapshot_download(text, allow_patterns=patterns))
 
 
+def read_quantization(directory: Path) -> QuantSpec | None:
+    """The `quantization` section of a checkpoint's config.json (None: float weights)."""
+    values = json.loads((directory / "config.json").read_text()).get("quantization")
+    if values is None:
+        return None
+    try:
+        return QuantSpec.from_dict(values)
+    except (KeyError, TypeError, ValueError) as err:
+        raise CheckpointError(f"{directory / 'config.json'}: bad quantization section {values}: {err}") from err
+
+
 def read_model_config(directory: Path) -> ModelConfig:
     config_file = directory / "config.json"
     if not config_file.is_file():
@@ -77,9 +89,9 @@ class CheckpointReader:
     can see exactly which bytes a rank asked for.
     """
 
-    def __init__(self, directory: Path, config: ModelConfig):
+    def __init__(self, directory: Path, config: ModelConfig, expected: dict[str, tuple[int, ...]] | None = None):
         self.directory = directory
-        self.expected = hf_shapes(config)
+        self.expected = expected if expected is not None else hf_shapes(config)
         self.requests: list[tuple[str, int | None, int, int]] = []
         self._open: dict[Path, Any] = {}
         self._files: dict[str, Path] = self._index()
@@ -149,12 +161,32 @@ def load_pretrained(
     ctx: ParallelContext | None = None,
     dtype: torch.dtype = torch.float32,
     device: torch.device | str | None = None,
+    quantize: QuantSpec | None = None,
 ) -> tuple[GPTJ, CheckpointReader]:
-    """A GPTJ holding this rank's shard of a Hugging Face checkpoint."""
+    """A GPTJ holding this rank's shard of a Hugging Face checkpoint.
+
+    quantize: quantize the projections while loading, one tensor at a time (gptj/quantized.py).
+    A checkpoint written by `python -m execution.quantize` loads quantized as stored; asking
+    for a different quantization of it is an error.
+    """
+    from .quantized import load_quantized_from_reader, quantize_from_reader, quantized_hf_shapes
+
     directory = resolve_checkpoint(name_or_path)
     config = read_model_config(directory)
+    stored = read_quantization(directory)
+    if stored is not None:
+        if quantize is not None and quantize != stored:
+            raise CheckpointError(
+                f"{directory} is already quantized ({stored.to_dict()}); it cannot be loaded as "
+                f"{quantize.to_dict()}: quantize the float checkpoint instead"
+            )
+        reader = CheckpointReader(directory, config, expected=quantized_hf_shapes(config, stored))
+        reader.check()
+        return load_quantized_from_reader(config, ctx, dtype, device, stored, reader), reader
     reader = CheckpointReader(directory, config)
     reader.check()
+    if quantize is not None:
+        return quantize_from_reader(config, ctx, dtype, device, quantize, reader), reader
     model = GPTJ(config, ctx, dtype=dtype, device=device)
     model.load_shards(reader)
     return model, reader
@@ -175,6 +207,57 @@ def gather_hf_tensors(model: GPTJ, grads: bool = False) -> dict[str, torch.Tenso
     return out
 
 
+class ShardedSafetensorsWriter:
+    """Writes named tensors into `directory` as safetensors shards of about `max_shard_bytes`.
+
+    Tensors are flushed to a shard file whenever the pending bytes reach the limit, so a
+    caller that adds them one at a time never holds the whole model. `close()` names a single
+    shard `model.safetensors`, or writes the index for several.
+    """
+
+    def __init__(self, directory: Path, max_shard_bytes: int = 2 * 1024**3):
+        self.directory, self.max_shard_bytes = directory, max_shard_bytes
+        self.pending: dict[str, torch.Tensor] = {}
+        self.pending_bytes = 0
+        self.shard_files: list[str] = []
+        self.weight_map: dict[str, str] = {}
+
+    def add(self, name: str, tensor: torch.Tensor) -> None:
+        tensor = tensor.to("cpu").contiguous()
+        self.pending[name] = tensor
+        self.pending_bytes += tensor.numel() * tensor.element_size()
+        if self.pending_bytes >= self.max_shard_bytes:
+            self.flush()
+
+    def flush(self) -> None:
+        from safetensors.torch import save_file
+
+        if self.pending:
+            file = f"model-{len(self.shard_files) + 1:05d}.safetensors"
+            save_file(self.pending, str(self.directory / file), metadata={"format": "pt"})
+            self.shard_files.append(file)
+            self.weight_map.update(dict.fromkeys(self.pending, file))
+            self.pending, self.pending_bytes = {}, 0
+
+    def close(self) -> None:
+        self.flush()
+        if len(self.shard_files) == 1:
+            (self.directory / self.shard_files[0]).rename(self.directory / "model.safetensors")
+        else:
+            index = {"metadata": {}, "weight_map": self.weight_map}
+            (self.directory / SAFE_INDEX).write_text(json.dumps(index, indent=2))
+
+
+def replace_directory(tmp: Path, out_dir: Path) -> None:
+    """Move a completely written `tmp` into place as `out_dir` (the old one removed after)."""
+    old = out_dir.with_name(out_dir.name + ".old")
+    if out_dir.exists():
+        shutil.rmtree(old, ignore_errors=True)
+        out_dir.rename(old)
+    tmp.rename(out_dir)
+    shutil.rmtree(old, ignore_errors=True)
+
+
 def export_hf(
     model: GPTJ,
     out_dir: str | os.PathLike,
@@ -188,8 +271,9 @@ def export_hf(
     shard file whenever `max_shard_bytes` is reached, so the full model is never held in
     memory at once. `extra(tmp_dir)` may add files (e.g. the tokenizer) before the rename.
     """
-    from safetensors.torch import save_file
-
+    if model.quantization is not None:
+        raise ValueError("a quantized model cannot be exported as float Hugging Face weights; "
+                         "export the float model, or write a quantized checkpoint with execution.quantize")
     ctx = model.ctx
     writes = ctx.rank == 0
     out_dir = Path(out_dir)
@@ -198,18 +282,7 @@ def export_hf(
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
     params = dict(model.named_parameters())
-    pending: dict[str, torch.Tensor] = {}
-    pending_bytes, shard_files, weight_map = 0, [], {}
-
-    def flush():
-        nonlocal pending, pending_bytes
-        if pending:
-            file = f"model-{len(shard_files) + 1:05d}.safetensors"
-            save_file(pending, str(tmp / file), metadata={"format": "pt"})
-            shard_files.append(file)
-            weight_map.update(dict.fromkeys(pending, file))
-            pending, pending_bytes = {}, 0
-
+    writer = ShardedSafetensorsWriter(tmp, max_shard_bytes)
     for name in shard_rules(model.config):
         if ctx.replica_rank != 0:
             continue  # replicas hold identical weights; replica 0 exports
@@ -217,28 +290,14 @@ def export_hf(
         if not writes:
             continue
         for hf_name, tensor in full.items():
-            tensor = tensor.to("cpu", dtype or tensor.dtype).contiguous()
-            pending[hf_name] = tensor
-            pending_bytes += tensor.numel() * tensor.element_size()
-        if pending_bytes >= max_shard_bytes:
-            flush()
+            writer.add(hf_name, tensor.to(dtype or tensor.dtype))
     if not writes:
         return None
-    flush()
-    if len(shard_files) == 1:
-        (tmp / shard_files[0]).rename(tmp / "model.safetensors")
-    else:
-        index = {"metadata": {}, "weight_map": weight_map}
-        (tmp / SAFE_INDEX).write_text(json.dumps(index, indent=2))
+    writer.close()
     config = model.config.to_hf_dict()
     config["torch_dtype"] = str(dtype or next(model.parameters()).dtype).removeprefix("torch.")
     (tmp / "config.json").write_text(json.dumps(config, indent=2))
     if extra is not None:
         extra(tmp)
-    old = out_dir.with_name(out_dir.name + ".old")
-    if out_dir.exists():
-        shutil.rmtree(old, ignore_errors=True)
-        out_dir.rename(old)
-    tmp.rename(out_dir)
-    shutil.rmtree(old, ignore_errors=True)
+    replace_directory(tmp, out_dir)
     return out_dir

@@ -105,6 +105,29 @@ class _HeadCrossEntropy(torch.autograd.Function):
         return grad_hidden, grad_weight, grad_bias, None
 
 
+def random_reader(config: ModelConfig, seed: int = 0, std: float = 0.02):
+    """A slice reader (see sharding.py) of random HF tensors, as Hugging Face initialises GPT-J.
+
+    Each full HF tensor is drawn from a generator seeded by (seed, tensor name), then sliced, so
+    every tensor-parallel size sees the same numbers.
+    """
+    shapes = hf_shapes(config)
+
+    def random_slice(hf_name, dim, start, stop):
+        digest = hashlib.sha256(f"{seed}:{hf_name}".encode()).digest()
+        gen = torch.Generator().manual_seed(int.from_bytes(digest[:8], "little"))
+        shape = shapes[hf_name]
+        if hf_name.endswith((".bias",)) and "ln_" not in hf_name:
+            full = torch.zeros(shape)
+        elif "ln_" in hf_name:
+            full = torch.ones(shape) if hf_name.endswith("weight") else torch.zeros(shape)
+        else:
+            full = torch.empty(shape).normal_(0.0, std, generator=gen)
+        return full if dim is None else full.narrow(dim, start, stop - start)
+
+    return random_slice
+
+
 class GPTJ(nn.Module):
     def __init__(
         self,
@@ -122,6 +145,7 @@ class GPTJ(nn.Module):
         self.lm_head = VocabParallelHead(config, self.ctx, dtype, device)
         self.rotary = RotaryTables(config.rotary_dim, config.max_positions, device=device)
         self.recompute_blocks = False  # activation recomputation, set by the training engine
+        self.quantization = None  # a gptj.quant.QuantSpec once projections are quantized
 
     # ---- weights -----------------------------------------------------------------------------
     @torch.no_grad()
@@ -131,21 +155,7 @@ class GPTJ(nn.Module):
         Each full HF tensor is drawn from a generator seeded by (seed, tensor name), then this
         rank keeps its slice, so TP=1 and TP=t models hold the same numbers.
         """
-        shapes = hf_shapes(self.config)
-
-        def random_slice(hf_name, dim, start, stop):
-            digest = hashlib.sha256(f"{seed}:{hf_name}".encode()).digest()
-            gen = torch.Generator().manual_seed(int.from_bytes(digest[:8], "little"))
-            shape = shapes[hf_name]
-            if hf_name.endswith((".bias",)) and "ln_" not in hf_name:
-                full = torch.zeros(shape)
-            elif "ln_" in hf_name:
-                full = torch.ones(shape) if hf_name.endswith("weight") else torch.zeros(shape)
-            else:
-                full = torch.empty(shape).normal_(0.0, std, generator=gen)
-            return full if dim is None else full.narrow(dim, start, stop - start)
-
-        self.load_shards(random_slice)
+        self.load_shards(random_reader(self.config, seed, std))
         return self
 
     @torch.no_grad()
@@ -196,7 +206,8 @@ class GPTJ(nn.Module):
         """Per-token cross-entropy [B, S] in fp32 (unmasked: the caller weights it)."""
         hidden = self.hidden_states(input_ids, **kwargs)
         head = self.lm_head
-        if self.ctx.tp_group is None and head.real_rows == head.rows:
+        fused = isinstance(head.weight, torch.Tensor)  # a quantized head has no float weight
+        if fused and self.ctx.tp_group is None and head.real_rows == head.rows:
             return _HeadCrossEntropy.apply(hidden, head.weight, head.bias, labels)
         local_logits = head(hidden)
         return vocab_parallel_cross_entropy(local_logits, labels, head.vocab_start, self.ctx)

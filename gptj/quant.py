@@ -1,0 +1,237 @@
+"""Weight-only quantization of a linear layer: int8 per output channel, int4 group-wise.
+
+`QuantizedLinear(x) -> y` computes `x @ W^T (+ bias)` for x [..., in_features] with W stored as:
+
+- int8: W[n, k] ~= q[n, k] * scale[n]; q int8 in [-127, 127], one scale per output row
+  (symmetric, scale = max |W[n, :]| / 127).
+- int4: W[n, k] ~= (q[n, k] - 8) * scale[n, j] + zero[n, j] for the group j = k // group_size;
+  q in [0, 15] from the group's min and max (scale = (max - min) / 15, zero = min + 8 * scale).
+  Two values per byte: `qweight[n, k // 2]` holds column 2i in the high nibble, 2i + 1 in the low.
+
+Scales and zero points are rounded to bf16 when the weight is quantized, so the fused kernels
+(which take them in bf16) and `dequantize()` compute with exactly the same weight. The bias is
+added after the matmul, in the activation dtype.
+
+Which kernel runs (measured on CPU, benchmarks/NOTES.md "Weight-only quantization"):
+- CPU, few rows (decode): torch's `_weight_int8pack_mm` / `_weight_int4pack_mm_for_cpu`, fed
+  bf16 activations (their fp32 paths are 10-50x slower) and cast back to the activation dtype.
+- CPU, many rows (prefill, scoring): the weight is dequantized to the activation dtype and
+  multiplied by the ordinary matmul, which is faster than the packed kernels once the matmul
+  stops being bound by reading the weight.
+- CUDA: int4 through `_weight_int4pack_mm` (tinygemm, bf16); int8 as dequantize + matmul, which
+  `torch.compile` of the decode step fuses (ATen's CUDA int8 kernel is a naive loop).
+
+The persistent buffers (`qweight`, `scales`, `zeros`) are the saved format; kernel-specific
+layouts are rebuilt from them on load.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+BITS = (8, 4)
+GROUP_SIZES = (32, 64, 128, 256)
+# Rows up to which the packed CPU kernels beat dequantize + matmul (measured, NOTES.md).
+CPU_KERNEL_MAX_ROWS = 16
+
+
+class QuantizationError(ValueError):
+    """A quantization setting that cannot work for this weight, explained in words."""
+
+
+@dataclass(frozen=True)
+class QuantSpec:
+    """What to quantize: `bits` 8 or 4, `group_size` (int4 only), and whether lm_head too."""
+
+    bits: int
+    group_size: int = 128
+    quantize_head: bool = True
+
+    @classmethod
+    def parse(cls, name: str | None, group_size: int = 128) -> QuantSpec | None:
+        """'int8' / 'int4' / None -> a spec (None: no quantization)."""
+        if name in (None, "", "none"):
+            return None
+        bits = {"int8": 8, "int4": 4}.get(str(name))
+        if bits is None:
+            raise QuantizationError(f"unknown quantization {name!r}; expected int8 or int4")
+        spec = cls(bits, group_size)
+        spec.check()
+        return spec
+
+    @property
+    def name(self) -> str:
+        return f"int{self.bits}"
+
+    def check(self) -> None:
+        if self.bits not in BITS:
+            raise QuantizationError(f"bits must be 8 or 4, got {self.bits}")
+        if self.bits == 4 and self.group_size not in GROUP_SIZES:
+            raise QuantizationError(
+                f"int4 group size must be one of {', '.join(map(str, GROUP_SIZES))}, got {self.group_size}"
+            )
+
+    def to_dict(self) -> dict:
+        out = {"method": "weight_only", "bits": self.bits, "quantize_head": self.quantize_head}
+        if self.bits == 4:
+            out["group_size"] = self.group_size
+        return out
+
+    @classmethod
+    def from_dict(cls, values: dict) -> QuantSpec:
+        if values.get("method") != "weight_only":
+            raise QuantizationError(f"unknown quantization method {values.get('method')!r}; expected weight_only")
+        spec = cls(int(values["bits"]), int(values.get("group_size", 128)), bool(values.get("quantize_head", True)))
+        spec.check()
+        return spec
+
+
+def _bf16_exact(t: torch.Tensor) -> torch.Tensor:
+    """fp32 values that bf16 represents exactly (what the kernels will see)."""
+    return t.to(torch.bfloat16).float()
+
+
+def quantize_int8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """[N, K] float -> (q int8 [N, K], scale fp32 [N]) with W ~= q * scale[:, None]."""
+    w = weight.float()
+    scale = _bf16_exact(w.abs().amax(dim=1) / 127.0).clamp_min(1e-12)
+    q = torch.round(w / scale[:, None]).clamp_(-127, 127).to(torch.int8)
+    return q, scale
+
+
+def quantize_int4(weight: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """[N, K] float -> (packed uint8 [N, K/2], scale fp32 [N, K/g], zero fp32 [N, K/g])."""
+    n, k = weight.shape
+    if k % group_size:
+        raise QuantizationError(f"int4 group size {group_size} does not divide the input width {k}")
+    w = weight.float().view(n, k // group_size, group_size)
+    low, high = w.amin(dim=-1), w.amax(dim=-1)
+    scale = _bf16_exact((high - low) / 15.0).clamp_min(1e-8)
+    zero = _bf16_exact(low + 8.0 * scale)
+    q = torch.round((w - zero[..., None]) / scale[..., None] + 8.0).clamp_(0, 15).to(torch.uint8)
+    q = q.view(n, k)
+    return (q[:, 0::2] << 4) | q[:, 1::2], scale, zero
+
+
+def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
+    """uint8 [N, K/2] -> uint8 values in [0, 15], [N, K]."""
+    return torch.stack((packed >> 4, packed & 15), dim=-1).flatten(-2)
+
+
+class QuantizedLinear(nn.Module):
+    """A frozen linear layer with int8 or int4 weights: `forward(x) -> x @ W^T (+ bias)`.
+
+    Build one with `QuantizedLinear.from_weight(weight, bits, group_size)` or from stored
+    components with `QuantizedLinear(bits, qweight, scales, zeros, group_size)`;
+    `dequantize()` gives W [out_features, in_features] back (e.g. to merge an adapter).
+    """
+
+    def __init__(
+        self,
+        bits: int,
+        qweight: torch.Tensor,
+        scales: torch.Tensor,
+        zeros: torch.Tensor | None = None,
+        group_size: int = 0,
+        bias: torch.Tensor | None = None,
+    ):
+        super().__init__()
+        self.bits, self.group_size = bits, group_size if bits == 4 else 0
+        self.out_features = qweight.shape[0]
+        self.in_features = qweight.shape[1] * (2 if bits == 4 else 1)
+        self.register_buffer("qweight", qweight)
+        self.register_buffer("scales", scales.float())
+        if bits == 4:
+            if zeros is None:
+                raise QuantizationError("int4 weights need zero points")
+            self.register_buffer("zeros", zeros.float())
+        self.bias = bias
+        self._prepare_kernel()
+
+    @classmethod
+    def from_weight(
+        cls, weight: torch.Tensor, bits: int, group_size: int = 128, bias: torch.Tensor | None = None
+    ) -> QuantizedLinear:
+        """Quantize a float weight [out_features, in_features] (on its own device)."""
+        if bits == 8:
+            q, scale = quantize_int8(weight)
+            return cls(8, q, scale, bias=bias)
+        if bits == 4:
+            q, scale, zero = quantize_int4(weight, group_size)
+            return cls(4, q, scale, zero, group_size, bias=bias)
+        raise QuantizationError(f"bits must be 8 or 4, got {bits}")
+
+    # ---- kernel layouts --------------------------------------------------------------------
+    def _prepare_kernel(self) -> None:
+        """Kernel-specific operands (not saved: rebuilt from qweight/scales/zeros)."""
+        self._kernel = None
+        device = self.qweight.device
+        if self.bits == 8 and device.type == "cpu":
+            self._kernel = "int8_cpu"
+            self.register_buffer("_kernel_scales", self.scales.to(torch.bfloat16), persistent=False)
+        elif self.bits == 4 and device.type in ("cpu", "cuda"):
+            scales_and_zeros = torch.stack((self.scales.t(), self.zeros.t()), dim=-1)  # [K/g, N, 2]
+            try:
+                if device.type == "cpu":
+                    values = unpack_int4(self.qweight).to(torch.int32)
+                    packed = torch._convert_weight_to_int4pack_for_cpu(values, 1)
+                else:
+                    packed = torch._convert_weight_to_int4pack(self.qweight.contiguous(), 8)
+            except RuntimeError:  # shapes the kernel does not take: dequantize + matmul instead
+                return
+            self._kernel = f"int4_{device.type}"
+            self.register_buffer("_kernel_weight", packed, persistent=False)
+            self.register_buffer(
+                "_kernel_scales", scales_and_zeros.to(torch.bfloat16).contiguous(), persistent=False
+            )
+
+    # ---- math --------------------------------------------------------------------------------
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """The weight the layer multiplies by, [out_features, in_features], in `dtype`."""
+        if self.bits == 8:
+            return (self.qweight.to(dtype) * self.scales[:, None].to(dtype)).to(dtype)
+        n, k, g = self.out_features, self.in_features, self.group_size
+        q = unpack_int4(self.qweight).view(n, k // g, g).to(torch.float32)
+        w = (q - 8.0) * self.scales[..., None] + self.zeros[..., None]
+        return w.view(n, k).to(dtype)
+
+    def _packed_matmul(self, x2d: torch.Tensor) -> torch.Tensor:
+        xb = x2d.to(torch.bfloat16)
+        if self._kernel == "int8_cpu":
+            return torch._weight_int8pack_mm(xb, self.qweight, self._kernel_scales)
+        if self._kernel == "int4_cpu":
+            return torch._weight_int4pack_mm_for_cpu(xb, self._kernel_weight, self.group_size, self._kernel_scales)
+        return torch._weight_int4pack_mm(xb, self._kernel_weight, self.group_size, self._kernel_scales)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x [..., in_features] -> [..., out_features] in x's dtype."""
+        rows = x.numel() // self.in_features
+        use_kernel = self._kernel is not None and (
+            self._kernel == "int4_cuda" or rows <= CPU_KERNEL_MAX_ROWS
+        )
+        if use_kernel:
+            y = self._packed_matmul(x.reshape(rows, self.in_features)).to(x.dtype)
+            y = y.view(*x.shape[:-1], self.out_features)
+        else:
+            y = F.linear(x, self.dequantize(x.dtype))
+        return y if self.bias is None else y + self.bias
+
+    def extra_repr(self) -> str:
+        group = f", group_size={self.group_size}" if self.bits == 4 else ""
+        return f"int{self.bits}, in_features={self.in_features}, out_features={self.out_features}{group}"
+
+    def nbytes(self) -> int:
+        """Bytes of the saved quantized weight (qweight + scales + zeros)."""
+        return sum(b.numel() * b.element_size() for n, b in self.named_buffers() if not n.startswith("_"))
+
+
+def linear(x: torch.Tensor, weight, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """x @ weight^T (+ bias), where `weight` is a tensor or a QuantizedLinear."""
+    if isinstance(weight, torch.Tensor):
+        return F.linear(x, weight, bias)
+    y = weight(x)
+    return y if bias is None else y + bias
