@@ -31,8 +31,13 @@ def quantize_checkpoint(
 
     from gptj import ParallelContext
     from gptj.hf import (
-        CheckpointError, CheckpointReader, ShardedSafetensorsWriter, read_model_config, read_quantization,
-        replace_directory, resolve_checkpoint,
+        CheckpointError,
+        CheckpointReader,
+        ShardedSafetensorsWriter,
+        read_model_config,
+        read_quantization,
+        replace_directory,
+        resolve_checkpoint,
     )
     from gptj.quant import QuantSpec
     from gptj.quantized import check_layout, quantize_hf_tensor, quantized_hf_names
