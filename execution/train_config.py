@@ -118,6 +118,10 @@ class EvalSection:
     generate: bool = True  # accuracy by greedy generation of the label
     likelihood: bool = True  # accuracy by the most likely label
     max_new_tokens: int | None = None  # None: the longest label + 2
+    # Also evaluate a weight-only quantized copy of the model ("int8", or "int4" with groups of
+    # `group_size`); its results are reported under "SPLIT@int8" / "SPLIT@int4".
+    quantize: Literal["int8", "int4"] | None = None
+    group_size: int = 128
 
 
 @dataclass
@@ -230,6 +234,8 @@ def check_values(config: FinetuneConfig) -> None:
     if config.model.stream_block_weights and not config.optimizer.offload:
         raise TrainConfigError("model.stream_block_weights needs optimizer.offload: true (the "
                                "streamed blocks' gradients are kept on the host)")
+    if config.eval.group_size not in (32, 64, 128, 256):
+        raise TrainConfigError(f"eval.group_size must be 32, 64, 128 or 256, got {config.eval.group_size}")
     if config.model.name_or_path is None and config.data.tokenizer is None:
         raise TrainConfigError("data.tokenizer is required when model.name_or_path is not set")
     if config.model.shape:

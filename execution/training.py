@@ -274,6 +274,13 @@ def _train(config: FinetuneConfig, ctx: ParallelContext | None,
     tokenizer = datalib.load_tokenizer(config.data.tokenizer or config.model.name_or_path)
     mc = model_config_for(config, tokenizer)
     check_layout(config, ctx.world_size, mc)
+    quantized_eval = None
+    if config.eval.quantize:
+        from gptj.quant import QuantSpec
+        from gptj.quantized import check_layout as check_quantized_layout
+
+        quantized_eval = QuantSpec.parse(config.eval.quantize, config.eval.group_size)
+        check_quantized_layout(mc, ctx, quantized_eval)  # fails before training, not after it
     if ctx.tensor_parallel != config.parallel.tensor_parallel:
         raise TrainConfigError(f"the parallel context has tensor_parallel {ctx.tensor_parallel}, "
                                f"the config {config.parallel.tensor_parallel}")
@@ -427,10 +434,18 @@ def _train(config: FinetuneConfig, ctx: ParallelContext | None,
         return path
 
     def run_eval(at_step: int) -> dict:
-        results = evaluate(model, eval_splits, tokenizer, device, batch_size=config.eval.batch_size,
-                           use_generate=config.eval.generate, use_likelihood=config.eval.likelihood,
-                           max_new_tokens=config.eval.max_new_tokens,
-                           max_examples=config.eval.max_examples)
+        options = dict(batch_size=config.eval.batch_size, use_generate=config.eval.generate,
+                       use_likelihood=config.eval.likelihood, max_new_tokens=config.eval.max_new_tokens,
+                       max_examples=config.eval.max_examples)
+        results = evaluate(model, eval_splits, tokenizer, device, **options)
+        if quantized_eval is not None:
+            from gptj.quantized import quantized_copy
+
+            # Shares every unquantized tensor with the model; only the quantized weights are new.
+            quantized = quantized_copy(model, quantized_eval)
+            for name, result in evaluate(quantized, eval_splits, tokenizer, device, **options).items():
+                results[f"{name}@{quantized_eval.name}"] = result
+            del quantized
         logger.log_eval(at_step, results)
         if main:
             with open(out / "eval_history.jsonl", "a") as f:

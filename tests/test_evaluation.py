@@ -54,11 +54,12 @@ def _task_config(output_dir, task, source, **updates):
 def trained(synthetic_task, tmp_path_factory):
     task, source = synthetic_task
     out = tmp_path_factory.mktemp("trained")
-    return train(_task_config(out, task, source, **{"checkpoint.export_hf": True}))
+    return train(_task_config(out, task, source, **{"checkpoint.export_hf": True, "eval.quantize": "int8"}))
 
 
 def test_learns_the_synthetic_task(trained):
-    (result,) = trained.eval.values()
+    assert set(trained.eval) == {"validation", "validation@int8"}
+    result = trained.eval["validation"]
     assert result["num_examples"] == 90
     assert result["accuracy_likelihood"] > 0.9
     assert result["accuracy_generate"] > 0.9
@@ -128,3 +129,27 @@ def test_training_starts_from_the_exported_model(trained, synthetic_task, tmp_pa
         trained.eval["validation"]["accuracy_likelihood"]
     history = [json.loads(line) for line in (tmp_path / "eval_history.jsonl").read_text().splitlines()]
     assert [h["step"] for h in history] == [1, 2]
+
+
+def test_quantized_model_keeps_the_trained_answers(trained, synthetic_task):
+    """int8 and int4 against the float model on the validation prompts. The targets for real
+    models are int8 >= 99% agreement and perplexity within 0.5%, int4 within 2 accuracy points;
+    a 90-example split of a d=64 model gets a little slack (one flipped answer is 1.1%)."""
+    from execution.quant_quality import compare_models
+    from gptj.quant import QuantSpec
+    from gptj.quantized import quantized_copy
+
+    task, source = synthetic_task
+    tok = datalib.load_tokenizer("bundled:tiny")
+    evals = datalib.build_eval_data(task, source, tok, "validation", progress=False)
+    model = trained.model.eval()
+    models = {"fp32": model, "int8": quantized_copy(model, QuantSpec(8)),
+              "int4": quantized_copy(model, QuantSpec(4, 32))}
+    report = compare_models(models, evals, tok)
+    assert report["fp32"]["accuracy"] == trained.eval["validation"]["accuracy_generate"]
+    assert report["int8"]["agreement"] >= 0.97
+    assert abs(report["int8"]["perplexity_change"]) < 0.01
+    assert report["int4"]["accuracy"] >= report["fp32"]["accuracy"] - 0.05
+    assert abs(report["int4"]["perplexity_change"]) < 0.1
+    # eval.quantize in training evaluated the same int8 model.
+    assert trained.eval["validation@int8"]["accuracy_generate"] == report["int8"]["accuracy"]

@@ -1,0 +1,72 @@
+"""What weight-only quantization costs in quality, measured against the float model.
+
+For each model on one evaluation split (every model sees the same examples):
+
+- `accuracy`: greedy generation of the label equals the expected answer (the reference method
+  of execution/evaluation.py);
+- `agreement`: the fraction of examples whose greedy answer equals the float model's answer;
+- `perplexity`: exp of the mean token loss over held-out text, here every validation example as
+  it is trained (prompt, its true label, EOS), all tokens after the first.
+
+    report = compare_models({"fp32": model, "int8": q8, "int4": q4}, split, tokenizer)
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+
+from .evaluation import generated_answers
+
+
+def heldout_rows(data) -> list[list[int]]:
+    """Each example of an EvalData as trained: prompt + true label + EOS (label tasks only)."""
+    if data.candidates_eos is None:
+        raise ValueError("held-out text needs a task with labels")
+    return [data.prompt(i).tolist() + data.candidates_eos[int(data.label_ids[i])].tolist() for i in range(len(data))]
+
+
+@torch.inference_mode()
+def perplexity(model, rows: list[list[int]], batch_size: int = 32) -> float:
+    """exp(mean next-token loss) over all tokens after the first of every row."""
+    device = model.embed.weight.device
+    total, count = 0.0, 0
+    for start in range(0, len(rows), batch_size):
+        chunk = rows[start:start + batch_size]
+        width = max(len(r) for r in chunk)
+        ids = np.zeros((len(chunk), width), dtype=np.int64)
+        segments = np.zeros_like(ids)
+        for i, row in enumerate(chunk):
+            ids[i, :len(row)] = row
+            segments[i, :len(row)] = 1
+        ids_t, seg_t = torch.from_numpy(ids).to(device), torch.from_numpy(segments).to(device)
+        losses = model.token_losses(ids_t[:, :-1], ids_t[:, 1:], segment_ids=seg_t[:, :-1])
+        mask = seg_t[:, 1:].to(losses.dtype)
+        total += float((losses * mask).sum())
+        count += int(mask.sum())
+    return math.exp(total / max(count, 1))
+
+
+def compare_models(models: dict, data, tokenizer, reference: str | None = None,
+                   batch_size: int = 32, max_examples: int | None = None) -> dict[str, dict]:
+    """{name: accuracy, agreement (with `reference`, default the first model), perplexity,
+    perplexity_change (relative to the reference)} on one split."""
+    if max_examples is not None and max_examples < len(data):
+        data = data.select(np.arange(max_examples))
+    reference = reference or next(iter(models))
+    longest = max(len(c) for c in data.candidates) if data.candidates else 30
+    rows = heldout_rows(data)
+    indices = np.arange(len(data))
+    out: dict[str, dict] = {}
+    for name, model in models.items():
+        answers = generated_answers(model, data, indices, tokenizer, longest + 2, batch_size)
+        out[name] = {"answers": answers, "perplexity": perplexity(model, rows, batch_size),
+                     "accuracy": float(np.mean([a == e for a, e in zip(answers, data.answers)]))}
+    base = out[reference]
+    for result in out.values():
+        result["agreement"] = float(np.mean([a == b for a, b in zip(result["answers"], base["answers"])]))
+        result["perplexity_change"] = result["perplexity"] / base["perplexity"] - 1.0
+        result["num_examples"] = len(data)
+    return {name: {k: v for k, v in result.items() if k != "answers"} for name, result in out.items()}
