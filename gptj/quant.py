@@ -224,6 +224,13 @@ class QuantizedLinear(nn.Module):
         group = f", group_size={self.group_size}" if self.bits == 4 else ""
         return f"int{self.bits}, in_features={self.in_features}, out_features={self.out_features}{group}"
 
+    def decode_bytes(self) -> int:
+        """Bytes one call with few rows reads: the packed kernel's operands, or the stored form."""
+        kernel = [b for n, b in self.named_buffers() if n.startswith("_kernel")]
+        if self._kernel == "int8_cpu":
+            kernel.append(self.qweight)
+        return sum(b.numel() * b.element_size() for b in kernel) if self._kernel else self.nbytes()
+
     def nbytes(self) -> int:
         """Bytes of the saved quantized weight (qweight + scales + zeros)."""
         return sum(b.numel() * b.element_size() for n, b in self.named_buffers() if not n.startswith("_"))
