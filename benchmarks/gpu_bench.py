@@ -17,7 +17,9 @@ budget skips what no longer fits):
    where it fits.
 3. decode: the full 28-block model, greedy, batch 1, 16 and 64; tokens/s and the fraction of
    the measured bandwidth (bytes per step = weights without the embedding + KV cache read),
-   ours (eager, and with CUDA graphs via compile_decode) and Hugging Face generate.
+   ours (eager, and with CUDA graphs via compile_decode) and Hugging Face generate; then the
+   same model weight-only quantized on the device: int4 (group 128, torch's tinygemm kernel,
+   eager and with CUDA graphs) and int8 (dequantize + matmul, fused by the compiled step).
 
 Writes gpu_bench.json and gpu_bench.md under the output folder and prints the table.
 """
@@ -251,6 +253,18 @@ def decode_bytes_per_step(config: ModelConfig, batch: int, context: int, element
     return (weights + kv) * element
 
 
+def model_decode_bytes(model, batch: int, context: int) -> float:
+    """decode_bytes_per_step for a model as it is held: quantized projections count the bytes
+    their kernel reads (gptj.quant.QuantizedLinear.decode_bytes), float parameters their own."""
+    from gptj.quant import QuantizedLinear
+
+    config = model.config
+    weights = sum(p.numel() * p.element_size() for n, p in model.named_parameters() if not n.startswith("embed."))
+    weights += sum(m.decode_bytes() for m in model.modules() if isinstance(m, QuantizedLinear))
+    kv = 2 * config.num_layers * batch * context * config.hidden_size * model.embed.weight.element_size()
+    return weights + kv
+
+
 def decode_ours(model, prompts, new_tokens, compile_decode: bool) -> float:
     from execution.generation import GenerationEngine
 
@@ -304,20 +318,52 @@ def section_decode(device, machine: dict, smoke: bool, budget: Budget) -> dict:
         for batch, p in prompts.items():
             runs.append(_decode_run("ours", batch, True, *common, lambda p=p: decode_ours(model, p, new_tokens, True),
                                     min_left=90))
+    runs += _quantized_decode_runs(model, prompts, new_tokens, device, common)
     model = None
     free_memory(device)
     return {"prompt_tokens": prompt_len, "new_tokens": new_tokens, "runs": runs}
 
 
+def _quantized_decode_runs(model, prompts, new_tokens, device, common) -> list[dict]:
+    """int8 and int4 (group 128) copies of the bf16 model, quantized on the device. On CUDA,
+    int4 runs torch's tinygemm kernel eagerly and with CUDA graphs; int8 dequantizes inside the
+    compiled decode step (inductor fuses it into the matmul; ATen's int8 CUDA kernel is naive)."""
+    from gptj.quant import QuantSpec
+    from gptj.quantized import quantized_copy
+
+    runs = []
+    for bits in (8, 4):
+        try:
+            quantized = quantized_copy(model, QuantSpec(bits, 128))
+        except Exception as error:
+            runs.append({"impl": "ours", "weights": f"int{bits}", "error": f"{type(error).__name__}: {error}"})
+            continue
+        modes = [False] if device.type != "cuda" else ([True] if bits == 8 else [False, True])
+        for compiled in modes:
+            for batch, p in prompts.items():
+                record = _decode_run(
+                    "ours", batch, compiled, *common, min_left=90 if compiled else 30, model=quantized,
+                    fn=lambda p=p, c=compiled, m=quantized: decode_ours(m, p, new_tokens, c),
+                )
+                record["weights"] = f"int{bits}"
+                runs.append(record)
+        quantized = None
+        free_memory(device)
+    return runs
+
+
 def _decode_run(impl, batch, compiled, budget, smoke, config, prompt_len, new_tokens, bandwidth, fn,
-                min_left: float = 30) -> dict:
-    record = {"impl": impl, "batch": batch, "cuda_graphs": compiled}
+                min_left: float = 30, model=None) -> dict:
+    record = {"impl": impl, "batch": batch, "cuda_graphs": compiled, "weights": "bf16"}
     if budget.left() < (2 if smoke else min_left):
         record["error"] = "skipped: time budget"
         return record
     try:
         rate = fn()
-        step_bytes = decode_bytes_per_step(config, batch, prompt_len + new_tokens // 2)
+        context = prompt_len + new_tokens // 2
+        step_bytes = (decode_bytes_per_step(config, batch, context) if model is None
+                      else model_decode_bytes(model, batch, context))
+        record["bytes_per_token"] = step_bytes / batch
         steps_per_s = rate / batch
         record.update(tokens_per_s=rate, bandwidth_fraction=step_bytes * steps_per_s / bandwidth)
     except Exception as error:
@@ -348,17 +394,24 @@ def markdown(report: dict) -> str:
         pk = f"{r['peak_device_bytes'] / GiB:.1f}" if r.get("peak_device_bytes") else "-"
         lines.append(f"| {name} | {r['blocks']} | {r['parameters'] / 1e9:.2f} B | {r['tokens_per_s']:,.0f} | "
                      f"{100 * r['mfu']:.1f}% | {ds} | {pk} |")
-    lines += ["", "| decode | batch | tokens/s | fraction of bandwidth |", "|---|---|---|---|"]
+    lines += ["", "| decode | weights | batch | tokens/s | MB read per token | fraction of bandwidth |",
+              "|---|---|---|---|---|---|"]
     for r in report.get("decode", {}).get("runs", []):
         name = r["impl"] + (" (CUDA graphs)" if r.get("cuda_graphs") else "")
+        weights = r.get("weights", "bf16")
         if "error" in r:
-            lines.append(f"| {name} | {r.get('batch', '')} | error: {r['error'][:80]} | |")
+            lines.append(f"| {name} | {weights} | {r.get('batch', '')} | error: {r['error'][:80]} | | |")
         else:
-            lines.append(f"| {name} | {r['batch']} | {r['tokens_per_s']:,.1f} | {100 * r['bandwidth_fraction']:.1f}% |")
+            lines.append(f"| {name} | {weights} | {r['batch']} | {r['tokens_per_s']:,.1f} | "
+                         f"{r['bytes_per_token'] / 1e6:,.1f} | {100 * r['bandwidth_fraction']:.1f}% |")
     for name in ("machine", "training", "decode"):
         if "error" in report.get(name, {}):
             lines.append(f"\n{name}: ERROR {report[name]['error']}")
-    lines.append("\nTargets: training >= 50% MFU; batch-1 decode >= 85% of the measured bandwidth.")
+    lines.append("\nBytes per token = (weights a decode step reads, embedding excluded, quantized projections as "
+                 "stored for their kernel + KV cache attended) / batch; fraction = bytes per step x steps/s / "
+                 "measured copy bandwidth.")
+    lines.append("Targets: training >= 50% MFU; bf16 batch-1 decode >= 85% of the measured bandwidth; "
+                 "int4 >= 2.5x bf16 tokens/s.")
     return "\n".join(lines) + "\n"
 
 
