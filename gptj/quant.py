@@ -13,11 +13,13 @@ Scales and zero points are rounded to bf16 when the weight is quantized, so the 
 added after the matmul, in the activation dtype.
 
 Which kernel runs (measured on CPU, benchmarks/NOTES.md "Weight-only quantization"):
-- CPU, few rows (decode): torch's `_weight_int8pack_mm` / `_weight_int4pack_mm_for_cpu`, fed
-  bf16 activations (their fp32 paths are 10-50x slower) and cast back to the activation dtype.
-- CPU, many rows (prefill, scoring): the weight is dequantized to the activation dtype and
-  multiplied by the ordinary matmul, which is faster than the packed kernels once the matmul
-  stops being bound by reading the weight.
+- CPU, few rows (decode), or fp32 activations: torch's `_weight_int8pack_mm` /
+  `_weight_int4pack_mm_for_cpu`, fed bf16 activations (their fp32 paths are 10-50x slower) and
+  cast back to the activation dtype. With fp32 activations they beat dequantize + fp32 matmul
+  at every row count measured (16 to 1024).
+- CPU, many rows (prefill, scoring) with bf16/fp16 activations: the weight is dequantized to
+  the activation dtype and multiplied by the ordinary matmul, which beats the packed kernels
+  once the matmul stops being bound by reading the weight.
 - CUDA: int4 through `_weight_int4pack_mm` (tinygemm, bf16); int8 as dequantize + matmul, which
   `torch.compile` of the decode step fuses (ATen's CUDA int8 kernel is a naive loop).
 
@@ -35,7 +37,7 @@ from torch import nn
 
 BITS = (8, 4)
 GROUP_SIZES = (32, 64, 128, 256)
-# Rows up to which the packed CPU kernels beat dequantize + matmul (measured, NOTES.md).
+# Rows up to which the packed CPU kernels beat dequantize + bf16 matmul (measured, NOTES.md).
 CPU_KERNEL_MAX_ROWS = 16
 
 
@@ -211,7 +213,7 @@ class QuantizedLinear(nn.Module):
         """x [..., in_features] -> [..., out_features] in x's dtype."""
         rows = x.numel() // self.in_features
         use_kernel = self._kernel is not None and (
-            self._kernel == "int4_cuda" or rows <= CPU_KERNEL_MAX_ROWS
+            self._kernel == "int4_cuda" or rows <= CPU_KERNEL_MAX_ROWS or x.dtype == torch.float32
         )
         if use_kernel:
             y = self._packed_matmul(x.reshape(rows, self.in_features)).to(x.dtype)
