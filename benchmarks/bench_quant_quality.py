@@ -3,7 +3,8 @@
     python -m benchmarks.bench_quant_quality --model runs/tiny            # after python run_finetuning.py
     python -m benchmarks.bench_quant_quality --model DIR --split validation_mismatched --json
 
-For every variant (fp32; int8; int4 with groups of 32, 64, 128) on the task's validation split:
+For every variant (fp32; int8; int4 with groups of 32, 64, 128; int8 with lm_head left in fp32)
+on the task's validation split:
 greedy label accuracy, agreement of the greedy answers with fp32's, and perplexity on the
 held-out validation text (prompt + true label + EOS) with its change against fp32
 (execution/quant_quality.py has the definitions).
@@ -36,6 +37,11 @@ def run(model: str, task: str = "mnli", dataset: str = "bundled:mnli_sample", sp
             models[name], tok = load_model_and_tokenizer(model, quantize=quantize, group_size=group)
         except QuantizationError as err:  # e.g. a group larger than a shard's width
             print(f"skipping {name}: {err}", file=sys.stderr)
+    from gptj.quant import QuantSpec
+    from gptj.quantized import quantized_copy
+
+    # The lm_head decision: int8 blocks with a float lm_head, from the fp32 model in memory.
+    models["int8, lm_head fp32"] = quantized_copy(models["fp32"], QuantSpec(8, quantize_head=False))
     evals = data.build_eval_data(task, dataset, tok, split, progress=False, verbose=False)
     results = compare_models(models, evals, tok, reference="fp32", max_examples=max_examples)
     return {"model": model, "split": split, "results": results}
