@@ -51,6 +51,8 @@ def run_main(argv, capsys):
     (["--model", "/no/such/dir"], "does not exist"),
     (["--tensor-parallel", "2"], "torchrun --nproc-per-node 2"),
     (["--prompts-file", "{bad_dir}/p.jsonl"], "p.jsonl:2: expected a JSON object with a \"prompt\" field"),
+    (["--quantize", "int4", "--group-size", "256"], "int4 group size 256 does not divide the input width 128"),
+    (["--quantize", "int8", "--offload-weights"], "cannot be combined"),
 ])
 def test_bad_input_is_one_clear_line(argv, message, capsys, tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "gpt2"}))
@@ -84,3 +86,16 @@ def test_a_model_brings_its_own_tokenizer_unless_one_is_named():
     named = run_inference.build_config(
         run_inference.parse_args(["--model", "some/dir", "--tokenizer", "tok/dir", "--prompt", "x"]))
     assert named.model.tokenizer == "tok/dir"
+
+
+def test_quantize_option_generates_with_the_quantized_model(capsys, tmp_path):
+    from execution.pipelines import TextGenerationPipeline
+
+    out = tmp_path / "o.jsonl"
+    code, _, _ = run_main(["--quantize", "int4", "--group-size", "64", "--prompt", "the cat", "--max-new-tokens", "5",
+                           "--output", str(out)], capsys)
+    assert code == 0
+    pipe = TextGenerationPipeline.from_pretrained("random:tiny", quantize="int4", group_size=64)
+    assert pipe.model.quantization.group_size == 64
+    expected = pipe.generate(["the cat"], max_new_tokens=5)[0].token_ids
+    assert json.loads(out.read_text())["token_ids"] == expected
