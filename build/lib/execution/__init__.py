@@ -1,2 +1,0 @@
-"""Where the model meets data and hardware: distributed setup, training, optimizer sharding,
-host offload, checkpoints, evaluation and the generation engine."""
