@@ -16,9 +16,10 @@ reference. For each of ours:
     fraction of bandwidth = bytes per step / decode step time / measured copy bandwidth
         (benchmarks/machine.py: a large copy, read + write counted)
 
-Every configuration has a time limit (--time-limit, seconds): a configuration whose warm-up
-shows it cannot finish in time runs fewer new tokens (reported as `new_tokens`), or is
-skipped with the reason when even that does not fit, so the script finishes on any CPU.
+Every configuration has a time limit (--time-limit, seconds): from the warm-up's prefill and
+step times, a run that would not fit in 40% of it generates fewer new tokens (reported as
+`new_tokens`; further repeats stop at the limit), or the configuration is skipped with the
+reason when not even 4 tokens fit, so the script finishes on any CPU.
 
     python benchmarks/bench_generation.py [--quick] [--json] [--threads N] [--time-limit S]
 """
@@ -80,9 +81,10 @@ def time_ours(model, prompts, new_tokens, repeats, time_limit=None):
     engine = GenerationEngine(model)
     start = time.perf_counter()
     engine.run(prompts, 4, None)  # warm-up: allocates the cache, first kernel calls
-    new_tokens = _fit(new_tokens, time.perf_counter() - start, 4, time_limit)
+    warm = engine.stats
+    new_tokens = _fit(new_tokens, warm.prefill_seconds, warm.decode_seconds / max(warm.decode_steps, 1), time_limit)
     if new_tokens is None:
-        return {"skipped": f"warm-up alone took {time.perf_counter() - start:.0f} s of the {time_limit} s limit"}
+        return {"skipped": f"the warm-up shows fewer than 4 new tokens fit the {time_limit} s limit"}
     best = None
     deadline = start + time_limit if time_limit else None
     for _ in range(repeats):
@@ -105,12 +107,12 @@ def time_ours(model, prompts, new_tokens, repeats, time_limit=None):
     }
 
 
-def _fit(new_tokens: int, warmup_s: float, warmup_tokens: int, time_limit: float | None) -> int | None:
-    """New tokens that fit the time limit, judged by the warm-up (None: none fit)."""
+def _fit(new_tokens: int, fixed_s: float, per_token_s: float, time_limit: float | None) -> int | None:
+    """New tokens that fit one run into a share of the time limit, judged by the warm-up's
+    prefill (`fixed_s`) and decode step time (None: not even a few tokens fit)."""
     if not time_limit:
         return new_tokens
-    per_token = warmup_s / warmup_tokens
-    affordable = int(0.8 * time_limit / max(per_token, 1e-9)) - warmup_tokens
+    affordable = int((0.4 * time_limit - fixed_s) / max(per_token_s, 1e-9))
     if affordable < 4:
         return None
     return min(new_tokens, affordable)
@@ -122,10 +124,13 @@ def time_hf(model, prompts, new_tokens, repeats, time_limit=None):
     kwargs = dict(attention_mask=mask, do_sample=False, pad_token_id=0, eos_token_id=None)
     with torch.inference_mode():
         start = time.perf_counter()
+        model.generate(ids, max_new_tokens=1, min_new_tokens=1, **kwargs)  # warm-up: ~ the prefill
+        one = time.perf_counter()
         model.generate(ids, max_new_tokens=4, min_new_tokens=4, **kwargs)
-        new_tokens = _fit(new_tokens, time.perf_counter() - start, 4, time_limit)
+        four = time.perf_counter() - one
+        new_tokens = _fit(new_tokens, one - start, max(four - (one - start), 0.0) / 3, time_limit)
         if new_tokens is None:
-            return {"skipped": f"warm-up alone took {time.perf_counter() - start:.0f} s of the {time_limit} s limit"}
+            return {"skipped": f"the warm-up shows fewer than 4 new tokens fit the {time_limit} s limit"}
         deadline = start + time_limit if time_limit else None
         best = None
         for _ in range(repeats):
