@@ -29,17 +29,17 @@ def run(model: str, task: str = "mnli", dataset: str = "bundled:mnli_sample", sp
     import data
     from execution.pipelines import load_model_and_tokenizer
     from execution.quant_quality import compare_models
-    from gptj.quant import QuantizationError
+    from gptj.quant import QuantizationError, QuantSpec
+    from gptj.quantized import quantized_copy
 
     models, tok = {}, None
     for name, (quantize, group) in VARIANTS.items():
         try:
-            models[name], tok = load_model_and_tokenizer(model, quantize=quantize, group_size=group)
+            # fp32 activations throughout: the comparison is against the fp32 model.
+            models[name], tok = load_model_and_tokenizer(model, precision="fp32", quantize=quantize,
+                                                         group_size=group)
         except QuantizationError as err:  # e.g. a group larger than a shard's width
             print(f"skipping {name}: {err}", file=sys.stderr)
-    from gptj.quant import QuantSpec
-    from gptj.quantized import quantized_copy
-
     # The lm_head decision: int8 blocks with a float lm_head, from the fp32 model in memory.
     models["int8, lm_head fp32"] = quantized_copy(models["fp32"], QuantSpec(8, quantize_head=False))
     evals = data.build_eval_data(task, dataset, tok, split, progress=False, verbose=False)
