@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import inspect
+import signal
 import socket
 import threading
 import time
@@ -96,6 +97,10 @@ def uvicorn_server(app, host: str, port: int, log_level: str = "warning"):
 def serve(config, ctx=None, device=None, log_level: str = "info") -> int:
     """Run until stopped (Ctrl-C / SIGTERM on rank 0)."""
     if ctx is not None and not ctx.is_main:
+        # A follower stops when rank 0 says so (after its last step), not on the launcher's
+        # Ctrl-C / SIGTERM, which would cut rank 0's last broadcast.
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
         engine, _, entailment = load(config, ctx, device)
         follow(engine, entailment, StepSync(ctx))
         return 0
