@@ -49,6 +49,7 @@ class Request:
     stop_token_sequences: list[list[int]] = field(default_factory=list)
     stop_strings: list[str] = field(default_factory=list)
     logprobs: int | None = None  # None: no log-probabilities; N: the chosen token's and the top N
+    ignore_eos: bool = False  # keep generating after EOS (fixed-length benchmarks)
 
     def to_dict(self) -> dict:
         """Plain values only (sent to the other tensor-parallel ranks)."""
@@ -57,7 +58,7 @@ class Request:
             "request_id": self.request_id, "prompt": self.prompt, "max_new_tokens": self.max_new_tokens,
             "sampling": [s.temperature, s.top_k, s.top_p], "seed": self.seed, "stream_id": self.stream_id,
             "stop_token_sequences": self.stop_token_sequences, "stop_strings": self.stop_strings,
-            "logprobs": self.logprobs,
+            "logprobs": self.logprobs, "ignore_eos": self.ignore_eos,
         }
 
     @classmethod
@@ -128,6 +129,7 @@ class RequestEngine:
         self.vocab_size = model.config.vocab_size
         self.runner = GenerationEngine(model, compile_decode=compile_decode)
         self.cache = self.runner._cache_for(max_batch_size, self.max_length)
+        self._views: dict[int, object] = {}  # leading-rows views of the cache, by row count
         self.slots = [_Slot() for _ in range(max_batch_size)]
         self.waiting: deque[Request] = deque()
         self._pending: list[Event] = []  # cancellations of queued requests, reported by the next step
@@ -226,23 +228,38 @@ class RequestEngine:
 
     # ---- one decode step ---------------------------------------------------------------------
     def _decode(self, events: list[Event]) -> None:
+        """One token for every running row.
+
+        Rows are filled lowest first, so running rows gather at the front: the step runs over
+        rows 0..last running row only (all rows when the decode step is compiled, for static
+        shapes). Idle rows in that range feed token 0 at slot 0: harmless (a new request
+        prefills its row afresh) and it keeps a visible slot in every row's mask.
+        """
         device = self.runner.device
         active = [slot.request is not None for slot in self.slots]
-        # Idle rows feed token 0 at slot 0: harmless (a new request prefills its row afresh)
-        # and keeps a visible slot in every row's mask.
-        tokens = torch.tensor([[s.next_token if a else 0] for s, a in zip(self.slots, active)], device=device)
-        positions = torch.tensor([s.position if a else 0 for s, a in zip(self.slots, active)], device=device)
-        window = self.cache.max_length if self.runner.compile_decode else 1 + int(positions.max())
+        static = self.runner.compile_decode
+        rows = len(active) if static else 1 + max(b for b, a in enumerate(active) if a)
+        slots = self.slots[:rows]
+        tokens = torch.tensor([[s.next_token if a else 0] for s, a in zip(slots, active)], device=device)
+        positions = torch.tensor([s.position if a else 0 for s, a in zip(slots, active)], device=device)
+        window = self.cache.max_length if static else 1 + max(s.position for s, a in zip(slots, active) if a)
         try:
-            self.cache.decode(positions, window)
-            logits = self.runner._decode_fn(tokens, positions, self.cache.decode_mask_window())
+            if static:
+                self.cache.decode(positions, window)
+                logits = self.runner._decode_fn(tokens, positions, self.cache.decode_mask_window())
+            else:
+                cache = self._views.get(rows) or self._views.setdefault(rows, self.cache.leading_rows(rows))
+                cache.decode(positions, window)
+                hidden = self.model.hidden_states(tokens, position_ids=positions.unsqueeze(1),
+                                                  attn_mask=cache.decode_mask_window(), kv_cache=cache)
+                logits = self.model.logits_from_hidden(hidden[:, 0])
         except Exception as err:  # noqa: BLE001 - fail the requests in this step, keep serving
             for slot in self.slots:
                 if slot.request is not None:
                     events.append(_failed(slot.request, f"decode step failed: {err}"))
                     self._free(slot)
             return
-        for b, slot in enumerate(self.slots):
+        for b, slot in enumerate(slots):
             if active[b] and slot.request is not None:
                 slot.position += 1
                 self._choose_and_accept(slot, logits[b], events)
@@ -262,7 +279,7 @@ class RequestEngine:
                 if request.logprobs:
                     top = torch.topk(logp, min(request.logprobs, logp.shape[-1]))
                     event.top_logprobs = list(zip(top.indices.tolist(), top.values.tolist()))
-            if self.eos_token_id is not None and token == self.eos_token_id:
+            if token == self.eos_token_id and not request.ignore_eos:
                 event.logprob = event.top_logprobs = None
                 event.finish_reason = "eos"
             else:

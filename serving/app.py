@@ -148,14 +148,14 @@ def create_app(state: ServerState) -> FastAPI:
         }]}
 
     # ---- generation --------------------------------------------------------------------------
-    def engine_requests(prefix, prompts, n, max_tokens, sampling, seed, stops, logprobs):
+    def engine_requests(prefix, prompts, n, max_tokens, sampling, seed, stops, logprobs, ignore_eos):
         requests = []
         for i, prompt in enumerate(prompts):
             prompt_seed = seed if seed is not None else secrets.randbits(62)
             for j in range(n):
                 requests.append(EngineRequest(
                     f"{prefix}-{i * n + j}", prompt, max_tokens, sampling, seed=prompt_seed, stream_id=j,
-                    stop_strings=stops, logprobs=logprobs,
+                    stop_strings=stops, logprobs=logprobs, ignore_eos=ignore_eos,
                 ))
         return requests
 
@@ -226,7 +226,8 @@ def create_app(state: ServerState) -> FastAPI:
                           "the prompt" if len(prompts) == 1 else f"prompt[{i}]")
         kind = "chatcmpl" if isinstance(body, ChatCompletionRequest) else "cmpl"
         response_id = f"{kind}-{uuid.uuid4().hex}"
-        requests = engine_requests(response_id, prompts, body.n, max_tokens, sampling, body.seed, stops, logprobs)
+        requests = engine_requests(response_id, prompts, body.n, max_tokens, sampling, body.seed, stops, logprobs,
+                                   body.ignore_eos)
         decode = state.tokenizer.decode
         choices = []
         for request in requests:

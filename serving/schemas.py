@@ -31,6 +31,7 @@ class SamplingFields(_Body):
     seed: int | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
+    ignore_eos: bool = False  # an extension (as in vLLM): generate exactly max_tokens tokens
 
     @property
     def include_usage(self) -> bool:

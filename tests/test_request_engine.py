@@ -123,3 +123,13 @@ def test_bad_requests_are_named(model):
     with pytest.raises(ValueError, match="need a decode function"):
         engine.add(Request("x", [1], 5, stop_strings=["a"]))
     assert engine.num_waiting == 0
+
+
+def test_ignore_eos_keeps_generating_past_eos(model):
+    free = generate(model, [PROMPTS[0]], max_new_tokens=10, eos_token_id=None)[0].token_ids
+    eos = free[2]
+    engine = RequestEngine(model, max_batch_size=2, eos_token_id=eos)
+    tokens, finish = run_until_done(engine, {0: [Request("stops", PROMPTS[0], 10),
+                                                 Request("goes on", PROMPTS[0], 10, ignore_eos=True)]})
+    assert tokens["stops"] == free[:2] and finish["stops"].finish_reason == "eos"
+    assert tokens["goes on"] == free and finish["goes on"].finish_reason == "length"
