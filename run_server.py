@@ -45,6 +45,8 @@ class UsageError(Exception):
 
 
 def parse_args(argv=None) -> argparse.Namespace:
+    from config import threads_value
+
     p = argparse.ArgumentParser(description="Serve GPT-J with an OpenAI-compatible HTTP API (continuous batching).")
     p.add_argument("--config", default="tiny", metavar="PRESET", help="preset in config/inference.yml (default: tiny)")
     p.add_argument("--preset-file", default=str(PRESET_FILE), help="another preset YAML file")
@@ -53,7 +55,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--tokenizer", metavar="HF_ID_OR_DIR", help="tokenizer (default: the model's own)")
     p.add_argument("--host", metavar="ADDR", help="address to listen on (default 127.0.0.1)")
     p.add_argument("--port", type=int, metavar="N", help="port (default 8000)")
-    p.add_argument("--precision", choices=["fp32", "bf16", "fp16"])
+    p.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"],
+                   help="auto (default): bf16 where the hardware runs it natively and the model is not tiny")
     p.add_argument("--quantize", metavar="KIND", help="weight quantization, as load_model_and_tokenizer names it")
     p.add_argument("--max-batch-size", type=int, metavar="N", help="requests decoded together (KV cache rows)")
     p.add_argument("--max-queue", type=int, metavar="N", help="waiting requests beyond this get 429")
@@ -64,7 +67,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--served-model-name", metavar="NAME", help="the model id clients send (default: --model)")
     p.add_argument("--tensor-parallel", type=int, metavar="T", help="tensor-parallel ranks (launch with torchrun)")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"])
-    p.add_argument("--threads", type=int, metavar="N", help="CPU threads for torch (0: torch's default)")
+    p.add_argument("--threads", type=threads_value, metavar="N|auto",
+                   help="CPU threads for torch (auto: 1 for tiny models, else the physical cores; 0: torch's default)")
     p.add_argument("--compile", action="store_true", help="compile the decode step")
     p.add_argument("--offload-weights", action="store_true", help="stream block weights from host memory")
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
@@ -102,8 +106,6 @@ def run(config, log_level: str) -> int:
     if world_size() != tp:
         raise UsageError(f"--tensor-parallel {tp} needs exactly {tp} processes: "
                          f"torchrun --nproc-per-node {tp} run_server.py ... (found {world_size()})")
-    if config.model.threads:
-        torch.set_num_threads(config.model.threads)
     ctx, device = init_distributed(tp)
     if config.model.device != "auto":
         if config.model.device == "cuda" and device.type != "cuda":

@@ -18,7 +18,9 @@ import traceback
 
 import torch
 
+from execution.defaults import resolve_threads
 from execution.pipelines import EntailmentPipeline, load_model_and_tokenizer
+from execution.precision import DTYPES
 from execution.request_engine import RequestEngine
 
 from .app import ServerState, create_app
@@ -49,6 +51,13 @@ def load(config, ctx=None, device=None):
         m.name_or_path or f"random:{m.preset}", m.tokenizer, m.precision, device, ctx, m.offload_weights,
         m.init_seed, **check_quantize(m.quantize),
     )
+    # "auto" settings become what was chosen for this machine and model (torch's thread count
+    # is process-wide, so the engine thread gets it too).
+    threads = resolve_threads(m.threads, model.config)
+    if threads:
+        torch.set_num_threads(threads)
+    m.threads = torch.get_num_threads()
+    m.precision = next(name for name, dtype in DTYPES.items() if dtype == model.embed.weight.dtype)
     engine = RequestEngine(model, server.max_batch_size, tokenizer.eos_id, server.max_model_len,
                            decode=tokenizer.decode, compile_decode=m.compile)
     return engine, tokenizer, EntailmentPipeline(model, tokenizer, batch_size=server.max_batch_size)
@@ -67,6 +76,10 @@ def build_app(config, ctx=None, device=None, on_load_error=None):
             state.max_model_len, state.vocab_size = engine.max_length, engine.vocab_size
             loop.start(aloop)
             state.ready = True
+            if ctx is None or ctx.is_main:
+                print(f"ready: {state.model_name}, precision {config.model.precision}, "
+                      f"{config.model.threads} threads, {engine.max_batch_size} rows x {engine.max_length} tokens",
+                      flush=True)
         except Exception as err:  # noqa: BLE001 - reported by /health and every route
             state.load_error = str(err) if isinstance(err, ValueError) else f"{type(err).__name__}: {err}"
             if not isinstance(err, ValueError):
@@ -140,8 +153,6 @@ class ServerThread:
         return f"http://{self.config.server.host}:{self.config.server.port}"
 
     def start(self) -> ServerThread:
-        if self.config.model.threads:
-            torch.set_num_threads(self.config.model.threads)
         self.thread.start()
         deadline = time.monotonic() + self.ready_timeout
         while not (self.state.ready and self.server.started):
