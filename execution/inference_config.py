@@ -81,13 +81,16 @@ class ServerSection:
     max_queue: int = 256  # requests waiting for a row beyond this get 429
     max_model_len: int | None = None  # KV cache length per row; None = the model's context
     max_n: int = 8  # most choices per request
+    # Prefill batches are padded to a multiple of this many tokens: a few shapes instead of one
+    # per prompt length, so per-shape kernel caches (CPU bf16) stop growing.
+    prefill_multiple: int = 16
     request_timeout: float = 600.0  # seconds from arrival to the last token
     api_key: str | None = None
     served_model_name: str | None = None  # default: the model name or path
     chat_template: ChatTemplate = field(default_factory=ChatTemplate)
 
     def __post_init__(self):
-        for name in ("max_batch_size", "max_n"):
+        for name in ("max_batch_size", "max_n", "prefill_multiple"):
             if getattr(self, name) < 1:
                 raise ValueError(f"server.{name} must be >= 1, got {getattr(self, name)}")
         if self.max_queue < 0:

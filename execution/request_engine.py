@@ -108,6 +108,9 @@ class RequestEngine:
     max_batch_size rows of KV cache, each `max_length` tokens long (default: the model's
     context); a request needs len(prompt) + max_new_tokens <= max_length.
     decode: token ids -> text, needed by requests with stop strings.
+    prefill_multiple: prefill batches are right-padded to a multiple of this many tokens (the
+    padding is masked). CPU bf16 kernels keep a compiled kernel per matmul shape; with prompts
+    of every length a server's memory grows for minutes, with lengths in steps of 16 it is flat.
     """
 
     def __init__(
@@ -118,6 +121,7 @@ class RequestEngine:
         max_length: int | None = None,
         decode: Callable[[list[int]], str] | None = None,
         compile_decode: bool = False,
+        prefill_multiple: int = 1,
     ):
         if max_batch_size < 1:
             raise ValueError(f"max_batch_size must be >= 1, got {max_batch_size}")
@@ -126,6 +130,9 @@ class RequestEngine:
         if not 1 < self.max_length <= context:
             raise ValueError(f"max_length must be in [2, {context}] (the model context), got {self.max_length}")
         self.model, self.eos_token_id, self.decode = model, eos_token_id, decode
+        if prefill_multiple < 1:
+            raise ValueError(f"prefill_multiple must be >= 1, got {prefill_multiple}")
+        self.prefill_multiple = prefill_multiple
         self.vocab_size = model.config.vocab_size
         self.runner = GenerationEngine(model, compile_decode=compile_decode)
         self.cache = self.runner._cache_for(max_batch_size, self.max_length)
@@ -203,12 +210,12 @@ class RequestEngine:
         rows = free[: len(self.waiting)]
         requests = [self.waiting.popleft() for _ in rows]
         try:
-            logits = self.runner._prefill(self.cache, rows, [r.prompt for r in requests])
+            logits = self.runner._prefill(self.cache, rows, [r.prompt for r in requests], self.prefill_multiple)
         except Exception:  # noqa: BLE001
             # Find the failing request by prefilling one at a time; the others still run.
             for row, request in zip(rows, requests):
                 try:
-                    logits = self.runner._prefill(self.cache, [row], [request.prompt])
+                    logits = self.runner._prefill(self.cache, [row], [request.prompt], self.prefill_multiple)
                 except Exception as err:  # noqa: BLE001 - one bad request must not stop the engine
                     events.append(_failed(request, f"prefill failed: {err}"))
                     continue
@@ -239,10 +246,12 @@ class RequestEngine:
         active = [slot.request is not None for slot in self.slots]
         static = self.runner.compile_decode
         rows = len(active) if static else 1 + max(b for b, a in enumerate(active) if a)
+        window = 1 + max(s.position for s, a in zip(self.slots, active) if a)
+        if static:
+            window = self.cache.max_length
         slots = self.slots[:rows]
         tokens = torch.tensor([[s.next_token if a else 0] for s, a in zip(slots, active)], device=device)
         positions = torch.tensor([s.position if a else 0 for s, a in zip(slots, active)], device=device)
-        window = self.cache.max_length if static else 1 + max(s.position for s, a in zip(slots, active) if a)
         try:
             if static:
                 self.cache.decode(positions, window)

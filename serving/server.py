@@ -59,7 +59,8 @@ def load(config, ctx=None, device=None):
     m.threads = torch.get_num_threads()
     m.precision = next(name for name, dtype in DTYPES.items() if dtype == model.embed.weight.dtype)
     engine = RequestEngine(model, server.max_batch_size, tokenizer.eos_id, server.max_model_len,
-                           decode=tokenizer.decode, compile_decode=m.compile)
+                           decode=tokenizer.decode, compile_decode=m.compile,
+                           prefill_multiple=server.prefill_multiple)
     return engine, tokenizer, EntailmentPipeline(model, tokenizer, batch_size=server.max_batch_size)
 
 

@@ -36,12 +36,13 @@ def run_until_done(engine, arrivals=None, cancel_at=None):
     return tokens, finish
 
 
-def test_requests_joining_between_steps_get_the_tokens_they_get_alone(model):
+@pytest.mark.parametrize("prefill_multiple", [1, 16])
+def test_requests_joining_between_steps_get_the_tokens_they_get_alone(model, prefill_multiple):
     free = generate(model, PROMPTS[1:2], max_new_tokens=12, eos_token_id=None)[0]
     eos = free.token_ids[3]
     budgets = [12, 5, 9, 12, 7]
     alone = [generate(model, [p], max_new_tokens=n, eos_token_id=eos)[0] for p, n in zip(PROMPTS, budgets)]
-    engine = RequestEngine(model, max_batch_size=2, eos_token_id=eos)
+    engine = RequestEngine(model, max_batch_size=2, eos_token_id=eos, prefill_multiple=prefill_multiple)
     requests = [Request(f"r{i}", p, n) for i, (p, n) in enumerate(zip(PROMPTS, budgets))]
     # Two arrive at once, the rest while others run; only two rows, so some wait.
     tokens, finish = run_until_done(engine, {0: requests[:2], 2: requests[2:4], 5: requests[4:]})
