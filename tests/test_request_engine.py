@@ -134,3 +134,21 @@ def test_ignore_eos_keeps_generating_past_eos(model):
                                                  Request("goes on", PROMPTS[0], 10, ignore_eos=True)]})
     assert tokens["stops"] == free[:2] and finish["stops"].finish_reason == "eos"
     assert tokens["goes on"] == free and finish["goes on"].finish_reason == "length"
+
+
+def test_a_leading_rows_view_shares_the_cache_memory():
+    from gptj.kv_cache import StaticKVCache
+
+    cache = StaticKVCache(num_layers=2, batch_size=4, num_heads=2, head_dim=3, max_length=8)
+    view = cache.leading_rows(2)
+    assert view.batch_size == 2 and cache.leading_rows(4) is cache
+    view.prefill(None, torch.tensor([3, 1]))
+    k = torch.randn(2, 2, 1, 3)
+    view.decode(torch.tensor([3, 1]))
+    view.layer(1).update(k, k)
+    base = cache.layers[1].keys  # the writes through the view land in the cache itself
+    assert torch.equal(base[0, :, 3], k[0, :, 0]) and torch.equal(base[1, :, 1], k[1, :, 0])
+    assert cache.decode_mask[:2, 0, 0].tolist() == [[True] * 4 + [False] * 4, [True] * 2 + [False] * 6]
+    assert not cache.decode_mask[2:].any() and not cache.layers[1].keys[2:].any()
+    with pytest.raises(ValueError, match="1 <= n <= 4"):
+        cache.leading_rows(5)
