@@ -66,8 +66,8 @@ class ServerState:
 class _Choice:
     """One choice of a response, built from its engine request's events."""
 
-    def __init__(self, index: int, prompt_tokens: int, text: TextStream, prefix: str = ""):
-        self.index, self.prompt_tokens, self.text, self.prefix = index, prompt_tokens, text, prefix
+    def __init__(self, index: int, request_id: str, text: TextStream, prefix: str = ""):
+        self.index, self.request_id, self.text, self.prefix = index, request_id, text, prefix
         self.tokens: list[int] = []
         self.logprobs: list[tuple[int, float, list]] = []
         self.finish_reason: str | None = None
@@ -231,16 +231,15 @@ def create_app(state: ServerState) -> FastAPI:
         decode = state.tokenizer.decode
         choices = []
         for request in requests:
-            choice = _Choice(len(choices), len(request.prompt), TextStream(decode, stops))
-            choice.request_id = request.request_id
-            choices.append(choice)
+            choices.append(_Choice(len(choices), request.request_id, TextStream(decode, stops)))
         deadline = time.monotonic() + server.request_timeout
         return loop, response_id, requests, choices, deadline
 
-    def completion_logprobs(choice, offset: int) -> dict:
+    def completion_logprobs(entries, offset: int) -> dict:
+        """The completions API's logprobs object for (token, logprob, top) entries."""
         decode = state.tokenizer.decode
         tokens, token_logprobs, tops, offsets = [], [], [], []
-        for token, logprob, top in choice.logprobs:
+        for token, logprob, top in entries:
             text = decode([token])
             tokens.append(text)
             token_logprobs.append(logprob)
@@ -277,7 +276,7 @@ def create_app(state: ServerState) -> FastAPI:
                 "choices": [{
                     "index": c.index, "text": c.prefix + c.output,
                     "finish_reason": FINISH_REASONS.get(c.finish_reason, c.finish_reason),
-                    "logprobs": completion_logprobs(c, len(c.prefix)) if logprobs is not None else None,
+                    "logprobs": completion_logprobs(c.logprobs, len(c.prefix)) if logprobs is not None else None,
                 } for c in choices],
                 "usage": usage(lengths, choices),
             }
@@ -293,9 +292,8 @@ def create_app(state: ServerState) -> FastAPI:
                         break
                     part = None
                     if event.logprob is not None:
-                        one = _Choice(choice.index, 0, None)
-                        one.logprobs = [choice.logprobs[-1]]
-                        part = completion_logprobs(one, len(choice.prefix) + len(choice.output) - len(delta))
+                        offset = len(choice.prefix) + len(choice.output) - len(delta)
+                        part = completion_logprobs(choice.logprobs[-1:], offset)
                     finish = FINISH_REASONS.get(event.finish_reason)
                     if delta or finish or part:
                         yield sse(chunk(choice, delta, finish, part))

@@ -93,6 +93,11 @@ def test_logprobs_and_echo(client):
         assert len(top) <= 3 and max(top.values()) == pytest.approx(logprob)  # greedy: the most likely
         assert top[token] == pytest.approx(logprob)
     assert "".join(lp.tokens).startswith(out.choices[0].text[:1])
+    streamed = client.completions.create(model="random:tiny", prompt=PROMPTS[2], max_tokens=6, logprobs=3,
+                                         stream=True)
+    parts = [c.choices[0].logprobs for c in streamed if c.choices and c.choices[0].logprobs]
+    assert [t for p in parts for t in p.tokens] == lp.tokens
+    assert [x for p in parts for x in p.token_logprobs] == pytest.approx(lp.token_logprobs)
     echoed = client.completions.create(model="random:tiny", prompt=PROMPTS[2], max_tokens=6, echo=True)
     assert echoed.choices[0].text == PROMPTS[2] + out.choices[0].text
 

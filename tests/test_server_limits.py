@@ -107,3 +107,20 @@ def test_the_script_itself_exits_2_on_a_bad_preset():
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and proc.stderr.strip() == proc.stderr.strip().splitlines()[0]
     assert "unknown preset 'nope'" in proc.stderr
+
+
+def test_health_and_routes_say_503_until_the_model_has_loaded():
+    from fastapi.testclient import TestClient
+
+    from serving.app import ServerState, create_app
+    from tests.server_fixtures import tiny_config
+
+    state = ServerState(tiny_config(), "random:tiny")
+    client = TestClient(create_app(state))  # no lifespan: nothing loads
+    assert client.get("/health").status_code == 503 and client.get("/health").json() == {"status": "loading"}
+    resp = client.post("/v1/completions", json={"prompt": "a"})
+    assert resp.status_code == 503 and resp.json()["error"]["message"] == "the model is loading"
+    assert resp.headers["retry-after"] == "5"
+    state.load_error = "checkpoint directory /x does not exist"
+    assert client.get("/health").json() == {"status": "error"}
+    assert "failed to load: checkpoint directory /x" in client.get("/v1/models").json()["error"]["message"]
