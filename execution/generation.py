@@ -136,11 +136,17 @@ class GenerationEngine:
             cache = self.cache = StaticKVCache.for_model(self.model, batch_size, max_length)
         return cache
 
-    def _prefill(self, cache: StaticKVCache, rows: list[int], prompts: list[list[int]]) -> torch.Tensor:
-        """Write `prompts` into cache `rows`; return last-position logits [n, V] (fp32)."""
+    def _prefill(self, cache: StaticKVCache, rows: list[int], prompts: list[list[int]],
+                 pad_multiple: int = 1) -> torch.Tensor:
+        """Write `prompts` into cache `rows`; return last-position logits [n, V] (fp32).
+
+        pad_multiple: right-pad the batch to a multiple of this many tokens (fewer distinct
+        shapes for kernels that cache per shape); padding is masked, so results are the same.
+        """
         device, n = self.device, len(rows)
         lengths = torch.tensor([len(p) for p in prompts], device=device)
         seq = max(len(p) for p in prompts)
+        seq = min(cache.max_length, -(-seq // pad_multiple) * pad_multiple)
         ids = torch.zeros(n, seq, dtype=torch.long)
         for i, p in enumerate(prompts):
             ids[i, : len(p)] = torch.tensor(p, dtype=torch.long)

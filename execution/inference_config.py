@@ -66,8 +66,56 @@ class GenerationSection:
 
 
 @dataclass
+class ChatTemplate:
+    """Plain-text rendering of chat messages (GPT-J has no chat format of its own).
+
+    Each message becomes its role's pattern with `{content}` replaced; the prompt ends with
+    `generation_prompt`, and `stop` strings end the assistant's turn.
+    """
+
+    system: str = "{content}\n\n"
+    user: str = "User: {content}\n"
+    assistant: str = "Assistant: {content}\n"
+    generation_prompt: str = "Assistant:"
+    stop: list[str] = field(default_factory=lambda: ["\nUser:"])
+
+
+@dataclass
+class ServerSection:
+    """run_server.py settings; sampling defaults come from the generation section."""
+
+    host: str = "127.0.0.1"
+    port: int = 8000
+    max_batch_size: int = 16  # rows of KV cache: requests decoded together
+    max_queue: int = 256  # requests waiting for a row beyond this get 429
+    max_model_len: int | None = None  # KV cache length per row; None = the model's context
+    max_n: int = 8  # most choices per request
+    # Prefill batches are padded to a multiple of this many tokens: a few shapes instead of one
+    # per prompt length, so per-shape kernel caches (CPU bf16) stop growing.
+    prefill_multiple: int = 16
+    request_timeout: float = 600.0  # seconds from arrival to the last token
+    api_key: str | None = None
+    served_model_name: str | None = None  # default: the model name or path
+    chat_template: ChatTemplate = field(default_factory=ChatTemplate)
+
+    def __post_init__(self):
+        for name in ("max_batch_size", "max_n", "prefill_multiple"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"server.{name} must be >= 1, got {getattr(self, name)}")
+        if self.max_queue < 0:
+            raise ValueError(f"server.max_queue must be >= 0, got {self.max_queue}")
+        if not 0 <= self.port < 65536:
+            raise ValueError(f"server.port must be in [0, 65535], got {self.port}")
+        if self.request_timeout <= 0:
+            raise ValueError(f"server.request_timeout must be > 0, got {self.request_timeout}")
+        if self.max_model_len is not None and self.max_model_len < 2:
+            raise ValueError(f"server.max_model_len must be >= 2, got {self.max_model_len}")
+
+
+@dataclass
 class InferenceConfig:
     model: ModelSection = field(default_factory=ModelSection)
     generation: GenerationSection = field(default_factory=GenerationSection)
+    server: ServerSection = field(default_factory=ServerSection)
     prompts: list[str] = field(default_factory=lambda: ["mnli hypothesis: a cat sleeps premise: the cat is asleep target:"])
     output: str | None = None  # JSONL file

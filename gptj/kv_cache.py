@@ -91,6 +91,26 @@ class StaticKVCache:
             dtype=dtype or weight.dtype, device=device or weight.device,
         )
 
+    def leading_rows(self, n: int) -> StaticKVCache:
+        """A cache over rows 0..n-1 that shares this cache's memory.
+
+        A decode step over the first n rows only (the others idle) costs n rows, not B;
+        whatever it writes lands in this cache.
+        """
+        if n == self.batch_size:
+            return self
+        if not 0 < n <= self.batch_size:
+            raise ValueError(f"leading_rows needs 1 <= n <= {self.batch_size}, got {n}")
+        view = StaticKVCache.__new__(StaticKVCache)
+        view.batch_size, view.max_length = n, self.max_length
+        view.layers = [_LayerCache(view, layer.keys[:n], layer.values[:n]) for layer in self.layers]
+        view.decode_mask = self.decode_mask[:n]
+        rows, heads, slots = (index[:n] for index in self.write_index)
+        view._slots = slots.clone()
+        view.write_index = (rows, heads, view._slots)
+        view.phase, view.rows, view.window = None, None, self.max_length
+        return view
+
     def layer(self, i: int) -> _LayerCache:
         return self.layers[i]
 

@@ -18,6 +18,7 @@ job stopped.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from typing import Any
 
@@ -135,6 +136,24 @@ def all_gather(tensor: torch.Tensor, group: Any, dim: int, name: str = "all_gath
     except RuntimeError as err:
         raise collective_error(name, group, err) from err
     return torch.cat(parts, dim=dim)
+
+
+def broadcast_json(value: Any, group: Any, src: int = 0) -> Any:
+    """Send a JSON-able value from global rank `src` to every rank of `group` (None: identity).
+
+    JSON, not pickle: a rank never unpickles what another sends. CPU tensors, so `group` must
+    be a gloo group (e.g. a control group next to NCCL).
+    """
+    if group is None:
+        return value
+    sending = dist.get_rank() == src
+    payload = torch.frombuffer(bytearray(json.dumps(value).encode()), dtype=torch.uint8) if sending else None
+    size = torch.tensor([payload.numel() if sending else 0], dtype=torch.long)
+    dist.broadcast(size, src=src, group=group)
+    if not sending:
+        payload = torch.empty(int(size.item()), dtype=torch.uint8)
+    dist.broadcast(payload, src=src, group=group)
+    return value if sending else json.loads(payload.numpy().tobytes().decode())
 
 
 def average_gradients_across_replicas(params: list[torch.Tensor], ctx: ParallelContext) -> None:

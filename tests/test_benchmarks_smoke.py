@@ -91,3 +91,23 @@ def test_checksum_bench_runs_in_process():
     assert set(result["gb_per_s"]) >= {"xxh3_128 (used)", "crc32 (zlib)", "sha256",
                                         "file_checksum (xxh3_128, page cache)"}
     assert all(rate > 0 for rate in result["gb_per_s"].values())
+
+
+@pytest.mark.slow
+def test_bench_serving_quick_with_a_short_soak(tmp_path):
+    out = tmp_path / "serving.json"
+    done = subprocess.run(
+        [sys.executable, "benchmarks/bench_serving.py", "--quick", "--soak", "4", "--soak-clients", "4",
+         "--json", str(out)],
+        cwd=ROOT, capture_output=True, text=True, timeout=300,
+    )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    report = json.loads(out.read_text())
+    assert [level["concurrency"] for level in report["levels"]] == [1, 4]
+    for level in report["levels"]:
+        assert level["requests"] > 0 and level["failed"] == 0 and level["output_tokens_per_s"] > 0
+        assert level["ttft_s"]["median"] > 0 and level["tpot_s"]["p99"] > 0
+    soak = report["soak"]
+    assert soak["lost"] == 0 and soak["answered"] > 0 and soak["drained"]
+    assert soak["server_cancels_counted"] <= soak["outcomes"]["cancelled"]
+    assert "load average" in done.stdout and "| concurrency |" in done.stdout

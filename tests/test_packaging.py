@@ -47,13 +47,13 @@ def test_wheel_holds_the_packages_presets_and_bundled_files(installed):
     for name in ("gptj/model.py", "execution/pipelines.py", "data/pipeline.py", "config/presets.py",
                  "config/finetuning.yml", "config/inference.yml", "config/tasks.yml",
                  "data/bundled/tokenizer/tokenizer.json", "data/bundled/mnli_sample/train.jsonl",
-                 "run_finetuning.py", "run_inference.py"):
+                 "run_finetuning.py", "run_inference.py", "serving/app.py", "run_server.py"):
         assert name in names, name
     assert not any(n.startswith(("tests/", "benchmarks/")) for n in names)
     (entry_points,) = site.glob("*.dist-info/entry_points.txt")
     text = entry_points.read_text()
     for script in ("gptj-finetune = run_finetuning:main", "gptj-generate = run_inference:main",
-                   "gptj-plan = execution.planner:main"):
+                   "gptj-plan = execution.planner:main", "gptj-serve = run_server:main"):
         assert script in text
 
 

@@ -1,0 +1,323 @@
+"""Continuous batching driven one step at a time: the engine behind the HTTP server.
+
+`GenerationEngine.run` takes a fixed list of prompts. A server needs requests that arrive and
+leave between steps, each with its own sampling settings. `RequestEngine` drives the same
+model calls and the same static KV cache (a `GenerationEngine`'s prefill and decode step)
+through three calls:
+
+    add(request)     queue a request; it joins the batch at the next step
+    cancel(id)       drop a request, queued or running; its row is free at the next step
+    step()           admit queued requests into free rows (one batched prefill), then one
+                     decode step for every running row; returns what happened as `Event`s
+
+A request's tokens do not depend on what else is in the batch: each row chooses its token
+from its own logits with its own sampling settings and its own random stream (seeded from
+(seed, stream_id) exactly as `GenerationEngine.run` seeds prompt `stream_id`), so a request
+run among others gives the tokens it gives alone, and the tokens `generate` gives.
+
+A failure while handling one request (a prefill that raises, a stop-string check that
+raises) finishes that request with reason "error"; the other requests go on. A failing
+decode step fails the requests in it and leaves the engine ready for new ones.
+
+Tensor parallel: every rank must make the same calls in the same order (same requests, same
+seeds); every rank then computes the same tokens.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+
+from .generation import GenerationEngine, _check_prompts
+from .sampling import SamplingParams, choose_tokens, prompt_generator
+
+MAX_LOGPROBS = 20
+
+
+@dataclass
+class Request:
+    request_id: str
+    prompt: list[int]
+    max_new_tokens: int
+    sampling: SamplingParams = field(default_factory=SamplingParams)
+    seed: int = 0
+    stream_id: int = 0
+    stop_token_sequences: list[list[int]] = field(default_factory=list)
+    stop_strings: list[str] = field(default_factory=list)
+    logprobs: int | None = None  # None: no log-probabilities; N: the chosen token's and the top N
+    ignore_eos: bool = False  # keep generating after EOS (fixed-length benchmarks)
+
+    def to_dict(self) -> dict:
+        """Plain values only (sent to the other tensor-parallel ranks)."""
+        s = self.sampling
+        return {
+            "request_id": self.request_id, "prompt": self.prompt, "max_new_tokens": self.max_new_tokens,
+            "sampling": [s.temperature, s.top_k, s.top_p], "seed": self.seed, "stream_id": self.stream_id,
+            "stop_token_sequences": self.stop_token_sequences, "stop_strings": self.stop_strings,
+            "logprobs": self.logprobs, "ignore_eos": self.ignore_eos,
+        }
+
+    @classmethod
+    def from_dict(cls, values: dict) -> Request:
+        values = dict(values)
+        values["sampling"] = SamplingParams(*values["sampling"])
+        return cls(**values)
+
+
+@dataclass
+class Event:
+    """One thing that happened to a request during a step.
+
+    token: a new token (None when the step only finished the request, e.g. on EOS).
+    finish_reason: set on the request's last event: "eos", "stop", "length", "cancelled" or
+    "error" (then `error` says why). logprob / top_logprobs: when the request asked for them,
+    the chosen token's log-probability and the top-N (token, log-probability) pairs, from the
+    model's distribution before temperature and filtering.
+    """
+
+    request_id: str
+    token: int | None = None
+    finish_reason: str | None = None
+    logprob: float | None = None
+    top_logprobs: list[tuple[int, float]] | None = None
+    error: str | None = None
+    time: float = 0.0
+
+
+class _Slot:
+    """Host-side state of one batch row."""
+
+    __slots__ = ("request", "tokens", "position", "generator", "next_token", "tail_tokens")
+
+    def __init__(self):
+        self.request: Request | None = None
+        self.tokens: list[int] = []
+        self.position = 0  # cache slot the next fed token is written to
+        self.generator: torch.Generator | None = None
+        self.next_token = 0
+        self.tail_tokens = 0
+
+
+class RequestEngine:
+    """Continuous batching over requests added between steps.
+
+    max_batch_size rows of KV cache, each `max_length` tokens long (default: the model's
+    context); a request needs len(prompt) + max_new_tokens <= max_length.
+    decode: token ids -> text, needed by requests with stop strings.
+    prefill_multiple: prefill batches are right-padded to a multiple of this many tokens (the
+    padding is masked). CPU bf16 kernels keep a compiled kernel per matmul shape; with prompts
+    of every length a server's memory grows for minutes, with lengths in steps of 16 it is flat.
+    """
+
+    def __init__(
+        self,
+        model,
+        max_batch_size: int,
+        eos_token_id: int | None,
+        max_length: int | None = None,
+        decode: Callable[[list[int]], str] | None = None,
+        compile_decode: bool = False,
+        prefill_multiple: int = 1,
+    ):
+        if max_batch_size < 1:
+            raise ValueError(f"max_batch_size must be >= 1, got {max_batch_size}")
+        context = model.config.max_positions
+        self.max_length = context if max_length is None else max_length
+        if not 1 < self.max_length <= context:
+            raise ValueError(f"max_length must be in [2, {context}] (the model context), got {self.max_length}")
+        self.model, self.eos_token_id, self.decode = model, eos_token_id, decode
+        if prefill_multiple < 1:
+            raise ValueError(f"prefill_multiple must be >= 1, got {prefill_multiple}")
+        self.prefill_multiple = prefill_multiple
+        self.vocab_size = model.config.vocab_size
+        self.runner = GenerationEngine(model, compile_decode=compile_decode)
+        self.cache = self.runner._cache_for(max_batch_size, self.max_length)
+        self._views: dict[int, object] = {}  # leading-rows views of the cache, by row count
+        self.slots = [_Slot() for _ in range(max_batch_size)]
+        self.waiting: deque[Request] = deque()
+        self._pending: list[Event] = []  # cancellations of queued requests, reported by the next step
+        self.steps = 0
+
+    # ---- state -------------------------------------------------------------------------------
+    @property
+    def max_batch_size(self) -> int:
+        return len(self.slots)
+
+    @property
+    def num_running(self) -> int:
+        return sum(slot.request is not None for slot in self.slots)
+
+    @property
+    def num_waiting(self) -> int:
+        return len(self.waiting)
+
+    @property
+    def has_work(self) -> bool:
+        return bool(self.waiting or self._pending or self.num_running)
+
+    def check(self, request: Request) -> None:
+        """Raise ValueError naming what is wrong with `request`."""
+        _check_prompts([request.prompt], self.max_length, self.vocab_size)
+        if request.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {request.max_new_tokens}")
+        total = len(request.prompt) + request.max_new_tokens
+        if total > self.max_length:
+            raise ValueError(
+                f"the prompt has {len(request.prompt)} tokens and max_new_tokens is {request.max_new_tokens} "
+                f"({total} in total) but the context is {self.max_length} tokens"
+            )
+        if request.stop_strings and self.decode is None:
+            raise ValueError("stop strings need a decode function (token ids -> text)")
+        if request.logprobs is not None and not 0 <= request.logprobs <= MAX_LOGPROBS:
+            raise ValueError(f"logprobs must be in [0, {MAX_LOGPROBS}], got {request.logprobs}")
+
+    # ---- the three calls ---------------------------------------------------------------------
+    def add(self, request: Request) -> None:
+        self.check(request)
+        self.waiting.append(request)
+
+    def cancel(self, request_id: str) -> bool:
+        """Drop a queued or running request; False when it is not here (e.g. already done)."""
+        for request in self.waiting:
+            if request.request_id == request_id:
+                self.waiting.remove(request)
+                self._pending.append(Event(request_id, finish_reason="cancelled", time=time.perf_counter()))
+                return True
+        for slot in self.slots:
+            if slot.request is not None and slot.request.request_id == request_id:
+                self._free(slot)
+                self._pending.append(Event(request_id, finish_reason="cancelled", time=time.perf_counter()))
+                return True
+        return False
+
+    @torch.inference_mode()
+    def step(self) -> list[Event]:
+        events, self._pending = self._pending, []
+        free = [b for b, slot in enumerate(self.slots) if slot.request is None]
+        if free and self.waiting:
+            self._admit(free, events)
+        if any(slot.request is not None for slot in self.slots):
+            self._decode(events)
+        self.steps += 1
+        return events
+
+    # ---- admission: batched prefill ----------------------------------------------------------
+    def _admit(self, free: list[int], events: list[Event]) -> None:
+        rows = free[: len(self.waiting)]
+        requests = [self.waiting.popleft() for _ in rows]
+        try:
+            logits = self.runner._prefill(self.cache, rows, [r.prompt for r in requests], self.prefill_multiple)
+        except Exception:  # noqa: BLE001
+            # Find the failing request by prefilling one at a time; the others still run.
+            for row, request in zip(rows, requests):
+                try:
+                    logits = self.runner._prefill(self.cache, [row], [request.prompt], self.prefill_multiple)
+                except Exception as err:  # noqa: BLE001 - one bad request must not stop the engine
+                    events.append(_failed(request, f"prefill failed: {err}"))
+                    continue
+                self._start(row, request, logits[0], events)
+            return
+        for i, (row, request) in enumerate(zip(rows, requests)):
+            self._start(row, request, logits[i], events)
+
+    def _start(self, row: int, request: Request, logits: torch.Tensor, events: list[Event]) -> None:
+        slot = self.slots[row]
+        slot.request, slot.tokens, slot.position = request, [], len(request.prompt)
+        sampling = request.sampling
+        slot.generator = None if sampling.greedy else prompt_generator(request.seed, request.stream_id)
+        longest_stop = max((len(s) for s in request.stop_strings), default=0)
+        slot.tail_tokens = 2 * longest_stop + 4
+        self._choose_and_accept(slot, logits, events)
+
+    # ---- one decode step ---------------------------------------------------------------------
+    def _decode(self, events: list[Event]) -> None:
+        """One token for every running row.
+
+        Rows are filled lowest first, so running rows gather at the front: the step runs over
+        rows 0..last running row only (all rows when the decode step is compiled, for static
+        shapes). Idle rows in that range feed token 0 at slot 0: harmless (a new request
+        prefills its row afresh) and it keeps a visible slot in every row's mask.
+        """
+        device = self.runner.device
+        active = [slot.request is not None for slot in self.slots]
+        static = self.runner.compile_decode
+        rows = len(active) if static else 1 + max(b for b, a in enumerate(active) if a)
+        window = 1 + max(s.position for s, a in zip(self.slots, active) if a)
+        if static:
+            window = self.cache.max_length
+        slots = self.slots[:rows]
+        tokens = torch.tensor([[s.next_token if a else 0] for s, a in zip(slots, active)], device=device)
+        positions = torch.tensor([s.position if a else 0 for s, a in zip(slots, active)], device=device)
+        try:
+            if static:
+                self.cache.decode(positions, window)
+                logits = self.runner._decode_fn(tokens, positions, self.cache.decode_mask_window())
+            else:
+                cache = self._views.get(rows) or self._views.setdefault(rows, self.cache.leading_rows(rows))
+                cache.decode(positions, window)
+                hidden = self.model.hidden_states(tokens, position_ids=positions.unsqueeze(1),
+                                                  attn_mask=cache.decode_mask_window(), kv_cache=cache)
+                logits = self.model.logits_from_hidden(hidden[:, 0])
+        except Exception as err:  # noqa: BLE001 - fail the requests in this step, keep serving
+            for slot in self.slots:
+                if slot.request is not None:
+                    events.append(_failed(slot.request, f"decode step failed: {err}"))
+                    self._free(slot)
+            return
+        for b, slot in enumerate(slots):
+            if active[b] and slot.request is not None:
+                slot.position += 1
+                self._choose_and_accept(slot, logits[b], events)
+
+    # ---- per row -----------------------------------------------------------------------------
+    def _choose_and_accept(self, slot: _Slot, logits: torch.Tensor, events: list[Event]) -> None:
+        """Pick the row's next token from its logits [V] and record it; errors fail the row only."""
+        request = slot.request
+        try:
+            row = logits.unsqueeze(0)
+            generators = None if slot.generator is None else [slot.generator]
+            token = int(choose_tokens(row, request.sampling, generators)[0])
+            event = Event(request.request_id, time=time.perf_counter())
+            if request.logprobs is not None:
+                logp = row[0].float().log_softmax(-1)
+                event.logprob = float(logp[token])
+                if request.logprobs:
+                    top = torch.topk(logp, min(request.logprobs, logp.shape[-1]))
+                    event.top_logprobs = list(zip(top.indices.tolist(), top.values.tolist()))
+            if token == self.eos_token_id and not request.ignore_eos:
+                event.logprob = event.top_logprobs = None
+                event.finish_reason = "eos"
+            else:
+                slot.tokens.append(token)
+                slot.next_token = token
+                event.token = token
+                event.finish_reason = self._stop_reason(slot)
+            events.append(event)
+            if event.finish_reason is not None:
+                self._free(slot)
+        except Exception as err:  # noqa: BLE001 - one bad request must not stop the engine
+            events.append(_failed(request, str(err) or type(err).__name__))
+            self._free(slot)
+
+    def _stop_reason(self, slot: _Slot) -> str | None:
+        request, tokens = slot.request, slot.tokens
+        if any(tokens[-len(s):] == s for s in request.stop_token_sequences if s):
+            return "stop"
+        if request.stop_strings:
+            tail = self.decode(tokens[-slot.tail_tokens:])
+            if any(s in tail for s in request.stop_strings):
+                return "stop"
+        if len(tokens) >= request.max_new_tokens:
+            return "length"
+        return None
+
+    def _free(self, slot: _Slot) -> None:
+        slot.request, slot.generator, slot.tokens = None, None, []
+
+
+def _failed(request: Request, message: str) -> Event:
+    return Event(request.request_id, finish_reason="error", error=message, time=time.perf_counter())

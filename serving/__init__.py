@@ -1,0 +1,11 @@
+"""An OpenAI-compatible HTTP server over the RequestEngine (FastAPI + uvicorn).
+
+    engine_loop.py  the one thread that steps the engine; tensor-parallel followers
+    app.py          the FastAPI routes (/v1/completions, /v1/chat/completions, /v1/entailment,
+                    /v1/models, /health, /metrics)
+    schemas.py      request bodies and their checks
+    text.py         incremental detokenization with stop strings, the chat template
+    metrics.py      Prometheus metrics
+    errors.py       errors in the OpenAI shape
+    server.py       loading the model and running uvicorn (used by run_server.py)
+"""

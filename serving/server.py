@@ -1,0 +1,162 @@
+"""Load the model, start the engine thread, run uvicorn; tensor-parallel followers.
+
+Rank 0 answers HTTP at once: /health says 503 while the model loads (in a background thread)
+and 200 when the engine runs. Other tensor-parallel ranks load their shards and follow rank
+0's steps (`serving.engine_loop.follow`) until rank 0 stops.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import signal
+import socket
+import threading
+import time
+import traceback
+
+import torch
+
+from execution.defaults import resolve_threads
+from execution.pipelines import EntailmentPipeline, load_model_and_tokenizer
+from execution.precision import DTYPES
+from execution.request_engine import RequestEngine
+
+from .app import ServerState, create_app
+from .engine_loop import EngineLoop, StepSync, follow
+
+
+def model_name(config) -> str:
+    return config.server.served_model_name or config.model.name_or_path or f"random:{config.model.preset}"
+
+
+def load(config, ctx=None, device=None):
+    """(RequestEngine, tokenizer, EntailmentPipeline) for this rank, through load_model_and_tokenizer."""
+    m, server = config.model, config.server
+    model, tokenizer = load_model_and_tokenizer(
+        m.name_or_path or f"random:{m.preset}", m.tokenizer, m.precision, device, ctx, m.offload_weights,
+        m.init_seed, quantize=m.quantize, group_size=m.group_size,
+    )
+    # "auto" settings become what was chosen for this machine and model (torch's thread count
+    # is process-wide, so the engine thread gets it too).
+    threads = resolve_threads(m.threads, model.config)
+    if threads:
+        torch.set_num_threads(threads)
+    m.threads = torch.get_num_threads()
+    m.precision = next(name for name, dtype in DTYPES.items() if dtype == model.embed.weight.dtype)
+    engine = RequestEngine(model, server.max_batch_size, tokenizer.eos_id, server.max_model_len,
+                           decode=tokenizer.decode, compile_decode=m.compile,
+                           prefill_multiple=server.prefill_multiple)
+    return engine, tokenizer, EntailmentPipeline(model, tokenizer, batch_size=server.max_batch_size)
+
+
+def build_app(config, ctx=None, device=None, on_load_error=None):
+    """(FastAPI app, ServerState): the app loads the model in the background when it starts."""
+    state = ServerState(config, model_name(config))
+    app = create_app(state)
+
+    def load_in_background(aloop):
+        try:
+            engine, tokenizer, entailment = load(config, ctx, device)
+            loop = EngineLoop(engine, state.metrics, config.server.max_queue, entailment, StepSync(ctx))
+            state.tokenizer, state.entailment, state.loop = tokenizer, entailment, loop
+            state.max_model_len, state.vocab_size = engine.max_length, engine.vocab_size
+            loop.start(aloop)
+            state.ready = True
+            if ctx is None or ctx.is_main:
+                print(f"ready: {state.model_name}, precision {config.model.precision}, "
+                      f"{config.model.threads} threads, {engine.max_batch_size} rows x {engine.max_length} tokens",
+                      flush=True)
+        except Exception as err:  # noqa: BLE001 - reported by /health and every route
+            state.load_error = str(err) if isinstance(err, ValueError) else f"{type(err).__name__}: {err}"
+            if not isinstance(err, ValueError):
+                traceback.print_exc()
+            if on_load_error is not None:
+                on_load_error()
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app):
+        loader = threading.Thread(target=load_in_background, args=(asyncio.get_running_loop(),),
+                                  name="model-loader", daemon=True)
+        loader.start()
+        yield
+        loader.join()
+        if state.loop is not None:
+            state.loop.stop()
+
+    app.router.lifespan_context = lifespan
+    return app, state
+
+
+def uvicorn_server(app, host: str, port: int, log_level: str = "warning"):
+    import uvicorn
+
+    return uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level=log_level, timeout_keep_alive=30))
+
+
+def serve(config, ctx=None, device=None, log_level: str = "info") -> int:
+    """Run until stopped (Ctrl-C / SIGTERM on rank 0)."""
+    if ctx is not None and not ctx.is_main:
+        # A follower stops when rank 0 says so (after its last step), not on the launcher's
+        # Ctrl-C / SIGTERM, which would cut rank 0's last broadcast.
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        engine, _, entailment = load(config, ctx, device)
+        follow(engine, entailment, StepSync(ctx))
+        return 0
+    server = None
+
+    def give_up():
+        server.should_exit = True
+
+    app, state = build_app(config, ctx, device, on_load_error=give_up)
+    server = uvicorn_server(app, config.server.host, config.server.port, log_level)
+    server.run()
+    if state.load_error:
+        raise ValueError(state.load_error)  # bad input (a missing model...) -> one line, exit 2
+    return 0
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+class ServerThread:
+    """A server in a thread of this process (tests, benchmarks): `with ServerThread(config) as s: s.url`."""
+
+    def __init__(self, config, ready_timeout: float = 120.0):
+        if config.server.port == 0:
+            config.server.port = free_port(config.server.host)
+        self.config, self.ready_timeout = config, ready_timeout
+        self.app, self.state = build_app(config)
+        self.server = uvicorn_server(self.app, config.server.host, config.server.port)
+        self.thread = threading.Thread(target=self.server.run, name="uvicorn", daemon=True)
+        self.threads = torch.get_num_threads()
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.config.server.host}:{self.config.server.port}"
+
+    def start(self) -> ServerThread:
+        self.thread.start()
+        deadline = time.monotonic() + self.ready_timeout
+        while not (self.state.ready and self.server.started):
+            if self.state.load_error:
+                raise RuntimeError(f"server failed to load: {self.state.load_error}")
+            if time.monotonic() > deadline or not self.thread.is_alive():
+                raise RuntimeError("server did not start")
+            time.sleep(0.02)
+        return self
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(30)
+        torch.set_num_threads(self.threads)
+
+    def __enter__(self) -> ServerThread:
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()

@@ -1,0 +1,154 @@
+"""RequestEngine (add / cancel / step) against GenerationEngine.run on each prompt alone."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from execution.generation import GenerationEngine, generate
+from execution.request_engine import Request, RequestEngine
+from execution.sampling import SamplingParams
+from tests.test_generation_fixtures import PROMPTS, reference_pair
+
+
+@pytest.fixture(scope="module")
+def model():
+    return reference_pair(seed=0)[1]
+
+
+def run_until_done(engine, arrivals=None, cancel_at=None):
+    """Step until idle; `arrivals` maps step number -> requests added before that step."""
+    arrivals, cancel_at = dict(arrivals or {}), dict(cancel_at or {})
+    tokens, finish, steps = {}, {}, 0
+    while engine.has_work or arrivals:
+        for request in arrivals.pop(steps, []):
+            engine.add(request)
+        for request_id in cancel_at.pop(steps, []):
+            engine.cancel(request_id)
+        for event in engine.step():
+            if event.token is not None:
+                tokens.setdefault(event.request_id, []).append(event.token)
+            if event.finish_reason:
+                assert event.request_id not in finish, "finished twice"
+                finish[event.request_id] = event
+        steps += 1
+        assert steps < 500
+    return tokens, finish
+
+
+@pytest.mark.parametrize("prefill_multiple", [1, 16])
+def test_requests_joining_between_steps_get_the_tokens_they_get_alone(model, prefill_multiple):
+    free = generate(model, PROMPTS[1:2], max_new_tokens=12, eos_token_id=None)[0]
+    eos = free.token_ids[3]
+    budgets = [12, 5, 9, 12, 7]
+    alone = [generate(model, [p], max_new_tokens=n, eos_token_id=eos)[0] for p, n in zip(PROMPTS, budgets)]
+    engine = RequestEngine(model, max_batch_size=2, eos_token_id=eos, prefill_multiple=prefill_multiple)
+    requests = [Request(f"r{i}", p, n) for i, (p, n) in enumerate(zip(PROMPTS, budgets))]
+    # Two arrive at once, the rest while others run; only two rows, so some wait.
+    tokens, finish = run_until_done(engine, {0: requests[:2], 2: requests[2:4], 5: requests[4:]})
+    for i, result in enumerate(alone):
+        assert tokens.get(f"r{i}", []) == result.token_ids
+        assert finish[f"r{i}"].finish_reason == result.finish_reason
+    assert {e.finish_reason for e in finish.values()} == {"eos", "length"}
+    assert engine.num_running == engine.num_waiting == 0
+
+
+def test_each_request_samples_from_its_own_settings_and_stream(model):
+    settings = [SamplingParams(0.9, 20, 1.0), SamplingParams(), SamplingParams(1.3, 0, 0.8),
+                SamplingParams(0.7, 5, 0.9), SamplingParams(1.0)]
+    seeds = [3, 0, 11, 3, 5]
+    runner = GenerationEngine(model)
+    alone = [runner.run([p], 10, None, s, seed=seed, stream_ids=[i])[0].token_ids
+             for i, (p, s, seed) in enumerate(zip(PROMPTS, settings, seeds))]
+    engine = RequestEngine(model, max_batch_size=3, eos_token_id=None)
+    requests = [Request(f"r{i}", p, 10, s, seed=seed, stream_id=i)
+                for i, (p, s, seed) in enumerate(zip(PROMPTS, settings, seeds))]
+    tokens, _ = run_until_done(engine, {0: requests[:1], 1: requests[1:4], 4: requests[4:]})
+    assert [tokens[f"r{i}"] for i in range(len(PROMPTS))] == alone
+    assert len({tuple(t) for t in alone}) == len(alone)
+
+
+def test_cancel_frees_the_row_at_once(model):
+    engine = RequestEngine(model, max_batch_size=1, eos_token_id=None)
+    long = Request("long", PROMPTS[0], 40)
+    short = Request("short", PROMPTS[2], 6)
+    queued = Request("queued", PROMPTS[3], 6)
+    tokens, finish = run_until_done(engine, {0: [long, short, queued]}, cancel_at={3: ["long", "queued"]})
+    assert finish["long"].finish_reason == "cancelled" and len(tokens["long"]) == 4  # 3 steps: 1 + 3
+    assert finish["queued"].finish_reason == "cancelled" and "queued" not in tokens
+    assert tokens["short"] == generate(model, [PROMPTS[2]], 6, None)[0].token_ids
+    assert engine.steps == 3 + 5  # the freed row took `short` at the very next step
+    assert not engine.cancel("short")  # finished requests are gone
+
+
+def test_a_failing_request_is_finished_with_an_error_and_the_others_go_on(model):
+    def broken_decode(ids):
+        raise RuntimeError("detokenizer broke")
+
+    engine = RequestEngine(model, max_batch_size=2, eos_token_id=None, decode=broken_decode)
+    requests = [Request("bad", PROMPTS[0], 8, stop_strings=["x"]), Request("good", PROMPTS[1], 8)]
+    tokens, finish = run_until_done(engine, {0: requests})
+    assert finish["bad"].finish_reason == "error" and "detokenizer broke" in finish["bad"].error
+    assert tokens["good"] == generate(model, [PROMPTS[1]], 8, None)[0].token_ids
+    # The engine still serves new requests afterwards.
+    tokens, finish = run_until_done(engine, {0: [Request("later", PROMPTS[2], 3)]})
+    assert finish["later"].finish_reason == "length" and len(tokens["later"]) == 3
+
+
+def test_logprobs_are_the_models_log_softmax(model):
+    engine = RequestEngine(model, max_batch_size=2, eos_token_id=None)
+    events = []
+    engine.add(Request("a", PROMPTS[0], 4, logprobs=3))
+    engine.add(Request("b", PROMPTS[1], 4))
+    while engine.has_work:
+        events += engine.step()
+    tokens = [e.token for e in events if e.request_id == "a"]
+    for i, event in enumerate(e for e in events if e.request_id == "a"):
+        sequence = PROMPTS[0] + tokens[:i]
+        expected = model.logits(torch.tensor([sequence]), last_only=True)[0].log_softmax(-1)
+        assert event.logprob == pytest.approx(expected[event.token].item(), abs=1e-4)
+        top = torch.topk(expected, 3)
+        assert [t for t, _ in event.top_logprobs] == top.indices.tolist()
+        assert [p for _, p in event.top_logprobs] == pytest.approx(top.values.tolist(), abs=1e-4)
+    assert all(e.logprob is None for e in events if e.request_id == "b")
+
+
+def test_bad_requests_are_named(model):
+    engine = RequestEngine(model, max_batch_size=1, eos_token_id=None, max_length=32)
+    with pytest.raises(ValueError, match="prompt has 30 tokens and max_new_tokens is 5 \\(35 in total\\).*32"):
+        engine.add(Request("x", [1] * 30, 5))
+    with pytest.raises(ValueError, match="outside the vocabulary"):
+        engine.add(Request("x", [1, 10_000], 5))
+    with pytest.raises(ValueError, match="is empty"):
+        engine.add(Request("x", [], 5))
+    with pytest.raises(ValueError, match="need a decode function"):
+        engine.add(Request("x", [1], 5, stop_strings=["a"]))
+    assert engine.num_waiting == 0
+
+
+def test_ignore_eos_keeps_generating_past_eos(model):
+    free = generate(model, [PROMPTS[0]], max_new_tokens=10, eos_token_id=None)[0].token_ids
+    eos = free[2]
+    engine = RequestEngine(model, max_batch_size=2, eos_token_id=eos)
+    tokens, finish = run_until_done(engine, {0: [Request("stops", PROMPTS[0], 10),
+                                                 Request("goes on", PROMPTS[0], 10, ignore_eos=True)]})
+    assert tokens["stops"] == free[:2] and finish["stops"].finish_reason == "eos"
+    assert tokens["goes on"] == free and finish["goes on"].finish_reason == "length"
+
+
+def test_a_leading_rows_view_shares_the_cache_memory():
+    from gptj.kv_cache import StaticKVCache
+
+    cache = StaticKVCache(num_layers=2, batch_size=4, num_heads=2, head_dim=3, max_length=8)
+    view = cache.leading_rows(2)
+    assert view.batch_size == 2 and cache.leading_rows(4) is cache
+    view.prefill(None, torch.tensor([3, 1]))
+    k = torch.randn(2, 2, 1, 3)
+    view.decode(torch.tensor([3, 1]))
+    view.layer(1).update(k, k)
+    base = cache.layers[1].keys  # the writes through the view land in the cache itself
+    assert torch.equal(base[0, :, 3], k[0, :, 0]) and torch.equal(base[1, :, 1], k[1, :, 0])
+    assert cache.decode_mask[:2, 0, 0].tolist() == [[True] * 4 + [False] * 4, [True] * 2 + [False] * 6]
+    assert not cache.decode_mask[2:].any() and not cache.layers[1].keys[2:].any()
+    with pytest.raises(ValueError, match="1 <= n <= 4"):
+        cache.leading_rows(5)

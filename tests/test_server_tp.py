@@ -1,0 +1,85 @@
+"""`torchrun --nproc-per-node 2 run_server.py --tensor-parallel 2` (gloo) serves a single process's tokens."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from execution.generation import GenerationEngine
+from execution.pipelines import EntailmentPipeline, load_model_and_tokenizer
+from execution.sampling import SamplingParams
+from serving.server import free_port
+
+ROOT = Path(__file__).resolve().parents[1]
+PROMPTS = ["The cat sat on the", "Once upon a time", "a", "mnli hypothesis: x premise: y target:"]
+SAMPLED = dict(temperature=0.8, top_k=40, top_p=0.95, seed=7)
+
+
+@pytest.fixture(scope="module")
+def tp_server():
+    port = free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "run_server.py",
+         "--tensor-parallel", "2", "--port", str(port), "--log-level", "warning"],
+        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 240
+    try:
+        while True:
+            try:
+                if httpx.get(f"{url}/health", timeout=5).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"TP server did not start:\n{proc.stdout.read() if proc.poll() is not None else ''}")
+            time.sleep(0.2)
+        yield url, proc
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGINT)
+            try:
+                proc.wait(60)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+
+
+def test_tensor_parallel_server_gives_the_single_process_tokens(tp_server):
+    url, proc = tp_server
+    model, tokenizer = load_model_and_tokenizer("random:tiny", "bundled:tiny")
+    engine = GenerationEngine(model)
+    ids = tokenizer.encode(PROMPTS)
+    greedy = engine.run(ids, 10, tokenizer.eos_id)
+    sampled = [engine.run([p], 10, tokenizer.eos_id, SamplingParams(0.8, 40, 0.95), seed=7, stream_ids=[0])[0]
+               for p in ids]
+    expected = ([tokenizer.decode(r.token_ids) for r in greedy], [tokenizer.decode(r.token_ids) for r in sampled])
+
+    async def ask_all():
+        async with httpx.AsyncClient(timeout=120) as http:
+            async def ask(prompt, **kwargs):
+                resp = await http.post(f"{url}/v1/completions", json={"prompt": prompt, "max_tokens": 10, **kwargs})
+                assert resp.status_code == 200, resp.text
+                return resp.json()["choices"][0]["text"]
+            # All at once, so requests join the batch between steps on both ranks.
+            return await asyncio.gather(*(ask(p) for p in PROMPTS), *(ask(p, **SAMPLED) for p in PROMPTS))
+
+    texts = asyncio.run(ask_all())
+    assert (texts[: len(PROMPTS)], texts[len(PROMPTS):]) == expected
+    pair = {"premise": "the cat is asleep", "hypothesis": "a cat sleeps"}
+    got = httpx.post(f"{url}/v1/entailment", json=pair, timeout=60).json()
+    want = EntailmentPipeline(model, tokenizer)(pair["premise"], pair["hypothesis"])
+    assert got["label"] == want["label"] and got["scores"] == pytest.approx(want["scores"], abs=1e-4)
+    # Ctrl-C: rank 0 finishes its last step and tells the follower to stop; no rank fails.
+    proc.send_signal(signal.SIGINT)
+    proc.wait(60)
+    log = proc.stdout.read()
+    assert "Exception in thread" not in log and "Connection closed by peer" not in log, log
