@@ -9,6 +9,7 @@
 `model_dir_or_id` is a Hugging Face directory or Hub id, the output directory of
 run_finetuning.py (its `hf/` export, which includes the tokenizer, is used), or
 `random:PRESET` for a seeded random model of a gptj.ModelConfig preset (offline tests/demos).
+`adapter=DIR` adds a PEFT LoRA adapter directory (e.g. run_finetuning.py's OUTPUT_DIR/adapter).
 """
 
 from __future__ import annotations
@@ -49,12 +50,18 @@ def load_model_and_tokenizer(
     ctx: ParallelContext | None = None,
     offload_weights: bool = False,
     init_seed: int = 0,
+    *,
+    adapter: str | None = None,
 ):
     """(GPTJ in eval mode, data.Tokenizer). Raises ValueError subclasses with a clear message.
 
     precision "auto": the fastest dtype this device runs natively for the model's size
     (execution.defaults.resolve_precision); a dtype without native kernels here is used as
-    asked, after one warning line on stderr."""
+    asked, after one warning line on stderr.
+
+    `adapter`: a PEFT LoRA adapter directory for this base model; it is merged into the loaded
+    weights, so generation costs exactly what the base model's does.
+    """
     import data
 
     device = pick_device(device)
@@ -78,6 +85,10 @@ def load_model_and_tokenizer(
                 f"tokenizer {tokenizer or directory} has {tok.vocab_size} tokens but the model's "
                 f"vocabulary is {model.config.vocab_size}"
             )
+    if adapter:
+        from gptj.adapter_io import load_peft_adapter
+
+        load_peft_adapter(adapter, model, ctx=ctx).merge_into(model)
     if offload_weights:
         from .offload import BlockWeightStreamer
 
@@ -146,10 +157,10 @@ class TextGenerationPipeline:
     def from_pretrained(
         cls, model_dir_or_id: str, tokenizer: str | None = None, precision: str = "auto",
         device: str | None = None, ctx: ParallelContext | None = None, offload_weights: bool = False,
-        compile_decode: bool = False, batch_size: int = 16, init_seed: int = 0,
+        compile_decode: bool = False, batch_size: int = 16, init_seed: int = 0, adapter: str | None = None,
     ) -> TextGenerationPipeline:
         model, tok = load_model_and_tokenizer(
-            model_dir_or_id, tokenizer, precision, device, ctx, offload_weights, init_seed
+            model_dir_or_id, tokenizer, precision, device, ctx, offload_weights, init_seed, adapter=adapter
         )
         return cls(model, tok, batch_size=batch_size, compile_decode=compile_decode)
 
@@ -220,8 +231,10 @@ class EntailmentPipeline:
     def from_pretrained(
         cls, model_dir_or_id: str, tokenizer: str | None = None, precision: str = "auto",
         device: str | None = None, ctx: ParallelContext | None = None, task: str = "mnli", init_seed: int = 0,
+        adapter: str | None = None,
     ) -> EntailmentPipeline:
-        model, tok = load_model_and_tokenizer(model_dir_or_id, tokenizer, precision, device, ctx, False, init_seed)
+        model, tok = load_model_and_tokenizer(model_dir_or_id, tokenizer, precision, device, ctx, False, init_seed,
+                                              adapter=adapter)
         return cls(model, tok, task=task)
 
     def prompt(self, premise: str, hypothesis: str) -> str:

@@ -32,6 +32,26 @@ class ModelSection:
     init_seed: int = 0
     recompute_blocks: bool = False  # activation recomputation per block
     stream_block_weights: bool = False  # keep block weights on the host, stream them in
+    # Frozen base weights quantized (int8 / int4), for LoRA only; needs the quantization module.
+    quantize: Literal["none", "int8", "int4"] = "none"
+
+
+@dataclass
+class LoraSection:
+    rank: int = 0  # 0: full fine-tuning; R > 0: LoRA adapters of rank R on the frozen base
+    alpha: float | None = None  # scaling alpha / rank; None: 2 x rank
+    dropout: float = 0.0
+    targets: list[str] = field(default_factory=lambda: ["q", "k", "v", "out_proj", "fc_in", "fc_out"])
+    init_seed: int = 0  # the A factors' random init (B starts at zero)
+
+    @property
+    def enabled(self) -> bool:
+        return self.rank > 0
+
+    def settings(self):
+        from gptj.lora import LoraSettings
+
+        return LoraSettings(rank=self.rank, alpha=self.alpha, dropout=self.dropout, targets=tuple(self.targets))
 
 
 @dataclass
@@ -132,6 +152,7 @@ class FinetuneConfig:
     name: str = DEFAULT_PRESET
     output_dir: str | None = None  # None: runs/<name>
     model: ModelSection = field(default_factory=ModelSection)
+    lora: LoraSection = field(default_factory=LoraSection)
     data: DataSection = field(default_factory=DataSection)
     optimizer: OptimizerSection = field(default_factory=OptimizerSection)
     schedule: ScheduleSection = field(default_factory=ScheduleSection)
@@ -230,6 +251,7 @@ def check_values(config: FinetuneConfig) -> None:
     if config.model.stream_block_weights and not config.optimizer.offload:
         raise TrainConfigError("model.stream_block_weights needs optimizer.offload: true (the "
                                "streamed blocks' gradients are kept on the host)")
+    check_lora(config)
     if config.model.name_or_path is None and config.data.tokenizer is None:
         raise TrainConfigError("data.tokenizer is required when model.name_or_path is not set")
     if config.model.shape:
@@ -238,6 +260,34 @@ def check_values(config: FinetuneConfig) -> None:
         # Typed like every other field: unknown keys list the valid ones, "abc" is no integer.
         shape = build(ModelConfig, config.model.shape, "model.shape")
         config.model.shape = {name: getattr(shape, name) for name in config.model.shape}
+
+
+def check_lora(config: FinetuneConfig) -> None:
+    """LoRA settings, and the combinations LoRA does not support."""
+    lora = config.lora
+    if lora.rank < 0:
+        raise TrainConfigError(f"lora.rank must be >= 0 (0: full fine-tuning), got {lora.rank}")
+    if not lora.enabled:
+        if config.model.quantize != "none":
+            raise TrainConfigError(f"model.quantize {config.model.quantize} needs LoRA (--lora-rank R): "
+                                   "quantized base weights are frozen")
+        return
+    from gptj.lora import LoraConfigError
+
+    try:
+        lora.settings()
+    except LoraConfigError as err:
+        raise TrainConfigError(str(err)) from None
+    if config.model.stream_block_weights:
+        raise TrainConfigError("model.stream_block_weights does not apply to LoRA: the frozen base has "
+                               "no gradients to stream, and the adapters' state is small")
+    if config.model.quantize != "none":
+        from importlib.util import find_spec
+
+        # Seam for quantized bases: gptj/quant.py provides the weight-only quantized linear.
+        if find_spec("gptj.quant") is None:
+            raise TrainConfigError(f"model.quantize {config.model.quantize}: a quantized base needs "
+                                   "the quantization module (gptj/quant.py), which this build lacks")
 
 
 def check_layout(config: FinetuneConfig, world_size: int, model_config=None) -> int:

@@ -58,7 +58,9 @@ class TrainResult:
     eval: dict | None = None
     checkpoint: Path | None = None
     hf_dir: Path | None = None
+    adapter_dir: Path | None = None  # LoRA: the PEFT adapter export
     model: Any = None
+    adapters: Any = None  # LoRA: the trained gptj.lora.LoraAdapters
     elapsed_s: float = 0.0
 
 
@@ -224,7 +226,10 @@ class _StopRequest:
 
 
 def _check_resume(meta: dict, config: FinetuneConfig, mc: ModelConfig, ctx: ParallelContext,
-                  path: Path) -> None:
+                  path: Path, adapter_meta: dict | None) -> None:
+    from .adapters import check_resume
+
+    check_resume(meta, adapter_meta, path)
     saved_model = meta.get("model_config", {})
     if saved_model != mc.to_dict():
         diffs = [f"{k}: checkpoint {saved_model.get(k)!r}, this run {v!r}"
@@ -337,6 +342,21 @@ def _train(config: FinetuneConfig, ctx: ParallelContext | None,
     from .precision import DynamicLossScaler
 
     model = build_model(config, mc, ctx, device, dtype)
+    # What the optimizer trains and checkpoints hold: the whole model, or only LoRA adapters.
+    adapters = adapter_meta = None
+    trained = model
+    if config.lora.enabled:
+        from .adapters import adapter_meta as lora_meta
+        from .adapters import build_adapters
+
+        adapters = trained = build_adapters(config, model, dtype)
+        adapter_meta = lora_meta(config, model, adapters)
+        from gptj.lora import adapter_parameter_count
+
+        say(f"LoRA rank {adapters.settings.rank} on {', '.join(adapters.settings.targets)}: "
+            f"{adapter_parameter_count(mc, adapters.settings):,} trainable parameters "
+            f"({adapter_parameter_count(mc, adapters.settings) / mc.num_parameters():.3%} of the model); "
+            f"base {adapter_meta['base_model']} frozen (fingerprint {adapter_meta['base_fingerprint']})")
     streamer = None
     if config.model.stream_block_weights:
         from .offload import BlockWeightStreamer
@@ -344,7 +364,7 @@ def _train(config: FinetuneConfig, ctx: ParallelContext | None,
         streamer = BlockWeightStreamer(model, device)
         streamer.attach()
     o = config.optimizer
-    optimizer = ShardedAdamW(model, lr=o.lr, betas=tuple(o.betas), eps=o.eps,
+    optimizer = ShardedAdamW(trained, lr=o.lr, betas=tuple(o.betas), eps=o.eps,
                              weight_decay=o.weight_decay, max_grad_norm=o.max_grad_norm,
                              offload=o.offload)
     ls = t.loss_scale
@@ -372,7 +392,7 @@ def _train(config: FinetuneConfig, ctx: ParallelContext | None,
         # The newest checkpoint whose files every rank verified (damaged ones are named and
         # skipped); `auto` and `true` differ only in the message when there is none.
         found = select_checkpoint(root, ctx.rank,
-                                  check=lambda meta, path: _check_resume(meta, config, mc, ctx, path))
+                                  check=lambda meta, path: _check_resume(meta, config, mc, ctx, path, adapter_meta))
         if found is None:
             say(f"resume: no checkpoint in {root}; starting from step 0" if config.resume != "auto"
                 else f"resume auto: no checkpoint in {root} yet; starting from step 0")
@@ -384,7 +404,7 @@ def _train(config: FinetuneConfig, ctx: ParallelContext | None,
                     streamer.detach()
                 return TrainResult(output_dir=out, final_step=int(meta["step"]), checkpoint=latest,
                                    nothing_to_do=True, elapsed_s=time.perf_counter() - started)
-            meta = ckpt.load_checkpoint(latest, ctx.rank, model, optimizer, verify=False)
+            meta = ckpt.load_checkpoint(latest, ctx.rank, trained, optimizer, verify=False)
             step = int(meta["step"])
             try:
                 sampler.load_state_dict(meta["sampler"])
@@ -395,6 +415,9 @@ def _train(config: FinetuneConfig, ctx: ParallelContext | None,
             say(f"resumed from {latest} at step {step}")
 
     report = optimizer.memory_report()
+    if adapters is not None:
+        report = {**report, "frozen_base_bytes": sum(p.numel() * p.element_size() for p in model.parameters()
+                                                     if not p.requires_grad)}
     if streamer is not None:
         report = {**report, "streamed_resident_bytes": int(streamer.resident_bytes())}
     say("memory (this rank): " + ", ".join(
@@ -405,6 +428,8 @@ def _train(config: FinetuneConfig, ctx: ParallelContext | None,
                            append=config.resume and step > 0)
     peak = peak_flops(device, config.logging.peak_flops_per_device)
     flops_per_token = mc.flops_per_token(config.data.sequence_length)
+    if adapters is not None:  # a frozen base skips the weight-gradient matmuls: 4 of the 6 per weight
+        flops_per_token *= 2 / 3
     tokens_per_step = t.global_batch_size * config.data.sequence_length
 
     def save(at_step: int) -> Path | None:
@@ -413,9 +438,9 @@ def _train(config: FinetuneConfig, ctx: ParallelContext | None,
                 "tensor_parallel": ctx.tensor_parallel, "replicas": ctx.replicas,
                 "world_size": ctx.world_size, "precision": precision,
                 "sampler": sampler.state_dict(), "loss_scaler": scaler.state_dict(),
-                "bad_in_row": bad_in_row, "skipped_steps": skipped_total}
+                "bad_in_row": bad_in_row, "skipped_steps": skipped_total, "adapters": adapter_meta}
         try:
-            path = ckpt.save_checkpoint(root, at_step, ctx.rank, model, optimizer, meta,
+            path = ckpt.save_checkpoint(root, at_step, ctx.rank, trained, optimizer, meta,
                                         config.checkpoint.keep)
         except ckpt.CheckpointWriteError as err:
             if config.checkpoint.on_error != "continue":
@@ -437,7 +462,7 @@ def _train(config: FinetuneConfig, ctx: ParallelContext | None,
                 f.write(json.dumps({"step": at_step, "splits": results}) + "\n")
         return results
 
-    result = TrainResult(output_dir=out, final_step=step, model=model)
+    result = TrainResult(output_dir=out, final_step=step, model=model, adapters=adapters)
     last_saved = step if config.resume and step > 0 else None
     with _StopRequest() as stop:
         while step < t.steps:
@@ -513,7 +538,17 @@ def _train(config: FinetuneConfig, ctx: ParallelContext | None,
             if main:
                 (out / "eval.json").write_text(json.dumps({"step": step, "splits": result.eval},
                                                           indent=2) + "\n")
-        if config.checkpoint.export_hf:
+        if config.checkpoint.export_hf and adapters is not None:
+            from .adapters import export as export_adapters
+            from .precision import DTYPES
+
+            export_dtype = config.checkpoint.export_dtype
+            result.adapter_dir, result.hf_dir = export_adapters(
+                adapters, model, out, tokenizer, config.model.name_or_path,
+                None if export_dtype == "model" else DTYPES[export_dtype])
+            if result.adapter_dir is not None:
+                logger.write(f"exported PEFT adapter: {result.adapter_dir}; merged model: {result.hf_dir}")
+        elif config.checkpoint.export_hf:
             result.hf_dir = export(model, out / "hf", tokenizer, config.checkpoint.export_dtype)
             if result.hf_dir is not None:
                 logger.write(f"exported Hugging Face model: {result.hf_dir}")

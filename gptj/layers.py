@@ -154,15 +154,20 @@ class Attention(nn.Module):
         self.qkv_weight = _empty(3 * width, config.hidden_size, dtype=dtype, device=device)
         self.out_proj_weight = _empty(config.hidden_size, width, dtype=dtype, device=device)
 
-    def forward(self, h, rope, mask=None, cache=None) -> torch.Tensor:
+    def forward(self, h, rope, mask=None, cache=None, lora=None) -> torch.Tensor:
         batch, seq, _ = h.shape
-        qkv = F.linear(h, self.qkv_weight).view(batch, seq, 3, self.local_heads, self.head_dim)
-        q, k, v = split_qkv_rotary(qkv, *rope)
+        qkv = F.linear(h, self.qkv_weight)
+        if lora is not None:  # LoRA hook (gptj/lora.py): q, k, v deltas from h
+            qkv = lora.add(("q", "k", "v"), h, qkv)
+        q, k, v = split_qkv_rotary(qkv.view(batch, seq, 3, self.local_heads, self.head_dim), *rope)
         if cache is not None:
             k, v = cache.update(k, v)
         out = attend(q, k, v, mask)
         out = out.transpose(1, 2).reshape(batch, seq, self.local_heads * self.head_dim)
-        return F.linear(out, self.out_proj_weight)
+        partial = F.linear(out, self.out_proj_weight)
+        if lora is not None:  # LoRA hook: row-parallel delta joins the partial sum
+            partial = lora.add(("out_proj",), out, partial)
+        return partial
 
 
 class MLP(nn.Module):
@@ -180,9 +185,15 @@ class MLP(nn.Module):
         self.fc_out_weight = _empty(config.hidden_size, local, dtype=dtype, device=device)
         self.fc_out_bias = _empty(config.hidden_size, dtype=dtype, device=device)  # replicated
 
-    def forward(self, h: torch.Tensor) -> torch.Tensor:
-        x = F.gelu(F.linear(h, self.fc_in_weight, self.fc_in_bias), approximate="tanh")
-        return F.linear(x, self.fc_out_weight)
+    def forward(self, h: torch.Tensor, lora=None) -> torch.Tensor:
+        y = F.linear(h, self.fc_in_weight, self.fc_in_bias)
+        if lora is not None:  # LoRA hook (gptj/lora.py): fc_in delta before gelu
+            y = lora.add(("fc_in",), h, y)
+        x = F.gelu(y, approximate="tanh")
+        partial = F.linear(x, self.fc_out_weight)
+        if lora is not None:  # LoRA hook: row-parallel delta joins the partial sum
+            partial = lora.add(("fc_out",), x, partial)
+        return partial
 
 
 class Block(nn.Module):
@@ -194,10 +205,11 @@ class Block(nn.Module):
         self.ln_1 = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps, dtype=dtype, device=device)
         self.attn = Attention(config, ctx, dtype, device)
         self.mlp = MLP(config, ctx, dtype, device)
+        self.lora = None  # optional gptj.lora.BlockLoRA: low-rank deltas, summed by the all-reduce below
 
     def forward(self, x, rope, mask=None, cache=None) -> torch.Tensor:
         h = copy_to_tensor_parallel(self.ln_1(x), self.ctx)
-        partial = self.attn(h, rope, mask, cache) + self.mlp(h)
+        partial = self.attn(h, rope, mask, cache, self.lora) + self.mlp(h, self.lora)
         return x + reduce_from_tensor_parallel(partial, self.ctx) + self.mlp.fc_out_bias
 
 
