@@ -159,9 +159,22 @@ def test_exports_load_in_peft_and_transformers_with_equal_logits(tmp_path):
         served, _ = load_model_and_tokenizer(str(base_dir), tokenizer="bundled:tiny", adapter=str(adapter_dir))
         torch.testing.assert_close(served.logits(ids), with_adapter, rtol=0, atol=1e-5)
 
+    # The command line serves base + adapter exactly as the merged export.
+    import run_inference
+
+    outputs = {}
+    for name, args in (("adapter", ["--model", str(base_dir), "--adapter", str(adapter_dir)]),
+                       ("merged", ["--model", str(merged_dir)])):
+        out = tmp_path / f"{name}.jsonl"
+        assert run_inference.main([*args, "--tokenizer", "bundled:tiny", "--prompt", "item: the red",
+                                   "--max-new-tokens", "5", "--output", str(out)]) == 0
+        outputs[name] = json.loads(out.read_text())["token_ids"]
+    assert outputs["adapter"] == outputs["merged"]
+
     (adapter_dir / "adapter_config.json").write_text(json.dumps({"peft_type": "PREFIX_TUNING"}))
     with pytest.raises(AdapterError, match="peft_type 'PREFIX_TUNING', expected 'LORA'"):
         load_model_and_tokenizer(str(base_dir), tokenizer="bundled:tiny", adapter=str(adapter_dir))
+    assert run_inference.main(["--model", str(base_dir), "--adapter", str(adapter_dir), "--prompt", "x"]) == 2
 
 
 def _vocab_matched():
