@@ -24,22 +24,23 @@ def base_source(config: FinetuneConfig) -> str:
     return m.name_or_path or f"random:{m.preset}:init_seed={m.init_seed}"
 
 
-def quantize_base(model: GPTJ, mode: str) -> None:
-    """Seam for quantized frozen bases (int8 / int4): gptj/quant.py swaps the block weights for
-    weight-only quantized ones. check_lora() rejects the option where that module is absent."""
+def check_quantize(mode: str) -> None:
+    """Seam for quantized frozen bases (int8 / int4): they need gptj/quant.py (a weight-only
+    quantized linear); without it the option is a usage error, raised before any work."""
     if mode == "none":
         return
-    try:
-        from gptj import quant  # noqa: F401
-    except ImportError:
+    from importlib.util import find_spec
+
+    if find_spec("gptj.quant") is None:
         raise TrainConfigError(f"model.quantize {mode}: a quantized base needs the quantization "
-                               "module (gptj/quant.py), which this build lacks") from None
-    raise TrainConfigError(f"model.quantize {mode}: LoRA over a quantized base is not wired yet")
+                               "module (gptj/quant.py), which this build lacks")
+    raise TrainConfigError(f"model.quantize {mode}: LoRA over a quantized base is not wired in yet "
+                           "(execution/adapters.py build_adapters)")
 
 
 def build_adapters(config: FinetuneConfig, model: GPTJ, dtype: torch.dtype) -> LoraAdapters:
     """Adapters in the model's dtype on its device, attached; the base weights frozen."""
-    quantize_base(model, config.model.quantize)
+    check_quantize(config.model.quantize)
     device = model.embed.weight.device
     adapters = LoraAdapters(model.config, config.lora.settings(), model.ctx, dtype, device)
     adapters.init_weights(seed=config.lora.init_seed).attach(model)

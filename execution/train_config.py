@@ -281,13 +281,6 @@ def check_lora(config: FinetuneConfig) -> None:
     if config.model.stream_block_weights:
         raise TrainConfigError("model.stream_block_weights does not apply to LoRA: the frozen base has "
                                "no gradients to stream, and the adapters' state is small")
-    if config.model.quantize != "none":
-        from importlib.util import find_spec
-
-        # Seam for quantized bases: gptj/quant.py provides the weight-only quantized linear.
-        if find_spec("gptj.quant") is None:
-            raise TrainConfigError(f"model.quantize {config.model.quantize}: a quantized base needs "
-                                   "the quantization module (gptj/quant.py), which this build lacks")
 
 
 def check_layout(config: FinetuneConfig, world_size: int, model_config=None) -> int:

@@ -279,6 +279,10 @@ def _train(config: FinetuneConfig, ctx: ParallelContext | None,
     tokenizer = datalib.load_tokenizer(config.data.tokenizer or config.model.name_or_path)
     mc = model_config_for(config, tokenizer)
     check_layout(config, ctx.world_size, mc)
+    if config.lora.enabled:
+        from .adapters import check_quantize
+
+        check_quantize(config.model.quantize)
     if ctx.tensor_parallel != config.parallel.tensor_parallel:
         raise TrainConfigError(f"the parallel context has tensor_parallel {ctx.tensor_parallel}, "
                                f"the config {config.parallel.tensor_parallel}")
