@@ -91,3 +91,19 @@ def test_checksum_bench_runs_in_process():
     assert set(result["gb_per_s"]) >= {"xxh3_128 (used)", "crc32 (zlib)", "sha256",
                                         "file_checksum (xxh3_128, page cache)"}
     assert all(rate > 0 for rate in result["gb_per_s"].values())
+
+
+def test_bench_lora_measures_adapters_only():
+    import torch
+
+    from benchmarks.bench_lora import measure_one
+    from gptj import ModelConfig
+    from gptj.lora import LoraSettings, adapter_parameter_count
+
+    threads = torch.get_num_threads()
+    try:
+        result = measure_one("lora", "fp32", quick=True, rank=4, max_seconds=1)
+    finally:
+        torch.set_num_threads(threads)  # quick mode runs on one thread
+    assert result["trainable_params"] == adapter_parameter_count(ModelConfig.preset("tiny"), LoraSettings(rank=4))
+    assert len(result["step_times"]) >= 2 and result["peak_memory_bytes"] > 0
