@@ -258,6 +258,11 @@ class LoraPlan:
     dropout: float = 0.0  # > 0: each adapter keeps its dropped input (and a bool mask) for backward
 
 
+def _lora_dims(config: ModelConfig, target: str) -> tuple[int, int]:
+    d, f = config.hidden_size, config.ffn_dim
+    return {"fc_in": (d, f), "fc_out": (f, d)}.get(target, (d, d))
+
+
 def lora_parameter_counts(config: ModelConfig, tp: int, lora: LoraPlan) -> dict[str, int]:
     """Adapter parameters on one TP rank, and how many of them are replicated (whole) there."""
     d, f, r = config.hidden_size, config.ffn_dim, lora.rank
@@ -327,11 +332,14 @@ def plan_lora_layout(config, layout: Layout, machine: Machine, seq: int, micro_b
     replica_volume = a_local * pb * 2 * (r - 1) / r if r > 1 else 0.0
     spans_nodes = machine.nodes > 1 and r > 1
     replica_bw = machine.inter_bandwidth if spans_nodes else machine.intra_bandwidth
-    # Forward 2 N per token, backward 2 N (input gradients only; the adapters' own matmuls are
-    # negligible): 4/6 of full fine-tuning, 6/6 with recomputation.
-    flops = config.flops_per_token(seq) * global_batch * seq / machine.devices * (4 / 6)
+    # The frozen base costs 4 FLOPs per weight and token (forward + input gradients), not 6;
+    # recomputation adds one forward (2 per weight + a third of attention).
+    flops_per_token = config.flops_per_token(seq) - 2 * config.matmul_parameters()
+    flops_per_token += 6 * config.num_layers * lora.rank * sum(
+        sum(dims) for dims in (_lora_dims(config, target) for target in lora.targets))
     if layout.recompute:
-        flops *= 6 / 4
+        flops_per_token += 2 * config.matmul_parameters() + 4 * config.num_layers * config.hidden_size * seq
+    flops = flops_per_token * global_batch * seq / machine.devices
     times = {
         "compute": flops / (machine.matmul_flops * ASSUMED_MFU),
         "tp_comm": tp_volume / machine.intra_bandwidth if tp_volume else 0.0,

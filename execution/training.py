@@ -432,8 +432,10 @@ def _train(config: FinetuneConfig, ctx: ParallelContext | None,
                            append=config.resume and step > 0)
     peak = peak_flops(device, config.logging.peak_flops_per_device)
     flops_per_token = mc.flops_per_token(config.data.sequence_length)
-    if adapters is not None:  # a frozen base skips the weight-gradient matmuls: 4 of the 6 per weight
-        flops_per_token *= 2 / 3
+    if adapters is not None:  # a frozen base skips the weight-gradient matmuls (see gptj/lora.py)
+        from gptj.lora import lora_flops_per_token
+
+        flops_per_token = lora_flops_per_token(mc, adapters.settings, config.data.sequence_length)
     tokens_per_step = t.global_batch_size * config.data.sequence_length
 
     def save(at_step: int) -> Path | None:

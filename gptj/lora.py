@@ -85,6 +85,13 @@ def adapter_parameter_count(config: ModelConfig, settings: LoraSettings) -> int:
     return config.num_layers * per_block
 
 
+def lora_flops_per_token(config: ModelConfig, settings: LoraSettings, sequence_length: int) -> float:
+    """Training FLOPs per token with a frozen base: ModelConfig.flops_per_token less the base's
+    weight-gradient matmuls (2 per matmul weight), plus 6 per adapter weight."""
+    base = config.flops_per_token(sequence_length) - 2 * config.matmul_parameters()
+    return base + 6 * adapter_parameter_count(config, settings)
+
+
 def peft_shard_rules(config: ModelConfig, settings: LoraSettings) -> dict[str, ShardRule]:
     """Our adapter parameter name (in `LoraAdapters`) -> rule over the PEFT tensor names.
 
