@@ -154,15 +154,36 @@ class BlockLoRA(nn.Module):
 
     def add(self, targets: tuple[str, ...], x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """y (the outputs of `targets` side by side, this rank's slices) plus their deltas from
-        the common input x. A target without an adapter contributes nothing."""
-        deltas = [self.pairs[t](x) if t in self.pairs else None for t in targets]
-        if all(d is None for d in deltas):
+        the common input x. A target without an adapter contributes nothing.
+
+        One GEMM adds every delta into y (addmm, beta 1): the rank-r products of the targets
+        are laid side by side, [T, k r], and multiplied by their B factors placed block-diagonally
+        in a [sum of widths, k r] matrix (zero rows for targets without adapters). Scaling is
+        applied to the [T, k r] products, never to a full-width tensor.
+        """
+        present = [t for t in targets if t in self.pairs]
+        if not present:
             return y
+        pairs = [self.pairs[t] for t in present]
+        if all(isinstance(p.dropout, nn.Identity) for p in pairs):  # one matmul for every A
+            low = F.linear(x, torch.cat([p.lora_A for p in pairs]) if len(pairs) > 1 else pairs[0].lora_A)
+        else:  # each adapter draws its own dropout mask, as PEFT does
+            low = torch.cat([F.linear(p.dropout(x), p.lora_A) for p in pairs], dim=-1)
+        low = low * pairs[0].scaling
         if len(targets) == 1:
-            return y + deltas[0]
-        parts = [d if d is not None else y.new_zeros(*y.shape[:-1], self.widths[t])
-                 for t, d in zip(targets, deltas)]
-        return y + torch.cat(parts, dim=-1)
+            up = pairs[0].lora_B
+        else:
+            rank, k = pairs[0].lora_A.shape[0], len(pairs)
+            rows, i = [], 0
+            for t in targets:
+                if t in self.pairs:
+                    rows.append(F.pad(self.pairs[t].lora_B, (i * rank, (k - i - 1) * rank)))
+                    i += 1
+                else:
+                    rows.append(y.new_zeros(self.widths[t], k * rank))
+            up = torch.cat(rows)
+        out = torch.addmm(y.reshape(-1, y.shape[-1]), low.reshape(-1, low.shape[-1]), up.t())
+        return out.view(y.shape)
 
 
 class LoraAdapters(nn.Module):
