@@ -5,6 +5,7 @@
     torchrun --nproc-per-node 8 run_finetuning.py --config gptj-6b-mnli-8gpu
     python run_finetuning.py --resume --output-dir runs/tiny   # continue a run
     torchrun --nproc-per-node 8 --max-restarts 3 run_finetuning.py --config gptj-6b-mnli-8gpu  # resume: auto
+    python run_finetuning.py --lora-rank 8                     # LoRA adapters on a frozen base
 
 Presets live in config/finetuning.yml; any field can be set with --set section.field=value.
 Writes OUTPUT_DIR/metrics.jsonl, eval.json, checkpoints/ and hf/ (a transformers model).
@@ -34,6 +35,11 @@ OPTION_FIELDS = {
     "threads": "training.threads",
     "eval_every": "eval.every",
     "checkpoint_every": "checkpoint.every",
+    "lora_rank": "lora.rank",
+    "lora_alpha": "lora.alpha",
+    "lora_dropout": "lora.dropout",
+    "quantize": "model.quantize",
+    "group_size": "model.group_size",
 }
 
 
@@ -71,6 +77,16 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="CPU threads per process (auto: 1 for tiny models, else the physical cores)")
     p.add_argument("--eval-every", type=int, metavar="N", help="evaluate every N steps (0: at the end)")
     p.add_argument("--checkpoint-every", type=int, metavar="N", help="checkpoint every N steps")
+    p.add_argument("--lora-rank", type=int, metavar="R",
+                   help="train LoRA adapters of rank R on the frozen base (0: full fine-tuning)")
+    p.add_argument("--lora-alpha", type=float, metavar="X", help="LoRA alpha (default 2 x rank)")
+    p.add_argument("--lora-dropout", type=float, metavar="P", help="dropout on the adapters' input")
+    p.add_argument("--lora-targets", metavar="LIST",
+                   help="comma-separated subset of q,k,v,out_proj,fc_in,fc_out (default: all)")
+    p.add_argument("--quantize", choices=["none", "int8", "int4"],
+                   help="quantize the frozen base weights while loading (LoRA only)")
+    p.add_argument("--group-size", type=int, choices=[32, 64, 128, 256], metavar="N",
+                   help="int4 group size of the quantized base: 32, 64, 128 (default) or 256")
     p.add_argument("--resume", nargs="?", const=True, choices=["auto"], default=None,
                    help="continue from the newest valid checkpoint in the output dir; `--resume auto`: "
                         "also start fresh when there is none (for torchrun --max-restarts)")
@@ -86,6 +102,8 @@ def build_config(args: argparse.Namespace):
                if getattr(args, option) is not None}
     if args.model and not args.tokenizer:
         updates["data.tokenizer"] = None  # the model's own tokenizer, not the preset's
+    if args.lora_targets:
+        updates["lora.targets"] = [t.strip() for t in args.lora_targets.split(",") if t.strip()]
     if args.resume:
         updates["resume"] = args.resume  # True or "auto"
     return load_config(args.config, args.set, updates, args.preset_file or PRESET_FILE)

@@ -25,6 +25,7 @@ PRESET_FILE = Path(__file__).resolve().parent / "config" / "inference.yml"
 OPTION_FIELDS = {
     "model": "model.name_or_path",
     "tokenizer": "model.tokenizer",
+    "adapter": "model.adapter",
     "precision": "model.precision",
     "device": "model.device",
     "tensor_parallel": "model.tensor_parallel",
@@ -55,6 +56,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--model", metavar="HF_ID_OR_DIR",
                    help="HF directory or Hub id, or a run_finetuning.py output dir (uses its hf/ export)")
     p.add_argument("--tokenizer", metavar="HF_ID_OR_DIR", help="tokenizer (default: the model's own)")
+    p.add_argument("--adapter", metavar="DIR",
+                   help="a PEFT LoRA adapter directory for --model (merged into the weights at load)")
     p.add_argument("--prompt", action="append", metavar="TEXT", help="a prompt (repeatable)")
     p.add_argument("--prompts-file", metavar="FILE",
                    help="one prompt per line, or JSON lines with a \"prompt\" field (UTF-8)")
@@ -209,7 +212,7 @@ def run(config) -> int:
         name, tokenizer=model.tokenizer, precision=model.precision, device=device, ctx=ctx,
         offload_weights=model.offload_weights, compile_decode=model.compile,
         batch_size=config.generation.batch_size, init_seed=model.init_seed,
-        quantize=model.quantize, group_size=model.group_size,
+        quantize=model.quantize, group_size=model.group_size, adapter=model.adapter,
     )
     # "auto" values become what was chosen for this machine and model, as printed below.
     model.precision = next(k for k, v in DTYPES.items() if v == pipe.model.embed.weight.dtype)

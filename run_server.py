@@ -23,6 +23,7 @@ PRESET_FILE = Path(__file__).resolve().parent / "config" / "inference.yml"
 OPTION_FIELDS = {
     "model": "model.name_or_path",
     "tokenizer": "model.tokenizer",
+    "adapter": "model.adapter",
     "precision": "model.precision",
     "quantize": "model.quantize",
     "group_size": "model.group_size",
@@ -54,6 +55,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--model", metavar="HF_ID_OR_DIR",
                    help="HF directory or Hub id, or a run_finetuning.py output dir (default: the preset's)")
     p.add_argument("--tokenizer", metavar="HF_ID_OR_DIR", help="tokenizer (default: the model's own)")
+    p.add_argument("--adapter", metavar="DIR",
+                   help="a PEFT LoRA adapter directory for --model (merged into plain weights at load)")
     p.add_argument("--host", metavar="ADDR", help="address to listen on (default 127.0.0.1)")
     p.add_argument("--port", type=int, metavar="N", help="port (default 8000)")
     p.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"],

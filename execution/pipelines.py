@@ -10,6 +10,7 @@
 `model_dir_or_id` is a Hugging Face directory or Hub id, the output directory of
 run_finetuning.py (its `hf/` export, which includes the tokenizer, is used), or
 `random:PRESET` for a seeded random model of a gptj.ModelConfig preset (offline tests/demos).
+`adapter=DIR` adds a PEFT LoRA adapter directory (e.g. run_finetuning.py's OUTPUT_DIR/adapter).
 """
 
 from __future__ import annotations
@@ -52,6 +53,8 @@ def load_model_and_tokenizer(
     init_seed: int = 0,
     quantize: str | None = None,
     group_size: int = 128,
+    *,
+    adapter: str | None = None,
 ):
     """(GPTJ in eval mode, data.Tokenizer). Raises ValueError subclasses with a clear message.
 
@@ -62,6 +65,11 @@ def load_model_and_tokenizer(
     quantize: "int8" / "int4" (with `group_size`) quantizes the projections while loading,
     tensor by tensor and per tensor-parallel rank (gptj/quantized.py); a checkpoint written by
     `python -m execution.quantize` loads quantized without it.
+
+    `adapter`: a PEFT LoRA adapter directory for this base model. On plain weights it is merged
+    into them, so generation costs exactly what the base model's does; on quantized weights it
+    stays attached beside them (the quantized base plus the adapters, as trained with LoRA on a
+    quantized base).
     """
     import data
     from gptj.quant import QuantSpec
@@ -99,6 +107,16 @@ def load_model_and_tokenizer(
                 f"tokenizer {tokenizer or directory} has {tok.vocab_size} tokens but the model's "
                 f"vocabulary is {model.config.vocab_size}"
             )
+    if adapter:
+        from gptj.adapter_io import load_peft_adapter
+
+        adapters = load_peft_adapter(adapter, model, ctx=ctx)  # attached
+        if model.quantization is None:
+            adapters.merge_into(model)
+    if model.quantization is not None:
+        from gptj.quantized import prepare_kernels
+
+        prepare_kernels(model)
     if offload_weights:
         from .offload import BlockWeightStreamer
 
@@ -168,11 +186,11 @@ class TextGenerationPipeline:
         cls, model_dir_or_id: str, tokenizer: str | None = None, precision: str = "auto",
         device: str | None = None, ctx: ParallelContext | None = None, offload_weights: bool = False,
         compile_decode: bool = False, batch_size: int = 16, init_seed: int = 0,
-        quantize: str | None = None, group_size: int = 128,
+        quantize: str | None = None, group_size: int = 128, adapter: str | None = None,
     ) -> TextGenerationPipeline:
         model, tok = load_model_and_tokenizer(
             model_dir_or_id, tokenizer, precision, device, ctx, offload_weights, init_seed,
-            quantize=quantize, group_size=group_size,
+            quantize=quantize, group_size=group_size, adapter=adapter,
         )
         return cls(model, tok, batch_size=batch_size, compile_decode=compile_decode)
 
@@ -243,10 +261,10 @@ class EntailmentPipeline:
     def from_pretrained(
         cls, model_dir_or_id: str, tokenizer: str | None = None, precision: str = "auto",
         device: str | None = None, ctx: ParallelContext | None = None, task: str = "mnli", init_seed: int = 0,
-        quantize: str | None = None, group_size: int = 128,
+        quantize: str | None = None, group_size: int = 128, adapter: str | None = None,
     ) -> EntailmentPipeline:
         model, tok = load_model_and_tokenizer(model_dir_or_id, tokenizer, precision, device, ctx, False, init_seed,
-                                              quantize=quantize, group_size=group_size)
+                                              quantize=quantize, group_size=group_size, adapter=adapter)
         return cls(model, tok, task=task)
 
     def prompt(self, premise: str, hypothesis: str) -> str:

@@ -9,6 +9,10 @@ keeps (see execution/optimizer.py for the optimizer's buffers) and says which la
     python -m execution.planner --model gptj-6b --seq 1024 --micro-batch 1 --global-batch 128 \
         --machine h100-80gb-x8
     python -m execution.planner --model path/to/config.json --machine cpu-24gb --json
+    python -m execution.planner --lora-rank 8 --quantize int4 --machine gpu-12gb-x1 --micro-batch 0
+
+LoRA layouts (`--lora-rank R`) keep the base frozen (in the model dtype, or int8 / int4) and
+train only the adapters; `--micro-batch 0` picks the micro-batch too (see `choose_micro_batch`).
 """
 
 from __future__ import annotations
@@ -59,6 +63,17 @@ MACHINES = {
     "h100-80gb-x1": h100_machine(1, 1),
     "h100-80gb-x8": h100_machine(1, 8),
     "h100-80gb-8x8": h100_machine(8, 8),
+    # One 24 GB / 12 GB GPU (L4 / RTX 4090 class, RTX 3060 class): the LoRA presets' targets.
+    "gpu-24gb-x1": Machine(
+        name="gpu-24gb-x1", devices_per_node=1, nodes=1, device_memory=24 * GiB, host_memory=64 * GB,
+        intra_bandwidth=0.0, inter_bandwidth=0.0, host_link_bandwidth=25 * GB, matmul_flops=121e12,
+        reserved=1 * GiB,
+    ),
+    "gpu-12gb-x1": Machine(
+        name="gpu-12gb-x1", devices_per_node=1, nodes=1, device_memory=12 * GiB, host_memory=32 * GB,
+        intra_bandwidth=0.0, inter_bandwidth=0.0, host_link_bandwidth=12 * GB, matmul_flops=50e12,
+        reserved=1 * GiB,
+    ),
     "cpu-24gb": Machine(
         name="cpu-24gb", devices_per_node=1, nodes=1, device_memory=24 * GiB, host_memory=24 * GiB,
         intra_bandwidth=0.0, inter_bandwidth=0.0, host_link_bandwidth=20 * GB, matmul_flops=2e12,
@@ -226,6 +241,190 @@ def plan_layout(config, layout: Layout, machine: Machine, seq: int, micro_batch:
     }
 
 
+# ---- LoRA: a frozen base, adapters trained --------------------------------------------------------
+
+# Bytes per element of a quantized frozen weight as a training run holds it (gptj/quant.py;
+# no kernel copies). int8: the int8 values (one fp32 scale per output row: negligible). int4
+# with groups of g input columns: the nibbles (0.5) and an fp32 scale and zero point per group.
+def quantized_bytes(base: str, group_size: int = 128) -> float:
+    return 1.0 if base == "int8" else 0.5 + 8 / group_size
+
+
+# Bytes per element of the largest quantized weight while it is dequantized for a training
+# matmul (forward and backward): the weight in the compute dtype (the fp32 temporaries cover
+# 1024 rows at a time: counted as 1024 rows of 8 bytes besides).
+def dequantize_transient_bytes(rows: int, columns: int, pb: int) -> float:
+    return rows * columns * pb + min(rows, 1024) * columns * 8
+
+
+LORA_TARGETS = ("q", "k", "v", "out_proj", "fc_in", "fc_out")
+
+
+@dataclass(frozen=True)
+class LoraPlan:
+    rank: int
+    targets: tuple[str, ...] = LORA_TARGETS
+    base: str = "model"  # frozen base weights: "model" (the compute dtype), "int8" or "int4"
+    dropout: float = 0.0  # > 0: each adapter keeps its dropped input (and a bool mask) for backward
+    group_size: int = 128  # int4 only
+
+
+def _lora_dims(config: ModelConfig, target: str) -> tuple[int, int]:
+    d, f = config.hidden_size, config.ffn_dim
+    return {"fc_in": (d, f), "fc_out": (f, d)}.get(target, (d, d))
+
+
+def lora_parameter_counts(config: ModelConfig, tp: int, lora: LoraPlan) -> dict[str, int]:
+    """Adapter parameters on one TP rank, and how many of them are replicated (whole) there."""
+    d, f, r = config.hidden_size, config.ffn_dim, lora.rank
+    dims = {"q": (d, d), "k": (d, d), "v": (d, d), "out_proj": (d, d), "fc_in": (d, f), "fc_out": (f, d)}
+    local = replicated = 0
+    for target in lora.targets:
+        fan_in, fan_out = dims[target]
+        whole = r * (fan_out if target in ("out_proj", "fc_out") else fan_in)  # B (row) or A (column)
+        split = r * (fan_in if target in ("out_proj", "fc_out") else fan_out) // tp
+        local += whole + split
+        replicated += whole
+    return {"total": config.num_layers * local, "replicated": config.num_layers * replicated}
+
+
+def frozen_base_bytes(config: ModelConfig, tp: int, pb: int, lora: LoraPlan) -> float:
+    """Bytes of one TP rank's frozen base. Quantized (gptj/quantized.py): every block matmul
+    weight and lm_head; the embedding, LayerNorms and biases stay in pb."""
+    total = parameter_counts(config, tp)["total"]
+    if lora.base == "model":
+        return total * pb
+    quantized = sum(largest_quantized_weights(config, tp))
+    return quantized * quantized_bytes(lora.base, lora.group_size) + (total - quantized) * pb
+
+
+def largest_quantized_weights(config: ModelConfig, tp: int) -> tuple[int, int]:
+    """Elements of one TP rank's quantized weights: (all blocks' matmuls, lm_head) ."""
+    d, f = config.hidden_size, config.ffn_dim
+    width = config.num_heads // tp * config.head_dim
+    blocks = config.num_layers * (3 * width * d + width * d + 2 * (f // tp) * d)
+    return blocks, config.padded_vocab_size(tp) // tp * d
+
+
+def plan_lora_layout(config, layout: Layout, machine: Machine, seq: int, micro_batch: int,
+                     global_batch: int, precision: str, lora: LoraPlan) -> dict:
+    """plan_layout's counts for LoRA. The frozen base has no gradients and no optimizer state;
+    the adapters have weights + gradients in the model dtype and 16 B of fp32 state per element
+    over the replicas (ShardedAdamW). Backward keeps the same activations as full fine-tuning
+    (each frozen matmul's input is still the input of a LoRA A, or of the next op's backward),
+    plus each adapter's rank-r intermediate; backward builds no dense embedding / lm_head
+    gradients but holds one block's activation gradients at a time.
+    """
+    t, r = layout.tensor_parallel, layout.replicas
+    pb = PRECISION_BYTES[precision]
+    adapters = lora_parameter_counts(config, t, lora)
+    a_local = adapters["total"]
+    tokens = micro_batch * seq
+    device = {
+        "weights": frozen_base_bytes(config, t, pb, lora) + a_local * pb,
+        "gradients": a_local * pb,
+        "optimizer": OPTIMIZER_BYTES * a_local / r,
+    }
+    act = activation_bytes(config, t, tokens, seq, pb, layout.recompute)
+    per_block_lora = len(lora.targets) * lora.rank * pb * tokens
+    if lora.dropout > 0:
+        d, f = config.hidden_size, config.ffn_dim
+        inputs = {"out_proj": d // t, "fc_out": f // t}
+        per_block_lora += sum(inputs.get(target, d) for target in lora.targets) * (pb + 1) * tokens
+    lora_act = per_block_lora * (1 if layout.recompute else config.num_layers)
+    device["activations"] = act["blocks"] + act["mask"] + lora_act
+    device["logits"] = act["logits"]
+    # No dense embedding / lm_head gradients; what backward holds beyond the saved activations
+    # is one block's activation gradients (x, h, q k v, attention output, fc_in and gelu outputs).
+    d, f = config.hidden_size, config.ffn_dim
+    device["backward_transient"] = (2 * d + 4 * d // t + 2 * f // t) * pb * tokens
+    device["step_transient"] = 0  # fused AdamW; the adapter state is small anyway
+    if lora.base != "model":  # one quantized weight at a time is dequantized for its matmul
+        width = config.num_heads // t * config.head_dim
+        rows = max(3 * width + f // t, config.padded_vocab_size(t) // t)
+        device["dequantize_transient"] = dequantize_transient_bytes(rows, d, pb)
+    device["reserved"] = machine.reserved
+    device_total = sum(device.values())
+
+    accumulation = global_batch / (micro_batch * r)
+    passes = 3 if layout.recompute else 2
+    tp_volume = 0.0
+    if t > 1:
+        per_allreduce = tokens * config.hidden_size * pb * 2 * (t - 1) / t
+        tp_volume = accumulation * (passes * config.num_layers + 2) * per_allreduce
+        tp_volume += adapters["replicated"] * pb * 2 * (t - 1) / t  # partial adapter gradients, once a step
+    replica_volume = a_local * pb * 2 * (r - 1) / r if r > 1 else 0.0
+    spans_nodes = machine.nodes > 1 and r > 1
+    replica_bw = machine.inter_bandwidth if spans_nodes else machine.intra_bandwidth
+    # The frozen base costs 4 FLOPs per weight and token (forward + input gradients), not 6;
+    # recomputation adds one forward (2 per weight + a third of attention).
+    flops_per_token = config.flops_per_token(seq) - 2 * config.matmul_parameters()
+    flops_per_token += 6 * config.num_layers * lora.rank * sum(
+        sum(dims) for dims in (_lora_dims(config, target) for target in lora.targets))
+    if layout.recompute:
+        flops_per_token += 2 * config.matmul_parameters() + 4 * config.num_layers * config.hidden_size * seq
+    flops = flops_per_token * global_batch * seq / machine.devices
+    times = {
+        "compute": flops / (machine.matmul_flops * ASSUMED_MFU),
+        "tp_comm": tp_volume / machine.intra_bandwidth if tp_volume else 0.0,
+        "replica_comm": replica_volume / replica_bw if replica_volume else 0.0,
+        "host_transfer": 0.0,
+    }
+    problems = []
+    if config.num_heads % t or config.ffn_dim % t:
+        problems.append(f"num_heads {config.num_heads} / ffn {config.ffn_dim} not divisible by tp {t}")
+    if t > machine.devices_per_node:
+        problems.append(f"tensor parallel {t} spans nodes ({machine.devices_per_node} devices per node)")
+    if abs(accumulation - round(accumulation)) > 1e-9 or accumulation < 1:
+        problems.append(f"global batch {global_batch} is not a multiple of micro-batch x replicas "
+                        f"({micro_batch} x {r})")
+    if device_total > machine.device_memory:
+        problems.append(f"needs {device_total / GiB:.1f} GiB per device of {machine.device_memory / GiB:.1f} GiB")
+    return {
+        "layout": layout.name + f"+lora{lora.rank}" + ("" if lora.base == "model" else f"+{lora.base}"),
+        **dataclasses.asdict(layout),
+        "params_per_device": parameter_counts(config, t)["total"],
+        "trainable_params_per_device": a_local,
+        "grad_accumulation": accumulation,
+        "device_bytes": device,
+        "device_total": device_total,
+        "host_bytes_per_device": 0.0,
+        "host_bytes_per_node": 0.0,
+        "comm_bytes_per_step": {"tensor_parallel": tp_volume, "replicas": replica_volume, "host": 0.0},
+        "estimated_seconds": {**times, "step": sum(times.values())},
+        "fits": not problems,
+        "problems": problems,
+    }
+
+
+def lora_layouts(machine: Machine):
+    """TP x replicas x recomputation: the adapters' state is too small to offload or stream."""
+    t = 1
+    while t <= machine.devices:
+        if machine.devices % t == 0:
+            for recompute in (False, True):
+                yield Layout(t, machine.devices // t, False, False, recompute)
+        t *= 2
+
+
+def choose_micro_batch(config: ModelConfig, machine: Machine, seq: int, global_batch: int,
+                       precision: str = "bf16", lora: LoraPlan | None = None,
+                       fused_adamw: bool = True) -> tuple[int | None, dict | None]:
+    """The power-of-two micro-batch whose recommended layout has the lowest estimated step time
+    (the largest such: bigger matmuls run closer to peak), with its plan; (None, None) if none fits."""
+    best, best_key = (None, None), None
+    micro = 1
+    while micro <= global_batch:
+        result = plan(config, machine, seq, micro, global_batch, precision, fused_adamw, lora=lora)
+        if result["recommended"] is not None:
+            row = next(r for r in result["layouts"] if r["layout"] == result["recommended"])
+            key = (round(row["estimated_seconds"]["step"], 6), -micro)
+            if best_key is None or key < best_key:
+                best, best_key = (micro, result), key
+        micro *= 2
+    return best
+
+
 def layouts(config: ModelConfig, machine: Machine):
     t = 1
     while t <= machine.devices:
@@ -238,12 +437,16 @@ def layouts(config: ModelConfig, machine: Machine):
 
 
 def plan(config: ModelConfig, machine: Machine, seq: int, micro_batch: int, global_batch: int,
-         precision: str = "bf16", fused_adamw: bool = True) -> dict:
+         precision: str = "bf16", fused_adamw: bool = True, lora: LoraPlan | None = None) -> dict:
     """Every layout, and the recommended one: the fitting layout with the lowest estimated step time."""
     if precision not in PRECISION_BYTES:
         raise ConfigError(f"precision {precision!r}; expected one of {sorted(PRECISION_BYTES)}")
-    rows = [plan_layout(config, lay, machine, seq, micro_batch, global_batch, precision, fused_adamw)
-            for lay in layouts(config, machine)]
+    if lora is not None:
+        rows = [plan_lora_layout(config, lay, machine, seq, micro_batch, global_batch, precision, lora)
+                for lay in lora_layouts(machine)]
+    else:
+        rows = [plan_layout(config, lay, machine, seq, micro_batch, global_batch, precision, fused_adamw)
+                for lay in layouts(config, machine)]
     fitting = [r for r in rows if r["fits"]]
     best = min(fitting, key=lambda r: (r["estimated_seconds"]["step"], r["device_total"]), default=None)
     return {
@@ -254,6 +457,7 @@ def plan(config: ModelConfig, machine: Machine, seq: int, micro_batch: int, glob
         "kv_cache_bytes_per_token": 2 * config.num_layers * config.hidden_size * PRECISION_BYTES[precision],
         "layouts": rows,
         "recommended": best["layout"] if best else None,
+        **({"lora": dataclasses.asdict(lora)} if lora is not None else {}),
     }
 
 
@@ -302,7 +506,8 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description="Memory and communication of every training layout.")
     parser.add_argument("--model", default="gptj-6b", help="preset name or Hugging Face config.json")
     parser.add_argument("--seq", type=int, default=1024)
-    parser.add_argument("--micro-batch", type=int, default=1)
+    parser.add_argument("--micro-batch", type=int, default=1,
+                        help="0: the power of two with the fastest fitting layout (the largest of equals)")
     parser.add_argument("--global-batch", type=int, default=128)
     parser.add_argument("--precision", default="bf16", choices=sorted(PRECISION_BYTES))
     parser.add_argument("--machine", default="h100-80gb-x8", help=f"one of {', '.join(MACHINES)}")
@@ -310,15 +515,23 @@ def main(argv=None) -> int:
     parser.add_argument("--host-memory-gib", type=float, help="override the machine's host memory per node")
     parser.add_argument("--unfused-adamw", action="store_true",
                         help="count the fp32 temporaries of the for-loop torch AdamW (8 B/param)")
+    parser.add_argument("--lora-rank", type=int, default=0, help="plan LoRA on a frozen base (0: full fine-tuning)")
+    parser.add_argument("--lora-targets", default=",".join(LORA_TARGETS), help="comma-separated LoRA targets")
+    parser.add_argument("--quantize", default="none", choices=["none", "int8", "int4"],
+                        help="frozen base weights quantized (LoRA only)")
+    parser.add_argument("--group-size", type=int, default=128, choices=[32, 64, 128, 256],
+                        help="int4 group size of the quantized base (default 128)")
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
     args = parser.parse_args(argv)
     for option in ("seq", "micro_batch", "global_batch"):
-        if getattr(args, option) < 1:
-            parser.error(f"--{option.replace('_', '-')} must be >= 1, got {getattr(args, option)}")
+        value = getattr(args, option)
+        if value < 1 and not (option == "micro_batch" and value == 0):  # 0: the planner chooses
+            extra = " (or 0: the planner chooses)" if option == "micro_batch" else ""
+            parser.error(f"--{option.replace('_', '-')} must be >= 1, got {value}{extra}")
     for option in ("device_memory_gib", "host_memory_gib"):
         if getattr(args, option) is not None and getattr(args, option) <= 0:
             parser.error(f"--{option.replace('_', '-')} must be positive, got {getattr(args, option)}")
-    if args.global_batch % args.micro_batch:
+    if args.micro_batch and args.global_batch % args.micro_batch:
         parser.error(f"--global-batch {args.global_batch} is not a multiple of --micro-batch {args.micro_batch}")
     if args.machine not in MACHINES:
         parser.error(f"unknown machine {args.machine!r}; known: {', '.join(MACHINES)}")
@@ -332,8 +545,25 @@ def main(argv=None) -> int:
     except ConfigError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    result = plan(config, machine, args.seq, args.micro_batch, args.global_batch, args.precision,
-                  fused_adamw=not args.unfused_adamw)
+    lora = None
+    if args.lora_rank > 0:
+        targets = tuple(t.strip() for t in args.lora_targets.split(",") if t.strip())
+        unknown = [t for t in targets if t not in LORA_TARGETS]
+        if unknown or not targets:
+            parser.error(f"--lora-targets {args.lora_targets!r}: expected a subset of {','.join(LORA_TARGETS)}")
+        lora = LoraPlan(args.lora_rank, targets, "model" if args.quantize == "none" else args.quantize,
+                        group_size=args.group_size)
+    elif args.quantize != "none":
+        parser.error("--quantize needs --lora-rank: quantized base weights are frozen")
+    if args.micro_batch == 0:
+        micro, result = choose_micro_batch(config, machine, args.seq, args.global_batch, args.precision,
+                                           lora, fused_adamw=not args.unfused_adamw)
+        if result is None:
+            print("error: nothing fits at micro-batch 1", file=sys.stderr)
+            return 1
+    else:
+        result = plan(config, machine, args.seq, args.micro_batch, args.global_batch, args.precision,
+                      fused_adamw=not args.unfused_adamw, lora=lora)
     print(json.dumps(result, indent=1) if args.json else format_table(result))
     return 0
 

@@ -32,6 +32,28 @@ class ModelSection:
     init_seed: int = 0
     recompute_blocks: bool = False  # activation recomputation per block
     stream_block_weights: bool = False  # keep block weights on the host, stream them in
+    # Frozen base weights quantized while loading (int8 per channel, int4 in groups of
+    # `group_size` input columns), for LoRA only; see gptj/quant.py.
+    quantize: Literal["none", "int8", "int4"] = "none"
+    group_size: int = 128
+
+
+@dataclass
+class LoraSection:
+    rank: int = 0  # 0: full fine-tuning; R > 0: LoRA adapters of rank R on the frozen base
+    alpha: float | None = None  # scaling alpha / rank; None: 2 x rank
+    dropout: float = 0.0
+    targets: list[str] = field(default_factory=lambda: ["q", "k", "v", "out_proj", "fc_in", "fc_out"])
+    init_seed: int = 0  # the A factors' random init (B starts at zero)
+
+    @property
+    def enabled(self) -> bool:
+        return self.rank > 0
+
+    def settings(self):
+        from gptj.lora import LoraSettings
+
+        return LoraSettings(rank=self.rank, alpha=self.alpha, dropout=self.dropout, targets=tuple(self.targets))
 
 
 @dataclass
@@ -136,6 +158,7 @@ class FinetuneConfig:
     name: str = DEFAULT_PRESET
     output_dir: str | None = None  # None: runs/<name>
     model: ModelSection = field(default_factory=ModelSection)
+    lora: LoraSection = field(default_factory=LoraSection)
     data: DataSection = field(default_factory=DataSection)
     optimizer: OptimizerSection = field(default_factory=OptimizerSection)
     schedule: ScheduleSection = field(default_factory=ScheduleSection)
@@ -236,6 +259,7 @@ def check_values(config: FinetuneConfig) -> None:
                                "streamed blocks' gradients are kept on the host)")
     if config.eval.group_size not in (32, 64, 128, 256):
         raise TrainConfigError(f"eval.group_size must be 32, 64, 128 or 256, got {config.eval.group_size}")
+    check_lora(config)
     if config.model.name_or_path is None and config.data.tokenizer is None:
         raise TrainConfigError("data.tokenizer is required when model.name_or_path is not set")
     if config.model.shape:
@@ -244,6 +268,32 @@ def check_values(config: FinetuneConfig) -> None:
         # Typed like every other field: unknown keys list the valid ones, "abc" is no integer.
         shape = build(ModelConfig, config.model.shape, "model.shape")
         config.model.shape = {name: getattr(shape, name) for name in config.model.shape}
+
+
+def check_lora(config: FinetuneConfig) -> None:
+    """LoRA settings, and the combinations LoRA does not support."""
+    lora = config.lora
+    if lora.rank < 0:
+        raise TrainConfigError(f"lora.rank must be >= 0 (0: full fine-tuning), got {lora.rank}")
+    if not lora.enabled:
+        if config.model.quantize != "none":
+            raise TrainConfigError(f"model.quantize {config.model.quantize} needs LoRA (--lora-rank R): "
+                                   "quantized base weights are frozen")
+        return
+    from gptj.lora import LoraConfigError
+
+    try:
+        lora.settings()
+    except LoraConfigError as err:
+        raise TrainConfigError(str(err)) from None
+    if config.model.group_size not in (32, 64, 128, 256):
+        raise TrainConfigError(f"model.group_size must be 32, 64, 128 or 256, got {config.model.group_size}")
+    if config.eval.quantize and config.model.quantize != "none":
+        raise TrainConfigError(f"eval.quantize {config.eval.quantize} with model.quantize {config.model.quantize}: "
+                               "the quantized base is already what evaluation sees")
+    if config.model.stream_block_weights:
+        raise TrainConfigError("model.stream_block_weights does not apply to LoRA: the frozen base has "
+                               "no gradients to stream, and the adapters' state is small")
 
 
 def check_layout(config: FinetuneConfig, world_size: int, model_config=None) -> int:

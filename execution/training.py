@@ -58,7 +58,9 @@ class TrainResult:
     eval: dict | None = None
     checkpoint: Path | None = None
     hf_dir: Path | None = None
+    adapter_dir: Path | None = None  # LoRA: the PEFT adapter export
     model: Any = None
+    adapters: Any = None  # LoRA: the trained gptj.lora.LoraAdapters
     elapsed_s: float = 0.0
 
 
@@ -113,16 +115,33 @@ def model_config_for(config: FinetuneConfig, tokenizer) -> ModelConfig:
         raise TrainConfigError(f"model: {err}") from None
 
 
+def base_quantization(config: FinetuneConfig):
+    """The gptj.quant.QuantSpec of a quantized frozen base (LoRA), or None."""
+    from gptj.quant import QuantSpec
+
+    return QuantSpec.parse(config.model.quantize, config.model.group_size)
+
+
 def build_model(config: FinetuneConfig, mc: ModelConfig, ctx: ParallelContext,
                 device: torch.device, dtype: torch.dtype) -> GPTJ:
     # Streamed block weights start on the host; BlockWeightStreamer moves the rest to the device.
     place = torch.device("cpu") if config.model.stream_block_weights else device
+    spec = base_quantization(config)  # quantized while loading, one tensor at a time
     if config.model.name_or_path:
         from gptj.hf import load_pretrained
 
-        model, _ = load_pretrained(config.model.name_or_path, ctx, dtype=dtype, device=place)
+        model, _ = load_pretrained(config.model.name_or_path, ctx, dtype=dtype, device=place, quantize=spec)
+    elif spec is not None:
+        from gptj.model import random_reader
+        from gptj.quantized import quantize_from_reader
+
+        model = quantize_from_reader(mc, ctx, dtype, place, spec, random_reader(mc, config.model.init_seed))
     else:
         model = GPTJ(mc, ctx, dtype=dtype, device=place).init_weights(seed=config.model.init_seed)
+    if spec is not None:
+        from gptj.quantized import without_kernels
+
+        without_kernels(model)  # no packed kernel copies of the frozen weights
     model.recompute_blocks = config.model.recompute_blocks
     model.train()
     return model
@@ -224,7 +243,10 @@ class _StopRequest:
 
 
 def _check_resume(meta: dict, config: FinetuneConfig, mc: ModelConfig, ctx: ParallelContext,
-                  path: Path) -> None:
+                  path: Path, adapter_meta: dict | None) -> None:
+    from .adapters import check_resume
+
+    check_resume(meta, adapter_meta, path)
     saved_model = meta.get("model_config", {})
     if saved_model != mc.to_dict():
         diffs = [f"{k}: checkpoint {saved_model.get(k)!r}, this run {v!r}"
@@ -274,13 +296,13 @@ def _train(config: FinetuneConfig, ctx: ParallelContext | None,
     tokenizer = datalib.load_tokenizer(config.data.tokenizer or config.model.name_or_path)
     mc = model_config_for(config, tokenizer)
     check_layout(config, ctx.world_size, mc)
-    quantized_eval = None
-    if config.eval.quantize:
-        from gptj.quant import QuantSpec
-        from gptj.quantized import check_layout as check_quantized_layout
+    from gptj.quant import QuantSpec
+    from gptj.quantized import check_layout as check_quantized_layout
 
-        quantized_eval = QuantSpec.parse(config.eval.quantize, config.eval.group_size)
-        check_quantized_layout(mc, ctx, quantized_eval)  # fails before training, not after it
+    quantized_eval = QuantSpec.parse(config.eval.quantize, config.eval.group_size)
+    for spec in (base_quantization(config), quantized_eval):
+        if spec is not None:
+            check_quantized_layout(mc, ctx, spec)  # fails before training, not after it
     if ctx.tensor_parallel != config.parallel.tensor_parallel:
         raise TrainConfigError(f"the parallel context has tensor_parallel {ctx.tensor_parallel}, "
                                f"the config {config.parallel.tensor_parallel}")
@@ -344,6 +366,21 @@ def _train(config: FinetuneConfig, ctx: ParallelContext | None,
     from .precision import DynamicLossScaler
 
     model = build_model(config, mc, ctx, device, dtype)
+    # What the optimizer trains and checkpoints hold: the whole model, or only LoRA adapters.
+    adapters = adapter_meta = None
+    trained = model
+    if config.lora.enabled:
+        from .adapters import adapter_meta as lora_meta
+        from .adapters import build_adapters
+
+        adapters = trained = build_adapters(config, model, dtype)
+        adapter_meta = lora_meta(config, model, adapters)
+        from gptj.lora import adapter_parameter_count
+
+        say(f"LoRA rank {adapters.settings.rank} on {', '.join(adapters.settings.targets)}: "
+            f"{adapter_parameter_count(mc, adapters.settings):,} trainable parameters "
+            f"({adapter_parameter_count(mc, adapters.settings) / mc.num_parameters():.3%} of the model); "
+            f"base {adapter_meta['base_model']} frozen (fingerprint {adapter_meta['base_fingerprint']})")
     streamer = None
     if config.model.stream_block_weights:
         from .offload import BlockWeightStreamer
@@ -351,7 +388,7 @@ def _train(config: FinetuneConfig, ctx: ParallelContext | None,
         streamer = BlockWeightStreamer(model, device)
         streamer.attach()
     o = config.optimizer
-    optimizer = ShardedAdamW(model, lr=o.lr, betas=tuple(o.betas), eps=o.eps,
+    optimizer = ShardedAdamW(trained, lr=o.lr, betas=tuple(o.betas), eps=o.eps,
                              weight_decay=o.weight_decay, max_grad_norm=o.max_grad_norm,
                              offload=o.offload)
     ls = t.loss_scale
@@ -379,7 +416,7 @@ def _train(config: FinetuneConfig, ctx: ParallelContext | None,
         # The newest checkpoint whose files every rank verified (damaged ones are named and
         # skipped); `auto` and `true` differ only in the message when there is none.
         found = select_checkpoint(root, ctx.rank,
-                                  check=lambda meta, path: _check_resume(meta, config, mc, ctx, path))
+                                  check=lambda meta, path: _check_resume(meta, config, mc, ctx, path, adapter_meta))
         if found is None:
             say(f"resume: no checkpoint in {root}; starting from step 0" if config.resume != "auto"
                 else f"resume auto: no checkpoint in {root} yet; starting from step 0")
@@ -391,7 +428,7 @@ def _train(config: FinetuneConfig, ctx: ParallelContext | None,
                     streamer.detach()
                 return TrainResult(output_dir=out, final_step=int(meta["step"]), checkpoint=latest,
                                    nothing_to_do=True, elapsed_s=time.perf_counter() - started)
-            meta = ckpt.load_checkpoint(latest, ctx.rank, model, optimizer, verify=False)
+            meta = ckpt.load_checkpoint(latest, ctx.rank, trained, optimizer, verify=False)
             step = int(meta["step"])
             try:
                 sampler.load_state_dict(meta["sampler"])
@@ -402,6 +439,9 @@ def _train(config: FinetuneConfig, ctx: ParallelContext | None,
             say(f"resumed from {latest} at step {step}")
 
     report = optimizer.memory_report()
+    if adapters is not None:
+        report = {**report, "frozen_base_bytes": sum(p.numel() * p.element_size() for p in model.parameters()
+                                                     if not p.requires_grad)}
     if streamer is not None:
         report = {**report, "streamed_resident_bytes": int(streamer.resident_bytes())}
     say("memory (this rank): " + ", ".join(
@@ -412,6 +452,10 @@ def _train(config: FinetuneConfig, ctx: ParallelContext | None,
                            append=config.resume and step > 0)
     peak = peak_flops(device, config.logging.peak_flops_per_device)
     flops_per_token = mc.flops_per_token(config.data.sequence_length)
+    if adapters is not None:  # a frozen base skips the weight-gradient matmuls (see gptj/lora.py)
+        from gptj.lora import lora_flops_per_token
+
+        flops_per_token = lora_flops_per_token(mc, adapters.settings, config.data.sequence_length)
     tokens_per_step = t.global_batch_size * config.data.sequence_length
 
     def save(at_step: int) -> Path | None:
@@ -420,9 +464,9 @@ def _train(config: FinetuneConfig, ctx: ParallelContext | None,
                 "tensor_parallel": ctx.tensor_parallel, "replicas": ctx.replicas,
                 "world_size": ctx.world_size, "precision": precision,
                 "sampler": sampler.state_dict(), "loss_scaler": scaler.state_dict(),
-                "bad_in_row": bad_in_row, "skipped_steps": skipped_total}
+                "bad_in_row": bad_in_row, "skipped_steps": skipped_total, "adapters": adapter_meta}
         try:
-            path = ckpt.save_checkpoint(root, at_step, ctx.rank, model, optimizer, meta,
+            path = ckpt.save_checkpoint(root, at_step, ctx.rank, trained, optimizer, meta,
                                         config.checkpoint.keep)
         except ckpt.CheckpointWriteError as err:
             if config.checkpoint.on_error != "continue":
@@ -443,6 +487,8 @@ def _train(config: FinetuneConfig, ctx: ParallelContext | None,
 
             # Shares every unquantized tensor with the model; only the quantized weights are new.
             quantized = quantized_copy(model, quantized_eval)
+            for plain, copy in zip(model.blocks, quantized.blocks):
+                copy.lora = plain.lora  # LoRA: the same adapters over the quantized weights
             for name, result in evaluate(quantized, eval_splits, tokenizer, device, **options).items():
                 results[f"{name}@{quantized_eval.name}"] = result
             del quantized
@@ -452,7 +498,7 @@ def _train(config: FinetuneConfig, ctx: ParallelContext | None,
                 f.write(json.dumps({"step": at_step, "splits": results}) + "\n")
         return results
 
-    result = TrainResult(output_dir=out, final_step=step, model=model)
+    result = TrainResult(output_dir=out, final_step=step, model=model, adapters=adapters)
     last_saved = step if config.resume and step > 0 else None
     with _StopRequest() as stop:
         while step < t.steps:
@@ -528,7 +574,17 @@ def _train(config: FinetuneConfig, ctx: ParallelContext | None,
             if main:
                 (out / "eval.json").write_text(json.dumps({"step": step, "splits": result.eval},
                                                           indent=2) + "\n")
-        if config.checkpoint.export_hf:
+        if config.checkpoint.export_hf and adapters is not None:
+            from .adapters import export as export_adapters
+            from .precision import DTYPES
+
+            export_dtype = config.checkpoint.export_dtype
+            result.adapter_dir, result.hf_dir = export_adapters(
+                adapters, model, out, tokenizer, config.model.name_or_path,
+                None if export_dtype == "model" else DTYPES[export_dtype])
+            if result.adapter_dir is not None:
+                logger.write(f"exported PEFT adapter: {result.adapter_dir}; merged model: {result.hf_dir}")
+        elif config.checkpoint.export_hf:
             result.hf_dir = export(model, out / "hf", tokenizer, config.checkpoint.export_dtype)
             if result.hf_dir is not None:
                 logger.write(f"exported Hugging Face model: {result.hf_dir}")

@@ -154,7 +154,7 @@ class Attention(nn.Module):
         self.width = self.local_heads * self.head_dim
         self.out_proj_weight = _empty(config.hidden_size, self.width, dtype=dtype, device=device)
 
-    def forward(self, qkv, rope, mask=None, cache=None) -> torch.Tensor:
+    def forward(self, qkv, rope, mask=None, cache=None, lora=None) -> torch.Tensor:
         """qkv [B, S, 3 * H * D] (q, k, v of this rank's heads) -> partial output [B, S, d]."""
         batch, seq, _ = qkv.shape
         q, k, v = split_qkv_rotary(qkv.view(batch, seq, 3, self.local_heads, self.head_dim), *rope)
@@ -162,7 +162,10 @@ class Attention(nn.Module):
             k, v = cache.update(k, v)
         out = attend(q, k, v, mask)
         out = out.transpose(1, 2).reshape(batch, seq, self.width)
-        return linear(out, self.out_proj_weight)
+        partial = linear(out, self.out_proj_weight)
+        if lora is not None:  # LoRA hook (gptj/lora.py): the row-parallel delta joins the partial sum
+            partial = lora.add(("out_proj",), out, partial)
+        return partial
 
 
 class MLP(nn.Module):
@@ -180,10 +183,13 @@ class MLP(nn.Module):
         self.fc_out_weight = _empty(config.hidden_size, self.local, dtype=dtype, device=device)
         self.fc_out_bias = _empty(config.hidden_size, dtype=dtype, device=device)  # replicated
 
-    def forward(self, pre: torch.Tensor) -> torch.Tensor:
+    def forward(self, pre: torch.Tensor, lora=None) -> torch.Tensor:
         """pre = h @ fc_in^T (without bias) [B, S, f_local] -> partial output [B, S, d]."""
         x = F.gelu(pre + self.fc_in_bias, approximate="tanh")
-        return linear(x, self.fc_out_weight)
+        partial = linear(x, self.fc_out_weight)
+        if lora is not None:  # LoRA hook: the row-parallel delta joins the partial sum
+            partial = lora.add(("fc_out",), x, partial)
+        return partial
 
 
 class Block(nn.Module):
@@ -201,11 +207,15 @@ class Block(nn.Module):
         self.mlp = MLP(config, ctx, dtype, device)
         self.split = (3 * self.attn.width, self.mlp.local)
         self.in_proj_weight = _empty(sum(self.split), config.hidden_size, dtype=dtype, device=device)
+        self.lora = None  # optional gptj.lora.BlockLoRA: low-rank deltas, summed by the all-reduce below
 
     def forward(self, x, rope, mask=None, cache=None) -> torch.Tensor:
         h = copy_to_tensor_parallel(self.ln_1(x), self.ctx)
-        qkv, pre = linear(h, self.in_proj_weight).split(self.split, dim=-1)
-        partial = self.attn(qkv, rope, mask, cache) + self.mlp(pre)
+        fused = linear(h, self.in_proj_weight)
+        if self.lora is not None:  # LoRA hook (gptj/lora.py): q, k, v and fc_in deltas from h
+            fused = self.lora.add(("q", "k", "v", "fc_in"), h, fused)
+        qkv, pre = fused.split(self.split, dim=-1)
+        partial = self.attn(qkv, rope, mask, cache, self.lora) + self.mlp(pre, self.lora)
         return x + reduce_from_tensor_parallel(partial, self.ctx) + self.mlp.fc_out_bias
 
 

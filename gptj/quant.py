@@ -39,6 +39,8 @@ BITS = (8, 4)
 GROUP_SIZES = (32, 64, 128, 256)
 # Rows up to which the packed CPU kernels beat dequantize + bf16 matmul (measured, NOTES.md).
 CPU_KERNEL_MAX_ROWS = 16
+# Output rows dequantized at a time (QuantizedLinear.dequantize).
+DEQUANTIZE_ROWS = 1024
 
 
 class QuantizationError(ValueError):
@@ -152,7 +154,8 @@ class QuantizedLinear(nn.Module):
                 raise QuantizationError("int4 weights need zero points")
             self.register_buffer("zeros", zeros.float())
         self.bias = bias
-        self._prepare_kernel()
+        self._kernel, self._kernel_ready = None, False  # built on first use: see prepare_kernel
+        self.use_kernels = True  # False: always dequantize + matmul (a training run's frozen base)
 
     @classmethod
     def from_weight(
@@ -168,9 +171,19 @@ class QuantizedLinear(nn.Module):
         raise QuantizationError(f"bits must be 8 or 4, got {bits}")
 
     # ---- kernel layouts --------------------------------------------------------------------
-    def _prepare_kernel(self) -> None:
-        """Kernel-specific operands (not saved: rebuilt from qweight/scales/zeros)."""
-        self._kernel = None
+    def prepare_kernel(self) -> QuantizedLinear:
+        """Build the kernel-specific operands (not saved: rebuilt from qweight/scales/zeros).
+
+        Done on the first call without gradients, or up front by the loaders (before any
+        compilation). Training a frozen base's adapters never builds them: its matmuls use the
+        dequantized weight, and the int4 kernels' packed copy would cost another half byte a weight.
+        """
+        if not self._kernel_ready:
+            self._kernel_ready = True
+            self._build_kernel()
+        return self
+
+    def _build_kernel(self) -> None:
         device = self.qweight.device
         if self.bits == 8 and device.type == "cpu":
             self._kernel = "int8_cpu"
@@ -193,13 +206,22 @@ class QuantizedLinear(nn.Module):
 
     # ---- math --------------------------------------------------------------------------------
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        """The weight the layer multiplies by, [out_features, in_features], in `dtype`."""
-        if self.bits == 8:
-            return (self.qweight.to(dtype) * self.scales[:, None].to(dtype)).to(dtype)
-        n, k, g = self.out_features, self.in_features, self.group_size
-        q = unpack_int4(self.qweight).view(n, k // g, g).to(torch.float32)
-        w = (q - 8.0) * self.scales[..., None] + self.zeros[..., None]
-        return w.view(n, k).to(dtype)
+        """The weight the layer multiplies by, [out_features, in_features], in `dtype`.
+
+        Computed in blocks of DEQUANTIZE_ROWS output rows, so that the fp32 temporaries stay
+        small beside the result (a 6B model's lm_head would otherwise need 8 bytes a weight).
+        """
+        out = torch.empty(self.out_features, self.in_features, dtype=dtype, device=self.qweight.device)
+        for start in range(0, self.out_features, DEQUANTIZE_ROWS):
+            rows = slice(start, start + DEQUANTIZE_ROWS)
+            if self.bits == 8:
+                out[rows] = self.qweight[rows].to(dtype) * self.scales[rows, None].to(dtype)
+                continue
+            q = unpack_int4(self.qweight[rows]).to(torch.float32)
+            q = q.view(q.shape[0], -1, self.group_size)
+            w = (q - 8.0) * self.scales[rows, :, None] + self.zeros[rows, :, None]
+            out[rows] = w.view(-1, self.in_features)
+        return out
 
     def _packed_matmul(self, x2d: torch.Tensor) -> torch.Tensor:
         xb = x2d.to(torch.bfloat16)
@@ -211,6 +233,11 @@ class QuantizedLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x [..., in_features] -> [..., out_features] in x's dtype."""
+        if torch.is_grad_enabled():  # training a frozen base's adapters: x's dtype, both directions
+            y = _FrozenQuantizedMatmul.apply(x, self)
+            return y if self.bias is None else y + self.bias
+        if self.use_kernels:
+            self.prepare_kernel()
         rows = x.numel() // self.in_features
         use_kernel = self._kernel is not None and (
             self._kernel == "int4_cuda" or rows <= CPU_KERNEL_MAX_ROWS or x.dtype == torch.float32
@@ -228,6 +255,7 @@ class QuantizedLinear(nn.Module):
 
     def decode_bytes(self) -> int:
         """Bytes one call with few rows reads: the packed kernel's operands, or the stored form."""
+        self.prepare_kernel()
         kernel = [b for n, b in self.named_buffers() if n.startswith("_kernel")]
         if self._kernel == "int8_cpu":
             kernel.append(self.qweight)
@@ -236,6 +264,22 @@ class QuantizedLinear(nn.Module):
     def nbytes(self) -> int:
         """Bytes of the saved quantized weight (qweight + scales + zeros)."""
         return sum(b.numel() * b.element_size() for n, b in self.named_buffers() if not n.startswith("_"))
+
+
+class _FrozenQuantizedMatmul(torch.autograd.Function):
+    """y = x @ W^T with the gradient to x only (W is frozen). The dequantized W is a temporary
+    in both directions, never saved for backward: keeping it would hold a full-precision copy
+    of every quantized weight until the backward pass, undoing the memory quantization saves.
+    Both directions compute in x's dtype with exactly the weight `dequantize()` gives."""
+
+    @staticmethod
+    def forward(ctx, x, layer):
+        ctx.layer = layer
+        return F.linear(x, layer.dequantize(x.dtype))
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad @ ctx.layer.dequantize(grad.dtype), None
 
 
 def linear(x: torch.Tensor, weight, bias: torch.Tensor | None = None) -> torch.Tensor:

@@ -202,7 +202,38 @@ def quantized_copy(model: GPTJ, spec: QuantSpec) -> GPTJ:
         raise QuantizationError(f"the model is already quantized ({model.quantization.name})")
     params = dict(model.named_parameters())
     source = model.embed.weight
-    return build_quantized(
+    return prepare_kernels(build_quantized(
         model.config, model.ctx, source.dtype, source.device, spec, lambda name: params[name].detach()
-    )
+    ))
 
+
+
+def prepare_kernels(model: nn.Module) -> nn.Module:
+    """Build every quantized layer's kernel operands now (for inference: before compiling)."""
+    for module in model.modules():
+        if isinstance(module, QuantizedLinear):
+            module.prepare_kernel()
+    return model
+
+
+def without_kernels(model: nn.Module) -> nn.Module:
+    """Make every quantized layer of `model` always dequantize + matmul (a training run's frozen
+    base: no packed kernel copies of the weights are ever built)."""
+    for module in model.modules():
+        if isinstance(module, QuantizedLinear):
+            module.use_kernels = False
+    return model
+
+
+@torch.no_grad()
+def dequantize_model(model: GPTJ) -> GPTJ:
+    """Replace every quantized projection of `model` (in place) by its dequantized weight in
+    the model's dtype: the same function, as plain tensors (to merge adapters, or export)."""
+    dtype = model.embed.weight.dtype
+    for name in [n for n, m in model.named_modules() if isinstance(m, QuantizedLinear)]:
+        module, attr = _owner(model, name)
+        weight = getattr(module, attr).dequantize(dtype)
+        delattr(module, attr)
+        module.register_parameter(attr, nn.Parameter(weight, requires_grad=False))
+    model.quantization = None
+    return model

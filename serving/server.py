@@ -35,7 +35,7 @@ def load(config, ctx=None, device=None):
     m, server = config.model, config.server
     model, tokenizer = load_model_and_tokenizer(
         m.name_or_path or f"random:{m.preset}", m.tokenizer, m.precision, device, ctx, m.offload_weights,
-        m.init_seed, quantize=m.quantize, group_size=m.group_size,
+        m.init_seed, quantize=m.quantize, group_size=m.group_size, adapter=m.adapter,
     )
     # "auto" settings become what was chosen for this machine and model (torch's thread count
     # is process-wide, so the engine thread gets it too).

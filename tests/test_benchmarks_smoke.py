@@ -111,3 +111,19 @@ def test_bench_serving_quick_with_a_short_soak(tmp_path):
     assert soak["lost"] == 0 and soak["answered"] > 0 and soak["drained"]
     assert soak["server_cancels_counted"] <= soak["outcomes"]["cancelled"]
     assert "load average" in done.stdout and "| concurrency |" in done.stdout
+
+
+def test_bench_lora_measures_adapters_only():
+    import torch
+
+    from benchmarks.bench_lora import measure_one
+    from gptj import ModelConfig
+    from gptj.lora import LoraSettings, adapter_parameter_count
+
+    threads = torch.get_num_threads()
+    try:
+        result = measure_one("lora", "fp32", quick=True, rank=4, max_seconds=1)
+    finally:
+        torch.set_num_threads(threads)  # quick mode runs on one thread
+    assert result["trainable_params"] == adapter_parameter_count(ModelConfig.preset("tiny"), LoraSettings(rank=4))
+    assert len(result["step_times"]) >= 2 and result["peak_memory_bytes"] > 0
