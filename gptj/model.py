@@ -48,6 +48,9 @@ class _HeadCrossEntropy(torch.autograd.Function):
     softmax - onehot (the gradient for a unit loss). Backward folds the per-token loss
     gradient into the small [T, d] operands, so no further pass over [T, V] is needed.
     The numbers are those of `lm_head` + `vocab_parallel_cross_entropy`, up to rounding.
+
+    `weight` may be a frozen quantized head (gptj.quant.QuantizedLinear): it is dequantized to
+    the hidden dtype in forward and again in backward, never saved.
     """
 
     # fp32 working set per chunk: large enough that per-op overhead is amortised, small
@@ -57,6 +60,9 @@ class _HeadCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, bias, targets):
         flat = hidden.reshape(-1, hidden.shape[-1])
+        ctx.quantized = None if isinstance(weight, torch.Tensor) else weight
+        if ctx.quantized is not None:
+            weight = ctx.quantized.dequantize(hidden.dtype)
         grad_logits = F.linear(flat, weight, bias)  # becomes softmax - onehot below
         width = grad_logits.shape[-1]
         targets = targets.reshape(-1)
@@ -81,13 +87,15 @@ class _HeadCrossEntropy(torch.autograd.Function):
             work.scatter_add_(-1, safe[start:stop], drop[start:stop])
             if scratch is not None:
                 block.copy_(work)
-        ctx.save_for_backward(flat, weight, grad_logits)
+        ctx.save_for_backward(flat, weight if ctx.quantized is None else None, grad_logits)
         ctx.hidden_shape = hidden.shape
         return losses.view(ctx.hidden_shape[:-1])
 
     @staticmethod
     def backward(ctx, grad_losses):
         flat, weight, grad_logits = ctx.saved_tensors
+        if ctx.quantized is not None:
+            weight = ctx.quantized.dequantize(grad_logits.dtype)
         scale = grad_losses.reshape(-1, 1).float()
         grad_hidden = grad_weight = grad_bias = None
         if ctx.needs_input_grad[0]:
@@ -206,8 +214,7 @@ class GPTJ(nn.Module):
         """Per-token cross-entropy [B, S] in fp32 (unmasked: the caller weights it)."""
         hidden = self.hidden_states(input_ids, **kwargs)
         head = self.lm_head
-        fused = isinstance(head.weight, torch.Tensor)  # a quantized head has no float weight
-        if fused and self.ctx.tp_group is None and head.real_rows == head.rows:
+        if self.ctx.tp_group is None and head.real_rows == head.rows:
             return _HeadCrossEntropy.apply(hidden, head.weight, head.bias, labels)
         local_logits = head(hidden)
         return vocab_parallel_cross_entropy(local_logits, labels, head.vocab_start, self.ctx)
