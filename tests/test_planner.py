@@ -237,22 +237,33 @@ MEASURE_LORA = MEASURE.replace("int(sys.argv[3]), 3", "int(sys.argv[3]), 1").rep
     "opt = ShardedAdamW(adapters,")
 
 
+MEASURE_QLORA = MEASURE_LORA.replace(
+    "model = GPTJ(config).init_weights(seed=0)",
+    "from gptj.model import random_reader\n"
+    "from gptj.quant import QuantSpec\n"
+    "from gptj.quantized import quantize_from_reader, without_kernels\n"
+    "model = without_kernels(quantize_from_reader(config, None, torch.float32, 'cpu', QuantSpec(4, 128), "
+    "random_reader(config, 0)))")
+
+
 @pytest.mark.slow
-def test_predicted_lora_memory_matches_a_measured_cpu_training_run():
+@pytest.mark.parametrize("base, script", [("model", MEASURE_LORA), ("int4", MEASURE_QLORA)])
+def test_predicted_lora_memory_matches_a_measured_cpu_training_run(base, script):
     # bench-small in fp32 with rank-8 adapters on every target: the frozen base, activations and
     # logits dominate. glibc's adaptive mmap threshold would keep freed activation-sized blocks
     # in the heap (RSS then overstates live memory by up to 50%); a fixed threshold returns them.
     import os
 
+    assert script.count("quantize_from_reader(") == (base == "int4")
     config = ModelConfig.preset("bench-small")
     batch, seq = 4, 256
     env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "131072"}
-    done = subprocess.run([sys.executable, "-c", MEASURE_LORA, json.dumps(config.to_dict()), str(batch), str(seq)],
+    done = subprocess.run([sys.executable, "-c", script, json.dumps(config.to_dict()), str(batch), str(seq)],
                           capture_output=True, text=True, timeout=300, env=env)
     assert done.returncode == 0, done.stderr[-2000:]
     measured = json.loads(done.stdout.strip().splitlines()[-1])["peak_delta"]
     row = plan_lora_layout(config, Layout(1, 1, False, False, False), MACHINES["cpu-24gb"], seq=seq,
-                           micro_batch=batch, global_batch=batch, precision="fp32", lora=LoraPlan(8))
+                           micro_batch=batch, global_batch=batch, precision="fp32", lora=LoraPlan(8, base=base))
     predicted = row["device_total"] - row["device_bytes"]["reserved"]
-    print(f"LoRA: predicted {predicted / 2**20:.0f} MiB, measured {measured / 2**20:.0f} MiB")
+    print(f"LoRA, {base} base: predicted {predicted / 2**20:.0f} MiB, measured {measured / 2**20:.0f} MiB")
     assert abs(measured - predicted) / predicted < 0.15, (predicted, measured)
