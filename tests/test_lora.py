@@ -168,8 +168,18 @@ def test_exports_load_in_peft_and_transformers_with_equal_logits(tmp_path):
         out = tmp_path / f"{name}.jsonl"
         assert run_inference.main([*args, "--tokenizer", "bundled:tiny", "--prompt", "item: the red",
                                    "--max-new-tokens", "5", "--output", str(out)]) == 0
-        outputs[name] = json.loads(out.read_text())["token_ids"]
-    assert outputs["adapter"] == outputs["merged"]
+        outputs[name] = json.loads(out.read_text())
+    assert outputs["adapter"]["token_ids"] == outputs["merged"]["token_ids"]
+
+    # So does the HTTP server.
+    import httpx
+
+    from tests.server_fixtures import tiny_server
+
+    with tiny_server("--model", str(base_dir), "--adapter", str(adapter_dir), "--tokenizer", "bundled:tiny") as server:
+        body = {"prompt": "item: the red", "max_tokens": 5, "temperature": 0}
+        served_text = httpx.post(f"{server.url}/v1/completions", json=body, timeout=60).json()["choices"][0]["text"]
+    assert served_text == outputs["adapter"]["text"]
 
     (adapter_dir / "adapter_config.json").write_text(json.dumps({"peft_type": "PREFIX_TUNING"}))
     with pytest.raises(AdapterError, match="peft_type 'PREFIX_TUNING', expected 'LORA'"):
