@@ -19,19 +19,8 @@ import sys
 import warnings
 from pathlib import Path
 
-PRESET_FILE = Path(__file__).resolve().parent / "config" / "inference.yml"
-
-# Command-line option -> config field.
+# Command-line option -> config field (the model's own: execution/inference_cli.py).
 OPTION_FIELDS = {
-    "model": "model.name_or_path",
-    "tokenizer": "model.tokenizer",
-    "adapter": "model.adapter",
-    "precision": "model.precision",
-    "device": "model.device",
-    "tensor_parallel": "model.tensor_parallel",
-    "threads": "model.threads",
-    "quantize": "model.quantize",
-    "group_size": "model.group_size",
     "max_new_tokens": "generation.max_new_tokens",
     "temperature": "generation.temperature",
     "top_k": "generation.top_k",
@@ -48,16 +37,10 @@ class UsageError(Exception):
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    from config import threads_value
+    from execution.inference_cli import add_model_arguments
 
     p = argparse.ArgumentParser(description="Generate text with GPT-J (static KV cache, continuous batching).")
-    p.add_argument("--config", default="tiny", metavar="PRESET", help="preset in config/inference.yml (default: tiny)")
-    p.add_argument("--preset-file", default=str(PRESET_FILE), help="another preset YAML file")
-    p.add_argument("--model", metavar="HF_ID_OR_DIR",
-                   help="HF directory or Hub id, or a run_finetuning.py output dir (uses its hf/ export)")
-    p.add_argument("--tokenizer", metavar="HF_ID_OR_DIR", help="tokenizer (default: the model's own)")
-    p.add_argument("--adapter", metavar="DIR",
-                   help="a PEFT LoRA adapter directory for --model (merged into the weights at load)")
+    add_model_arguments(p)
     p.add_argument("--prompt", action="append", metavar="TEXT", help="a prompt (repeatable)")
     p.add_argument("--prompts-file", metavar="FILE",
                    help="one prompt per line, or JSON lines with a \"prompt\" field (UTF-8)")
@@ -69,20 +52,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--stop", action="append", metavar="TEXT",
                    help="stop string (repeatable); \\n, \\t, \\r and \\\\ are read as escapes")
     p.add_argument("--batch-size", type=int, metavar="N")
-    p.add_argument("--tensor-parallel", type=int, metavar="T", help="tensor-parallel ranks (launch with torchrun)")
-    p.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"],
-                   help="auto (default): bf16 where the hardware runs it natively and the model is "
-                        "not tiny, else fp32")
-    p.add_argument("--device", choices=["auto", "cpu", "cuda"])
-    p.add_argument("--threads", type=threads_value, metavar="N|auto",
-                   help="CPU threads for torch (auto, the default: 1 for tiny models, else the "
-                        "physical cores; 0: torch's default)")
-    p.add_argument("--quantize", choices=["int8", "int4"],
-                   help="weight-only quantization while loading (int8 per channel, int4 group-wise)")
-    p.add_argument("--group-size", type=int, choices=[32, 64, 128, 256], metavar="N",
-                   help="int4 group size: 32, 64, 128 (default) or 256")
-    p.add_argument("--offload-weights", action="store_true", help="stream block weights from host memory")
-    p.add_argument("--compile", action="store_true", help="compile the decode step")
     p.add_argument("--truncate-prompts", action="store_true", help="keep the last tokens of too-long prompts")
     p.add_argument("--output", metavar="FILE", help="write JSONL results")
     p.add_argument("--stream", action="store_true", help="print tokens as they come (batch size 1)")
@@ -92,6 +61,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def build_config(args: argparse.Namespace):
     from config import apply_overrides, build, read_presets, resolve_preset
+    from execution.inference_cli import apply_model_options
     from execution.inference_config import InferenceConfig
 
     settings = resolve_preset(read_presets(args.preset_file), args.config, args.preset_file)
@@ -100,17 +70,15 @@ def build_config(args: argparse.Namespace):
         build(InferenceConfig, settings, "")  # a bad --set value fails even if an option replaces it
     if args.stop:
         args.stop = [unescape(s) for s in args.stop]
+    apply_model_options(settings, args)
     for option, field in OPTION_FIELDS.items():
         value = getattr(args, option)
         if value is not None:
             section, _, name = field.rpartition(".")
             (settings.setdefault(section, {}) if section else settings)[name] = value
-    if args.model is not None and args.tokenizer is None:
-        settings.setdefault("model", {})["tokenizer"] = None  # a model brings its own tokenizer
-    for flag, field in (("offload_weights", "model"), ("compile", "model"),
-                        ("truncate_prompts", "generation"), ("stream", "generation")):
+    for flag in ("truncate_prompts", "stream"):
         if getattr(args, flag):
-            settings.setdefault(field, {})[flag] = True
+            settings.setdefault("generation", {})[flag] = True
     prompts = read_prompts(args)
     if prompts is not None:
         settings["prompts"] = prompts

@@ -15,21 +15,9 @@ import argparse
 import dataclasses
 import json
 import sys
-from pathlib import Path
 
-PRESET_FILE = Path(__file__).resolve().parent / "config" / "inference.yml"
-
-# Command-line option -> config field.
+# Command-line option -> config field (the model's own: execution/inference_cli.py).
 OPTION_FIELDS = {
-    "model": "model.name_or_path",
-    "tokenizer": "model.tokenizer",
-    "adapter": "model.adapter",
-    "precision": "model.precision",
-    "quantize": "model.quantize",
-    "group_size": "model.group_size",
-    "device": "model.device",
-    "tensor_parallel": "model.tensor_parallel",
-    "threads": "model.threads",
     "host": "server.host",
     "port": "server.port",
     "max_batch_size": "server.max_batch_size",
@@ -47,24 +35,12 @@ class UsageError(Exception):
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    from config import threads_value
+    from execution.inference_cli import add_model_arguments
 
     p = argparse.ArgumentParser(description="Serve GPT-J with an OpenAI-compatible HTTP API (continuous batching).")
-    p.add_argument("--config", default="tiny", metavar="PRESET", help="preset in config/inference.yml (default: tiny)")
-    p.add_argument("--preset-file", default=str(PRESET_FILE), help="another preset YAML file")
-    p.add_argument("--model", metavar="HF_ID_OR_DIR",
-                   help="HF directory or Hub id, or a run_finetuning.py output dir (default: the preset's)")
-    p.add_argument("--tokenizer", metavar="HF_ID_OR_DIR", help="tokenizer (default: the model's own)")
-    p.add_argument("--adapter", metavar="DIR",
-                   help="a PEFT LoRA adapter directory for --model (merged into plain weights at load)")
+    add_model_arguments(p)
     p.add_argument("--host", metavar="ADDR", help="address to listen on (default 127.0.0.1)")
     p.add_argument("--port", type=int, metavar="N", help="port (default 8000)")
-    p.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"],
-                   help="auto (default): bf16 where the hardware runs it natively and the model is not tiny")
-    p.add_argument("--quantize", choices=["int8", "int4"],
-                   help="weight-only quantization while loading (int8 per channel, int4 group-wise)")
-    p.add_argument("--group-size", type=int, choices=[32, 64, 128, 256], metavar="N",
-                   help="int4 group size: 32, 64, 128 (default) or 256")
     p.add_argument("--max-batch-size", type=int, metavar="N", help="requests decoded together (KV cache rows)")
     p.add_argument("--max-queue", type=int, metavar="N", help="waiting requests beyond this get 429")
     p.add_argument("--max-model-len", type=int, metavar="N", help="KV cache length per row (default: the context)")
@@ -72,12 +48,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--request-timeout", type=float, metavar="S", help="seconds from arrival to the last token")
     p.add_argument("--api-key", metavar="KEY", help="require 'Authorization: Bearer KEY'")
     p.add_argument("--served-model-name", metavar="NAME", help="the model id clients send (default: --model)")
-    p.add_argument("--tensor-parallel", type=int, metavar="T", help="tensor-parallel ranks (launch with torchrun)")
-    p.add_argument("--device", choices=["auto", "cpu", "cuda"])
-    p.add_argument("--threads", type=threads_value, metavar="N|auto",
-                   help="CPU threads for torch (auto: 1 for tiny models, else the physical cores; 0: torch's default)")
-    p.add_argument("--compile", action="store_true", help="compile the decode step")
-    p.add_argument("--offload-weights", action="store_true", help="stream block weights from host memory")
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     p.add_argument("--set", action="append", default=[], metavar="SECTION.FIELD=VALUE", help="override any field")
     return p.parse_args(argv)
@@ -85,20 +55,17 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def build_config(args: argparse.Namespace):
     from config import apply_overrides, build, read_presets, resolve_preset
+    from execution.inference_cli import apply_model_options
     from execution.inference_config import InferenceConfig
 
     settings = resolve_preset(read_presets(args.preset_file), args.config, args.preset_file)
     settings = apply_overrides(settings, args.set)
+    apply_model_options(settings, args)
     for option, field in OPTION_FIELDS.items():
         value = getattr(args, option)
         if value is not None:
             section, _, name = field.rpartition(".")
             settings.setdefault(section, {})[name] = value
-    if args.model is not None and args.tokenizer is None:
-        settings.setdefault("model", {})["tokenizer"] = None  # a model brings its own tokenizer
-    for flag in ("offload_weights", "compile"):
-        if getattr(args, flag):
-            settings.setdefault("model", {})[flag] = True
     return build(InferenceConfig, settings, "")
 
 

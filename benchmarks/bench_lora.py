@@ -23,11 +23,10 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 import time
 
-from benchmarks.bench_training import _summarise, current_rss, peak_rss, shape
+from benchmarks.bench_training import _summarise, current_rss, peak_rss, run_worker, shape
 
 CONFIGS = [(impl, precision) for precision in ("fp32", "bf16") for impl in ("full", "lora", "qlora", "peft")]
 TARGETS = ("q", "k", "v", "out_proj", "fc_in", "fc_out")
@@ -130,19 +129,8 @@ def measure_one(impl: str, precision: str, quick: bool, rank: int, max_seconds: 
 
 
 def _in_subprocess(impl, precision, quick, rank, timeout=600) -> dict:
-    cmd = [sys.executable, "-m", "benchmarks.bench_lora", "--worker", impl, precision, "--rank", str(rank)]
-    if quick:
-        cmd.append("--quick")
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    try:
-        done = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=root)
-    except subprocess.TimeoutExpired:
-        return {"impl": impl, "precision": precision, "error": f"timed out after {timeout} s"}
-    lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
-    if done.returncode != 0 or not lines:
-        tail = (done.stderr or done.stdout).strip().splitlines()[-5:]
-        return {"impl": impl, "precision": precision, "error": f"exit {done.returncode}: " + " | ".join(tail)}
-    return json.loads(lines[-1])
+    args = [impl, precision, "--rank", str(rank)] + (["--quick"] if quick else [])
+    return run_worker("benchmarks.bench_lora", args, {"impl": impl, "precision": precision}, timeout)
 
 
 def run(quick: bool = False, rank: int = 8, rounds: int | None = None, configs=CONFIGS) -> dict:

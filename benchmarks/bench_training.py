@@ -203,18 +203,23 @@ TIME_LIMIT_S = {"quick": 120.0, "full": 300.0}
 def measure_in_subprocess(impl: str, precision: str, quick: bool = False, timeout: float | None = None) -> dict:
     """One configuration in a fresh Python process (so each peak RSS is its own)."""
     timeout = timeout or TIME_LIMIT_S["quick" if quick else "full"]
-    cmd = [sys.executable, "-m", "benchmarks.bench_training", "--worker", impl, precision]
-    if quick:
-        cmd.append("--quick")
+    args = [impl, precision] + (["--quick"] if quick else [])
+    return run_worker("benchmarks.bench_training", args, {"impl": impl, "precision": precision}, timeout)
+
+
+def run_worker(module: str, args: list[str], label: dict, timeout: float) -> dict:
+    """`python -m MODULE --worker ARGS` from the repository root: the last JSON line it prints,
+    or `label` with an "error" saying why there is none (time limit, exit status, its stderr)."""
+    cmd = [sys.executable, "-m", module, "--worker", *args]
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     try:
         done = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=root)
     except subprocess.TimeoutExpired:
-        return {"impl": impl, "precision": precision, "error": f"timed out after {timeout:.0f} s"}
+        return {**label, "error": f"timed out after {timeout:.0f} s"}
     lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
     if done.returncode != 0 or not lines:
         tail = (done.stderr or done.stdout).strip().splitlines()[-5:]
-        return {"impl": impl, "precision": precision, "error": f"exit {done.returncode}: " + " | ".join(tail)}
+        return {**label, "error": f"exit {done.returncode}: " + " | ".join(tail)}
     return json.loads(lines[-1])
 
 

@@ -143,6 +143,21 @@ def activation_bytes(config: ModelConfig, tp: int, tokens: int, seq: int, pb: in
     return {"blocks": blocks, "logits": logits, "mask": tokens * seq}  # bool segment mask [B,1,S,S]
 
 
+def layout_problems(config: ModelConfig, machine: Machine, t: int, r: int, micro_batch: int,
+                    global_batch: int) -> list[str]:
+    """Why a layout of t tensor-parallel ranks x r replicas cannot run, memory aside."""
+    problems = []
+    if config.num_heads % t or config.ffn_dim % t:
+        problems.append(f"num_heads {config.num_heads} / ffn {config.ffn_dim} not divisible by tp {t}")
+    if t > machine.devices_per_node:
+        problems.append(f"tensor parallel {t} spans nodes ({machine.devices_per_node} devices per node)")
+    accumulation = global_batch / (micro_batch * r)
+    if abs(accumulation - round(accumulation)) > 1e-9 or accumulation < 1:
+        problems.append(f"global batch {global_batch} is not a multiple of micro-batch x replicas "
+                        f"({micro_batch} x {r})")
+    return problems
+
+
 def plan_layout(config, layout: Layout, machine: Machine, seq: int, micro_batch: int,
                 global_batch: int, precision: str, fused_adamw: bool = True) -> dict:
     t, r = layout.tensor_parallel, layout.replicas
@@ -207,14 +222,7 @@ def plan_layout(config, layout: Layout, machine: Machine, seq: int, micro_batch:
         "replica_comm": replica_volume / replica_bw if replica_volume else 0.0,
         "host_transfer": host_volume / machine.host_link_bandwidth if host_volume else 0.0,
     }
-    problems = []
-    if config.num_heads % t or config.ffn_dim % t:
-        problems.append(f"num_heads {config.num_heads} / ffn {config.ffn_dim} not divisible by tp {t}")
-    if t > machine.devices_per_node:
-        problems.append(f"tensor parallel {t} spans nodes ({machine.devices_per_node} devices per node)")
-    if abs(accumulation - round(accumulation)) > 1e-9 or accumulation < 1:
-        problems.append(f"global batch {global_batch} is not a multiple of micro-batch x replicas "
-                        f"({micro_batch} x {r})")
+    problems = layout_problems(config, machine, t, r, micro_batch, global_batch)
     memory = machine.device_memory
     if machine.shared_host:  # host and device share the same RAM
         if device_total + host > memory:
@@ -370,14 +378,7 @@ def plan_lora_layout(config, layout: Layout, machine: Machine, seq: int, micro_b
         "replica_comm": replica_volume / replica_bw if replica_volume else 0.0,
         "host_transfer": 0.0,
     }
-    problems = []
-    if config.num_heads % t or config.ffn_dim % t:
-        problems.append(f"num_heads {config.num_heads} / ffn {config.ffn_dim} not divisible by tp {t}")
-    if t > machine.devices_per_node:
-        problems.append(f"tensor parallel {t} spans nodes ({machine.devices_per_node} devices per node)")
-    if abs(accumulation - round(accumulation)) > 1e-9 or accumulation < 1:
-        problems.append(f"global batch {global_batch} is not a multiple of micro-batch x replicas "
-                        f"({micro_batch} x {r})")
+    problems = layout_problems(config, machine, t, r, micro_batch, global_batch)
     if device_total > machine.device_memory:
         problems.append(f"needs {device_total / GiB:.1f} GiB per device of {machine.device_memory / GiB:.1f} GiB")
     return {

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 
+from .hf import replace_directory
 from .lora import HF_MODULES, TARGETS, LoraAdapters, LoraSettings, peft_shapes
 from .parallel import ParallelContext
 
@@ -61,12 +62,7 @@ def save_peft_adapter(adapters: LoraAdapters, out_dir: str | os.PathLike, base_m
     (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
     if extra is not None:
         extra(tmp)
-    old = out_dir.with_name(out_dir.name + ".old")
-    if out_dir.exists():
-        shutil.rmtree(old, ignore_errors=True)
-        out_dir.rename(old)
-    tmp.rename(out_dir)
-    shutil.rmtree(old, ignore_errors=True)
+    replace_directory(tmp, out_dir)
     return out_dir
 
 

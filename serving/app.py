@@ -168,23 +168,12 @@ def create_app(state: ServerState) -> FastAPI:
 
     async def collect(loop, queue, choices, deadline):
         """Wait until every choice finished; cancel them all on timeout or error."""
-        by_id = {c.request_id: c for c in choices}
-        pending = set(by_id)
         try:
-            while pending:
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    raise TimeoutError
-                event = await asyncio.wait_for(queue.get(), remaining)
-                by_id[event.request_id].consume(event)
-                if event.finish_reason is not None:
-                    pending.discard(event.request_id)
+            async for _ in events_of(loop, queue, choices, deadline):
+                pass
         except TimeoutError:
             raise APIError(504, f"the request took longer than the timeout of {server.request_timeout:g} s",
                            code="timeout") from None
-        finally:
-            for request_id in pending:
-                loop.release(request_id)
         failed = [c for c in choices if c.finish_reason == "error"]
         if failed:
             raise APIError(500, f"generation failed: {failed[0].error}", code="generation_failed")
@@ -215,6 +204,28 @@ def create_app(state: ServerState) -> FastAPI:
         prompt = sum(prompt_lengths)
         completion = sum(len(c.tokens) for c in choices)
         return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+
+    async def event_stream(loop, queue, choices, deadline, opening, on_event, usage_chunk):
+        """The server-sent events of one streamed request: the `opening` chunks, the chunks
+        `on_event(choice, delta, event)` makes of each engine event, `usage_chunk()` at the end
+        (None: not asked for), then [DONE]. An engine error or the request timeout ends the
+        stream with an error event instead."""
+        try:
+            for payload in opening:
+                yield sse(payload)
+            async for choice, delta, event in events_of(loop, queue, choices, deadline):
+                if event.finish_reason == "error":
+                    yield sse(error_body(500, f"generation failed: {event.error}", code="generation_failed"))
+                    break
+                for payload in on_event(choice, delta, event):
+                    yield sse(payload)
+            else:
+                if usage_chunk is not None:
+                    yield sse(usage_chunk())
+        except TimeoutError:
+            yield sse(error_body(504, f"the request took longer than the timeout of {server.request_timeout:g} s",
+                                 code="timeout"))
+        yield "data: [DONE]\n\n"
 
     def prepare(body, prompts, max_tokens, stops, logprobs):
         loop = ready()
@@ -281,32 +292,22 @@ def create_app(state: ServerState) -> FastAPI:
                 "usage": usage(lengths, choices),
             }
 
-        async def stream():
-            try:
-                if body.echo:
-                    for c in choices:
-                        yield sse(chunk(c, c.prefix, None))
-                async for choice, delta, event in events_of(loop, queue, choices, deadline):
-                    if event.finish_reason == "error":
-                        yield sse(error_body(500, f"generation failed: {event.error}", code="generation_failed"))
-                        break
-                    part = None
-                    if event.logprob is not None:
-                        offset = len(choice.prefix) + len(choice.output) - len(delta)
-                        part = completion_logprobs(choice.logprobs[-1:], offset)
-                    finish = FINISH_REASONS.get(event.finish_reason)
-                    if delta or finish or part:
-                        yield sse(chunk(choice, delta, finish, part))
-                else:
-                    if body.include_usage:
-                        yield sse({"id": response_id, "object": "text_completion", "created": created,
-                                   "model": state.model_name, "choices": [], "usage": usage(lengths, choices)})
-            except TimeoutError:
-                yield sse(error_body(504, f"the request took longer than the timeout of {server.request_timeout:g} s",
-                                     code="timeout"))
-            yield "data: [DONE]\n\n"
+        def on_event(choice, delta, event):
+            part = None
+            if event.logprob is not None:
+                offset = len(choice.prefix) + len(choice.output) - len(delta)
+                part = completion_logprobs(choice.logprobs[-1:], offset)
+            finish = FINISH_REASONS.get(event.finish_reason)
+            return [chunk(choice, delta, finish, part)] if delta or finish or part else []
 
-        return StreamingResponse(stream(), media_type="text/event-stream")
+        def usage_chunk():
+            return {"id": response_id, "object": "text_completion", "created": created,
+                    "model": state.model_name, "choices": [], "usage": usage(lengths, choices)}
+
+        opening = [chunk(c, c.prefix, None) for c in choices] if body.echo else []
+        stream = event_stream(loop, queue, choices, deadline, opening, on_event,
+                              usage_chunk if body.include_usage else None)
+        return StreamingResponse(stream, media_type="text/event-stream")
 
     @app.post("/v1/chat/completions", dependencies=[Depends(authorized)])
     async def chat_completions(body: ChatCompletionRequest):
@@ -354,30 +355,20 @@ def create_app(state: ServerState) -> FastAPI:
                     "choices": [{"index": choice.index, "delta": delta, "finish_reason": finish,
                                  "logprobs": logprobs_part}]}
 
-        async def stream():
-            try:
-                for c in choices:
-                    yield sse(chunk(c, {"role": "assistant", "content": ""}, None))
-                async for choice, delta, event in events_of(loop, queue, choices, deadline):
-                    if event.finish_reason == "error":
-                        yield sse(error_body(500, f"generation failed: {event.error}", code="generation_failed"))
-                        break
-                    part = chat_logprobs([choice.logprobs[-1]]) if event.logprob is not None else None
-                    finish = FINISH_REASONS.get(event.finish_reason)
-                    if delta or part:
-                        yield sse(chunk(choice, {"content": delta}, None, part))
-                    if finish:
-                        yield sse(chunk(choice, {}, finish))
-                else:
-                    if body.include_usage:
-                        yield sse({"id": response_id, "object": "chat.completion.chunk", "created": created,
-                                   "model": state.model_name, "choices": [], "usage": usage(lengths, choices)})
-            except TimeoutError:
-                yield sse(error_body(504, f"the request took longer than the timeout of {server.request_timeout:g} s",
-                                     code="timeout"))
-            yield "data: [DONE]\n\n"
+        def on_event(choice, delta, event):
+            part = chat_logprobs([choice.logprobs[-1]]) if event.logprob is not None else None
+            finish = FINISH_REASONS.get(event.finish_reason)
+            payloads = [chunk(choice, {"content": delta}, None, part)] if delta or part else []
+            return payloads + ([chunk(choice, {}, finish)] if finish else [])
 
-        return StreamingResponse(stream(), media_type="text/event-stream")
+        def usage_chunk():
+            return {"id": response_id, "object": "chat.completion.chunk", "created": created,
+                    "model": state.model_name, "choices": [], "usage": usage(lengths, choices)}
+
+        opening = [chunk(c, {"role": "assistant", "content": ""}, None) for c in choices]
+        stream = event_stream(loop, queue, choices, deadline, opening, on_event,
+                              usage_chunk if body.include_usage else None)
+        return StreamingResponse(stream, media_type="text/event-stream")
 
     # ---- entailment --------------------------------------------------------------------------
     @app.post("/v1/entailment", dependencies=[Depends(authorized)])

@@ -1,0 +1,66 @@
+"""Command-line options shared by run_inference.py and run_server.py: which model, on what
+hardware, in which precision (the `model:` section of config/inference.yml)."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+PRESET_FILE = Path(__file__).resolve().parent.parent / "config" / "inference.yml"
+
+# Command-line option -> config field.
+MODEL_OPTION_FIELDS = {
+    "model": "model.name_or_path",
+    "tokenizer": "model.tokenizer",
+    "adapter": "model.adapter",
+    "precision": "model.precision",
+    "quantize": "model.quantize",
+    "group_size": "model.group_size",
+    "device": "model.device",
+    "tensor_parallel": "model.tensor_parallel",
+    "threads": "model.threads",
+}
+MODEL_FLAGS = ("offload_weights", "compile")  # store_true options of the model section
+
+
+def add_model_arguments(p: argparse.ArgumentParser) -> None:
+    """--config/--preset-file and every option of MODEL_OPTION_FIELDS and MODEL_FLAGS."""
+    from config import threads_value
+
+    p.add_argument("--config", default="tiny", metavar="PRESET", help="preset in config/inference.yml (default: tiny)")
+    p.add_argument("--preset-file", default=str(PRESET_FILE), help="another preset YAML file")
+    p.add_argument("--model", metavar="HF_ID_OR_DIR",
+                   help="HF directory or Hub id, or a run_finetuning.py output dir (uses its hf/ export)")
+    p.add_argument("--tokenizer", metavar="HF_ID_OR_DIR", help="tokenizer (default: the model's own)")
+    p.add_argument("--adapter", metavar="DIR",
+                   help="a PEFT LoRA adapter directory for --model (merged into plain weights at load, "
+                        "kept beside quantized ones)")
+    p.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"],
+                   help="auto (default): bf16 where the hardware runs it natively and the model is "
+                        "not tiny, else fp32")
+    p.add_argument("--quantize", choices=["int8", "int4"],
+                   help="weight-only quantization while loading (int8 per channel, int4 group-wise)")
+    p.add_argument("--group-size", type=int, choices=[32, 64, 128, 256], metavar="N",
+                   help="int4 group size: 32, 64, 128 (default) or 256")
+    p.add_argument("--tensor-parallel", type=int, metavar="T", help="tensor-parallel ranks (launch with torchrun)")
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--threads", type=threads_value, metavar="N|auto",
+                   help="CPU threads for torch (auto, the default: 1 for tiny models, else the "
+                        "physical cores; 0: torch's default)")
+    p.add_argument("--offload-weights", action="store_true", help="stream block weights from host memory")
+    p.add_argument("--compile", action="store_true", help="compile the decode step")
+
+
+def apply_model_options(settings: dict, args: argparse.Namespace) -> dict:
+    """Write the model options that were given into preset `settings` (in place)."""
+    model = settings.setdefault("model", {})
+    for option, field in MODEL_OPTION_FIELDS.items():
+        value = getattr(args, option)
+        if value is not None:
+            model[field.removeprefix("model.")] = value
+    if args.model is not None and args.tokenizer is None:
+        model["tokenizer"] = None  # a model brings its own tokenizer
+    for flag in MODEL_FLAGS:
+        if getattr(args, flag):
+            model[flag] = True
+    return settings
