@@ -36,8 +36,8 @@ class _LayerCache:
             # index_put_ rather than scatter_: the same write, but bf16 scatter_ is ~100x slower
             # on CPU (measured 1 ms vs 0.01 ms for one [16, 8, 1, 64] write).
             index = owner.write_index  # (row, head, slot), each [B, H], shared by every layer
-            self.keys.index_put_(index, k[:, :, 0])
-            self.values.index_put_(index, v[:, :, 0])
+            self.keys.index_put_(index, k[:, :, 0].to(self.keys.dtype))
+            self.values.index_put_(index, v[:, :, 0].to(self.values.dtype))
             window = owner.window
             if window == self.keys.shape[2]:
                 return self.keys, self.values
@@ -53,6 +53,16 @@ class _LayerCache:
                 self.values[rows, :, :length] = v
             return k, v
         raise RuntimeError("KV cache used outside prefill()/decode(): set the phase first")
+
+
+def cache_dtype(activation_dtype: torch.dtype, device: torch.device) -> torch.dtype:
+    """The dtype keys and values are cached in: the activations' own, except bf16 / fp16 on a
+    CPU, cached in fp32. A one-token query over a bf16 cache with a mask is 4-7x slower in
+    torch's CPU attention than over fp32 (NOTES.md, "Serving"); the cached values are the bf16
+    ones, exactly, and the attention computes in fp32 either way. Twice the cache memory."""
+    if device.type == "cpu" and activation_dtype in (torch.bfloat16, torch.float16):
+        return torch.float32
+    return activation_dtype
 
 
 class StaticKVCache:
@@ -83,12 +93,13 @@ class StaticKVCache:
 
     @classmethod
     def for_model(cls, model, batch_size: int, max_length: int, dtype=None, device=None) -> StaticKVCache:
-        """A cache shaped for this rank's heads of `model`."""
+        """A cache shaped for this rank's heads of `model`, in `cache_dtype` unless told."""
         attn = model.blocks[0].attn
         weight = model.embed.weight  # the activation dtype (projections may be quantized)
+        device = torch.device(device or weight.device)
         return cls(
             len(model.blocks), batch_size, attn.local_heads, attn.head_dim, max_length,
-            dtype=dtype or weight.dtype, device=device or weight.device,
+            dtype=dtype or cache_dtype(weight.dtype, device), device=device,
         )
 
     def leading_rows(self, n: int) -> StaticKVCache:

@@ -160,7 +160,7 @@ class Attention(nn.Module):
         q, k, v = split_qkv_rotary(qkv.view(batch, seq, 3, self.local_heads, self.head_dim), *rope)
         if cache is not None:
             k, v = cache.update(k, v)
-        out = attend(q, k, v, mask)
+        out = attend(q.to(k.dtype), k, v, mask).to(qkv.dtype)  # a cache may hold k, v in fp32 (kv_cache.py)
         out = out.transpose(1, 2).reshape(batch, seq, self.width)
         partial = linear(out, self.out_proj_weight)
         if lora is not None:  # LoRA hook (gptj/lora.py): the row-parallel delta joins the partial sum

@@ -136,3 +136,19 @@ def test_streamed_block_weights_give_the_resident_tokens():
     assert [r.token_ids for r in got] == [r.token_ids for r in expected]
     assert streamer.copies > 2 * len(streamed.blocks)  # every forward fetched every block
     assert streamer.peak_resident_blocks <= 2
+
+
+def test_bf16_decode_on_cpu_caches_fp32_and_picks_the_tokens_of_a_bf16_cache(pair):
+    from gptj import GPTJ
+    from gptj.kv_cache import StaticKVCache
+
+    model = GPTJ(pair[1].config, dtype=torch.bfloat16).eval()
+    model.load_state_dict(pair[1].state_dict())
+    fast = GenerationEngine(model)
+    fast_results = fast.run(PROMPTS, max_new_tokens=12, eos_token_id=None)
+    assert fast.cache.layers[0].keys.dtype == torch.float32
+    plain = GenerationEngine(model)
+    plain.cache = StaticKVCache.for_model(model, len(PROMPTS), model.config.max_positions, dtype=torch.bfloat16)
+    plain_results = plain.run(PROMPTS, max_new_tokens=12, eos_token_id=None)
+    assert plain.cache.layers[0].keys.dtype == torch.bfloat16  # the engine kept the cache it was given
+    assert [r.token_ids for r in fast_results] == [r.token_ids for r in plain_results]
