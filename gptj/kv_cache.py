@@ -45,12 +45,13 @@ class _LayerCache:
         if owner.phase == "prefill":
             length = k.shape[2]
             rows = owner.rows
+            cached_k, cached_v = k.to(self.keys.dtype), v.to(self.values.dtype)
             if rows is None:
-                self.keys[:, :, :length] = k
-                self.values[:, :, :length] = v
+                self.keys[:, :, :length] = cached_k
+                self.values[:, :, :length] = cached_v
             else:
-                self.keys[rows, :, :length] = k
-                self.values[rows, :, :length] = v
+                self.keys[rows, :, :length] = cached_k
+                self.values[rows, :, :length] = cached_v
             return k, v
         raise RuntimeError("KV cache used outside prefill()/decode(): set the phase first")
 

@@ -16,6 +16,16 @@ def model():
     return reference_pair(seed=0)[1]
 
 
+@pytest.fixture(scope="module")
+def bf16_model(model):
+    """The same weights in bf16 (on CPU its KV cache is fp32: gptj/kv_cache.py cache_dtype)."""
+    from gptj import GPTJ
+
+    copy = GPTJ(model.config, dtype=torch.bfloat16).eval()
+    copy.load_state_dict(model.state_dict())
+    return copy
+
+
 def run_until_done(engine, arrivals=None, cancel_at=None):
     """Step until idle; `arrivals` maps step number -> requests added before that step."""
     arrivals, cancel_at = dict(arrivals or {}), dict(cancel_at or {})
@@ -36,8 +46,9 @@ def run_until_done(engine, arrivals=None, cancel_at=None):
     return tokens, finish
 
 
-@pytest.mark.parametrize("prefill_multiple", [1, 16])
-def test_requests_joining_between_steps_get_the_tokens_they_get_alone(model, prefill_multiple):
+@pytest.mark.parametrize("prefill_multiple, dtype", [(1, "fp32"), (16, "fp32"), (16, "bf16")])
+def test_requests_joining_between_steps_get_the_tokens_they_get_alone(model, bf16_model, prefill_multiple, dtype):
+    model = bf16_model if dtype == "bf16" else model
     free = generate(model, PROMPTS[1:2], max_new_tokens=12, eos_token_id=None)[0]
     eos = free.token_ids[3]
     budgets = [12, 5, 9, 12, 7]
