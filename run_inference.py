@@ -181,6 +181,7 @@ def run(config) -> int:
         offload_weights=model.offload_weights, compile_decode=model.compile,
         batch_size=config.generation.batch_size, init_seed=model.init_seed,
         quantize=model.quantize, group_size=model.group_size, adapter=model.adapter,
+        kv_cache_dtype=model.kv_cache_dtype,
     )
     # "auto" values become what was chosen for this machine and model, as printed below.
     model.precision = next(k for k, v in DTYPES.items() if v == pipe.model.embed.weight.dtype)

@@ -114,13 +114,16 @@ class GenerationEngine:
     compile_decode: compile the decode step with torch.compile ("reduce-overhead" = CUDA
     graphs on GPU). Shapes then stay static: fixed batch, attention over the whole cache
     length with a mask instead of a growing slice.
+    cache_dtype: the KV cache's dtype (None: fp32 for bf16/fp16 models on CPU, else the model's;
+    gptj/kv_cache.py).
     """
 
-    def __init__(self, model, compile_decode: bool = False):
+    def __init__(self, model, compile_decode: bool = False, cache_dtype: torch.dtype | None = None):
         self.model = model
         self.config = model.config
         self.device = model.embed.weight.device
         self.compile_decode = compile_decode
+        self.cache_dtype = cache_dtype  # None: gptj.kv_cache.cache_dtype's choice
         self.cache: StaticKVCache | None = None
         self.stats = GenerationStats()
         self._decode_fn = self._decode_forward
@@ -133,7 +136,8 @@ class GenerationEngine:
         cache = self.cache
         if cache is None or cache.batch_size != batch_size or cache.max_length < max_length:
             self.cache = None  # free the old one first
-            cache = self.cache = StaticKVCache.for_model(self.model, batch_size, max_length)
+            cache = self.cache = StaticKVCache.for_model(self.model, batch_size, max_length,
+                                                                dtype=self.cache_dtype)
         return cache
 
     def _prefill(self, cache: StaticKVCache, rows: list[int], prompts: list[list[int]],

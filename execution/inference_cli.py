@@ -19,6 +19,7 @@ MODEL_OPTION_FIELDS = {
     "device": "model.device",
     "tensor_parallel": "model.tensor_parallel",
     "threads": "model.threads",
+    "kv_cache_dtype": "model.kv_cache_dtype",
 }
 MODEL_FLAGS = ("offload_weights", "compile")  # store_true options of the model section
 
@@ -47,6 +48,9 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", type=threads_value, metavar="N|auto",
                    help="CPU threads for torch (auto, the default: 1 for tiny models, else the "
                         "physical cores; 0: torch's default)")
+    p.add_argument("--kv-cache-dtype", choices=["auto", "fp32", "bf16", "fp16"],
+                   help="KV cache dtype (auto: the model's, but fp32 for bf16/fp16 models on CPU, "
+                        "where attention over it is 4-7x faster, at twice the memory)")
     p.add_argument("--offload-weights", action="store_true", help="stream block weights from host memory")
     p.add_argument("--compile", action="store_true", help="compile the decode step")
 

@@ -126,6 +126,11 @@ def load_model_and_tokenizer(
     return model.eval(), tok
 
 
+def kv_cache_dtype_of(name: str) -> torch.dtype | None:
+    """"auto" -> None (gptj/kv_cache.py decides: fp32 for bf16/fp16 models on CPU), else the dtype."""
+    return None if name == "auto" else parse_dtype(name)
+
+
 def _dtype_for(precision: str, device: torch.device, config: ModelConfig,
                ctx: ParallelContext | None) -> torch.dtype:
     precision = resolve_precision(precision, device, config)
@@ -177,9 +182,11 @@ class GeneratedText:
 
 
 class TextGenerationPipeline:
-    def __init__(self, model: GPTJ, tokenizer, batch_size: int = 16, compile_decode: bool = False):
+    def __init__(self, model: GPTJ, tokenizer, batch_size: int = 16, compile_decode: bool = False,
+                 kv_cache_dtype: str = "auto"):
         self.model, self.tokenizer, self.batch_size = model, tokenizer, batch_size
-        self.engine = GenerationEngine(model, compile_decode=compile_decode)
+        self.engine = GenerationEngine(model, compile_decode=compile_decode,
+                                       cache_dtype=kv_cache_dtype_of(kv_cache_dtype))
 
     @classmethod
     def from_pretrained(
@@ -187,12 +194,13 @@ class TextGenerationPipeline:
         device: str | None = None, ctx: ParallelContext | None = None, offload_weights: bool = False,
         compile_decode: bool = False, batch_size: int = 16, init_seed: int = 0,
         quantize: str | None = None, group_size: int = 128, adapter: str | None = None,
+        kv_cache_dtype: str = "auto",
     ) -> TextGenerationPipeline:
         model, tok = load_model_and_tokenizer(
             model_dir_or_id, tokenizer, precision, device, ctx, offload_weights, init_seed,
             quantize=quantize, group_size=group_size, adapter=adapter,
         )
-        return cls(model, tok, batch_size=batch_size, compile_decode=compile_decode)
+        return cls(model, tok, batch_size=batch_size, compile_decode=compile_decode, kv_cache_dtype=kv_cache_dtype)
 
     @property
     def stats(self) -> GenerationStats:

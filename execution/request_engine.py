@@ -122,6 +122,7 @@ class RequestEngine:
         decode: Callable[[list[int]], str] | None = None,
         compile_decode: bool = False,
         prefill_multiple: int = 1,
+        cache_dtype: torch.dtype | None = None,
     ):
         if max_batch_size < 1:
             raise ValueError(f"max_batch_size must be >= 1, got {max_batch_size}")
@@ -134,7 +135,7 @@ class RequestEngine:
             raise ValueError(f"prefill_multiple must be >= 1, got {prefill_multiple}")
         self.prefill_multiple = prefill_multiple
         self.vocab_size = model.config.vocab_size
-        self.runner = GenerationEngine(model, compile_decode=compile_decode)
+        self.runner = GenerationEngine(model, compile_decode=compile_decode, cache_dtype=cache_dtype)
         self.cache = self.runner._cache_for(max_batch_size, self.max_length)
         self._views: dict[int, object] = {}  # leading-rows views of the cache, by row count
         self.slots = [_Slot() for _ in range(max_batch_size)]

@@ -18,7 +18,7 @@ import traceback
 import torch
 
 from execution.defaults import resolve_threads
-from execution.pipelines import EntailmentPipeline, load_model_and_tokenizer
+from execution.pipelines import EntailmentPipeline, kv_cache_dtype_of, load_model_and_tokenizer
 from execution.precision import DTYPES
 from execution.request_engine import RequestEngine
 
@@ -46,7 +46,8 @@ def load(config, ctx=None, device=None):
     m.precision = next(name for name, dtype in DTYPES.items() if dtype == model.embed.weight.dtype)
     engine = RequestEngine(model, server.max_batch_size, tokenizer.eos_id, server.max_model_len,
                            decode=tokenizer.decode, compile_decode=m.compile,
-                           prefill_multiple=server.prefill_multiple)
+                           prefill_multiple=server.prefill_multiple,
+                           cache_dtype=kv_cache_dtype_of(m.kv_cache_dtype))
     return engine, tokenizer, EntailmentPipeline(model, tokenizer, batch_size=server.max_batch_size)
 
 

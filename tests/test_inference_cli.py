@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 import run_inference
 
@@ -99,3 +100,19 @@ def test_quantize_option_generates_with_the_quantized_model(capsys, tmp_path):
     assert pipe.model.quantization.group_size == 64
     expected = pipe.generate(["the cat"], max_new_tokens=5)[0].token_ids
     assert json.loads(out.read_text())["token_ids"] == expected
+
+
+def test_kv_cache_dtype_option_picks_the_cache_and_keeps_the_tokens(tmp_path):
+    from execution.pipelines import TextGenerationPipeline
+
+    outputs = {}
+    for choice in ("auto", "bf16"):
+        out = tmp_path / f"{choice}.jsonl"
+        assert run_inference.main(["--precision", "bf16", "--kv-cache-dtype", choice, "--prompt", "The cat",
+                                   "--max-new-tokens", "8", "--output", str(out)]) == 0
+        outputs[choice] = json.loads(out.read_text())["token_ids"]
+    assert outputs["auto"] == outputs["bf16"]
+    for choice, expected in (("auto", torch.float32), ("bf16", torch.bfloat16)):  # auto on CPU: fp32
+        pipe = TextGenerationPipeline.from_pretrained("random:tiny", precision="bf16", kv_cache_dtype=choice)
+        pipe(["The cat"], max_new_tokens=2)
+        assert pipe.engine.cache.layers[0].keys.dtype == expected
