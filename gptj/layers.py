@@ -37,9 +37,10 @@ class RotaryTables(nn.Module):
         self.register_buffer("cos", angles.cos(), persistent=False)  # [max_positions, rotary_dim/2]
         self.register_buffer("sin", angles.sin(), persistent=False)
 
-    def forward(self, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Tables for [B, S] positions, shaped [B, S, 1, rotary_dim/2] to broadcast over heads."""
-        return self.cos[position_ids].unsqueeze(2), self.sin[position_ids].unsqueeze(2)
+    def forward(self, position_ids: torch.Tensor) -> torch.Tensor:
+        """Rotations for [B, S] positions as complex64 [B, S, 1, 1, rotary_dim/2] (broadcast over
+        q/k and heads): built once per forward pass, shared by every block."""
+        return torch.complex(self.cos[position_ids], self.sin[position_ids])[:, :, None, None]
 
 
 def _rotate_pairs(x: torch.Tensor, turn: torch.Tensor) -> torch.Tensor:
@@ -53,13 +54,9 @@ def _rotate_pairs(x: torch.Tensor, turn: torch.Tensor) -> torch.Tensor:
     return torch.view_as_real(torch.view_as_complex(pairs) * turn).flatten(-2)
 
 
-def _turns(cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """cos/sin [B, S, 1, rot/2] -> complex rotations [B, S, 1, 1, rot/2] for q and k together."""
-    return torch.complex(cos, sin).unsqueeze(2)
-
-
 class _RotaryQKV(torch.autograd.Function):
-    """Split fused qkv [B, S, 3, H, D] into q, k, v [B, H, S, D] (contiguous), rotating q and k.
+    """Split fused qkv [B, S, 3, H, D] into q, k, v [B, H, S, D] (contiguous), rotating q and k
+    (`turn`: complex rotations [B, S, 1, 1, rot/2]).
 
     Backward is the inverse rotation (multiply by the conjugate) written straight into one
     grad_qkv buffer: no fp32 copies of q and k are saved, and autograd does not replay the
@@ -67,12 +64,11 @@ class _RotaryQKV(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, qkv, cos, sin):
+    def forward(ctx, qkv, turn):
         batch, seq, _, heads, dim = qkv.shape
-        rot = 2 * cos.shape[-1]
+        rot = 2 * turn.shape[-1]
         outs = [torch.empty(batch, heads, seq, dim, dtype=qkv.dtype, device=qkv.device) for _ in range(3)]
         views = [o.transpose(1, 2) for o in outs]  # [B, S, H, D] views of [B, H, S, D] buffers
-        turn = _turns(cos, sin)
         rotated = _rotate_pairs(qkv[:, :, :2, :, :rot], turn) if rot else None
         for i in range(2):
             if rot:
@@ -98,12 +94,22 @@ class _RotaryQKV(torch.autograd.Function):
                     grad[:, :, i, :, rot:] = g[..., rot:]
             else:
                 grad[:, :, i] = g
-        return grad, None, None
+        return grad, None
 
 
-def split_qkv_rotary(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
-    """qkv [B, S, 3, H, D] -> (q, k, v) each [B, H, S, D], rotary applied to q and k."""
-    return _RotaryQKV.apply(qkv, cos, sin)
+def split_qkv_rotary(qkv: torch.Tensor, turn: torch.Tensor):
+    """qkv [B, S, 3, H, D] -> (q, k, v) each [B, H, S, D], rotary (`RotaryTables` output)
+    applied to q and k."""
+    if torch.is_grad_enabled() and qkv.requires_grad:
+        return _RotaryQKV.apply(qkv, turn)
+    # Without gradients: fewer, larger ops (one rotation of q and k together, views for the
+    # rest); attention and the KV cache take the strided [B, H, S, D] views as they are.
+    rot, dim = 2 * turn.shape[-1], qkv.shape[-1]
+    qk = qkv[:, :, :2]
+    if rot:
+        rotated = _rotate_pairs(qk[..., :rot], turn).to(qkv.dtype)
+        qk = torch.cat((rotated, qk[..., rot:]), dim=-1) if rot < dim else rotated
+    return qk[:, :, 0].transpose(1, 2), qk[:, :, 1].transpose(1, 2), qkv[:, :, 2].transpose(1, 2)
 
 
 class VocabParallelEmbedding(nn.Module):
@@ -157,7 +163,7 @@ class Attention(nn.Module):
     def forward(self, qkv, rope, mask=None, cache=None, lora=None) -> torch.Tensor:
         """qkv [B, S, 3 * H * D] (q, k, v of this rank's heads) -> partial output [B, S, d]."""
         batch, seq, _ = qkv.shape
-        q, k, v = split_qkv_rotary(qkv.view(batch, seq, 3, self.local_heads, self.head_dim), *rope)
+        q, k, v = split_qkv_rotary(qkv.view(batch, seq, 3, self.local_heads, self.head_dim), rope)
         if cache is not None:
             k, v = cache.update(k, v)
         out = attend(q.to(k.dtype), k, v, mask).to(qkv.dtype)  # a cache may hold k, v in fp32 (kv_cache.py)
