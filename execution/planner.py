@@ -25,6 +25,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from gptj import ConfigError, ModelConfig
+from gptj.lora import ROW_PARALLEL, lora_flops_per_token, target_dims
+from gptj.lora import TARGETS as LORA_TARGETS
 
 GiB = 2**30
 GB = 1e9
@@ -265,32 +267,24 @@ def dequantize_transient_bytes(rows: int, columns: int, pb: int) -> float:
     return rows * columns * pb + min(rows, 1024) * columns * 8
 
 
-LORA_TARGETS = ("q", "k", "v", "out_proj", "fc_in", "fc_out")
-
-
 @dataclass(frozen=True)
 class LoraPlan:
     rank: int
-    targets: tuple[str, ...] = LORA_TARGETS
+    targets: tuple[str, ...] = LORA_TARGETS  # any of gptj.lora.TARGETS
     base: str = "model"  # frozen base weights: "model" (the compute dtype), "int8" or "int4"
     dropout: float = 0.0  # > 0: each adapter keeps its dropped input (and a bool mask) for backward
     group_size: int = 128  # int4 only
 
 
-def _lora_dims(config: ModelConfig, target: str) -> tuple[int, int]:
-    d, f = config.hidden_size, config.ffn_dim
-    return {"fc_in": (d, f), "fc_out": (f, d)}.get(target, (d, d))
-
-
 def lora_parameter_counts(config: ModelConfig, tp: int, lora: LoraPlan) -> dict[str, int]:
     """Adapter parameters on one TP rank, and how many of them are replicated (whole) there."""
-    d, f, r = config.hidden_size, config.ffn_dim, lora.rank
-    dims = {"q": (d, d), "k": (d, d), "v": (d, d), "out_proj": (d, d), "fc_in": (d, f), "fc_out": (f, d)}
+    r = lora.rank
     local = replicated = 0
     for target in lora.targets:
-        fan_in, fan_out = dims[target]
-        whole = r * (fan_out if target in ("out_proj", "fc_out") else fan_in)  # B (row) or A (column)
-        split = r * (fan_in if target in ("out_proj", "fc_out") else fan_out) // tp
+        fan_in, fan_out = target_dims(config, target)
+        row = target in ROW_PARALLEL
+        whole = r * (fan_out if row else fan_in)  # B (row-parallel) or A (column-parallel)
+        split = r * (fan_in if row else fan_out) // tp
         local += whole + split
         replicated += whole
     return {"total": config.num_layers * local, "replicated": config.num_layers * replicated}
@@ -302,12 +296,12 @@ def frozen_base_bytes(config: ModelConfig, tp: int, pb: int, lora: LoraPlan) -> 
     total = parameter_counts(config, tp)["total"]
     if lora.base == "model":
         return total * pb
-    quantized = sum(largest_quantized_weights(config, tp))
+    quantized = sum(quantized_weight_counts(config, tp))
     return quantized * quantized_bytes(lora.base, lora.group_size) + (total - quantized) * pb
 
 
-def largest_quantized_weights(config: ModelConfig, tp: int) -> tuple[int, int]:
-    """Elements of one TP rank's quantized weights: (all blocks' matmuls, lm_head) ."""
+def quantized_weight_counts(config: ModelConfig, tp: int) -> tuple[int, int]:
+    """Elements of one TP rank's quantized weights: (all blocks' matmuls, lm_head)."""
     d, f = config.hidden_size, config.ffn_dim
     width = config.num_heads // tp * config.head_dim
     blocks = config.num_layers * (3 * width * d + width * d + 2 * (f // tp) * d)
@@ -366,9 +360,7 @@ def plan_lora_layout(config, layout: Layout, machine: Machine, seq: int, micro_b
     replica_bw = machine.inter_bandwidth if spans_nodes else machine.intra_bandwidth
     # The frozen base costs 4 FLOPs per weight and token (forward + input gradients), not 6;
     # recomputation adds one forward (2 per weight + a third of attention).
-    flops_per_token = config.flops_per_token(seq) - 2 * config.matmul_parameters()
-    flops_per_token += 6 * config.num_layers * lora.rank * sum(
-        sum(dims) for dims in (_lora_dims(config, target) for target in lora.targets))
+    flops_per_token = lora_flops_per_token(config, lora, seq)
     if layout.recompute:
         flops_per_token += 2 * config.matmul_parameters() + 4 * config.num_layers * config.hidden_size * seq
     flops = flops_per_token * global_batch * seq / machine.devices

@@ -80,7 +80,8 @@ def target_dims(config: ModelConfig, target: str) -> tuple[int, int]:
 
 
 def adapter_parameter_count(config: ModelConfig, settings: LoraSettings) -> int:
-    """Trainable parameters of the whole (unsharded) model's adapters."""
+    """Trainable parameters of the whole (unsharded) model's adapters. `settings` needs only
+    `rank` and `targets` (the planner passes its LoraPlan)."""
     per_block = sum(settings.rank * sum(target_dims(config, t)) for t in settings.targets)
     return config.num_layers * per_block
 
@@ -120,7 +121,7 @@ def peft_shapes(config: ModelConfig, settings: LoraSettings) -> dict[str, tuple[
 
 
 class LoraPair(nn.Module):
-    """One target's A [rank, in_local] and B [out_local, rank]; `forward(x)` is the delta."""
+    """One target's A [rank, in_local] and B [out_local, rank] (`BlockLoRA.add` applies them)."""
 
     def __init__(self, fan_in: int, fan_out: int, settings: LoraSettings, dtype, device=None):
         super().__init__()
@@ -128,9 +129,6 @@ class LoraPair(nn.Module):
         self.lora_B = nn.Parameter(torch.zeros(fan_out, settings.rank, dtype=dtype, device=device))
         self.dropout = nn.Dropout(settings.dropout) if settings.dropout > 0 else nn.Identity()
         self.scaling = settings.scaling
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(F.linear(self.dropout(x), self.lora_A), self.lora_B) * self.scaling
 
 
 class BlockLoRA(nn.Module):
