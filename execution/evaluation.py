@@ -20,6 +20,8 @@ import torch
 
 from gptj.parallel import all_reduce
 
+from .scoring import continuation_logprobs
+
 
 def likelihood_choices(model, batch: dict, device: torch.device) -> np.ndarray:
     """Index of the most likely candidate for every prompt of the batch ([B] int)."""
@@ -27,29 +29,14 @@ def likelihood_choices(model, batch: dict, device: torch.device) -> np.ndarray:
 
 
 def likelihood_scores(model, batch: dict, device: torch.device) -> torch.Tensor:
-    """Summed token loss [B, K] of every candidate after every prompt, all in one forward."""
-    candidates = batch["candidate_ids_eos"]
+    """Summed token loss [B, K] of every candidate after every prompt, all in one forward
+    (execution.scoring: the path the entailment pipeline and the server score with)."""
+    candidates = [list(map(int, c)) for c in batch["candidate_ids_eos"]]
     prompts, lengths = batch["prompt_ids"], batch["prompt_lengths"]
-    num_prompts, num_labels = len(lengths), len(candidates)
-    rows, spans = [], []
-    for b in range(num_prompts):
-        prompt = prompts[b, :lengths[b]]
-        for cand in candidates:
-            rows.append(np.concatenate([prompt, cand]))
-            spans.append((len(prompt), len(cand)))
-    width = max(len(r) for r in rows)
-    ids = np.zeros((len(rows), width), dtype=np.int64)
-    segments = np.zeros((len(rows), width), dtype=np.int64)
-    mask = np.zeros((len(rows), width - 1), dtype=np.float32)
-    for i, (row, (start, length)) in enumerate(zip(rows, spans)):
-        ids[i, :len(row)] = row
-        segments[i, :len(row)] = 1
-        mask[i, start - 1:start - 1 + length] = 1.0  # label positions predicting the candidate
-    ids_t = torch.from_numpy(ids).to(device)
-    losses = model.token_losses(ids_t[:, :-1], ids_t[:, 1:],
-                                segment_ids=torch.from_numpy(segments[:, :-1]).to(device))
-    scores = (losses * torch.from_numpy(mask).to(device)).sum(dim=1)
-    return scores.view(num_prompts, num_labels)
+    rows = [prompts[b, :lengths[b]].tolist() for b in range(len(lengths))]
+    pairs = [(prompt, cand) for prompt in rows for cand in candidates]
+    logprobs = continuation_logprobs(model, [p for p, _ in pairs], [c for _, c in pairs])
+    return -logprobs.view(len(rows), len(candidates)).to(device)
 
 
 def generated_answers(model, data, indices: np.ndarray, tokenizer, max_new_tokens: int,

@@ -26,6 +26,7 @@ from .generation import GenerationEngine, GenerationStats
 from .precision import parse_dtype
 from .preflight import resolve_model_source
 from .sampling import SamplingParams
+from .scoring import continuation_logprobs
 
 
 def resolve_model_dir(name_or_path: str) -> str:
@@ -278,26 +279,13 @@ class EntailmentPipeline:
     def prompt(self, premise: str, hypothesis: str) -> str:
         return self.task.render_prompt({"premise": premise, "hypothesis": hypothesis, self.task.label_field: ""})
 
-    @torch.inference_mode()
     def label_log_likelihoods(self, prompts: list[list[int]]) -> torch.Tensor:
-        """[N, labels] sum of label-token log-probs after each prompt (fp32, on the CPU)."""
-        device = self.model.embed.weight.device
-        rows = [(p, c) for p in prompts for c in self.label_ids]
-        scores = []
-        for start in range(0, len(rows), self.batch_size * len(self.labels)):
-            chunk = rows[start : start + self.batch_size * len(self.labels)]
-            longest = max(len(p) + len(c) for p, c in chunk)
-            ids = torch.zeros(len(chunk), longest, dtype=torch.long)
-            for i, (p, c) in enumerate(chunk):
-                ids[i, : len(p) + len(c)] = torch.tensor(p + c)
-            # Right padding sits after every real token, so plain causal attention is exact.
-            hidden = self.model.hidden_states(ids.to(device))
-            for i, (p, c) in enumerate(chunk):
-                where = torch.arange(len(p) - 1, len(p) + len(c) - 1, device=device)
-                logp = self.model.logits_from_hidden(hidden[i, where]).log_softmax(-1)
-                target = torch.tensor(c, device=device)
-                scores.append(logp.gather(-1, target[:, None]).sum().item())
-        return torch.tensor(scores).view(len(prompts), len(self.labels))
+        """[N, labels] sum of label-token log-probs after each prompt (fp32, on the CPU), through
+        execution.scoring: the numbers the server's echo + logprobs gives for the same tokens."""
+        pairs = [(p, c) for p in prompts for c in self.label_ids]
+        sums = continuation_logprobs(self.model, [p for p, _ in pairs], [c for _, c in pairs],
+                                     max_rows=self.batch_size * len(self.labels))
+        return sums.view(len(prompts), len(self.labels))
 
     def __call__(self, premise, hypothesis=None):
         """(premise, hypothesis) -> {"label", "scores"}; two lists (premises, hypotheses) or one
