@@ -147,6 +147,14 @@ class GenerationEngine:
         pad_multiple: right-pad the batch to a multiple of this many tokens (fewer distinct
         shapes for kernels that cache per shape); padding is masked, so results are the same.
         """
+        hidden, lengths = self._prefill_hidden(cache, rows, prompts, pad_multiple)
+        last = hidden[torch.arange(len(rows), device=self.device), lengths - 1]
+        return self.model.logits_from_hidden(last)
+
+    def _prefill_hidden(self, cache: StaticKVCache, rows: list[int], prompts: list[list[int]],
+                        pad_multiple: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write `prompts` into cache `rows`; return the final hidden states of every position
+        [n, S, d] (padding after each prompt's end) and the prompt lengths [n]."""
         device, n = self.device, len(rows)
         lengths = torch.tensor([len(p) for p in prompts], device=device)
         seq = max(len(p) for p in prompts)
@@ -162,8 +170,7 @@ class GenerationEngine:
         all_rows = rows == list(range(cache.batch_size))
         cache.prefill(None if all_rows else torch.tensor(rows, device=device), lengths)
         hidden = self.model.hidden_states(ids, position_ids=positions, attn_mask=mask, kv_cache=cache)
-        last = hidden[torch.arange(n, device=device), lengths - 1]
-        return self.model.logits_from_hidden(last)
+        return hidden, lengths
 
     def _decode_forward(self, tokens: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         hidden = self.model.hidden_states(

@@ -34,6 +34,7 @@ import torch
 
 from .generation import GenerationEngine, _check_prompts
 from .sampling import SamplingParams, choose_tokens, prompt_generator
+from .scoring import token_logprobs
 
 MAX_LOGPROBS = 20
 
@@ -50,6 +51,9 @@ class Request:
     stop_strings: list[str] = field(default_factory=list)
     logprobs: int | None = None  # None: no log-probabilities; N: the chosen token's and the top N
     ignore_eos: bool = False  # keep generating after EOS (fixed-length benchmarks)
+    # None: no prompt scores; N: every prompt token's log-probability (after the first) and
+    # the top N there, from the prefill. With max_new_tokens 0 the request only scores.
+    prompt_logprobs: int | None = None
 
     def to_dict(self) -> dict:
         """Plain values only (sent to the other tensor-parallel ranks)."""
@@ -58,7 +62,7 @@ class Request:
             "request_id": self.request_id, "prompt": self.prompt, "max_new_tokens": self.max_new_tokens,
             "sampling": [s.temperature, s.top_k, s.top_p], "seed": self.seed, "stream_id": self.stream_id,
             "stop_token_sequences": self.stop_token_sequences, "stop_strings": self.stop_strings,
-            "logprobs": self.logprobs, "ignore_eos": self.ignore_eos,
+            "logprobs": self.logprobs, "ignore_eos": self.ignore_eos, "prompt_logprobs": self.prompt_logprobs,
         }
 
     @classmethod
@@ -77,6 +81,8 @@ class Event:
     "error" (then `error` says why). logprob / top_logprobs: when the request asked for them,
     the chosen token's log-probability and the top-N (token, log-probability) pairs, from the
     model's distribution before temperature and filtering.
+    prompt_logprobs: on a request's first event when it asked for them: (log p(token),
+    top-N [(token, log-probability)]) for prompt tokens 1..L-1, given the tokens before each.
     """
 
     request_id: str
@@ -86,6 +92,7 @@ class Event:
     top_logprobs: list[tuple[int, float]] | None = None
     error: str | None = None
     time: float = 0.0
+    prompt_logprobs: list[tuple[float, list[tuple[int, float]]]] | None = None
 
 
 class _Slot:
@@ -162,19 +169,24 @@ class RequestEngine:
 
     def check(self, request: Request) -> None:
         """Raise ValueError naming what is wrong with `request`."""
-        _check_prompts([request.prompt], self.max_length, self.vocab_size)
-        if request.max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens must be >= 1, got {request.max_new_tokens}")
+        scoring_only = request.max_new_tokens == 0 and request.prompt_logprobs is not None
+        if request.max_new_tokens < (0 if scoring_only else 1):
+            raise ValueError(f"max_new_tokens must be >= 1 (0 only to score the prompt), got {request.max_new_tokens}")
         total = len(request.prompt) + request.max_new_tokens
         if total > self.max_length:
             raise ValueError(
                 f"the prompt has {len(request.prompt)} tokens and max_new_tokens is {request.max_new_tokens} "
                 f"({total} in total) but the context is {self.max_length} tokens"
             )
+        # Emptiness and token ids; the length is checked above (a prompt that only scores
+        # may fill its row, it needs no room to generate).
+        _check_prompts([request.prompt], self.max_length + 1, self.vocab_size)
         if request.stop_strings and self.decode is None:
             raise ValueError("stop strings need a decode function (token ids -> text)")
-        if request.logprobs is not None and not 0 <= request.logprobs <= MAX_LOGPROBS:
-            raise ValueError(f"logprobs must be in [0, {MAX_LOGPROBS}], got {request.logprobs}")
+        for name in ("logprobs", "prompt_logprobs"):
+            value = getattr(request, name)
+            if value is not None and not 0 <= value <= MAX_LOGPROBS:
+                raise ValueError(f"{name} must be in [0, {MAX_LOGPROBS}], got {value}")
 
     # ---- the three calls ---------------------------------------------------------------------
     def add(self, request: Request) -> None:
@@ -211,21 +223,56 @@ class RequestEngine:
         rows = free[: len(self.waiting)]
         requests = [self.waiting.popleft() for _ in rows]
         try:
-            logits = self.runner._prefill(self.cache, rows, [r.prompt for r in requests], self.prefill_multiple)
+            logits, scores = self._prefill(rows, requests)
         except Exception:  # noqa: BLE001
             # Find the failing request by prefilling one at a time; the others still run.
             for row, request in zip(rows, requests):
                 try:
-                    logits = self.runner._prefill(self.cache, [row], [request.prompt], self.prefill_multiple)
+                    logits, scores = self._prefill([row], [request])
                 except Exception as err:  # noqa: BLE001 - one bad request must not stop the engine
                     events.append(_failed(request, f"prefill failed: {err}"))
                     continue
-                self._start(row, request, logits[0], events)
+                self._start(row, request, logits[0], events, scores[0])
             return
         for i, (row, request) in enumerate(zip(rows, requests)):
-            self._start(row, request, logits[i], events)
+            self._start(row, request, logits[i], events, scores[i])
 
-    def _start(self, row: int, request: Request, logits: torch.Tensor, events: list[Event]) -> None:
+    def _prefill(self, rows: list[int], requests: list[Request]) -> tuple[torch.Tensor, list]:
+        """One batched prefill of `requests` into cache `rows`: last-position logits [n, V] and
+        each request's prompt scores (`Event.prompt_logprobs`; None unless it asked), all
+        scored in one `execution.scoring.token_logprobs` pass over the prefill's hidden states."""
+        hidden, lengths = self.runner._prefill_hidden(self.cache, rows, [r.prompt for r in requests],
+                                                      self.prefill_multiple)
+        device = hidden.device
+        logits = self.model.logits_from_hidden(hidden[torch.arange(len(rows), device=device), lengths - 1])
+        scored = [i for i, r in enumerate(requests) if r.prompt_logprobs is not None and len(r.prompt) > 1]
+        scores: list = [[] if r.prompt_logprobs is not None else None for r in requests]
+        if scored:
+            # Position t predicts prompt token t + 1; every scored request asks for its own top-N.
+            batch = torch.tensor([i for i in scored for _ in requests[i].prompt[1:]], device=device)
+            position = torch.tensor([t for i in scored for t in range(len(requests[i].prompt) - 1)], device=device)
+            targets = torch.tensor([t for i in scored for t in requests[i].prompt[1:]], device=device)
+            top_k = max(requests[i].prompt_logprobs for i in scored)
+            entries = token_logprobs(self.model, hidden[batch, position], targets, top_k).entries()
+            start = 0
+            for i in scored:
+                n, k = len(requests[i].prompt) - 1, requests[i].prompt_logprobs
+                scores[i] = [(value, top[:k]) for value, top in entries[start:start + n]]
+                start += n
+        return logits, scores
+
+    def _start(self, row: int, request: Request, logits: torch.Tensor, events: list[Event],
+               prompt_scores: list | None = None) -> None:
+        if request.max_new_tokens == 0:  # scoring only: the row is free again at once
+            events.append(Event(request.request_id, finish_reason="length", time=time.perf_counter(),
+                                prompt_logprobs=prompt_scores))
+            return
+        first = len(events)
+        self._start_generating(row, request, logits, events)
+        if len(events) > first:
+            events[first].prompt_logprobs = prompt_scores
+
+    def _start_generating(self, row: int, request: Request, logits: torch.Tensor, events: list[Event]) -> None:
         slot = self.slots[row]
         slot.request, slot.tokens, slot.position = request, [], len(request.prompt)
         sampling = request.sampling

@@ -37,11 +37,13 @@ from .schemas import (
     ChatCompletionRequest,
     CompletionRequest,
     EntailmentPair,
+    check_completion_max_tokens,
     check_context,
     check_logprobs,
     check_max_tokens,
     prompt_token_ids,
 )
+from .scoring import add_tokenizer_routes, echoed_logprobs, join_logprobs, prompt_logprobs_for
 from .text import TextStream, render_chat
 
 FINISH_REASONS = {"eos": "stop", "stop": "stop", "length": "length"}
@@ -70,12 +72,15 @@ class _Choice:
         self.index, self.request_id, self.text, self.prefix = index, request_id, text, prefix
         self.tokens: list[int] = []
         self.logprobs: list[tuple[int, float, list]] = []
+        self.prompt_logprobs: list | None = None  # the prompt's scores (echo with logprobs)
         self.finish_reason: str | None = None
         self.error: str | None = None
         self.output = ""
 
     def consume(self, event) -> str:
         delta = ""
+        if event.prompt_logprobs is not None:
+            self.prompt_logprobs = event.prompt_logprobs
         if event.token is not None:
             self.tokens.append(event.token)
             if event.logprob is not None:
@@ -148,14 +153,15 @@ def create_app(state: ServerState) -> FastAPI:
         }]}
 
     # ---- generation --------------------------------------------------------------------------
-    def engine_requests(prefix, prompts, n, max_tokens, sampling, seed, stops, logprobs, ignore_eos):
+    def engine_requests(prefix, prompts, n, max_tokens, sampling, seed, stops, logprobs, ignore_eos,
+                        prompt_logprobs=None):
         requests = []
         for i, prompt in enumerate(prompts):
             prompt_seed = seed if seed is not None else secrets.randbits(62)
             for j in range(n):
                 requests.append(EngineRequest(
                     f"{prefix}-{i * n + j}", prompt, max_tokens, sampling, seed=prompt_seed, stream_id=j,
-                    stop_strings=stops, logprobs=logprobs, ignore_eos=ignore_eos,
+                    stop_strings=stops, logprobs=logprobs, ignore_eos=ignore_eos, prompt_logprobs=prompt_logprobs,
                 ))
         return requests
 
@@ -227,7 +233,7 @@ def create_app(state: ServerState) -> FastAPI:
                                  code="timeout"))
         yield "data: [DONE]\n\n"
 
-    def prepare(body, prompts, max_tokens, stops, logprobs):
+    def prepare(body, prompts, max_tokens, stops, logprobs, prompt_logprobs=None):
         loop = ready()
         check_model(body.model)
         body.check_n(server.max_n)
@@ -238,7 +244,7 @@ def create_app(state: ServerState) -> FastAPI:
         kind = "chatcmpl" if isinstance(body, ChatCompletionRequest) else "cmpl"
         response_id = f"{kind}-{uuid.uuid4().hex}"
         requests = engine_requests(response_id, prompts, body.n, max_tokens, sampling, body.seed, stops, logprobs,
-                                   body.ignore_eos)
+                                   body.ignore_eos, prompt_logprobs)
         decode = state.tokenizer.decode
         choices = []
         for request in requests:
@@ -262,14 +268,13 @@ def create_app(state: ServerState) -> FastAPI:
     @app.post("/v1/completions", dependencies=[Depends(authorized)])
     async def completions(body: CompletionRequest):
         ready()
-        check_max_tokens(body.max_tokens, "max_tokens")
+        check_completion_max_tokens(body.max_tokens, body.echo)
         logprobs = check_logprobs(body.logprobs, "logprobs")
-        if body.echo and logprobs is not None:
-            raise bad_request("echo together with logprobs is not supported (prompt log-probabilities)", "echo")
         prompts = prompt_token_ids(body.prompt, state.tokenizer.encode, state.vocab_size)
         max_tokens = 16 if body.max_tokens is None else body.max_tokens
         stops = body.stop_strings()
-        loop, response_id, requests, choices, deadline = prepare(body, prompts, max_tokens, stops, logprobs)
+        scored = prompt_logprobs_for(body.echo, logprobs, max_tokens)
+        loop, response_id, requests, choices, deadline = prepare(body, prompts, max_tokens, stops, logprobs, scored)
         for choice in choices:
             choice.prefix = state.tokenizer.decode(requests[choice.index].prompt) if body.echo else ""
         created, lengths = int(time.time()), [len(p) for p in prompts]
@@ -280,6 +285,15 @@ def create_app(state: ServerState) -> FastAPI:
                     "choices": [{"index": choice.index, "text": text, "finish_reason": finish,
                                  "logprobs": logprobs_part}]}
 
+        def echoed(choice) -> dict:
+            return echoed_logprobs(state.tokenizer.decode, requests[choice.index].prompt, choice.prompt_logprobs)
+
+        def choice_logprobs(choice) -> dict | None:
+            if logprobs is None:
+                return None
+            generated = completion_logprobs(choice.logprobs, len(choice.prefix))
+            return join_logprobs(echoed(choice), generated) if body.echo else generated
+
         if not body.stream:
             await collect(loop, queue, choices, deadline)
             return {
@@ -287,24 +301,27 @@ def create_app(state: ServerState) -> FastAPI:
                 "choices": [{
                     "index": c.index, "text": c.prefix + c.output,
                     "finish_reason": FINISH_REASONS.get(c.finish_reason, c.finish_reason),
-                    "logprobs": completion_logprobs(c.logprobs, len(c.prefix)) if logprobs is not None else None,
+                    "logprobs": choice_logprobs(c),
                 } for c in choices],
                 "usage": usage(lengths, choices),
             }
 
         def on_event(choice, delta, event):
+            # With echo and logprobs the echoed prompt waits for its scores (the first event).
+            opening = [chunk(choice, choice.prefix, None, echoed(choice))] \
+                if body.echo and logprobs is not None and event.prompt_logprobs is not None else []
             part = None
             if event.logprob is not None:
                 offset = len(choice.prefix) + len(choice.output) - len(delta)
                 part = completion_logprobs(choice.logprobs[-1:], offset)
             finish = FINISH_REASONS.get(event.finish_reason)
-            return [chunk(choice, delta, finish, part)] if delta or finish or part else []
+            return opening + ([chunk(choice, delta, finish, part)] if delta or finish or part else [])
 
         def usage_chunk():
             return {"id": response_id, "object": "text_completion", "created": created,
                     "model": state.model_name, "choices": [], "usage": usage(lengths, choices)}
 
-        opening = [chunk(c, c.prefix, None) for c in choices] if body.echo else []
+        opening = [chunk(c, c.prefix, None) for c in choices] if body.echo and logprobs is None else []
         stream = event_stream(loop, queue, choices, deadline, opening, on_event,
                               usage_chunk if body.include_usage else None)
         return StreamingResponse(stream, media_type="text/event-stream")
@@ -369,6 +386,8 @@ def create_app(state: ServerState) -> FastAPI:
         stream = event_stream(loop, queue, choices, deadline, opening, on_event,
                               usage_chunk if body.include_usage else None)
         return StreamingResponse(stream, media_type="text/event-stream")
+
+    add_tokenizer_routes(app, state, ready, check_model, authorized)
 
     # ---- entailment --------------------------------------------------------------------------
     @app.post("/v1/entailment", dependencies=[Depends(authorized)])

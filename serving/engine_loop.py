@@ -238,7 +238,7 @@ class EngineLoop:
                 m.generation_tokens.inc()
             if event.finish_reason is not None:
                 del self._timings[event.request_id]
-                if timing.first is None and event.finish_reason == "eos":
+                if timing.first is None and event.finish_reason in ("eos", "length"):  # "length": scored only
                     m.prompt_tokens.inc(timing.prompt_tokens)
                 m.e2e_latency.observe(event.time - timing.arrival)
                 if timing.tokens > 1:

@@ -128,3 +128,24 @@ def check_context(prompt_tokens: int, max_tokens: int, context: int, where: str 
             f"max_tokens is {max_tokens} ({total} in total); shorten the prompt or lower max_tokens",
             "max_tokens", "context_length_exceeded",
         )
+
+
+class TokenizeRequest(_Body):
+    """POST /tokenize (vLLM's shape); the tokenizer adds no special tokens either way."""
+
+    model: str | None = None
+    prompt: str
+    add_special_tokens: bool = True
+    return_token_strs: bool = False
+
+
+class DetokenizeRequest(_Body):
+    model: str | None = None
+    tokens: list[int]
+
+
+def check_completion_max_tokens(value: int | None, echo: bool) -> None:
+    """max_tokens >= 1, or 0 with echo: score the prompt without generating."""
+    if value == 0 and echo:
+        return
+    check_max_tokens(value, "max_tokens")
