@@ -43,7 +43,13 @@ from .schemas import (
     check_max_tokens,
     prompt_token_ids,
 )
-from .scoring import add_tokenizer_routes, echoed_logprobs, join_logprobs, prompt_logprobs_for
+from .scoring import (
+    add_tokenizer_routes,
+    echoed_logprobs,
+    join_logprobs,
+    prompt_logprobs_for,
+    top_logprobs_dict,
+)
 from .text import TextStream, render_chat
 
 FINISH_REASONS = {"eos": "stop", "stop": "stop", "length": "length"}
@@ -260,7 +266,7 @@ def create_app(state: ServerState) -> FastAPI:
             text = decode([token])
             tokens.append(text)
             token_logprobs.append(logprob)
-            tops.append({decode([t]): p for t, p in top})
+            tops.append(top_logprobs_dict(decode, top))
             offsets.append(offset)
             offset += len(text)
         return {"tokens": tokens, "token_logprobs": token_logprobs, "top_logprobs": tops, "text_offset": offsets}

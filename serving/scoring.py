@@ -31,6 +31,16 @@ def prompt_logprobs_for(echo: bool, logprobs: int | None, max_tokens: int) -> in
     return 0 if max_tokens == 0 else None
 
 
+def top_logprobs_dict(decode: Callable[[list[int]], str], top: list[tuple[int, float]]) -> dict[str, float]:
+    """{token text: log p} of the top tokens, best first. Different tokens may decode to the
+    same text (e.g. halves of one character both show as U+FFFD): the text keeps the best
+    value, so the dict's maximum is still the top-1's."""
+    out: dict[str, float] = {}
+    for token, logprob in top:
+        out.setdefault(decode([token]), logprob)
+    return out
+
+
 def echoed_logprobs(decode: Callable[[list[int]], str], prompt: list[int], scores: list | None) -> dict:
     """The completions API's logprobs object for the prompt tokens (text offsets from 0).
 
@@ -43,7 +53,7 @@ def echoed_logprobs(decode: Callable[[list[int]], str], prompt: list[int], score
         offsets.append(offset)
         offset += len(text)
     token_logprobs = [None] + [value for value, _ in scores]
-    top_logprobs = [None] + [{decode([t]): p for t, p in top} for _, top in scores]
+    top_logprobs = [None] + [top_logprobs_dict(decode, top) for _, top in scores]
     return {"tokens": tokens, "token_logprobs": token_logprobs, "top_logprobs": top_logprobs,
             "text_offset": offsets}
 
