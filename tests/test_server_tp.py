@@ -15,6 +15,7 @@ import pytest
 from execution.generation import GenerationEngine
 from execution.pipelines import EntailmentPipeline, load_model_and_tokenizer
 from execution.sampling import SamplingParams
+from execution.scoring import score_rows
 from serving.server import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -78,6 +79,16 @@ def test_tensor_parallel_server_gives_the_single_process_tokens(tp_server):
     got = httpx.post(f"{url}/v1/entailment", json=pair, timeout=60).json()
     want = EntailmentPipeline(model, tokenizer)(pair["premise"], pair["hypothesis"])
     assert got["label"] == want["label"] and got["scores"] == pytest.approx(want["scores"], abs=1e-4)
+    # Prompt scores (echo + logprobs, as lm-eval asks) from the sharded prefill: the single
+    # process's execution.scoring numbers and top token.
+    body = {"prompt": PROMPTS, "max_tokens": 0, "logprobs": 1, "echo": True, "temperature": 0}
+    choices = httpx.post(f"{url}/v1/completions", json=body, timeout=60).json()["choices"]
+    reference = score_rows(model, ids, [1] * len(ids), top_k=1)
+    for choice, scores in zip(choices, reference):
+        lp = choice["logprobs"]
+        assert lp["token_logprobs"][1:] == pytest.approx(scores.logprobs.tolist(), abs=1e-4)
+        assert [max(top.values()) for top in lp["top_logprobs"][1:]] == pytest.approx(
+            scores.top_logprobs[:, 0].tolist(), abs=1e-4)
     # Ctrl-C: rank 0 finishes its last step and tells the follower to stop; no rank fails.
     proc.send_signal(signal.SIGINT)
     proc.wait(60)
