@@ -19,6 +19,7 @@ import torch
 import data
 from execution.evaluation import likelihood_scores
 from execution.pipelines import EntailmentPipeline
+from serving.scoring import echoed_logprobs, top_logprobs_dict
 from tests.reference import TINY
 from tests.server_fixtures import tiny_server
 from tests.test_generation_fixtures import hf_greedy, reference_pair
@@ -247,3 +248,17 @@ def test_bf16_scores_are_within_the_stated_tolerance(saved):
         (choice,) = post(bf16, {**lm_eval_body(ids, logprobs=2), "model": None}).json()["choices"]
     worst = check_prompt_scores(choice, ids, reference, 2, tok.decode, tolerance=BF16_TOLERANCE)
     print(f"bf16 max |d| = {worst:.4f}")
+
+
+def test_tokens_with_the_same_text_keep_the_best_value_in_top_logprobs():
+    """Halves of one character both decode to U+FFFD: the dict must keep the top-1's value, or
+    lm-eval's greedy check (logprob == max(top.values())) goes wrong."""
+    halves = {3: "\ufffd", 4: "\ufffd"}
+
+    def decode(ids):
+        return halves.get(ids[0], f"t{ids[0]}")
+
+    assert top_logprobs_dict(decode, [(3, -1.5), (4, -2.0), (5, -3.0)]) == {"\ufffd": -1.5, "t5": -3.0}
+    echoed = echoed_logprobs(decode, [5, 3, 6], [(-1.5, [(3, -1.5), (4, -2.0)]), (-4.0, [(5, -0.5)])])
+    assert echoed == {"tokens": ["t5", "\ufffd", "t6"], "token_logprobs": [None, -1.5, -4.0],
+                      "top_logprobs": [None, {"\ufffd": -1.5}, {"t5": -0.5}], "text_offset": [0, 2, 3]}
