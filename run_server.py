@@ -4,8 +4,8 @@
     python run_server.py --model EleutherAI/gpt-j-6b --precision bf16 --port 8000 --api-key KEY
     torchrun --nproc-per-node 2 run_server.py --config gptj-6b-tp2 --tensor-parallel 2
 
-Endpoints: POST /v1/completions, /v1/chat/completions, /v1/entailment; GET /v1/models,
-/health, /metrics. Presets live in config/inference.yml (the `server:` and `generation:`
+Endpoints: POST /v1/completions, /v1/chat/completions, /v1/entailment, /tokenize,
+/detokenize; GET /v1/models, /tokenizer_info, /health, /metrics. Presets live in config/inference.yml (the `server:` and `generation:`
 sections); options override them and --set section.field=value reaches any field.
 """
 
