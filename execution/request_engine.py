@@ -118,7 +118,11 @@ class RequestEngine:
     prefill_multiple: prefill batches are right-padded to a multiple of this many tokens (the
     padding is masked). CPU bf16 kernels keep a compiled kernel per matmul shape; with prompts
     of every length a server's memory grows for minutes, with lengths in steps of 16 it is flat.
+    prefill_token_budget: the most tokens (rows x padded length) one prefill forward takes;
+    a step that admits more prefills them in groups (a class default; set it per engine).
     """
+
+    prefill_token_budget = 16384
 
     def __init__(
         self,
@@ -238,9 +242,31 @@ class RequestEngine:
             self._start(row, request, logits[i], events, scores[i])
 
     def _prefill(self, rows: list[int], requests: list[Request]) -> tuple[torch.Tensor, list]:
-        """One batched prefill of `requests` into cache `rows`: last-position logits [n, V] and
-        each request's prompt scores (`Event.prompt_logprobs`; None unless it asked), all
-        scored in one `execution.scoring.token_logprobs` pass over the prefill's hidden states."""
+        """Prefill `requests` into cache `rows`: last-position logits [n, V] and each request's
+        prompt scores (`Event.prompt_logprobs`; None unless it asked).
+
+        The admitted requests go in groups of consecutive requests whose padded batch holds at
+        most `prefill_token_budget` tokens (a longer prompt alone), so many long prompts (a
+        scoring client's batch) never hold all their activations at once."""
+        groups, group, longest = [], [], 0
+        for i, request in enumerate(requests):
+            width = -(-max(longest, len(request.prompt)) // self.prefill_multiple) * self.prefill_multiple
+            if group and (len(group) + 1) * width > self.prefill_token_budget:
+                groups.append(group)
+                group, longest = [], 0
+            group.append(i)
+            longest = max(longest, len(request.prompt))
+        groups.append(group)
+        logits, scores = [], []
+        for group in groups:
+            part_logits, part_scores = self._prefill_group([rows[i] for i in group], [requests[i] for i in group])
+            logits.append(part_logits)
+            scores += part_scores
+        return torch.cat(logits), scores
+
+    def _prefill_group(self, rows: list[int], requests: list[Request]) -> tuple[torch.Tensor, list]:
+        """One batched prefill; its prompt scores in one `execution.scoring.token_logprobs` pass
+        over the prefill's hidden states."""
         hidden, lengths = self.runner._prefill_hidden(self.cache, rows, [r.prompt for r in requests],
                                                       self.prefill_multiple)
         device = hidden.device

@@ -95,3 +95,36 @@ def test_engine_checks_scoring_requests(pair):
     engine.add(Request("full", list(range(1, 17)), max_new_tokens=0, prompt_logprobs=1))  # fills the row
     (event,) = engine.step()
     assert event.finish_reason == "length" and len(event.prompt_logprobs) == 15
+
+
+def test_a_large_admission_is_prefilled_in_groups_within_the_token_budget(pair, monkeypatch):
+    _, ours = pair
+    prompts = [[(7 * i + j) % TINY.vocab_size for j in range(10 + 3 * i)] for i in range(5)]  # 10..22 tokens
+
+    def run(budget):
+        engine = RequestEngine(ours, max_batch_size=5, eos_token_id=None)
+        engine.prefill_token_budget = budget
+        widths = []
+        prefill = engine.runner._prefill_hidden
+
+        def counting(cache, rows, batch, multiple):
+            widths.append(len(rows) * max(len(p) for p in batch))
+            return prefill(cache, rows, batch, multiple)
+
+        monkeypatch.setattr(engine.runner, "_prefill_hidden", counting)
+        for i, p in enumerate(prompts):
+            engine.add(Request(f"r{i}", p, max_new_tokens=3, prompt_logprobs=1))
+        events = []
+        while engine.has_work:
+            events += engine.step()
+        return widths, [(e.request_id, e.token, e.prompt_logprobs) for e in events]
+
+    whole_widths, whole = run(10_000)
+    grouped_widths, grouped = run(40)
+    assert whole_widths == [5 * 22]
+    assert len(grouped_widths) > 1 and max(grouped_widths) <= 40
+    assert [(r, t) for r, t, _ in grouped] == [(r, t) for r, t, _ in whole]
+    for (_, _, a), (_, _, b) in zip(grouped, whole):
+        assert (a is None) == (b is None)
+        if a is not None:
+            assert [v for v, _ in a] == pytest.approx([v for v, _ in b], abs=1e-5)
