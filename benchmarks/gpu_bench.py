@@ -643,6 +643,12 @@ def plan_rows(smoke: bool, on_cuda: bool) -> list[Row]:
     ]
 
 
+def row_selected(name: str, patterns: list[str] | None) -> bool:
+    """--only: a pattern picks the rows whose name holds each of its words ("int4 graphs")."""
+    words = set(name.split())
+    return patterns is None or any(set(p.split()) <= words for p in patterns)
+
+
 def run_row(bench: Bench, report: Report, row: Row) -> None:
     record = {**row.fields, "row": row.name}
     if bench.budget.left() < row.cost_s:
@@ -727,7 +733,8 @@ def parse_args(argv):
                         help="epoch seconds the budget counts from (default: this process's start)")
     parser.add_argument("--blocks", type=int, default=None, help="training blocks (default: as many as fit)")
     parser.add_argument("--only", nargs="*", default=None,
-                        help="run only rows whose name holds one of these words, e.g. --only graphs int4")
+                        help="only the rows whose name holds every word of one of these, e.g. --only "
+                             "'int4 graphs' 'training ours' (names: the row field of gpu_bench.json)")
     parser.add_argument("--skip", nargs="*", default=[], choices=["training", "decode"])
     args = parser.parse_args(argv)
     if args.blocks is not None and args.blocks < 1:
@@ -757,7 +764,7 @@ def main(argv=None) -> int:
         return 1
     bench = Bench(device, args.smoke, report.data["machine"], budget, blocks=args.blocks)
     for row in plan_rows(args.smoke, device.type == "cuda"):
-        if row.section in args.skip or (args.only and not any(w in row.name for w in args.only)):
+        if row.section in args.skip or not row_selected(row.name, args.only):
             continue
         run_row(bench, report, row)
     bench.models.clear()

@@ -232,3 +232,29 @@ def test_the_compiled_step_writes_only_static_inputs():
     assert {t.data_ptr() for t in written} == stored
     assert all(getattr(t, "_dynamo_static_input_type", None) for t in written)
     torch._dynamo.reset()
+
+
+def test_only_picks_rows_by_the_words_of_their_names():
+    names = [row.name for row in gpu_bench.plan_rows(smoke=False, on_cuda=True)]
+    assert names[:7] == ["training ours", "decode ours bf16 eager b1", "decode ours bf16 eager b16",
+                         "decode ours bf16 graphs b1", "decode ours bf16 graphs b16",
+                         "decode ours int4 eager b1", "decode ours int4 graphs b1"]  # headline rows first
+    assert len(set(names)) == len(names)
+    picked = [n for n in names if gpu_bench.row_selected(n, ["int4 graphs", "training ours"])]
+    assert picked == ["training ours", "decode ours int4 graphs b1", "decode ours int4 graphs b16",
+                      "decode ours int4 graphs b64", "training ours offload"]
+    assert [n for n in names if gpu_bench.row_selected(n, ["ours bf16 eager b1"])] == ["decode ours bf16 eager b1"]
+
+
+def test_the_prepared_run_writes_env_log_and_results(tmp_path):
+    done = subprocess.run(["bash", "benchmarks/gpu_run.sh", "--smoke", "--only", "ours bf16 eager b1"], cwd=ROOT,
+                          env={**_env(), "OUT": str(tmp_path)}, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    env = (tmp_path / "env.txt").read_text()
+    for heading in ("== nvidia-smi", "== versions", "== /proc/meminfo"):
+        assert heading in env
+    assert f"torch {torch.__version__}" in env and "MemTotal:" in env
+    assert "decode ours bf16 eager b1" in (tmp_path / "log.txt").read_text()
+    report = json.loads((tmp_path / "gpu_bench.json").read_text())
+    assert report["complete"] and [r["row"] for r in report["decode"]["runs"]] == ["decode ours bf16 eager b1"]
+    assert report["budget_left_at_start_s"] < report["budget_s"]  # counted from the script's start
