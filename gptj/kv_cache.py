@@ -132,6 +132,7 @@ class StaticKVCache:
         by the graph instead of being copied in on every replay (the mask, the write index).
         """
         from torch._dynamo import mark_static_address as mark
+
         for layer in self.layers:
             mark(layer.keys, guard=False)
             mark(layer.values, guard=False)
