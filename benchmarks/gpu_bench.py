@@ -1,27 +1,44 @@
 """GPT-J 6B dimensions on one GPU, random bf16 weights: training MFU and decode bandwidth.
 
-    python -m benchmarks.gpu_bench                 # on an H100/H200, < 8 minutes
-    python -m benchmarks.gpu_bench --smoke         # tiny shape on CPU, a few seconds
+    python -m benchmarks.gpu_bench                 # on an H100/H200: ends within 7 minutes of its start
+    python -m benchmarks.gpu_bench --smoke         # tiny shape on CPU, through the compiled decode path
     python -m benchmarks.gpu_bench --out DIR       # default: $OUT, else benchmarks/results
+    bash benchmarks/gpu_run.sh                     # the prepared device run (env.txt, log.txt, results)
 
-Sections (each in try/except: an error is recorded and the next section runs; a global time
-budget skips what no longer fits):
+Rows run in this order, headline rows first, each in try/except (an error is recorded and the
+next row runs):
 
-1. machine: device name, measured bf16 matmul FLOP/s and device-copy bandwidth (read + write).
-2. training: GPTJ with as many 6B-shaped blocks as fit (chosen with execution.planner from the
-   free device memory and the host memory), bf16 weights + ShardedAdamW fp32 master, with and
-   without optimizer offload; tokens/s and MFU (ModelConfig.flops_per_token: 6 M + 12 L d s
-   per token, M the matmul weights, embedding excluded) against the measured matmul limit
-   and the card's datasheet peak. Hugging Face (GPTJForCausalLM, fp32
-   weights + torch.autocast(bf16) + fused AdamW, the Trainer's bf16 path) on the same blocks
-   where it fits.
-3. decode: the full 28-block model, greedy, batch 1, 16 and 64; tokens/s and the fraction of
-   the measured bandwidth (bytes per step = weights without the embedding + KV cache read),
-   ours (eager, and with CUDA graphs via compile_decode) and Hugging Face generate; then the
-   same model weight-only quantized on the device: int4 (group 128, torch's tinygemm kernel,
-   eager and with CUDA graphs) and int8 (dequantize + matmul, fused by the compiled step).
+1. machine: device name, measured bf16 matmul FLOP/s and device-copy bandwidth (read + write),
+   free device memory, the host's /proc/meminfo.
+2. headline: training without offload (ours: as many 6B-shaped blocks as the planner fits, or
+   --blocks; bf16 weights + ShardedAdamW fp32 master; tokens/s and MFU, 6 M + 12 L d s FLOPs a
+   token, against the measured matmul limit and the datasheet peak); bf16 decode of the full
+   28-block model at batch 1 and 16, eager then with CUDA graphs; int4 decode at batch 1, eager
+   then with CUDA graphs.
+3. then, while the budget lasts: Hugging Face decode and training (GPTJForCausalLM, fp32 weights
+   + autocast + fused AdamW on the same blocks), batch 64 and the remaining int4 rows, int8 at
+   batch 1 with CUDA graphs, training with optimizer offload.
 
-Writes gpu_bench.json and gpu_bench.md under the output folder and prints the table.
+Decode rows: greedy, tokens/s and the fraction of the measured bandwidth, bytes per step = the
+weights a step reads (embedding excluded, quantized projections as their kernel reads them) +
+the KV cache slots the step attends (the whole cache for a compiled step). Quantized rows list
+each layer's kernel and any packing the kernel refused.
+
+int8 on CUDA (gptj.quant `_int8_cuda_matmul`, `F.linear(x, q.to(bf16)) * scale`) runs only at
+batch 1 with CUDA graphs and inductor's coordinate-descent tuning: only there does inductor
+turn the matmul into a reduction that reads the int8 weight directly; at more rows, or eager,
+it writes a bf16 copy of the weight first (~5 bytes a weight), a detour not worth the budget.
+
+Compiled rows: `torch._dynamo.reset()` before each (every engine compiles the same decode
+function: without it the ninth configuration would hit dynamo's recompile limit), and each row
+records its compiled frames, recompiles, graph breaks and inductor's cudagraph skips; a row
+that asked for CUDA graphs fails when inductor skipped them.
+
+Time budget (--budget, default 420 s counted from this process's start, or from --since): a
+row starts only when its estimated cost fits in what is left, training steps stop early when
+time runs short, and at the deadline a watchdog records the row in flight as stopped, writes the
+files and exits with code 3. gpu_bench.json and gpu_bench.md are rewritten (atomically) after
+every row, so a kill keeps every row measured before it; "complete" turns true at the end.
 """
 
 from __future__ import annotations
@@ -31,8 +48,11 @@ import gc
 import json
 import os
 import sys
+import threading
 import time
 import traceback
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -44,14 +64,103 @@ from gptj import GPTJ, ModelConfig
 DATASHEET_BF16 = {"H200": 989e12, "H100 SXM": 989e12, "H100 80GB HBM3": 989e12, "H100 NVL": 835e12,
                   "H100 PCIe": 756e12, "H100": 989e12, "A100": 312e12}
 GiB = 2**30
+DEFAULT_BUDGET_S = 420.0  # 7 minutes from the process start
+SMOKE_BUDGET_S = 300.0
+EXIT_BUDGET = 3  # stopped at the deadline; the rows measured so far are on disk
+
+
+# ---- time budget -----------------------------------------------------------------------------------
+
+
+def process_start_time() -> float:
+    """Epoch seconds at which this process started (from /proc), else now."""
+    try:
+        fields = Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()
+        ticks = int(fields[19])  # field 22 of stat, counted after the ")" that ends field 2
+        uptime = float(Path("/proc/uptime").read_text().split()[0])
+        return time.time() - uptime + ticks / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError):
+        return time.time()
 
 
 class Budget:
-    def __init__(self, seconds: float):
-        self.end = time.perf_counter() + seconds
+    def __init__(self, seconds: float, since: float):
+        self.seconds, self.end = seconds, since + seconds
 
     def left(self) -> float:
-        return self.end - time.perf_counter()
+        return self.end - time.time()
+
+
+# ---- the report, on disk after every row -----------------------------------------------------------
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+class Report:
+    """The results so far; `finish_row` adds a row and rewrites gpu_bench.json and .md."""
+
+    def __init__(self, out: Path, meta: dict):
+        self.out = out
+        self.data = {**meta, "complete": False, "machine": {}, "training": {"runs": []},
+                     "decode": {"runs": []}}
+        self.lock = threading.Lock()
+        self.in_flight: tuple[str, dict, float] | None = None
+        out.mkdir(parents=True, exist_ok=True)
+
+    def start_row(self, section: str, record: dict) -> None:
+        with self.lock:
+            self.in_flight = (section, record, time.perf_counter())
+
+    def finish_row(self, section: str, record: dict) -> None:
+        with self.lock:
+            self.in_flight = None
+            self.data[section]["runs"].append(record)
+            self._write()
+        print(f"  {section} {_brief(record)}", file=sys.stderr, flush=True)
+
+    def set(self, key: str, value) -> None:
+        with self.lock:
+            self.data[key] = value
+            self._write()
+
+    def _write(self) -> None:
+        _write_atomic(self.out / "gpu_bench.json", json.dumps(self.data, indent=1, default=str))
+        _write_atomic(self.out / "gpu_bench.md", markdown(self.data))
+
+    def stop_at_deadline(self) -> None:
+        """Watchdog: record the row in flight as stopped, write the files, end the process."""
+        got = self.lock.acquire(timeout=10)
+        try:
+            if self.in_flight is not None:
+                section, record, started = self.in_flight
+                record["error"] = (f"stopped: the time budget ran out {time.perf_counter() - started:.0f} s "
+                                   "into this row")
+                self.data[section]["runs"].append(record)
+            self.data["stopped_at_deadline"] = True
+            self._write()
+        finally:
+            if got:
+                self.lock.release()
+        print(f"time budget reached: stopped; results so far in {self.out}", file=sys.stderr, flush=True)
+        os._exit(EXIT_BUDGET)
+
+
+def _brief(record: dict) -> dict:
+    return {k: v for k, v in record.items() if k not in ("traceback", "kernels")}
+
+
+def start_watchdog(budget: Budget, report: Report) -> threading.Timer:
+    timer = threading.Timer(max(0.0, budget.left()), report.stop_at_deadline)
+    timer.daemon = True
+    timer.start()
+    return timer
+
+
+# ---- small helpers ---------------------------------------------------------------------------------
 
 
 def sync(device: torch.device) -> None:
@@ -66,10 +175,13 @@ def free_memory(device: torch.device) -> None:
         torch.cuda.reset_peak_memory_stats(device)
 
 
-def timed(fn, device: torch.device, repeats: int) -> list[float]:
-    """Seconds per call, with CUDA events on a GPU and perf_counter on CPU."""
-    times = []
+def timed(fn, device: torch.device, repeats: int, budget: Budget | None = None, reserve: float = 0.0) -> list[float]:
+    """Seconds per call, with CUDA events on a GPU and perf_counter on CPU. Stops after the
+    first call once less than `reserve` seconds of the budget would be left after another."""
+    times: list[float] = []
     for _ in range(repeats):
+        if times and budget is not None and budget.left() - max(times) < reserve:
+            break
         sync(device)
         if device.type == "cuda":
             start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
@@ -102,6 +214,20 @@ def datasheet_peak(name: str) -> float | None:
     return next((v for k, v in DATASHEET_BF16.items() if k in name), None)
 
 
+def host_meminfo() -> dict[str, int]:
+    """/proc/meminfo in bytes (values given in kB), {} where there is none."""
+    out = {}
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            key, _, rest = line.partition(":")
+            parts = rest.split()
+            if parts:
+                out[key] = int(parts[0]) * (1024 if parts[1:] == ["kB"] else 1)
+    except (OSError, ValueError):
+        pass
+    return out
+
+
 # ---- machine ---------------------------------------------------------------------------------------
 
 
@@ -110,9 +236,11 @@ def section_machine(device: torch.device, smoke: bool) -> dict:
     out = {
         "device": name,
         "torch": torch.__version__,
+        "cuda": torch.version.cuda,
         "matmul_bf16_flops": measure_matmul_flops(torch.bfloat16, 256 if smoke else None, device),
         "bandwidth": measure_memory_bandwidth(16 if smoke else None, device),
         "datasheet_bf16_flops": datasheet_peak(name),
+        "host_meminfo": host_meminfo(),
     }
     if device.type == "cuda":
         free_memory(device)  # the measurement buffers above go back before counting free memory
@@ -121,18 +249,239 @@ def section_machine(device: torch.device, smoke: bool) -> dict:
     return out
 
 
-# ---- training --------------------------------------------------------------------------------------
+# ---- compile accounting ----------------------------------------------------------------------------
+
+
+def compile_counters() -> dict:
+    """dynamo's and inductor's running counters that tell what a compiled row really ran."""
+    from torch._dynamo.utils import counters
+
+    return {
+        "frames_compiled": counters["frames"]["ok"],
+        "graph_breaks": sum(counters["graph_break"].values()),
+        "cudagraph_skips": counters["inductor"]["cudagraph_skips"],
+        # inputs a recorded graph copies in on every replay (the cache must not be among them)
+        "cudagraph_copied_inputs": counters["inductor"]["cudagraph_recorded_non_static_inputs"],
+    }
+
+
+def decode_step_compilations() -> int | None:
+    """How many compiled versions dynamo holds of the decode step (None: not knowable)."""
+    from execution.generation import GenerationEngine
+
+    try:
+        from torch._dynamo.eval_frame import _debug_get_cache_entry_list
+
+        return len(_debug_get_cache_entry_list(GenerationEngine._decode_forward.__code__))
+    except Exception:  # a private API: absent or changed in another torch
+        return None
+
+
+def compile_report(before: dict, graphs_asked: bool) -> tuple[dict, str | None]:
+    """Counter deltas since `before`, recompiles of the decode step, and the reason to fail the
+    row (None: it ran as asked)."""
+    after = compile_counters()
+    stats = {k: after[k] - before[k] for k in after}
+    versions = decode_step_compilations()
+    stats["recompiles"] = None if versions is None else max(0, versions - 1)
+    if stats["frames_compiled"] == 0:
+        return stats, "compiled step asked for but nothing was compiled"
+    if graphs_asked and stats["cudagraph_skips"]:
+        return stats, (f"CUDA graphs asked for but inductor skipped them ({stats['cudagraph_skips']} "
+                       "skip(s); TORCH_LOGS=cudagraphs gives the reason)")
+    return stats, None
+
+
+def prepare_compiled_row() -> dict:
+    """A fresh dynamo before each compiled configuration; the counters to diff against."""
+    import torch._dynamo
+
+    torch._dynamo.reset()
+    return compile_counters()
+
+
+def configure_compiler() -> None:
+    """Fail loudly instead of running eager: a recompile limit hit raises, and (where this
+    torch has the switch) so does a skipped CUDA graph, with inductor's reason."""
+    import torch._dynamo
+    import torch._inductor.config as inductor_config
+
+    if hasattr(torch._dynamo.config, "fail_on_recompile_limit_hit"):
+        torch._dynamo.config.fail_on_recompile_limit_hit = True
+    if hasattr(inductor_config.triton, "cudagraph_or_error"):
+        inductor_config.triton.cudagraph_or_error = True
+
+
+# ---- bytes a decode step reads ---------------------------------------------------------------------
+
+
+def hf_decode_bytes_per_step(config: ModelConfig, batch: int, slots: float, element: int = 2) -> float:
+    """Weights a decode step reads (all but the embedding table) + the KV cache slots it attends."""
+    weights = config.num_parameters() - config.vocab_size * config.hidden_size
+    kv = 2 * config.num_layers * batch * slots * config.hidden_size
+    return (weights + kv) * element
+
+
+def model_weight_bytes(model) -> int:
+    """Weight bytes one decode step reads from a model as it is held: float parameters their
+    own, quantized projections what their kernel reads (QuantizedLinear.decode_bytes)."""
+    from gptj.quant import QuantizedLinear
+
+    weights = sum(p.numel() * p.element_size() for n, p in model.named_parameters() if not n.startswith("embed."))
+    return weights + sum(m.decode_bytes() for m in model.modules() if isinstance(m, QuantizedLinear))
+
+
+def decode_step_bytes(model, batch: int, attended_slots: float, cache_element: int) -> dict:
+    """Bytes per decode step: the weights, and the keys and values of the slots attended."""
+    attn = model.blocks[0].attn
+    kv = 2 * len(model.blocks) * batch * attended_slots * attn.local_heads * attn.head_dim * cache_element
+    return {"weight_bytes": model_weight_bytes(model), "kv_bytes": kv}
+
+
+def layer_kernels(model) -> tuple[dict[str, str], dict[str, str]]:
+    """Each quantized layer's kernel, and the packings a kernel refused (with the reason)."""
+    from gptj.quant import QuantizedLinear
+
+    kernels, refused = {}, {}
+    for name, module in model.named_modules():
+        if isinstance(module, QuantizedLinear):
+            kernels[name] = module.prepare_kernel().kernel_name
+            if module.kernel_refused:
+                refused[name] = module.kernel_refused
+    return kernels, refused
+
+
+# ---- the models decode rows share ------------------------------------------------------------------
+
+
+class Models:
+    """Models built on first use and kept for the following rows; `clear` frees them."""
+
+    def __init__(self, config: ModelConfig, device: torch.device):
+        self.config, self.device, self._held = config, device, {}
+
+    def get(self, kind: str):
+        if kind not in self._held:
+            self._held[kind] = self._build(kind)
+        return self._held[kind]
+
+    def _build(self, kind: str):
+        if kind == "bf16":
+            return random_init(GPTJ(self.config, dtype=torch.bfloat16, device=self.device)).eval()
+        if kind in ("int8", "int4"):
+            from gptj.quant import QuantSpec
+            from gptj.quantized import quantized_copy
+
+            return quantized_copy(self.get("bf16"), QuantSpec(int(kind[3:]), 128))
+        if kind == "hf":
+            from transformers import GPTJForCausalLM
+
+            with torch.device(self.device):
+                hf = GPTJForCausalLM._from_config(self.config.to_hf(), dtype=torch.bfloat16)
+            return random_init(hf).eval()
+        raise ValueError(f"unknown model kind {kind!r}")
+
+    def clear(self) -> None:
+        self._held.clear()
+        free_memory(self.device)
+
+
+@dataclass
+class Bench:
+    """What every row needs: the device, shapes, measured limits, shared models, the budget."""
+
+    device: torch.device
+    smoke: bool
+    machine: dict
+    budget: Budget
+    blocks: int | None = None  # --blocks: training blocks instead of the planner's choice
+    models: Models | None = None
+    prompt_len: int = 128
+    new_tokens: int = 128
+    prompts: dict = field(default_factory=dict)
+    training_blocks: int | None = None  # what ours without offload ran (HF trains the same)
+
+    def __post_init__(self):
+        config = self.model_config()
+        self.models = Models(config, self.device)
+        if self.smoke:
+            self.prompt_len, self.new_tokens = 16, 8
+        gen = torch.Generator().manual_seed(0)
+        self.prompts = {b: torch.randint(0, config.vocab_size, (b, self.prompt_len), generator=gen).tolist()
+                        for b in (1, 16, 64)}
+
+    def model_config(self) -> ModelConfig:
+        return ModelConfig.preset("tiny") if self.smoke else ModelConfig.preset("gptj-6b")
+
+
+# ---- decode rows -----------------------------------------------------------------------------------
+
+
+def decode_ours(model, prompts, new_tokens: int, compiled: bool):
+    """Decode tokens/s and the engine that ran (after a warm-up run that compiles)."""
+    from execution.generation import GenerationEngine
+
+    engine = GenerationEngine(model, compile_decode=compiled)
+    engine.run(prompts, min(new_tokens, 8), None)  # warm-up (compilation, graph recording)
+    engine.run(prompts, new_tokens, None)
+    return engine.stats.decode_tokens_per_second, engine
+
+
+def decode_hf(model, prompts, new_tokens, device) -> float:
+    ids = torch.tensor(prompts, device=device)
+    kwargs = dict(attention_mask=torch.ones_like(ids), do_sample=False, pad_token_id=0, eos_token_id=None)
+    with torch.no_grad():
+        model.generate(ids, max_new_tokens=2, min_new_tokens=2, **kwargs)
+        times = {}
+        for n in (1, new_tokens):  # decode rate = extra tokens over extra time (prefill cancels out)
+            sync(device)
+            t = time.perf_counter()
+            model.generate(ids, max_new_tokens=n, min_new_tokens=n, **kwargs)
+            sync(device)
+            times[n] = time.perf_counter() - t
+    return ids.shape[0] * (new_tokens - 1) / max(times[new_tokens] - times[1], 1e-9)
+
+
+def decode_row_ours(bench: Bench, record: dict) -> None:
+    weights, batch, compiled = record["weights"], record["batch"], record["compiled"]
+    model = bench.models.get(weights)
+    if weights != "bf16":
+        record["kernels"], record["kernels_refused"] = layer_kernels(model)
+    before = prepare_compiled_row() if compiled else None
+    tuning = record.get("coordinate_descent_tuning", False)
+    import torch._inductor.config as inductor_config
+
+    with inductor_config.patch(coordinate_descent_tuning=tuning):
+        rate, engine = decode_ours(model, bench.prompts[batch], bench.new_tokens, compiled)
+    record["compile"], failure = compile_report(before, record["cuda_graphs"]) if compiled else (None, None)
+    if failure:
+        record["error"] = failure
+    slots = engine.stats.mean_attended_slots
+    cache_element = engine.cache.layers[0].keys.element_size()
+    step = decode_step_bytes(model, batch, slots, cache_element)
+    _rate_fields(record, rate, batch, step["weight_bytes"] + step["kv_bytes"], bench.machine["bandwidth"])
+    record.update(step, attended_slots=slots, cache_dtype=str(engine.cache.layers[0].keys.dtype))
+
+
+def decode_row_hf(bench: Bench, record: dict) -> None:
+    batch = record["batch"]
+    rate = decode_hf(bench.models.get("hf"), bench.prompts[batch], bench.new_tokens, bench.device)
+    slots = bench.prompt_len + bench.new_tokens / 2  # its cache grows: the filled slots, on average
+    step = hf_decode_bytes_per_step(bench.model_config(), batch, slots)
+    _rate_fields(record, rate, batch, step, bench.machine["bandwidth"])
+    record["attended_slots"] = slots
+
+
+def _rate_fields(record: dict, rate: float, batch: int, step_bytes: float, bandwidth: float) -> None:
+    record.update(tokens_per_s=rate, bytes_per_token=step_bytes / batch,
+                  bandwidth_fraction=step_bytes * (rate / batch) / bandwidth)
+
+
+# ---- training rows ---------------------------------------------------------------------------------
 
 
 def host_available() -> float:
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return 64 * GiB
+    return host_meminfo().get("MemAvailable", 64 * GiB)
 
 
 def choose_blocks(base: ModelConfig, seq: int, batch: int, offload: bool, device_bytes: float,
@@ -154,7 +503,7 @@ def choose_blocks(base: ModelConfig, seq: int, batch: int, offload: bool, device
     return best
 
 
-def train_ours(config, device, batch, seq, offload: bool, steps: int) -> dict:
+def train_ours(config, device, batch, seq, offload: bool, steps: int, budget: Budget) -> dict:
     from execution.optimizer import ShardedAdamW
 
     model = random_init(GPTJ(config, dtype=torch.bfloat16, device=device))
@@ -165,14 +514,13 @@ def train_ours(config, device, batch, seq, offload: bool, steps: int) -> dict:
 
     def step():
         model.loss(ids[:, :-1], ids[:, 1:]).backward()
-        opt.step(1e-5)
-        opt.zero_grad()
+        opt.step(1e-5)  # zeroes the gradients itself
 
     timed(step, device, 1)  # warm-up
-    return {"times": timed(step, device, steps), "peak": _peak(device)}  # model freed on return
+    return {"times": timed(step, device, steps, budget, reserve=10), "peak": _peak(device)}  # model freed on return
 
 
-def train_hf(config, device, batch, seq, steps: int) -> dict:
+def train_hf(config, device, batch, seq, steps: int, budget: Budget) -> dict:
     from transformers import GPTJForCausalLM
 
     hf_config = config.to_hf()
@@ -192,271 +540,240 @@ def train_hf(config, device, batch, seq, steps: int) -> dict:
         opt.zero_grad(set_to_none=True)
 
     timed(step, device, 1)
-    return {"times": timed(step, device, steps), "peak": _peak(device)}
+    return {"times": timed(step, device, steps, budget, reserve=10), "peak": _peak(device)}
 
 
 def _peak(device) -> int | None:
     return torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
 
 
-def section_training(device, machine: dict, smoke: bool, budget: Budget) -> dict:
-    base = ModelConfig.preset("tiny") if smoke else ModelConfig.preset("gptj-6b")
-    seq, batch = (64, 2) if smoke else (1024, 4)
-    limit = machine["matmul_bf16_flops"]
-    peak = machine.get("datasheet_bf16_flops")
-    if device.type == "cuda":
-        device_bytes = machine["device_free"]
-    else:
-        device_bytes = 2 * GiB
-    host_bytes = host_available()
-    runs = []
-    for impl, offload in (("ours", False), ("ours", True), ("hf", False)):
-        if budget.left() < (5 if smoke else 90):
-            runs.append({"impl": impl, "offload": offload, "error": "skipped: time budget"})
-            continue
-        free_memory(device)
-        record = {"impl": impl, "offload": offload}
-        try:
-            blocks = choose_blocks(base, seq, batch, offload, device_bytes, host_bytes,
-                                   max_blocks=base.num_layers if not smoke else 2)
-            if impl == "hf":  # HF on the same blocks as ours without offload
-                blocks = next((r["blocks"] for r in runs if r.get("impl") == "ours" and not r["offload"]
-                               and "blocks" in r), blocks)
-            if blocks < 1:
-                raise RuntimeError("not even one block fits in memory")
-            config = base.replace(num_layers=blocks)
-            steps = 2 if smoke else (2 if offload else 4)
-            result = (train_hf(config, device, batch, seq, steps) if impl == "hf"
-                      else train_ours(config, device, batch, seq, offload, steps))
-            seconds = sorted(result["times"])[len(result["times"]) // 2]
-            tokens = batch * seq
-            flops = config.flops_per_token(seq) * tokens / seconds
-            record.update(blocks=blocks, parameters=config.num_parameters(), batch=batch, seq=seq,
-                          step_seconds=seconds, tokens_per_s=tokens / seconds, model_flops_per_s=flops,
-                          mfu=flops / limit, mfu_datasheet=flops / peak if peak else None,
-                          peak_device_bytes=result["peak"])
-        except Exception as error:
-            record["error"] = f"{type(error).__name__}: {error}"
-            record["traceback"] = traceback.format_exc()[-2000:]
-        runs.append(record)
-        print(f"  training {record}", file=sys.stderr, flush=True)
-    return {"runs": runs}
+def training_row(bench: Bench, record: dict) -> None:
+    bench.models.clear()  # the decode models' memory goes to training
+    base = bench.model_config()
+    seq, batch = (64, 2) if bench.smoke else (1024, 4)
+    impl, offload = record["impl"], record["offload"]
+    blocks = _training_blocks(bench, base, seq, batch, offload, impl)
+    config = base.replace(num_layers=blocks)
+    steps = 2 if bench.smoke or offload else 4
+    result = (train_hf(config, bench.device, batch, seq, steps, bench.budget) if impl == "hf"
+              else train_ours(config, bench.device, batch, seq, offload, steps, bench.budget))
+    if impl == "ours" and not offload:
+        bench.training_blocks = blocks
+    seconds = sorted(result["times"])[len(result["times"]) // 2]
+    tokens = batch * seq
+    flops = config.flops_per_token(seq) * tokens / seconds
+    peak = bench.machine.get("datasheet_bf16_flops")
+    record.update(blocks=blocks, parameters=config.num_parameters(), batch=batch, seq=seq,
+                  steps_timed=len(result["times"]), step_seconds=seconds, tokens_per_s=tokens / seconds,
+                  model_flops_per_s=flops, mfu=flops / bench.machine["matmul_bf16_flops"],
+                  mfu_datasheet=flops / peak if peak else None, peak_device_bytes=result["peak"])
+    bench.models.clear()
 
 
-# ---- decode ----------------------------------------------------------------------------------------
+def _training_blocks(bench: Bench, base: ModelConfig, seq: int, batch: int, offload: bool, impl: str) -> int:
+    if bench.blocks:
+        return bench.blocks
+    if impl == "hf" and bench.training_blocks:  # HF on the same blocks as ours without offload
+        return bench.training_blocks
+    device_bytes = bench.machine["device_free"] if bench.device.type == "cuda" else 2 * GiB
+    blocks = choose_blocks(base, seq, batch, offload, device_bytes, host_available(),
+                           max_blocks=2 if bench.smoke else base.num_layers)
+    if blocks < 1:
+        raise RuntimeError("not even one block fits in memory (--blocks N overrides the planner)")
+    return blocks
 
 
-def decode_bytes_per_step(config: ModelConfig, batch: int, context: int, element: int = 2) -> float:
-    """Weights a decode step reads (all but the embedding table) + the KV cache it attends."""
-    weights = config.num_parameters() - config.vocab_size * config.hidden_size
-    kv = 2 * config.num_layers * batch * context * config.hidden_size
-    return (weights + kv) * element
+# ---- the plan --------------------------------------------------------------------------------------
 
 
-def model_decode_bytes(model, batch: int, context: int) -> float:
-    """decode_bytes_per_step for a model as it is held: quantized projections count the bytes
-    their kernel reads (gptj.quant.QuantizedLinear.decode_bytes), float parameters their own."""
-    from gptj.quant import QuantizedLinear
+@dataclass
+class Row:
+    section: str  # "training" | "decode"
+    fields: dict  # what identifies the row in the report
+    cost_s: float  # seconds it needs left to start (an estimate: compilation dominates)
+    run: Callable[[Bench, dict], None]
 
-    config = model.config
-    weights = sum(p.numel() * p.element_size() for n, p in model.named_parameters() if not n.startswith("embed."))
-    weights += sum(m.decode_bytes() for m in model.modules() if isinstance(m, QuantizedLinear))
-    kv = 2 * config.num_layers * batch * context * config.hidden_size * model.embed.weight.element_size()
-    return weights + kv
-
-
-def decode_ours(model, prompts, new_tokens, compile_decode: bool) -> float:
-    from execution.generation import GenerationEngine
-
-    engine = GenerationEngine(model, compile_decode=compile_decode)
-    engine.run(prompts, min(new_tokens, 8), None)  # warm-up (and compilation)
-    engine.run(prompts, new_tokens, None)
-    return engine.stats.decode_tokens_per_second
+    @property
+    def name(self) -> str:
+        f = self.fields
+        if self.section == "training":
+            return f"training {f['impl']}{' offload' if f['offload'] else ''}"
+        mode = "graphs" if f.get("cuda_graphs") else "compiled" if f.get("compiled") else "eager"
+        return f"decode {f['impl']} {f['weights']} {mode} b{f['batch']}"
 
 
-def decode_hf(model, prompts, new_tokens, device) -> float:
-    ids = torch.tensor(prompts, device=device)
-    kwargs = dict(attention_mask=torch.ones_like(ids), do_sample=False, pad_token_id=0, eos_token_id=None)
-    with torch.no_grad():
-        model.generate(ids, max_new_tokens=2, min_new_tokens=2, **kwargs)
-        times = {}
-        for n in (1, new_tokens):  # decode rate = extra tokens over extra time (prefill cancels out)
-            sync(device)
-            t = time.perf_counter()
-            model.generate(ids, max_new_tokens=n, min_new_tokens=n, **kwargs)
-            sync(device)
-            times[n] = time.perf_counter() - t
-    return ids.shape[0] * (new_tokens - 1) / max(times[new_tokens] - times[1], 1e-9)
+def _train(impl: str, offload: bool, cost: float) -> Row:
+    return Row("training", {"impl": impl, "offload": offload}, cost, training_row)
 
 
-def section_decode(device, machine: dict, smoke: bool, budget: Budget) -> dict:
-    """Eager ours, then Hugging Face, then ours with CUDA graphs (compilation is the slow part,
-    so it runs last and only while the budget lasts)."""
-    config = ModelConfig.preset("tiny") if smoke else ModelConfig.preset("gptj-6b")
-    prompt_len, new_tokens = (16, 8) if smoke else (128, 128)
-    gen = torch.Generator().manual_seed(0)
-    prompts = {b: torch.randint(0, config.vocab_size, (b, prompt_len), generator=gen).tolist() for b in (1, 16, 64)}
-    common = (budget, smoke, config, prompt_len, new_tokens, machine["bandwidth"])
-    runs = []
-    free_memory(device)
-    model = random_init(GPTJ(config, dtype=torch.bfloat16, device=device)).eval()
-    for batch, p in prompts.items():
-        runs.append(_decode_run("ours", batch, False, *common, lambda p=p: decode_ours(model, p, new_tokens, False)))
+def _decode(weights: str, batch: int, compiled: bool, cost: float, graphs: bool, **extra) -> Row:
+    fields = {"impl": "ours", "weights": weights, "batch": batch, "compiled": compiled,
+              "cuda_graphs": compiled and graphs, **extra}
+    return Row("decode", fields, cost, decode_row_ours)
+
+
+def _hf_decode(batch: int, cost: float) -> Row:
+    fields = {"impl": "hf", "weights": "bf16", "batch": batch, "compiled": False, "cuda_graphs": False}
+    return Row("decode", fields, cost, decode_row_hf)
+
+
+def plan_rows(smoke: bool, on_cuda: bool) -> list[Row]:
+    """Every row in run order: the headline rows first, then the rest by value for time."""
+    if smoke:  # CPU: one compiled configuration (a cold inductor compile is ~30 s on 2 cores)
+        return [
+            _train("ours", False, 5), _decode("bf16", 1, False, 2, False), _decode("bf16", 16, False, 2, False),
+            _decode("bf16", 1, True, 5, False), _decode("int4", 1, False, 2, False),
+            _decode("int8", 1, False, 2, False), _hf_decode(1, 2), _hf_decode(16, 2),
+            _train("hf", False, 5), _decode("bf16", 64, False, 2, False), _decode("int4", 16, False, 2, False),
+            _hf_decode(64, 2), _train("ours", True, 5),
+        ]
+    graphs = on_cuda
+    return [
+        _train("ours", False, 45),
+        _decode("bf16", 1, False, 15, graphs), _decode("bf16", 16, False, 15, graphs),
+        _decode("bf16", 1, True, 100, graphs), _decode("bf16", 16, True, 100, graphs),
+        _decode("int4", 1, False, 20, graphs), _decode("int4", 1, True, 100, graphs),
+        # the rest, while the budget lasts
+        _hf_decode(1, 25), _hf_decode(16, 25), _train("hf", False, 60),
+        _decode("bf16", 64, False, 15, graphs), _decode("int4", 16, False, 15, graphs),
+        _decode("int4", 64, False, 15, graphs), _decode("int4", 16, True, 90, graphs),
+        _decode("bf16", 64, True, 90, graphs), _decode("int4", 64, True, 90, graphs), _hf_decode(64, 30),
+        _decode("int8", 1, True, 120, graphs, coordinate_descent_tuning=True),
+        _train("ours", True, 120),
+    ]
+
+
+def row_selected(name: str, patterns: list[str] | None) -> bool:
+    """--only: a pattern picks the rows whose name holds each of its words ("int4 graphs")."""
+    words = set(name.split())
+    return patterns is None or any(set(p.split()) <= words for p in patterns)
+
+
+def run_row(bench: Bench, report: Report, row: Row) -> None:
+    record = {**row.fields, "row": row.name}
+    if bench.budget.left() < row.cost_s:
+        record["error"] = f"skipped: time budget ({bench.budget.left():.0f} s left, needs ~{row.cost_s:.0f} s)"
+        report.finish_row(row.section, record)
+        return
+    report.start_row(row.section, record)
+    started = time.perf_counter()
     try:
-        from transformers import GPTJForCausalLM
-
-        with torch.device(device):
-            hf = GPTJForCausalLM._from_config(config.to_hf(), dtype=torch.bfloat16)
-        random_init(hf).eval()
-        for batch, p in prompts.items():
-            runs.append(_decode_run("hf", batch, False, *common, lambda p=p: decode_hf(hf, p, new_tokens, device)))
-        hf = None  # free the weights before the next model
+        row.run(bench, record)
     except Exception as error:
-        runs.append({"impl": "hf", "error": f"{type(error).__name__}: {error}"})
-    free_memory(device)
-    if device.type == "cuda":
-        for batch, p in prompts.items():
-            runs.append(_decode_run("ours", batch, True, *common, lambda p=p: decode_ours(model, p, new_tokens, True),
-                                    min_left=90))
-    runs += _quantized_decode_runs(model, prompts, new_tokens, device, common)
-    model = None
-    free_memory(device)
-    return {"prompt_tokens": prompt_len, "new_tokens": new_tokens, "runs": runs}
-
-
-def _quantized_decode_runs(model, prompts, new_tokens, device, common) -> list[dict]:
-    """int8 and int4 (group 128) copies of the bf16 model, quantized on the device. On CUDA,
-    int4 runs torch's tinygemm kernel eagerly and with CUDA graphs; int8 dequantizes inside the
-    compiled decode step (inductor fuses it into the matmul; ATen's int8 CUDA kernel is naive)."""
-    from gptj.quant import QuantSpec
-    from gptj.quantized import quantized_copy
-
-    runs = []
-    for bits in (8, 4):
-        try:
-            quantized = quantized_copy(model, QuantSpec(bits, 128))
-        except Exception as error:
-            runs.append({"impl": "ours", "weights": f"int{bits}", "error": f"{type(error).__name__}: {error}"})
-            continue
-        modes = [False] if device.type != "cuda" else ([True] if bits == 8 else [False, True])
-        for compiled in modes:
-            for batch, p in prompts.items():
-                record = _decode_run(
-                    "ours", batch, compiled, *common, min_left=90 if compiled else 30, model=quantized,
-                    fn=lambda p=p, c=compiled, m=quantized: decode_ours(m, p, new_tokens, c),
-                )
-                record["weights"] = f"int{bits}"
-                runs.append(record)
-        quantized = None
-        free_memory(device)
-    return runs
-
-
-def _decode_run(impl, batch, compiled, budget, smoke, config, prompt_len, new_tokens, bandwidth, fn,
-                min_left: float = 30, model=None) -> dict:
-    record = {"impl": impl, "batch": batch, "cuda_graphs": compiled, "weights": "bf16"}
-    if budget.left() < (2 if smoke else min_left):
-        record["error"] = "skipped: time budget"
-        return record
-    try:
-        rate = fn()
-        context = prompt_len + new_tokens // 2
-        step_bytes = (decode_bytes_per_step(config, batch, context) if model is None
-                      else model_decode_bytes(model, batch, context))
-        record["bytes_per_token"] = step_bytes / batch
-        steps_per_s = rate / batch
-        record.update(tokens_per_s=rate, bandwidth_fraction=step_bytes * steps_per_s / bandwidth)
-    except Exception as error:
-        record["error"] = f"{type(error).__name__}: {error}"
-        record["traceback"] = traceback.format_exc()[-2000:]
-    print(f"  decode {record}", file=sys.stderr, flush=True)
-    return record
+        record["error"] = f"{type(error).__name__}: {error}"[:2000]
+        record["traceback"] = traceback.format_exc()[-3000:]
+        bench.models.clear()  # an out-of-memory row must not starve the next one
+    record["seconds"] = time.perf_counter() - started
+    report.finish_row(row.section, record)
 
 
 # ---- report ----------------------------------------------------------------------------------------
 
 
 def markdown(report: dict) -> str:
-    m = report["machine"]
+    m = report.get("machine", {})
     lines = [f"# GPU benchmark: {m.get('device', '?')}", ""]
-    if "error" not in m:
+    if "matmul_bf16_flops" in m:
         lines.append(f"measured: bf16 matmul {m['matmul_bf16_flops'] / 1e12:.0f} TFLOP/s, device copy "
                      f"{m['bandwidth'] / 1e9:.0f} GB/s; datasheet bf16 "
                      f"{(m['datasheet_bf16_flops'] or 0) / 1e12:.0f} TFLOP/s; torch {m['torch']}")
+    if not report.get("complete"):
+        lines.append("\n**incomplete**: " + ("stopped at the time budget" if report.get("stopped_at_deadline")
+                                             else "still running, or killed"))
     lines += ["", "| training | blocks | params | tokens/s | MFU (measured) | MFU (datasheet) | peak GiB |",
               "|---|---|---|---|---|---|---|"]
     for r in report.get("training", {}).get("runs", []):
         name = f"{r['impl']}{' + offload' if r['offload'] else ''}"
         if "error" in r:
-            lines.append(f"| {name} | error: {r['error'][:80]} | | | | | |")
+            lines.append(f"| {name} | error: {r['error'][:100]} | | | | | |")
             continue
         ds = f"{100 * r['mfu_datasheet']:.1f}%" if r.get("mfu_datasheet") else "-"
         pk = f"{r['peak_device_bytes'] / GiB:.1f}" if r.get("peak_device_bytes") else "-"
         lines.append(f"| {name} | {r['blocks']} | {r['parameters'] / 1e9:.2f} B | {r['tokens_per_s']:,.0f} | "
                      f"{100 * r['mfu']:.1f}% | {ds} | {pk} |")
-    lines += ["", "| decode | weights | batch | tokens/s | MB read per token | fraction of bandwidth |",
-              "|---|---|---|---|---|---|"]
+    lines += ["", "| decode | weights | batch | tokens/s | MB read per token | fraction of bandwidth | compile |",
+              "|---|---|---|---|---|---|---|"]
     for r in report.get("decode", {}).get("runs", []):
-        name = r["impl"] + (" (CUDA graphs)" if r.get("cuda_graphs") else "")
-        weights = r.get("weights", "bf16")
-        if "error" in r:
-            lines.append(f"| {name} | {weights} | {r.get('batch', '')} | error: {r['error'][:80]} | | |")
-        else:
-            lines.append(f"| {name} | {weights} | {r['batch']} | {r['tokens_per_s']:,.1f} | "
-                         f"{r['bytes_per_token'] / 1e6:,.1f} | {100 * r['bandwidth_fraction']:.1f}% |")
-    for name in ("machine", "training", "decode"):
-        if "error" in report.get(name, {}):
-            lines.append(f"\n{name}: ERROR {report[name]['error']}")
+        lines.append(_decode_line(r))
+    if "error" in m:
+        lines.append(f"\nmachine: ERROR {m['error']}")
     lines.append("\nBytes per token = (weights a decode step reads, embedding excluded, quantized projections as "
-                 "stored for their kernel + KV cache attended) / batch; fraction = bytes per step x steps/s / "
-                 "measured copy bandwidth.")
+                 "their kernel reads them + the KV cache slots the step attends) / batch; fraction = bytes per "
+                 "step x steps/s / measured copy bandwidth. compile: frames compiled / recompiles / graph breaks "
+                 "/ cudagraph skips.")
     lines.append("Targets: training >= 50% MFU; bf16 batch-1 decode >= 85% of the measured bandwidth; "
                  "int4 >= 2.5x bf16 tokens/s.")
     return "\n".join(lines) + "\n"
 
 
-def main(argv=None) -> int:
+def _decode_line(r: dict) -> str:
+    mode = " (CUDA graphs)" if r.get("cuda_graphs") else " (compiled)" if r.get("compiled") else ""
+    name = r["impl"] + mode
+    refused = len(r.get("kernels_refused") or {})
+    weights = r.get("weights", "bf16") + (f", {refused} layer(s) dequantize" if refused else "")
+    c = r.get("compile")
+    compile_text = f"{c['frames_compiled']} / {c['recompiles']} / {c['graph_breaks']} / {c['cudagraph_skips']}" if c else ""
+    if "error" in r:
+        return f"| {name} | {weights} | {r.get('batch', '')} | error: {r['error'][:100]} | | | {compile_text} |"
+    return (f"| {name} | {weights} | {r['batch']} | {r['tokens_per_s']:,.1f} | {r['bytes_per_token'] / 1e6:,.1f} | "
+            f"{100 * r['bandwidth_fraction']:.1f}% | {compile_text} |")
+
+
+# ---- main ------------------------------------------------------------------------------------------
+
+
+def parse_args(argv):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--smoke", action="store_true", help="tiny shape (CPU works): checks the script runs")
+    parser.add_argument("--smoke", action="store_true", help="tiny shape on CPU, through the compiled decode path")
     parser.add_argument("--out", type=Path, default=None, help="output folder (default $OUT or benchmarks/results)")
-    parser.add_argument("--budget", type=float, default=None, help="seconds for the whole run (default 450)")
+    parser.add_argument("--budget", type=float, default=None,
+                        help=f"seconds for the whole run, start-up included (default {DEFAULT_BUDGET_S:.0f}; "
+                             f"smoke {SMOKE_BUDGET_S:.0f})")
+    parser.add_argument("--since", type=float, default=None,
+                        help="epoch seconds the budget counts from (default: this process's start)")
+    parser.add_argument("--blocks", type=int, default=None, help="training blocks (default: as many as fit)")
+    parser.add_argument("--only", nargs="*", default=None,
+                        help="only the rows whose name holds every word of one of these, e.g. --only "
+                             "'int4 graphs' 'training ours' (names: the row field of gpu_bench.json)")
     parser.add_argument("--skip", nargs="*", default=[], choices=["training", "decode"])
     args = parser.parse_args(argv)
+    if args.blocks is not None and args.blocks < 1:
+        parser.error(f"--blocks must be >= 1, got {args.blocks}")
+    return args
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
     out = args.out or Path(os.environ.get("OUT") or Path(__file__).resolve().parent / "results")
-    budget = Budget(args.budget or (120 if args.smoke else 450))
+    budget = Budget(args.budget or (SMOKE_BUDGET_S if args.smoke else DEFAULT_BUDGET_S),
+                    args.since or process_start_time())
     device = torch.device("cuda" if torch.cuda.is_available() and not args.smoke else "cpu")
     if not args.smoke and device.type != "cuda":
         print("no CUDA device: run with --smoke for the CPU check", file=sys.stderr)
         return 2
     if args.smoke:
         torch.set_num_threads(1)
-    report = {"smoke": args.smoke, "started": time.time()}
-
-    def section(name, fn):
-        t = time.perf_counter()
-        try:
-            report[name] = fn()
-        except Exception as error:
-            report[name] = {"error": f"{type(error).__name__}: {error}", "traceback": traceback.format_exc()[-3000:]}
-        report[name]["seconds"] = time.perf_counter() - t
-        print(f"[{name}] {time.perf_counter() - t:.0f} s", file=sys.stderr, flush=True)
-
-    section("machine", lambda: section_machine(device, args.smoke))
-    machine = report["machine"]
-    if "error" not in machine:
-        if "training" not in args.skip:
-            section("training", lambda: section_training(device, machine, args.smoke, budget))
-        if "decode" not in args.skip:
-            section("decode", lambda: section_decode(device, machine, args.smoke, budget))
-    text = markdown(report)
-    print(text)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "gpu_bench.json").write_text(json.dumps(report, indent=1, default=str))
-    (out / "gpu_bench.md").write_text(text)
+    configure_compiler()
+    report = Report(out, {"smoke": args.smoke, "started": time.time(), "budget_s": budget.seconds,
+                          "budget_left_at_start_s": budget.left(), "argv": sys.argv[1:]})
+    watchdog = start_watchdog(budget, report)
+    try:
+        report.set("machine", section_machine(device, args.smoke))
+    except Exception as error:
+        report.set("machine", {"error": f"{type(error).__name__}: {error}", "traceback": traceback.format_exc()})
+        return 1
+    bench = Bench(device, args.smoke, report.data["machine"], budget, blocks=args.blocks)
+    for row in plan_rows(args.smoke, device.type == "cuda"):
+        if row.section in args.skip or not row_selected(row.name, args.only):
+            continue
+        run_row(bench, report, row)
+    bench.models.clear()
+    watchdog.cancel()
+    report.set("complete", True)
+    print(markdown(report.data))
     print(f"wrote {out / 'gpu_bench.json'} and {out / 'gpu_bench.md'}")
     return 0
 
 
 if __name__ == "__main__":
     sys.exit(main())
-

@@ -58,6 +58,9 @@ class GenerationStats:
     decode_tokens: int = 0
     decode_steps: int = 0
     decode_seconds: float = 0.0
+    # Cache slots each row's decode steps attended, summed over steps: the whole cache when the
+    # step is compiled (static shapes), the filled part otherwise.
+    attended_slots: int = 0
     generated_tokens: int = 0
     time_to_first_token: float = 0.0
     total_seconds: float = 0.0
@@ -70,6 +73,10 @@ class GenerationStats:
     @property
     def decode_tokens_per_second(self) -> float:
         return self.decode_tokens / self.decode_seconds if self.decode_seconds else 0.0
+
+    @property
+    def mean_attended_slots(self) -> float:
+        return self.attended_slots / self.decode_steps if self.decode_steps else 0.0
 
     @property
     def tokens_per_second(self) -> float:
@@ -113,7 +120,10 @@ class GenerationEngine:
 
     compile_decode: compile the decode step with torch.compile ("reduce-overhead" = CUDA
     graphs on GPU). Shapes then stay static: fixed batch, attention over the whole cache
-    length with a mask instead of a growing slice.
+    length with a mask instead of a growing slice; the cache's tensors are marked as static
+    addresses, so the graph may write them in place. One compiled decode function serves every
+    engine of a process: dynamo compiles it again for each new engine (its own model and
+    cache), up to torch._dynamo.config.recompile_limit times (torch._dynamo.reset() starts over).
     cache_dtype: the KV cache's dtype (None: fp32 for bf16/fp16 models on CPU, else the model's;
     gptj/kv_cache.py).
     """
@@ -138,6 +148,8 @@ class GenerationEngine:
             self.cache = None  # free the old one first
             cache = self.cache = StaticKVCache.for_model(self.model, batch_size, max_length,
                                                                 dtype=self.cache_dtype)
+            if self.compile_decode:
+                cache.mark_static_addresses()
         return cache
 
     def _prefill(self, cache: StaticKVCache, rows: list[int], prompts: list[list[int]],
@@ -171,6 +183,13 @@ class GenerationEngine:
         cache.prefill(None if all_rows else torch.tensor(rows, device=device), lengths)
         hidden = self.model.hidden_states(ids, position_ids=positions, attn_mask=mask, kv_cache=cache)
         return hidden, lengths
+
+    def _decode_step(self, tokens: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Logits [B, V] of one decode step, compiled or not. A CUDA-graph step's output is
+        overwritten by the next replay: use it before the next call."""
+        if self.compile_decode and self.device.type == "cuda":
+            torch.compiler.cudagraph_mark_step_begin()
+        return self._decode_fn(tokens, positions, mask)
 
     def _decode_forward(self, tokens: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         hidden = self.model.hidden_states(
@@ -307,9 +326,10 @@ class GenerationEngine:
             active = [row.prompt >= 0 for row in rows]
             window = cache.max_length if static else 1 + max(r.position for r, a in zip(rows, active) if a)
             cache.decode(positions, window)
-            logits = self._decode_fn(tokens, positions, cache.decode_mask_window())
+            stats.attended_slots += window
             generators = [row.generator or idle_generator for row in rows]
-            chosen = choose_tokens(logits, sampling, generators)
+            chosen = choose_tokens(self._decode_step(tokens, positions, cache.decode_mask_window()),
+                                   sampling, generators)
             tokens.copy_(chosen.view(batch, 1))
             chosen_list = chosen.tolist()
             stats.decode_steps += 1

@@ -329,7 +329,7 @@ class RequestEngine:
         try:
             if static:
                 self.cache.decode(positions, window)
-                logits = self.runner._decode_fn(tokens, positions, self.cache.decode_mask_window())
+                logits = self.runner._decode_step(tokens, positions, self.cache.decode_mask_window())
             else:
                 cache = self._views.get(rows) or self._views.setdefault(rows, self.cache.leading_rows(rows))
                 cache.decode(positions, window)

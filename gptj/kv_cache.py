@@ -123,6 +123,23 @@ class StaticKVCache:
         view.phase, view.rows, view.window = None, None, self.max_length
         return view
 
+    def mark_static_addresses(self) -> StaticKVCache:
+        """Tell torch.compile that every tensor here keeps its address across decode steps.
+
+        A compiled step writes the keys/values in place (`index_put_`); inductor captures a
+        CUDA graph over mutated inputs only when they are static (as module parameters are),
+        and otherwise skips the graph ("mutated inputs"). Static inputs are also read in place
+        by the graph instead of being copied in on every replay (the mask, the write index).
+        """
+        from torch._dynamo import mark_static_address as mark
+
+        for layer in self.layers:
+            mark(layer.keys, guard=False)
+            mark(layer.values, guard=False)
+        for t in (self.decode_mask, *self.write_index):
+            mark(t, guard=False)
+        return self
+
     def layer(self, i: int) -> _LayerCache:
         return self.layers[i]
 

@@ -20,8 +20,17 @@ Which kernel runs (measured on CPU, benchmarks/NOTES.md "Weight-only quantizatio
 - CPU, many rows (prefill, scoring) with bf16/fp16 activations: the weight is dequantized to
   the activation dtype and multiplied by the ordinary matmul, which beats the packed kernels
   once the matmul stops being bound by reading the weight.
-- CUDA: int4 through `_weight_int4pack_mm` (tinygemm, bf16); int8 as dequantize + matmul, which
-  `torch.compile` of the decode step fuses (ATen's CUDA int8 kernel is a naive loop).
+- CUDA: int4 through `_weight_int4pack_mm` (tinygemm, bf16). int8 as
+  `F.linear(x, q.to(x.dtype)) * scale` (`_int8_cuda_matmul`): run eagerly, the conversion writes
+  the whole weight in bf16 first, so a call reads and writes ~5 bytes a weight, slower than a
+  bf16 weight; only under `torch.compile` with coordinate-descent tuning and ONE row (batch-1
+  decode) does inductor turn the matmul into a reduction that reads the int8 weight directly
+  (~1 byte a weight). Nothing fuses the conversion at more rows.
+
+Every layer records the kernel it prepared (`kernel_name`); a packing the kernel refuses (a
+shape it does not take) falls back to dequantize + matmul with a warning and the reason in
+`kernel_refused`. The packed kernels take a contiguous 2-D input: `forward` makes it so (the
+last position of a [B, S, d] batch, for one, is a strided view).
 
 The persistent buffers (`qweight`, `scales`, `zeros`) are the saved format; kernel-specific
 layouts are rebuilt from them on load.
@@ -29,6 +38,7 @@ layouts are rebuilt from them on load.
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -155,6 +165,7 @@ class QuantizedLinear(nn.Module):
             self.register_buffer("zeros", zeros.float())
         self.bias = bias
         self._kernel, self._kernel_ready = None, False  # built on first use: see prepare_kernel
+        self.kernel_refused: str | None = None  # why the device's kernel refused this weight, if it did
         self.use_kernels = True  # False: always dequantize + matmul (a training run's frozen base)
 
     @classmethod
@@ -185,7 +196,9 @@ class QuantizedLinear(nn.Module):
 
     def _build_kernel(self) -> None:
         device = self.qweight.device
-        if self.bits == 8 and device.type == "cpu":
+        if self.bits == 8 and device.type == "cuda":
+            self._build_int8_cuda_kernel()
+        elif self.bits == 8 and device.type == "cpu":
             self._kernel = "int8_cpu"
             self.register_buffer("_kernel_scales", self.scales.to(torch.bfloat16), persistent=False)
         elif self.bits == 4 and device.type in ("cpu", "cuda"):
@@ -196,13 +209,27 @@ class QuantizedLinear(nn.Module):
                     packed = torch._convert_weight_to_int4pack_for_cpu(values, 1)
                 else:
                     packed = torch._convert_weight_to_int4pack(self.qweight.contiguous(), 8)
-            except RuntimeError:  # shapes the kernel does not take: dequantize + matmul instead
+            except RuntimeError as error:  # shapes the kernel does not take: dequantize + matmul instead
+                self._refuse_kernel(f"int4_{device.type}", error)
                 return
             self._kernel = f"int4_{device.type}"
             self.register_buffer("_kernel_weight", packed, persistent=False)
             self.register_buffer(
                 "_kernel_scales", scales_and_zeros.to(torch.bfloat16).contiguous(), persistent=False
             )
+
+    def _refuse_kernel(self, kernel: str, error: Exception) -> None:
+        self.kernel_refused = f"{kernel} packing refused [{self.out_features}, {self.in_features}]: {error}"
+        warnings.warn(f"{self.kernel_refused}; this layer dequantizes + multiplies instead", stacklevel=3)
+
+    def _build_int8_cuda_kernel(self) -> None:
+        self._kernel = "int8_cuda"
+        self.register_buffer("_kernel_scales", self.scales.to(torch.bfloat16), persistent=False)
+
+    @property
+    def kernel_name(self) -> str:
+        """The kernel this layer multiplies with once prepared ("dequantize": none)."""
+        return self._kernel or "dequantize"
 
     # ---- math --------------------------------------------------------------------------------
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
@@ -223,7 +250,14 @@ class QuantizedLinear(nn.Module):
             out[rows] = w.view(-1, self.in_features)
         return out
 
+    def _int8_cuda_matmul(self, x2d: torch.Tensor) -> torch.Tensor:
+        """(x @ q^T) * scale in x's dtype; the scale is per output row, so it can follow the
+        matmul. See the module docstring for what this reads eagerly and compiled."""
+        return F.linear(x2d, self.qweight.to(x2d.dtype)) * self._kernel_scales.to(x2d.dtype)
+
     def _packed_matmul(self, x2d: torch.Tensor) -> torch.Tensor:
+        if self._kernel == "int8_cuda":
+            return self._int8_cuda_matmul(x2d)
         xb = x2d.to(torch.bfloat16)
         if self._kernel == "int8_cpu":
             return torch._weight_int8pack_mm(xb, self.qweight, self._kernel_scales)
@@ -240,10 +274,10 @@ class QuantizedLinear(nn.Module):
             self.prepare_kernel()
         rows = x.numel() // self.in_features
         use_kernel = self._kernel is not None and (
-            self._kernel == "int4_cuda" or rows <= CPU_KERNEL_MAX_ROWS or x.dtype == torch.float32
+            self._kernel.endswith("_cuda") or rows <= CPU_KERNEL_MAX_ROWS or x.dtype == torch.float32
         )
-        if use_kernel:
-            y = self._packed_matmul(x.reshape(rows, self.in_features)).to(x.dtype)
+        if use_kernel:  # the packed kernels need a contiguous 2-D input
+            y = self._packed_matmul(x.reshape(rows, self.in_features).contiguous()).to(x.dtype)
             y = y.view(*x.shape[:-1], self.out_features)
         else:
             y = F.linear(x, self.dequantize(x.dtype))
@@ -257,7 +291,7 @@ class QuantizedLinear(nn.Module):
         """Bytes one call with few rows reads: the packed kernel's operands, or the stored form."""
         self.prepare_kernel()
         kernel = [b for n, b in self.named_buffers() if n.startswith("_kernel")]
-        if self._kernel == "int8_cpu":
+        if self._kernel in ("int8_cpu", "int8_cuda"):  # read as stored (int8_cuda: compiled, one row)
             kernel.append(self.qweight)
         return sum(b.numel() * b.element_size() for b in kernel) if self._kernel else self.nbytes()
 
