@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from gptj import GPTJ, ConfigError, ModelConfig, ParallelContext
 from gptj.hf import gather_hf_tensors
 from gptj.parallel import average_gradients_across_replicas
+from gptj.sharding import read_local_shard, shard_rules
 from tests.distributed import run_distributed
 from tests.reference import TINY, hf_model, max_rel_diff, state_reader
 
@@ -132,19 +133,23 @@ def test_two_replicas_by_two_tp_average_gradient_equals_full_batch():
 
 def test_random_init_is_identical_for_any_tensor_parallel_size():
     config = SHAPES["partial-rotary-n-inner"]
-    a = gather_hf_tensors(GPTJ(config).init_weights(seed=5))
-    b = gather_hf_tensors(GPTJ(config).init_weights(seed=5))
-    c = gather_hf_tensors(GPTJ(config).init_weights(seed=6))
-    assert all(torch.equal(a[n], b[n]) for n in a)
-    assert not torch.equal(a["lm_head.weight"], c["lm_head.weight"])
-    # the TP=2 shards, laid side by side, are the TP=1 tensors
-    results = run_distributed(_init_shards, 2, config.to_dict())
-    assert all(torch.equal(results[0][n], a[n]) for n in a)
+    full = gather_hf_tensors(GPTJ(config).init_weights(seed=5))  # TP 1: the HF tensors themselves
+    other_seed = gather_hf_tensors(GPTJ(config).init_weights(seed=6))
+    assert all(not torch.equal(full[n], other_seed[n]) for n in full if n.endswith(("proj.weight", "wte.weight")))
+    # Every rank's own parameters are its slices of the TP 1 tensors, by the shard table.
+    shards = run_distributed(_init_shards, 2, config.to_dict())
+    for rank, local in enumerate(shards):
+        ctx = ParallelContext(tensor_parallel=2, rank=rank)
+        for name, value in local.items():
+            expected = read_local_shard(name, config, ctx, state_reader(full))
+            assert torch.equal(value, expected), f"rank {rank}: {name}"
+        assert set(local) == set(shard_rules(config))
+    assert not torch.equal(shards[0]["lm_head.weight"], shards[1]["lm_head.weight"])
 
 
 def _init_shards(rank, world, config_dict):
     model = GPTJ(ModelConfig.from_dict(config_dict), ParallelContext.from_process_group(2))
-    return gather_hf_tensors(model.init_weights(seed=5))
+    return {name: p.detach().clone() for name, p in model.init_weights(seed=5).named_parameters()}
 
 
 def test_last_position_logits_equal_full_logits():
