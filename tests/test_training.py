@@ -149,9 +149,10 @@ def test_offload_streaming_and_recompute_change_no_number(tmp_path):
     offloaded = train(small_config(tmp_path / "offloaded", **{
         "training.steps": 3, "optimizer.offload": True, "model.stream_block_weights": True,
         "model.recompute_blocks": True, "checkpoint.at_end": True}))
-    assert offloaded.losses == pytest.approx(plain.losses, abs=1e-6)
+    # The same operations in the same order on the same device: bit-identical (tests/test_offload.py).
+    assert offloaded.losses == plain.losses
     for (name, a), b in zip(plain.model.named_parameters(), offloaded.model.parameters()):
-        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5, msg=name)
+        assert torch.equal(a, b), name
     assert ckpt.read_meta(ckpt.latest_checkpoint(ckpt.checkpoint_root(tmp_path / "offloaded")))["step"] == 3
 
 
