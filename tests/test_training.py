@@ -174,3 +174,19 @@ def test_eval_sources_default_to_the_task_validation_splits(tmp_path):
         ("bundled:mnli_sample@validation_mismatched", "bundled:mnli_sample", "validation_mismatched"),
         ("hf:glue/mnli@validation_matched", "hf:glue/mnli", "validation_matched"),
         ("hf:glue/mnli@validation_mismatched", "hf:glue/mnli", "validation_mismatched")]
+
+
+@pytest.mark.parametrize("export_dtype, dtype", [("model", torch.float32), ("bf16", torch.bfloat16)])
+def test_export_dtype_casts_the_exported_weights(tmp_path, export_dtype, dtype):
+    from safetensors.torch import load_file
+
+    from gptj.hf import gather_hf_tensors
+
+    result = train(small_config(tmp_path, **{"training.steps": 1, "checkpoint.export_hf": True,
+                                             "checkpoint.export_dtype": export_dtype}))
+    exported = load_file(str(result.hf_dir / "model.safetensors"))
+    trained = gather_hf_tensors(result.model)
+    assert set(trained) <= set(exported)
+    for name, value in trained.items():
+        assert exported[name].dtype == dtype, name
+        assert torch.equal(exported[name], value.to(dtype)), name
