@@ -190,3 +190,16 @@ def test_export_dtype_casts_the_exported_weights(tmp_path, export_dtype, dtype):
     for name, value in trained.items():
         assert exported[name].dtype == dtype, name
         assert torch.equal(exported[name], value.to(dtype)), name
+
+
+def test_tensorboard_scalars_are_the_logged_metrics(tmp_path):
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    train(small_config(tmp_path, **{"training.steps": 2, "logging.tensorboard": True}))
+    events = EventAccumulator(str(tmp_path / "tensorboard"))
+    events.Reload()
+    losses = [(e.step, e.value) for e in events.Scalars("train/loss")]
+    logged = read_metrics(tmp_path)
+    assert [s for s, _ in losses] == [m["step"] for m in logged]
+    assert [v for _, v in losses] == pytest.approx([m["loss"] for m in logged], rel=1e-6)
