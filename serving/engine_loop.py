@@ -218,8 +218,13 @@ class EngineLoop:
                 self._record(events)
                 if events or results:
                     self._aloop.call_soon_threadsafe(self._dispatch, events, results)
-        except Exception:  # the engine isolates request failures; this is a bug or a dead rank
+        except Exception as err:  # the engine isolates request failures; this is a bug or a dead rank
             self.error = traceback.format_exc()
+            # Requests in flight would otherwise wait for events that never come.
+            now = time.perf_counter()
+            failed = [Event(request_id, finish_reason="error", error=f"the engine stopped: {err!r}", time=now)
+                      for request_id in list(self._timings)]
+            self._aloop.call_soon_threadsafe(self._dispatch, failed, {})
             raise
 
     def _record(self, events: list[Event]) -> None:

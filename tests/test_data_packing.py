@@ -96,14 +96,25 @@ def test_bad_options():
 
 
 def test_real_pipeline_target_mask(tmp_path):
+    """MNLI with loss_mask=target trains exactly each example's label tokens and its EOS."""
     tok = tiny_tokenizer()
-    d = data.build_train_data("mnli", str(mnli_file(tmp_path)), tok, sequence_length=32,
+    s = 32
+    d = data.build_train_data("mnli", str(mnli_file(tmp_path)), tok, sequence_length=s,
                               loss_mask="target", keep_boundaries=True, use_cache=False)
     b = d.batch(np.arange(d.num_rows))
-    label_ids = {tuple(tok.encode([f" {n}"])[0]) for n in ("entailment", "neutral", "contradiction")}
-    trained = b["labels"][b["loss_mask"] > 0].tolist()
-    assert trained.count(tok.eos_id) <= 5 and set(trained) <= {t for ids in label_ids for t in ids} | {
-        tok.eos_id}
+    # The reference, from the task and tokenizer alone: the stream of prompt + label + EOS
+    # examples, cut into rows of s + 1 tokens, of which the first is an input only.
+    task = data.load_task("mnli")
+    rows, _ = data.load_examples(task, str(mnli_file(tmp_path)))
+    stream, expected = [], []
+    for row in rows:
+        prompt = tok.encode([task.render_prompt(row)])[0]
+        label = tok.encode([task.target(row)])[0] + [tok.eos_id]
+        stream += prompt + label
+        start = len(stream) - len(label)  # stream position of the label's first token
+        expected += [t for position, t in enumerate(label, start) if position % (s + 1)]
+    assert b["labels"][b["loss_mask"] > 0].tolist() == expected
+    assert len(expected) >= 2 * len(rows)  # at least one label token and EOS each
 
 
 def test_eval_batches_and_candidates(tmp_path):

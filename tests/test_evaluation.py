@@ -132,9 +132,10 @@ def test_training_starts_from_the_exported_model(trained, synthetic_task, tmp_pa
 
 
 def test_quantized_model_keeps_the_trained_answers(trained, synthetic_task):
-    """int8 and int4 against the float model on the validation prompts. The targets for real
-    models are int8 >= 99% agreement and perplexity within 0.5%, int4 within 2 accuracy points;
-    a 90-example split of a d=64 model gets a little slack (one flipped answer is 1.1%)."""
+    """int8 and int4 against the float model on the validation prompts, held to the targets for
+    real models: int8 >= 99% agreement and perplexity within 0.5%, int4 within 2 accuracy points
+    and perplexity within 2%. On this 90-example split one flipped answer moves accuracy and
+    agreement by 1.1%, so each of those bounds allows one flip more."""
     from execution.quant_quality import compare_models
     from gptj.quant import QuantSpec
     from gptj.quantized import quantized_copy
@@ -147,9 +148,10 @@ def test_quantized_model_keeps_the_trained_answers(trained, synthetic_task):
               "int4": quantized_copy(model, QuantSpec(4, 32))}
     report = compare_models(models, evals, tok)
     assert report["fp32"]["accuracy"] == trained.eval["validation"]["accuracy_generate"]
-    assert report["int8"]["agreement"] >= 0.97
-    assert abs(report["int8"]["perplexity_change"]) < 0.01
-    assert report["int4"]["accuracy"] >= report["fp32"]["accuracy"] - 0.05
-    assert abs(report["int4"]["perplexity_change"]) < 0.1
+    one_flip = 1 / report["fp32"]["num_examples"]
+    assert report["int8"]["agreement"] >= 0.99 - one_flip
+    assert abs(report["int8"]["perplexity_change"]) < 0.005
+    assert report["int4"]["accuracy"] >= report["fp32"]["accuracy"] - 0.02 - one_flip
+    assert abs(report["int4"]["perplexity_change"]) < 0.02
     # eval.quantize in training evaluated the same int8 model.
     assert trained.eval["validation@int8"]["accuracy_generate"] == report["int8"]["accuracy"]

@@ -25,6 +25,7 @@ import torch
 from execution import checkpoint as ckpt
 from execution.training import train
 from tests.distributed import run_distributed
+from tests.os_faults import refuse_writes_in
 from tests.test_training import read_metrics, small_config
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -194,17 +195,16 @@ def test_real_io_errors_of_the_writer_carry_errno_and_path(tmp_path):
     assert info.value.errno == errno.ENOENT and str(target) in str(info.value)
 
 
-@pytest.mark.skipif(os.name != "posix" or os.geteuid() == 0, reason="root ignores permissions")
-def test_unwritable_directory_is_one_error(tmp_path):
+@pytest.mark.parametrize("code, name", [(errno.EACCES, "EACCES"), (errno.ENOSPC, "ENOSPC")])
+def test_unwritable_directory_is_one_error(tmp_path, monkeypatch, code, name):
     train(small_config(tmp_path, **{"training.steps": 1, "checkpoint.at_end": True}))
     root = ckpt.checkpoint_root(tmp_path)
-    root.chmod(0o555)
-    try:
-        with pytest.raises(ckpt.CheckpointWriteError, match="creating .*step-00000002.partial: .*EACCES"):
-            train(small_config(tmp_path, **{"training.steps": 2, "checkpoint.at_end": True}, resume=True))
-    finally:
-        root.chmod(0o755)
+    refuse_writes_in(monkeypatch, root, code)  # as a read-only (or full) directory would, even for root
+    with pytest.raises(ckpt.CheckpointWriteError, match=f"creating .*step-00000002.partial: .*{name}"):
+        train(small_config(tmp_path, **{"training.steps": 2, "checkpoint.at_end": True}, resume=True))
+    monkeypatch.undo()
     assert [s for s, _ in ckpt.step_dirs(root)] == [1]
+    assert ckpt.read_meta(ckpt.latest_checkpoint(root))["step"] == 1  # the old checkpoint is intact
 
 
 def test_resume_auto_option_and_gpu_preset_defaults():

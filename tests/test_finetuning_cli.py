@@ -41,11 +41,13 @@ def test_default_command_end_to_end(tmp_path):
 
     results = json.loads((out / "eval.json").read_text())["splits"]
     assert set(results) == {"validation_matched", "validation_mismatched"}
-    for split in results.values():
+    for name, split in results.items():
         assert split["num_examples"] == 400
-        assert split["invalid_generations"] >= 0
         assert split["accuracy_likelihood"] > 0.6  # 3 classes: chance is 1/3
         assert split["accuracy_generate"] > 0.6
+        correct, invalid = _greedy_answers_of_the_export(out / "hf", name)
+        assert split["accuracy_generate"] == correct / 400
+        assert split["invalid_generations"] == invalid
 
     hf = out / "hf"
     for name in ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"):
@@ -55,6 +57,22 @@ def test_default_command_end_to_end(tmp_path):
     model = GPTJForCausalLM.from_pretrained(hf)
     assert model.config.vocab_size == AutoTokenizer.from_pretrained(hf).vocab_size == 1024
     assert ckpt.read_meta(ckpt.latest_checkpoint(ckpt.checkpoint_root(out)))["step"] == steps
+
+
+def _greedy_answers_of_the_export(hf_dir, split: str) -> tuple[int, int]:
+    """(correct, no label at all) of the exported model's greedy answers on a bundled split."""
+    import data
+    from execution.generation import generate
+    from execution.pipelines import load_model_and_tokenizer
+
+    model, tok = load_model_and_tokenizer(str(hf_dir))
+    evals = data.build_eval_data("mnli", "bundled:mnli_sample", tok, split, progress=False)
+    prompts = [evals.prompt(i).tolist() for i in range(len(evals))]
+    longest_label = max(len(ids) for ids in tok.encode([f" {label}" for label in evals.labels]))
+    results = generate(model, prompts, max_new_tokens=longest_label + 2, eos_token_id=tok.eos_id, batch_size=200)
+    answers = [tok.decode(r.token_ids).strip() for r in results]  # the tokens before EOS
+    expected = [evals.batch([i])["answers"][0] for i in range(len(evals))]
+    return sum(a == e for a, e in zip(answers, expected)), sum(a not in evals.labels for a in answers)
 
 
 @pytest.mark.parametrize("args, message", [

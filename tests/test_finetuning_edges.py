@@ -4,9 +4,9 @@ reruns that never silently delete a run, resuming a finished run, every --model 
 from __future__ import annotations
 
 import contextlib
+import errno
 import io
 import json
-import os
 from pathlib import Path
 
 import pytest
@@ -14,6 +14,7 @@ import pytest
 import execution.training
 import run_finetuning
 from execution import checkpoint as ckpt
+from tests.os_faults import refuse_writes_in
 
 QUIET = ["--set", "logging.progress=false", "--set", "logging.tensorboard=false",
          "--set", "training.threads=1", "--steps", "1", "--global-batch-size", "8",
@@ -107,20 +108,18 @@ def test_every_model_form_works_as_in_inference(finished, tmp_path):
     (["--output-dir", "{tmp}/file.txt"], "--output-dir {tmp}/file.txt is a file, not a directory"),
     (["--output-dir", "{tmp}/file.txt/run"], "file.txt is a file, not a directory"),
     (["--output-dir", "/sys/gptj-run"], "--output-dir /sys/gptj-run: cannot write in /sys"),
-    (["--output-dir", "{tmp}/locked/run"], "cannot write in {tmp}/locked"),
+    (["--output-dir", "{tmp}/locked/run"], "cannot write in {tmp}/locked (Permission denied)"),
+    (["--output-dir", "{tmp}/full/run"], "cannot write in {tmp}/full (No space left on device)"),
 ])
-def test_bad_paths_are_one_line_and_exit_2_before_any_work(argv, message, tmp_path, no_training):
+def test_bad_paths_are_one_line_and_exit_2_before_any_work(argv, message, tmp_path, no_training, monkeypatch):
     (tmp_path / "file.txt").write_text("x")
-    locked = tmp_path / "locked"
-    locked.mkdir()
-    locked.chmod(0o555)
-    if "locked" in message and os.access(locked, os.W_OK):
-        pytest.skip("this user can write in a read-only directory (root)")
+    for name, code in (("locked", errno.EACCES), ("full", errno.ENOSPC)):
+        (tmp_path / name).mkdir()
+        refuse_writes_in(monkeypatch, tmp_path / name, code)  # for root too, where chmod cannot
     argv = [a.replace("{tmp}", str(tmp_path)) for a in argv]
     if "--output-dir" not in argv:
         argv += ["--output-dir", str(tmp_path / "run")]
     code, _, err = run(argv)
-    locked.chmod(0o755)
     assert code == 2, err
     assert message.replace("{tmp}", str(tmp_path)) in err and err.strip().count("\n") == 0
     assert not (tmp_path / "run").exists()

@@ -16,6 +16,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_default_run_prints_a_continuation_and_speed(tmp_path):
+    from execution.pipelines import TextGenerationPipeline
+
     out = tmp_path / "out.jsonl"
     proc = subprocess.run(
         [sys.executable, "run_inference.py", "--max-new-tokens", "6", "--prompt", "hello", "--prompt",
@@ -26,7 +28,12 @@ def test_default_run_prints_a_continuation_and_speed(tmp_path):
     assert "tokens/s" in proc.stdout and "time to first token" in proc.stdout
     records = [json.loads(line) for line in out.read_text().splitlines()]
     assert [r["prompt"] for r in records] == ["hello", "the cat"]
-    assert all(len(r["token_ids"]) <= 6 and r["finish_reason"] in ("eos", "length", "stop") for r in records)
+    # The tiny preset is the seeded random:tiny model with the bundled tokenizer, greedy.
+    expected = TextGenerationPipeline.from_pretrained("random:tiny").generate(["hello", "the cat"], max_new_tokens=6)
+    assert [r["token_ids"] for r in records] == [e.token_ids for e in expected]
+    assert [r["text"] for r in records] == [e.text for e in expected]
+    assert [r["finish_reason"] for r in records] == [e.finish_reason for e in expected]
+    assert all(r["token_ids"] for r in records)
     assert "decode_tokens_per_s" in records[0]["run_timings"]
     assert records[0]["timings"]["generated_tokens"] == len(records[0]["token_ids"])
 
@@ -89,30 +96,48 @@ def test_a_model_brings_its_own_tokenizer_unless_one_is_named():
     assert named.model.tokenizer == "tok/dir"
 
 
-def test_quantize_option_generates_with_the_quantized_model(capsys, tmp_path):
+@pytest.fixture
+def cli_pipelines(monkeypatch):
+    """The pipelines run_inference.py builds: the model and KV cache that answered."""
     from execution.pipelines import TextGenerationPipeline
+
+    built, original = [], TextGenerationPipeline.from_pretrained.__func__
+
+    def recording(cls, *args, **kwargs):
+        built.append(original(cls, *args, **kwargs))
+        return built[-1]
+
+    monkeypatch.setattr(TextGenerationPipeline, "from_pretrained", classmethod(recording))
+    return built
+
+
+def test_quantize_option_generates_with_the_quantized_model(capsys, tmp_path, cli_pipelines):
+    from execution.pipelines import TextGenerationPipeline
+    from gptj.quant import QuantizedLinear
 
     out = tmp_path / "o.jsonl"
     code, _, _ = run_main(["--quantize", "int4", "--group-size", "64", "--prompt", "the cat", "--max-new-tokens", "5",
                            "--output", str(out)], capsys)
     assert code == 0
+    answered = cli_pipelines[-1].model
+    layers = [m for m in answered.modules() if isinstance(m, QuantizedLinear)]
+    assert len(layers) == 3 * answered.config.num_layers + 1  # in_proj, out_proj, fc_out per block; lm_head
+    assert all(m.bits == 4 and m.group_size == 64 for m in layers)
+    got = json.loads(out.read_text())["token_ids"]
     pipe = TextGenerationPipeline.from_pretrained("random:tiny", quantize="int4", group_size=64)
-    assert pipe.model.quantization.group_size == 64
-    expected = pipe.generate(["the cat"], max_new_tokens=5)[0].token_ids
-    assert json.loads(out.read_text())["token_ids"] == expected
+    assert got == pipe.generate(["the cat"], max_new_tokens=5)[0].token_ids
+    # The float model answers differently on this prompt: the quantized one really answered.
+    assert got != TextGenerationPipeline.from_pretrained("random:tiny").generate(["the cat"], max_new_tokens=5)[0].token_ids
 
 
-def test_kv_cache_dtype_option_picks_the_cache_and_keeps_the_tokens(tmp_path):
-    from execution.pipelines import TextGenerationPipeline
-
+def test_kv_cache_dtype_option_picks_the_cache_and_keeps_the_tokens(tmp_path, cli_pipelines):
     outputs = {}
-    for choice in ("auto", "bf16"):
+    for choice, expected in (("auto", torch.float32), ("bf16", torch.bfloat16)):  # auto on CPU: fp32
         out = tmp_path / f"{choice}.jsonl"
         assert run_inference.main(["--precision", "bf16", "--kv-cache-dtype", choice, "--prompt", "The cat",
                                    "--max-new-tokens", "8", "--output", str(out)]) == 0
         outputs[choice] = json.loads(out.read_text())["token_ids"]
-    assert outputs["auto"] == outputs["bf16"]
-    for choice, expected in (("auto", torch.float32), ("bf16", torch.bfloat16)):  # auto on CPU: fp32
-        pipe = TextGenerationPipeline.from_pretrained("random:tiny", precision="bf16", kv_cache_dtype=choice)
-        pipe(["The cat"], max_new_tokens=2)
-        assert pipe.engine.cache.layers[0].keys.dtype == expected
+        engine = cli_pipelines[-1].engine  # the cache the command's engine generated with
+        assert engine.model.embed.weight.dtype == torch.bfloat16
+        assert {t.dtype for layer in engine.cache.layers for t in (layer.keys, layer.values)} == {expected}
+    assert outputs["auto"] == outputs["bf16"] and len(outputs["auto"]) == 8

@@ -3,8 +3,8 @@ escapes, prompts files, streaming that shows what plain output shows, per-prompt
 
 from __future__ import annotations
 
+import errno
 import json
-import os
 
 import pytest
 import torch
@@ -12,6 +12,7 @@ import torch
 import data
 import run_inference
 from execution.pipelines import TextGenerationPipeline
+from tests.os_faults import refuse_writes_in
 from tests.reference import TINY
 from tests.test_generation_fixtures import reference_pair
 
@@ -74,18 +75,17 @@ def test_truncation_keeps_room_for_the_requested_tokens(capsys, tmp_path):
     ("{tmp}", "is a directory"),
     ("{tmp}/file.txt/out.jsonl", "file.txt is a file, not a directory"),
     ("/sys/gptj-out.jsonl", "cannot write in /sys"),
-    ("{tmp}/locked/out.jsonl", "cannot write in"),
+    ("{tmp}/locked/out.jsonl", "cannot write in {tmp}/locked (Permission denied)"),
+    ("{tmp}/full/new/out.jsonl", "cannot write in {tmp}/full (No space left on device)"),
 ])
-def test_unwritable_output_is_refused_before_loading(where, message, capsys, tmp_path, no_model_load):
+def test_unwritable_output_is_refused_before_loading(where, message, capsys, tmp_path, no_model_load, monkeypatch):
     (tmp_path / "file.txt").write_text("x")
-    locked = tmp_path / "locked"
-    locked.mkdir()
-    locked.chmod(0o555)
-    if "locked" in where and os.access(locked, os.W_OK):
-        pytest.skip("this user can write in a read-only directory (root)")
+    for name, code in (("locked", errno.EACCES), ("full", errno.ENOSPC)):
+        (tmp_path / name).mkdir()
+        refuse_writes_in(monkeypatch, tmp_path / name, code)  # for root too, where chmod cannot
     path = where.replace("{tmp}", str(tmp_path))
     code, _, err = run_main(["--prompt", "hi", "--output", path], capsys)
-    locked.chmod(0o755)
+    message = message.replace("{tmp}", str(tmp_path))
     assert code == 2 and err.startswith("error: --output ") and message in err
     assert err.strip().count("\n") == 0
 

@@ -74,3 +74,17 @@ def test_stale_weight_references_would_show(monkeypatch):
     monkeypatch.setattr(BlockWeightStreamer, "_pack", lambda self, index: (lambda t: t))
     losses, _, _ = _train(stream=True)
     assert "nan" in losses  # the optimizer refused the NaN gradients
+
+
+def test_offload_weights_through_the_loader_generates_the_resident_tokens():
+    from execution.generation import generate
+    from execution.pipelines import load_model_and_tokenizer
+
+    resident, tok = load_model_and_tokenizer("random:tiny")
+    streamed, _ = load_model_and_tokenizer("random:tiny", offload_weights=True)
+    assert streamed.weight_streamer.handles  # the streaming hooks are attached
+    prompts = tok.encode(["the cat sat on", "a dog"])
+    copies = streamed.weight_streamer.copies
+    expected = [r.token_ids for r in generate(resident, prompts, 8, None)]
+    assert [r.token_ids for r in generate(streamed, prompts, 8, None)] == expected
+    assert streamed.weight_streamer.copies > copies  # the blocks came from host memory

@@ -164,12 +164,29 @@ def test_models_health_and_metrics(server, client):
     assert [m.id for m in models.data] == ["random:tiny"]
     assert httpx.get(f"{server.url}/v1/models").json()["data"][0]["max_model_len"] == 512
     assert httpx.get(f"{server.url}/health").status_code == 200
-    text = httpx.get(f"{server.url}/metrics").text
-    for name in ("gptj_requests_running", "gptj_requests_waiting", "gptj_time_to_first_token_seconds_bucket",
-                 "gptj_time_per_output_token_seconds_bucket", "gptj_e2e_request_latency_seconds_bucket",
-                 "gptj_prompt_tokens_total", "gptj_generation_tokens_total", "gptj_requests_rejected_total",
-                 "gptj_requests_cancelled_total"):
-        assert name in text
+    names = {"prompt": "gptj_prompt_tokens_total", "generated": "gptj_generation_tokens_total",
+             "finished": "gptj_e2e_request_latency_seconds_count",
+             "first_token": "gptj_time_to_first_token_seconds_count", "steps": "gptj_engine_steps_total"}
+    before = {key: metric(server.url, name) for key, name in names.items()}
+    length_before = metric(server.url, "gptj_requests_finished_total", 'finish_reason="length"')
+    # Three HTTP requests, five engine requests (one per prompt and choice).
+    two_prompts = client.completions.create(model="random:tiny", prompt=PROMPTS[:2], max_tokens=5)
+    two_choices = client.completions.create(model="random:tiny", prompt=PROMPTS[2], max_tokens=7, n=2,
+                                            temperature=0.8, seed=1)
+    streamed = list(client.completions.create(model="random:tiny", prompt=PROMPTS[3], max_tokens=4, stream=True,
+                                              stream_options={"include_usage": True}))[-1]
+    after = {key: metric(server.url, name) for key, name in names.items()}
+    rose = {key: after[key] - before[key] for key in names}
+    # Prompt tokens count once per engine request: twice for the two choices of one prompt.
+    assert rose["prompt"] == (two_prompts.usage.prompt_tokens + 2 * two_choices.usage.prompt_tokens
+                              + streamed.usage.prompt_tokens)
+    assert rose["generated"] == sum(r.usage.completion_tokens for r in (two_prompts, two_choices, streamed))
+    assert rose["finished"] == rose["first_token"] == 5
+    assert rose["steps"] >= 7  # the longest request alone needs 7 tokens
+    finished = [c.finish_reason for r in (two_prompts, two_choices) for c in r.choices]
+    assert (metric(server.url, "gptj_requests_finished_total", 'finish_reason="length"') - length_before
+            == finished.count("length") + (streamed.usage.completion_tokens == 4))
+    assert metric(server.url, "gptj_requests_running") == metric(server.url, "gptj_requests_waiting") == 0
 
 
 BAD_COMPLETIONS = [
@@ -218,12 +235,21 @@ def test_other_errors_through_the_openai_client(server, client):
     assert ok.status_code == 200
 
 
-def test_a_quantized_server_answers_as_quantized_run_inference(tmp_path):
+def test_a_quantized_server_answers_as_quantized_run_inference(server, tmp_path):
+    from gptj.quant import QuantizedLinear
+
     out = tmp_path / "out.jsonl"
     quant = ["--quantize", "int4", "--group-size", "32"]
     assert run_inference.main([*quant, "--max-new-tokens", "10", "--output", str(out), "--prompt", PROMPTS[0]]) == 0
     expected = json.loads(out.read_text())
+    body = {"model": "random:tiny", "prompt": PROMPTS[0], "max_tokens": 10, "temperature": 0}
     with tiny_server(*quant) as quantized:
-        body = {"model": "random:tiny", "prompt": PROMPTS[0], "max_tokens": 10, "temperature": 0}
         got = httpx.post(f"{quantized.url}/v1/completions", json=body, timeout=60).json()
+        answered = quantized.state.loop.engine.model
+        layers = [m for m in answered.modules() if isinstance(m, QuantizedLinear)]
     assert got["choices"][0]["text"] == expected["text"]
+    assert len(layers) == 3 * answered.config.num_layers + 1
+    assert all(m.bits == 4 and m.group_size == 32 for m in layers)
+    # The float server (same seed) answers otherwise on this prompt: the quantized model answered.
+    float_text = httpx.post(f"{server.url}/v1/completions", json=body, timeout=60).json()["choices"][0]["text"]
+    assert float_text != got["choices"][0]["text"]
