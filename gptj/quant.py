@@ -194,13 +194,6 @@ class QuantizedLinear(nn.Module):
             self._build_kernel()
         return self
 
-    @property
-    def packed_kernel(self) -> str | None:
-        """The packed kernel gradient-free calls use ("int8_cpu", "int4_cpu", "int4_cuda"), or
-        None where torch has none for this weight's shape or device (dequantize + matmul)."""
-        self.prepare_kernel()
-        return self._kernel
-
     def _build_kernel(self) -> None:
         device = self.qweight.device
         if self.bits == 8 and device.type == "cuda":

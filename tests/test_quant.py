@@ -57,9 +57,9 @@ def test_inference_calls_equal_a_float64_product_with_the_dequantized_weight(bit
                 assert error < KERNEL_TOLERANCE, f"{rows} rows, {dtype}: relative error {error:.2e}"
     # Asked after the calls: a shape the kernel takes must not have dropped to dequantize + matmul.
     if bits == 4 and n % 16:  # no int4 CPU layout for this width in torch (a padded one may come)
-        assert layer.packed_kernel in (None, "int4_cpu")
+        assert layer.prepare_kernel().kernel_name in ("dequantize", "int4_cpu")
     else:
-        assert layer.packed_kernel == f"int{bits}_cpu"
+        assert layer.prepare_kernel().kernel_name == f"int{bits}_cpu"
 
 
 @pytest.mark.parametrize("bits,group", CASES)
