@@ -92,13 +92,15 @@ def load_model_and_tokenizer(
         if spec is None:
             model = GPTJ(config, ctx, dtype=dtype, device=load_to).init_weights(seed=init_seed)
         else:
-            model = quantize_from_reader(config, ctx, dtype, load_to, spec, random_reader(config, init_seed))
+            model = quantize_from_reader(config, ctx, dtype, load_to, spec, random_reader(config, init_seed),
+                                         kernels=True)
     else:
         from gptj.hf import load_pretrained, read_model_config, resolve_checkpoint
 
         directory = resolve_checkpoint(resolve_model_dir(name_or_path))
         dtype = _dtype_for(precision, device, read_model_config(directory), ctx)
-        model, _ = load_pretrained(directory, ctx, dtype=dtype, device=load_to, quantize=spec)
+        model, _ = load_pretrained(directory, ctx, dtype=dtype, device=load_to, quantize=spec,
+                                   kernels=True)
         if offload_weights and model.quantization is not None:
             raise ValueError(f"{directory} holds quantized weights, which are not streamed from host memory: "
                              "drop --offload-weights")

@@ -1,7 +1,9 @@
 """Hugging Face checkpoints in and out.
 
-Loading reads only this rank's slices from safetensors (`safe_open(...).get_slice`), so no
-rank materialises the full model. Legacy `.bin` files are opened with
+Loading reads only this rank's slices from safetensors, with plain reads into tensors the
+model keeps (gptj/tensor_files.py: never a memory mapping, whose touched pages would count as
+resident beside the model), so no rank materialises the full model and a load holds the model
+plus the tensor in hand. Legacy `.bin` files are opened with
 `torch.load(weights_only=True, mmap=True)`: never unpickled as code, and paged in lazily.
 Export gathers each tensor across the tensor-parallel group and writes, from rank 0, a
 directory that `transformers.GPTJForCausalLM.from_pretrained` loads.
@@ -114,9 +116,12 @@ class CheckpointReader:
     def _handle(self, file: Path):
         if file not in self._open:
             if file.suffix == ".safetensors":
-                from safetensors import safe_open
+                from .tensor_files import SafetensorsFile, TensorFileError
 
-                self._open[file] = safe_open(str(file), framework="pt")
+                try:
+                    self._open[file] = SafetensorsFile(file)
+                except (OSError, TensorFileError) as err:
+                    raise CheckpointError(f"cannot read {file}: {err}") from err
             else:
                 self._open[file] = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
         return self._open[file]
@@ -125,7 +130,7 @@ class CheckpointReader:
         handle = self._handle(self._files[name])
         if isinstance(handle, dict):
             return tuple(handle[name].shape)
-        return tuple(handle.get_slice(name).get_shape())
+        return handle.shape(name)
 
     def check(self) -> None:
         """Every expected tensor is present with its expected shape."""
@@ -148,12 +153,12 @@ class CheckpointReader:
         if isinstance(handle, dict):  # .bin: an mmap-backed tensor, sliced before copying
             full = handle[name]
             return full.clone() if dim is None else full.narrow(dim, start, stop - start).clone()
-        piece = handle.get_slice(name)
         if dim is None:
-            return piece[:]
-        index = [slice(None)] * len(self.expected[name])
-        index[dim] = slice(start, stop)
-        return piece[tuple(index)]
+            return handle.read(name)
+        if dim == 0:
+            return handle.read(name, rows=(start, stop))
+        # Columns: the whole tensor is the one temporary (tensor-parallel loads only).
+        return handle.read(name).narrow(dim, start, stop - start).contiguous()
 
 
 def load_pretrained(
@@ -162,12 +167,14 @@ def load_pretrained(
     dtype: torch.dtype = torch.float32,
     device: torch.device | str | None = None,
     quantize: QuantSpec | None = None,
+    kernels: bool = False,
 ) -> tuple[GPTJ, CheckpointReader]:
     """A GPTJ holding this rank's shard of a Hugging Face checkpoint.
 
     quantize: quantize the projections while loading, one tensor at a time (gptj/quantized.py).
     A checkpoint written by `python -m execution.quantize` loads quantized as stored; asking
-    for a different quantization of it is an error.
+    for a different quantization of it is an error. kernels: build the quantized layers'
+    kernel operands while loading (inference), not on the first call.
     """
     from .quantized import load_quantized_from_reader, quantize_from_reader, quantized_hf_shapes
 
@@ -182,11 +189,11 @@ def load_pretrained(
             )
         reader = CheckpointReader(directory, config, expected=quantized_hf_shapes(config, stored))
         reader.check()
-        return load_quantized_from_reader(config, ctx, dtype, device, stored, reader), reader
+        return load_quantized_from_reader(config, ctx, dtype, device, stored, reader, kernels), reader
     reader = CheckpointReader(directory, config)
     reader.check()
     if quantize is not None:
-        return quantize_from_reader(config, ctx, dtype, device, quantize, reader), reader
+        return quantize_from_reader(config, ctx, dtype, device, quantize, reader, kernels), reader
     model = GPTJ(config, ctx, dtype=dtype, device=device)
     model.load_shards(reader)
     return model, reader

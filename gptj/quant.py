@@ -33,11 +33,14 @@ shape it does not take) falls back to dequantize + matmul with a warning and the
 last position of a [B, S, d] batch, for one, is a strided view).
 
 The persistent buffers (`qweight`, `scales`, `zeros`) are the saved format; kernel-specific
-layouts are rebuilt from them on load.
+layouts are built from them, by the loaders while loading (gptj/quantized.py) or on the first
+call. On CPU the int4 kernel's reordered copy then replaces the stored buffers (the model holds
+each weight once); `dequantize()` and `stored_components()` read the values back from it.
 """
 
 from __future__ import annotations
 
+import threading
 import warnings
 from dataclasses import dataclass
 
@@ -49,8 +52,12 @@ BITS = (8, 4)
 GROUP_SIZES = (32, 64, 128, 256)
 # Rows up to which the packed CPU kernels beat dequantize + bf16 matmul (measured, NOTES.md).
 CPU_KERNEL_MAX_ROWS = 16
-# Output rows dequantized at a time (QuantizedLinear.dequantize).
-DEQUANTIZE_ROWS = 1024
+# fp32 temporaries of dequantize(): about this many elements at a time (4 MB, cache sized).
+DEQUANTIZE_ELEMENTS = 1 << 20
+# Prefill on CPU: weight elements dequantized into one reused buffer per matmul slice (16 MB bf16).
+PREFILL_WEIGHT_ELEMENTS = 1 << 23
+# The CPU int4 kernel stores rows in blocks of this many (see int4_cpu_pack).
+CPU_INT4_BLOCK_ROWS = 64
 
 
 class QuantizationError(ValueError):
@@ -136,6 +143,70 @@ def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
     return torch.stack((packed >> 4, packed & 15), dim=-1).flatten(-2)
 
 
+# ---- the CPU int4 kernel's layout ---------------------------------------------------------------
+# `torch._convert_weight_to_int4pack_for_cpu` reorders the values [N, K] for its AVX-512 kernel:
+# each block of 64 rows becomes [K, 32] bytes, row j in the low nibble and row 32 + j in the high
+# one; the rows after the last full block become [K, rest / 2] bytes, rows 2i (low) and 2i + 1
+# (high). A block's bytes depend on that block alone, so packing runs in row chunks (bounded
+# temporaries) and the values read back from any block-aligned rows. `int4_cpu_pack` checks this
+# layout on every weight it packs: a torch that packs differently keeps the stored copy instead.
+
+
+def int4_cpu_unpack(packed: torch.Tensor, start: int, stop: int) -> torch.Tensor:
+    """Values uint8 [stop - start, K] of rows [start, stop) of a CPU int4 kernel weight [N, K/2].
+
+    `start` must be a multiple of CPU_INT4_BLOCK_ROWS; `stop` too, or N."""
+    n, k = packed.shape[0], packed.shape[1] * 2
+    full = n // CPU_INT4_BLOCK_ROWS * CPU_INT4_BLOCK_ROWS
+    pieces = []
+    if start < min(stop, full):
+        end = min(stop, full)
+        v = packed[start:end].reshape(-1, k, CPU_INT4_BLOCK_ROWS // 2)
+        pieces.append(torch.stack((v & 15, v >> 4), dim=1).transpose(2, 3).reshape(end - start, k))
+    if stop > full:
+        v = packed[full:].reshape(k, (n - full) // 2)
+        tail = torch.stack((v & 15, v >> 4), dim=-1).reshape(k, n - full).t()
+        pieces.append(tail[max(start, full) - full : stop - full])
+    return pieces[0] if len(pieces) == 1 else torch.cat(pieces)
+
+
+def int4_cpu_pack(qweight: torch.Tensor) -> torch.Tensor | None:
+    """The CPU kernel's weight for stored int4 `qweight` [N, K/2], or None where the kernel does
+    not take the shape or packs in another layout than int4_cpu_unpack reads."""
+    n, k = qweight.shape[0], qweight.shape[1] * 2
+    rows = max(CPU_INT4_BLOCK_ROWS, (1 << 22) // k // CPU_INT4_BLOCK_ROWS * CPU_INT4_BLOCK_ROWS)
+    packed = torch.empty_like(qweight)
+    full = n // CPU_INT4_BLOCK_ROWS * CPU_INT4_BLOCK_ROWS
+    starts = [*range(0, full, rows), *([full] if full < n else [])]
+    try:
+        for start in starts:
+            stop = min(start + rows, full) if start < full else n
+            values = unpack_int4(qweight[start:stop])
+            packed[start:stop] = torch._convert_weight_to_int4pack_for_cpu(values.to(torch.int32), 1)
+            if (start == 0 or stop == n) and not torch.equal(int4_cpu_unpack(packed, start, stop), values):
+                return None
+    except RuntimeError:  # e.g. N not a multiple of 16
+        return None
+    return packed
+
+
+def _row_block(width: int, elements: int, align: int = CPU_INT4_BLOCK_ROWS) -> int:
+    """Rows of `width` elements to take at a time for about `elements` (a multiple of `align`)."""
+    return max(align, elements // width // align * align)
+
+
+_scratch = threading.local()
+
+
+def _prefill_buffer(numel: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """One buffer per thread, dtype and device, reused by every quantized matmul of a prefill."""
+    buffers = _scratch.__dict__.setdefault("buffers", {})
+    key = (dtype, device)
+    if key not in buffers or buffers[key].numel() < numel:
+        buffers[key] = torch.empty(numel, dtype=dtype, device=device)
+    return buffers[key][:numel]
+
+
 class QuantizedLinear(nn.Module):
     """A frozen linear layer with int8 or int4 weights: `forward(x) -> x @ W^T (+ bias)`.
 
@@ -201,18 +272,16 @@ class QuantizedLinear(nn.Module):
         elif self.bits == 8 and device.type == "cpu":
             self._kernel = "int8_cpu"
             self.register_buffer("_kernel_scales", self.scales.to(torch.bfloat16), persistent=False)
-        elif self.bits == 4 and device.type in ("cpu", "cuda"):
+        elif self.bits == 4 and device.type == "cpu":
+            self._build_int4_cpu_kernel()
+        elif self.bits == 4 and device.type == "cuda":
             scales_and_zeros = torch.stack((self.scales.t(), self.zeros.t()), dim=-1)  # [K/g, N, 2]
             try:
-                if device.type == "cpu":
-                    values = unpack_int4(self.qweight).to(torch.int32)
-                    packed = torch._convert_weight_to_int4pack_for_cpu(values, 1)
-                else:
-                    packed = torch._convert_weight_to_int4pack(self.qweight.contiguous(), 8)
+                packed = torch._convert_weight_to_int4pack(self.qweight.contiguous(), 8)
             except RuntimeError as error:  # shapes the kernel does not take: dequantize + matmul instead
-                self._refuse_kernel(f"int4_{device.type}", error)
+                self._refuse_kernel("int4_cuda", error)
                 return
-            self._kernel = f"int4_{device.type}"
+            self._kernel = "int4_cuda"
             self.register_buffer("_kernel_weight", packed, persistent=False)
             self.register_buffer(
                 "_kernel_scales", scales_and_zeros.to(torch.bfloat16).contiguous(), persistent=False
@@ -231,29 +300,92 @@ class QuantizedLinear(nn.Module):
         """The kernel this layer multiplies with once prepared ("dequantize": none)."""
         return self._kernel or "dequantize"
 
-    # ---- math --------------------------------------------------------------------------------
-    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        """The weight the layer multiplies by, [out_features, in_features], in `dtype`.
+    def _build_int4_cpu_kernel(self) -> None:
+        """The CPU kernel's operands, which then replace the stored buffers: the values are read
+        back from the kernel's layout, and the scales and zeros (bf16-exact) from its bf16 copy."""
+        packed = int4_cpu_pack(self.qweight)
+        if packed is None:  # shapes or a layout the kernel does not take: dequantize + matmul
+            self._refuse_kernel("int4_cpu", RuntimeError("no int4 CPU layout for this shape"))
+            return
+        scales_and_zeros = torch.stack((self.scales.t(), self.zeros.t()), dim=-1)  # [K/g, N, 2]
+        self._kernel = "int4_cpu"
+        self.register_buffer("_kernel_weight", packed, persistent=False)
+        self.register_buffer("_kernel_scales", scales_and_zeros.to(torch.bfloat16).contiguous(), persistent=False)
+        for name in ("qweight", "scales", "zeros"):
+            del self._buffers[name]
 
-        Computed in blocks of DEQUANTIZE_ROWS output rows, so that the fp32 temporaries stay
+    @property
+    def holds_stored(self) -> bool:
+        """False once the CPU int4 kernel's copy has replaced qweight / scales / zeros."""
+        return "qweight" in self._buffers
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.buffers()).device
+
+    def stored_components(self) -> dict[str, torch.Tensor]:
+        """{"qweight", "scales"(, "zeros")} in the saved format, rebuilt from the kernel's copy
+        when the model no longer holds them."""
+        if self.holds_stored:
+            names = ("qweight", "scales") if self.bits == 8 else ("qweight", "scales", "zeros")
+            return {name: self._buffers[name] for name in names}
+        values = int4_cpu_unpack(self._kernel_weight, 0, self.out_features)
+        scales, zeros = self._int4_scales_zeros(0, self.out_features)
+        return {"qweight": (values[:, 0::2] << 4) | values[:, 1::2], "scales": scales, "zeros": zeros}
+
+    def _int4_values(self, start: int, stop: int) -> torch.Tensor:
+        if self.holds_stored:
+            return unpack_int4(self.qweight[start:stop])
+        return int4_cpu_unpack(self._kernel_weight, start, stop)
+
+    def _int4_scales_zeros(self, start: int, stop: int) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.holds_stored:
+            return self.scales[start:stop], self.zeros[start:stop]
+        both = self._kernel_scales[:, start:stop].float()  # [K/g, rows, 2]
+        return both[..., 0].t(), both[..., 1].t()
+
+    # ---- math --------------------------------------------------------------------------------
+    def dequantize(self, dtype: torch.dtype = torch.float32, rows: tuple[int, int] | None = None,
+                   out: torch.Tensor | None = None) -> torch.Tensor:
+        """The weight the layer multiplies by, [out_features, in_features] (or output `rows`
+        [start, stop)), in `dtype`, written into `out` when given.
+
+        Computed in blocks of about DEQUANTIZE_ELEMENTS, so that the fp32 temporaries stay
         small beside the result (a 6B model's lm_head would otherwise need 8 bytes a weight).
         """
-        out = torch.empty(self.out_features, self.in_features, dtype=dtype, device=self.qweight.device)
-        for start in range(0, self.out_features, DEQUANTIZE_ROWS):
-            rows = slice(start, start + DEQUANTIZE_ROWS)
+        start, stop = rows or (0, self.out_features)
+        if out is None:
+            out = torch.empty(stop - start, self.in_features, dtype=dtype, device=self.device)
+        step = _row_block(self.in_features, DEQUANTIZE_ELEMENTS)
+        for first in range(start, stop, step):
+            last = min(first + step, stop)
+            target = out[first - start : last - start]
             if self.bits == 8:
-                out[rows] = self.qweight[rows].to(dtype) * self.scales[rows, None].to(dtype)
+                torch.mul(self.qweight[first:last].to(dtype), self.scales[first:last, None].to(dtype), out=target)
                 continue
-            q = unpack_int4(self.qweight[rows]).to(torch.float32)
-            q = q.view(q.shape[0], -1, self.group_size)
-            w = (q - 8.0) * self.scales[rows, :, None] + self.zeros[rows, :, None]
-            out[rows] = w.view(-1, self.in_features)
+            q = self._int4_values(first, last).view(last - first, -1, self.group_size).to(torch.float32)
+            scales, zeros = self._int4_scales_zeros(first, last)
+            q.sub_(8.0).mul_(scales[:, :, None]).add_(zeros[:, :, None])  # (q - 8) * scale + zero
+            target.copy_(q.view(last - first, self.in_features))
         return out
 
     def _int8_cuda_matmul(self, x2d: torch.Tensor) -> torch.Tensor:
         """(x @ q^T) * scale in x's dtype; the scale is per output row, so it can follow the
         matmul. See the module docstring for what this reads eagerly and compiled."""
         return F.linear(x2d, self.qweight.to(x2d.dtype)) * self._kernel_scales.to(x2d.dtype)
+
+    def _dequantized_matmul(self, x2d: torch.Tensor) -> torch.Tensor:
+        """x2d @ W^T with W dequantized slice by slice of output rows into one reused buffer:
+        the ordinary matmul's speed for many rows, without a full-size temporary per call."""
+        y = torch.empty(x2d.shape[0], self.out_features, dtype=x2d.dtype, device=x2d.device)
+        step = _row_block(self.in_features, PREFILL_WEIGHT_ELEMENTS)
+        buffer = _prefill_buffer(min(step, self.out_features) * self.in_features, x2d.dtype, x2d.device)
+        for start in range(0, self.out_features, step):
+            stop = min(start + step, self.out_features)
+            weight = buffer[: (stop - start) * self.in_features].view(stop - start, self.in_features)
+            self.dequantize(x2d.dtype, rows=(start, stop), out=weight)
+            y[:, start:stop] = x2d @ weight.t()
+        return y
 
     def _packed_matmul(self, x2d: torch.Tensor) -> torch.Tensor:
         if self._kernel == "int8_cuda":
@@ -279,6 +411,8 @@ class QuantizedLinear(nn.Module):
         if use_kernel:  # the packed kernels need a contiguous 2-D input
             y = self._packed_matmul(x.reshape(rows, self.in_features).contiguous()).to(x.dtype)
             y = y.view(*x.shape[:-1], self.out_features)
+        elif x.device.type == "cpu":
+            y = self._dequantized_matmul(x.reshape(rows, self.in_features)).view(*x.shape[:-1], self.out_features)
         else:
             y = F.linear(x, self.dequantize(x.dtype))
         return y if self.bias is None else y + self.bias
@@ -296,8 +430,15 @@ class QuantizedLinear(nn.Module):
         return sum(b.numel() * b.element_size() for b in kernel) if self._kernel else self.nbytes()
 
     def nbytes(self) -> int:
-        """Bytes of the saved quantized weight (qweight + scales + zeros)."""
-        return sum(b.numel() * b.element_size() for n, b in self.named_buffers() if not n.startswith("_"))
+        """Bytes of the saved quantized weight (qweight + scales + zeros, as stored: fp32 scales)."""
+        n, k = self.out_features, self.in_features
+        if self.bits == 8:
+            return n * k + n * 4
+        return n * k // 2 + 2 * n * (k // self.group_size) * 4
+
+    def resident_bytes(self) -> int:
+        """Bytes this layer holds now (stored buffers and kernel copies)."""
+        return sum(b.numel() * b.element_size() for b in self.buffers())
 
 
 class _FrozenQuantizedMatmul(torch.autograd.Function):

@@ -2,8 +2,11 @@
 
 The model is first created on the meta device (no memory), then each parameter is produced by
 `value_of(name)` (this rank's shard, read from a checkpoint or taken from a model in memory) and
-either quantized on the spot or kept as is. So at most one full-precision tensor (the largest
-shard: a block's fused input projection or lm_head) is in memory beside the quantized model.
+either quantized on the spot (in blocks of rows, so the fp32 temporaries stay small) or kept as
+is. So at most one full-precision tensor (the largest shard: a block's fused input projection or
+lm_head) is in memory beside the quantized model. With `kernels=True` (inference) each layer's
+CPU kernel layout is built as soon as the layer is, and on CPU int4 it replaces the stored copy:
+the model is complete, at its final size, when loading ends.
 
 Quantized: every block's fused q/k/v/fc_in, out_proj and fc_out, and lm_head unless
 `QuantSpec.quantize_head` is False. The embedding is a lookup (one row per token), layer norms
@@ -32,6 +35,8 @@ from .quant import QuantizationError, QuantizedLinear, QuantSpec
 from .sharding import SliceReader, hf_shapes, read_local_shard, shard_rules
 
 BLOCK_PROJECTIONS = ("in_proj_weight", "attn.out_proj_weight", "mlp.fc_out_weight")
+# Rows of a float weight quantized at a time (bounds the fp32 temporaries to ~100 MB at 6B).
+QUANTIZE_ROWS = 2048
 
 
 def quantized_names(config: ModelConfig, spec: QuantSpec) -> list[str]:
@@ -88,9 +93,25 @@ def check_layout(config: ModelConfig, ctx: ParallelContext, spec: QuantSpec) -> 
             )
 
 
+def quantize_weight(weight: torch.Tensor, spec: QuantSpec) -> QuantizedLinear:
+    """QuantizedLinear.from_weight in blocks of QUANTIZE_ROWS rows (quantization is per row, so
+    the result is the same), so that its fp32 temporaries stay small beside a 6B model."""
+    if weight.shape[0] <= QUANTIZE_ROWS:
+        return QuantizedLinear.from_weight(weight, spec.bits, spec.group_size)
+    parts: dict[str, torch.Tensor] = {}
+    for start in range(0, weight.shape[0], QUANTIZE_ROWS):
+        block = QuantizedLinear.from_weight(weight[start : start + QUANTIZE_ROWS], spec.bits, spec.group_size)
+        for part in components(spec):
+            value = getattr(block, part)
+            if part not in parts:
+                parts[part] = value.new_empty((weight.shape[0], *value.shape[1:]))
+            parts[part][start : start + value.shape[0]] = value
+    return QuantizedLinear(spec.bits, parts["qweight"], parts["scales"], parts.get("zeros"), spec.group_size)
+
+
 def quantize_hf_tensor(name: str, tensor: torch.Tensor, spec: QuantSpec) -> dict[str, torch.Tensor]:
     """The stored components of one quantized HF weight (see the module docstring)."""
-    q = QuantizedLinear.from_weight(tensor, spec.bits, spec.group_size)
+    q = quantize_weight(tensor, spec)
     return {f"{name}.{part}": getattr(q, part) for part in components(spec)}
 
 
@@ -126,11 +147,13 @@ def build_quantized(
     device: torch.device | str | None,
     spec: QuantSpec,
     value_of: Callable[[str], torch.Tensor | QuantizedLinear],
+    kernels: bool = False,
 ) -> GPTJ:
     """A GPTJ (eval mode, no gradients) whose projections are QuantizedLinear modules.
 
     `value_of(name)` gives this rank's value of parameter `name`: a float tensor (quantized
-    here when `name` is a projection) or an already quantized QuantizedLinear.
+    here when `name` is a projection) or an already quantized QuantizedLinear. `kernels`: build
+    each layer's kernel operands right away (inference; see the module docstring).
     """
     device = torch.device(device or "cpu")
     spec.check()
@@ -145,8 +168,10 @@ def build_quantized(
             if name in targets:
                 if not isinstance(value, QuantizedLinear):
                     _check_shape(name, tuple(value.shape), expected)
-                    value = QuantizedLinear.from_weight(value.to(device), spec.bits, spec.group_size)
+                    value = quantize_weight(value.to(device), spec)
                 _check_shape(name, (value.out_features, value.in_features), expected)
+                if kernels:
+                    value.prepare_kernel()
                 del module._parameters[attr]
                 module.add_module(attr, value)
             else:
@@ -162,22 +187,37 @@ def _check_shape(name: str, found: tuple[int, ...], expected: tuple[int, ...]) -
         raise ValueError(f"{name}: expected shape {expected}, got {found}")
 
 
+def _owns_its_memory(t: torch.Tensor) -> bool:
+    storage = t.untyped_storage()
+    return t.storage_offset() == 0 and storage.nbytes() == t.numel() * t.element_size()
+
+
 def _owning(read: SliceReader) -> SliceReader:
-    """Readers may return views of memory-mapped files, which close with the reader: the
-    quantized model keeps some values as read, so it takes its own copy of each slice."""
-    return lambda name, dim, start, stop: read(name, dim, start, stop).clone()
+    """Readers may return views (of a memory-mapped file, which closes with the reader, or of a
+    larger tensor, which the view would keep alive): the quantized model keeps some values as
+    read, so it takes its own copy of such a slice. Tensors read into their own memory (the
+    safetensors reader) are kept as they are, with no second copy."""
+
+    def reader(name, dim, start, stop):
+        value = read(name, dim, start, stop)
+        return value if _owns_its_memory(value) else value.clone()
+
+    return reader
 
 
 def quantize_from_reader(
-    config: ModelConfig, ctx: ParallelContext | None, dtype, device, spec: QuantSpec, read: SliceReader
+    config: ModelConfig, ctx: ParallelContext | None, dtype, device, spec: QuantSpec, read: SliceReader,
+    kernels: bool = False,
 ) -> GPTJ:
     """Quantize while loading: each rank reads its float shards one tensor at a time."""
     ctx, read = ctx or ParallelContext.single(), _owning(read)
-    return build_quantized(config, ctx, dtype, device, spec, lambda name: read_local_shard(name, config, ctx, read))
+    return build_quantized(config, ctx, dtype, device, spec,
+                           lambda name: read_local_shard(name, config, ctx, read), kernels)
 
 
 def load_quantized_from_reader(
-    config: ModelConfig, ctx: ParallelContext | None, dtype, device, spec: QuantSpec, read: SliceReader
+    config: ModelConfig, ctx: ParallelContext | None, dtype, device, spec: QuantSpec, read: SliceReader,
+    kernels: bool = False,
 ) -> GPTJ:
     """A model from a quantized checkpoint (components as stored, sliced for this rank)."""
     ctx, read = ctx or ParallelContext.single(), _owning(read)
@@ -193,7 +233,7 @@ def load_quantized_from_reader(
         }
         return QuantizedLinear(spec.bits, parts["qweight"], parts["scales"], parts.get("zeros"), spec.group_size)
 
-    return build_quantized(config, ctx, dtype, device, spec, value_of)
+    return build_quantized(config, ctx, dtype, device, spec, value_of, kernels)
 
 
 def quantized_copy(model: GPTJ, spec: QuantSpec) -> GPTJ:

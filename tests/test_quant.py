@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 import data
 from execution.distributed import init_distributed
@@ -176,3 +177,21 @@ def test_quantize_cli_rejects_bad_input(float_dir, tmp_path, capsys):
                           str(tmp_path / "o"), "--no-progress"]) == 2  # d = 64 < 128
     assert "group size 128 does not divide the input width 64" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("bits,group", [(8, 128), (4, 64)])
+def test_quantized_prefill_equals_the_dequantized_reference(bits, group, monkeypatch):
+    """Many bf16 rows: the weight is dequantized slice by slice into a reused buffer (here four
+    slices), read back from the kernel's copy for int4; the product is that of the whole weight."""
+    import gptj.quant as quant
+
+    monkeypatch.setattr(quant, "PREFILL_WEIGHT_ELEMENTS", 64 * 512)
+    torch.manual_seed(bits + group)
+    weight = torch.randn(256, 512) * 0.05
+    layer = QuantizedLinear.from_weight(weight, bits, group)
+    reference_weight = layer.dequantize(torch.bfloat16)
+    layer.prepare_kernel()
+    assert layer.holds_stored == (bits == 8)
+    x = torch.randn(3, 70, 512).bfloat16()
+    torch.testing.assert_close(layer(x), F.linear(x, reference_weight), rtol=1e-2, atol=1e-3)
+    assert torch.equal(layer.dequantize(torch.bfloat16), reference_weight)
