@@ -226,10 +226,14 @@ class RequestEngine:
     def step(self) -> list[Event]:
         events, self._pending = self._pending, []
         free = [b for b, slot in enumerate(self.slots) if slot.request is None]
-        if free and self.waiting:
-            self._admit(free, events)
-        if any(slot.request is not None for slot in self.slots):
-            self._decode(events)
+        try:
+            if free and self.waiting:
+                self._admit(free, events)
+            if any(slot.request is not None for slot in self.slots):
+                self._decode(events)
+        finally:
+            if self.adapters is not None:  # other users of the model (entailment) get the base
+                self.adapters.set_rows(None)
         self.steps += 1
         return events
 

@@ -61,10 +61,11 @@ class BlockMultiLoRA(nn.Module):
         if not present:
             return y
         rows = self._owner[0].row_adapters
-        if rows is None or rows.shape[0] != x.shape[0]:
-            found = None if rows is None else rows.shape[0]
+        if rows is None:  # no rows chosen: every row is the base alone
+            return y
+        if rows.shape[0] != x.shape[0]:
             raise RuntimeError(f"MultiLoRA: set_rows must give one adapter index per batch row "
-                               f"({x.shape[0]} rows, found {found})")
+                               f"({x.shape[0]} rows, found {rows.shape[0]})")
         scale = self._owner[0].scaling[rows].to(x.dtype).view(-1, 1, 1)
         # Every present target's A of the row's adapter side by side: one batched matmul.
         a = torch.cat([self.A[t][rows] for t in present], dim=1)  # [B, k rank, in]
@@ -121,8 +122,10 @@ class MultiLoRA(nn.Module):
             raise KeyError(f"adapter {name!r} is not loaded (loaded: {', '.join(self.names)})") from None
 
     def set_rows(self, indices) -> None:
-        """The adapter index of every batch row of the next forward passes."""
-        self.row_adapters = torch.as_tensor(indices, dtype=torch.long, device=self.scaling.device)
+        """The adapter index of every batch row of the next forward passes (None: the base for
+        every row, whatever the batch)."""
+        self.row_adapters = None if indices is None else torch.as_tensor(
+            indices, dtype=torch.long, device=self.scaling.device)
 
     def attach(self, model) -> MultiLoRA:
         if model.config.to_dict() != self.config.to_dict():

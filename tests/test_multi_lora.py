@@ -76,7 +76,7 @@ def _mixed_batch(adapter_dirs, quantize: str | None) -> dict[str | None, list[in
     return {name: tokens[str(name)] for name in PROMPTS}
 
 
-@pytest.mark.parametrize("quantize", [None, "int4"])
+@pytest.mark.parametrize("quantize", [None, "int8", "int4"])
 def test_a_mixed_batch_gives_each_adapter_its_own_output(adapter_dirs, quantize):
     mixed = _mixed_batch(adapter_dirs, quantize)
     alone = {name: _alone(adapter_dirs.get(name), prompt, quantize) for name, prompt in PROMPTS.items()}
@@ -85,6 +85,17 @@ def test_a_mixed_batch_gives_each_adapter_its_own_output(adapter_dirs, quantize)
     # The adapters really change the output: each differs from the base on the same prompt.
     for name in SETTINGS:
         assert alone[name] != _alone(None, PROMPTS[name], quantize), name
+
+
+def test_after_a_step_other_forwards_of_the_model_see_the_base(adapter_dirs):
+    model = _base()
+    engine = RequestEngine(model, 2, None, adapters=load_adapters(adapter_dirs, model))
+    engine.add(Request("a", PROMPTS["alpha"], 2, adapter="alpha"))
+    engine.add(Request("b", PROMPTS["beta"], 2, adapter="beta"))
+    engine.step()
+    ids = torch.tensor([PROMPTS["alpha"], PROMPTS["beta"][:4]])
+    with torch.no_grad():
+        assert torch.equal(model.logits(ids), _base().logits(ids))
 
 
 def test_an_unknown_adapter_and_one_that_does_not_fit_are_named(adapter_dirs, tmp_path):
