@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from execution.distributed import init_distributed
 from execution.generation import generate
 from execution.request_engine import Request, RequestEngine
 from gptj import GPTJ
@@ -13,6 +14,7 @@ from gptj.adapter_io import AdapterError, load_peft_adapter, save_peft_adapter
 from gptj.lora import LoraAdapters, LoraSettings
 from gptj.model import random_reader
 from gptj.multi_lora import load_adapters
+from tests.distributed import run_distributed
 from tests.reference import TINY
 
 # Different ranks, scalings and targets, so padding and missing targets are exercised.
@@ -25,9 +27,9 @@ PROMPTS = {"alpha": [5, 17, 99, 3], "beta": [1, 2, 3, 4, 5, 6], "gamma": [42, 8]
 NEW_TOKENS = 8
 
 
-def _base(quantize: str | None = None) -> GPTJ:
+def _base(quantize: str | None = None, ctx=None) -> GPTJ:
     if quantize is None:
-        return GPTJ(TINY).init_weights(seed=3).eval()
+        return GPTJ(TINY, ctx).init_weights(seed=3).eval()
     from gptj.quant import QuantSpec
     from gptj.quantized import quantize_from_reader
 
@@ -60,10 +62,10 @@ def _alone(directory: str | None, prompt: list[int], quantize: str | None) -> li
         return generate(model, [prompt], NEW_TOKENS, eos_token_id=-1)[0].token_ids
 
 
-def _mixed_batch(adapter_dirs, quantize: str | None) -> dict[str | None, list[int]]:
-    model = _base(quantize)
+def _mixed_batch(adapter_dirs, quantize: str | None, ctx=None) -> dict[str | None, list[int]]:
+    model = _base(quantize, ctx)
     engine = RequestEngine(model, max_batch_size=4, eos_token_id=None,
-                           adapters=load_adapters(adapter_dirs, model))
+                           adapters=load_adapters(adapter_dirs, model, ctx))
     # Prompts of different lengths, so rows are padded and each row's index must follow it.
     for name, prompt in PROMPTS.items():
         engine.add(Request(str(name), prompt, NEW_TOKENS, adapter=name))
@@ -85,6 +87,16 @@ def test_a_mixed_batch_gives_each_adapter_its_own_output(adapter_dirs, quantize)
     # The adapters really change the output: each differs from the base on the same prompt.
     for name in SETTINGS:
         assert alone[name] != _alone(None, PROMPTS[name], quantize), name
+
+
+def _tp_worker(rank, world_size, adapter_dirs):
+    ctx, _ = init_distributed(tensor_parallel=world_size)
+    return _mixed_batch(adapter_dirs, None, ctx)
+
+
+def test_at_tensor_parallel_2_a_mixed_batch_gives_the_single_process_tokens(adapter_dirs):
+    ranks = run_distributed(_tp_worker, 2, adapter_dirs)
+    assert ranks[0] == ranks[1] == _mixed_batch(adapter_dirs, None)
 
 
 def test_after_a_step_other_forwards_of_the_model_see_the_base(adapter_dirs):
