@@ -14,7 +14,7 @@ from execution.generation import generate
 from execution.pipelines import load_model_and_tokenizer
 from gptj.adapter_io import save_peft_adapter
 from gptj.lora import LoraAdapters, LoraSettings
-from tests.server_fixtures import tiny_config, tiny_server
+from tests.server_fixtures import metric, tiny_config, tiny_server
 
 PROMPT = "The quick brown fox"
 MAX_TOKENS = 6
@@ -57,7 +57,12 @@ def test_each_request_gets_the_adapter_its_model_names(adapter_dirs):
 
         names = [base, "mnli", "sst2"] * 2
         with ThreadPoolExecutor(len(names)) as pool:  # sent together, so they share decode steps
-            texts = [r.json()["choices"][0]["text"] for r in pool.map(complete, names)]
+            bodies = [r.json() for r in pool.map(complete, names)]
+        texts = [body["choices"][0]["text"] for body in bodies]
+        for name in ("mnli", "sst2"):  # per-adapter metrics: each adapter was asked twice
+            generated = sum(b["usage"]["completion_tokens"] for b, n in zip(bodies, names) if n == name)
+            assert metric(server.url, "gptj_adapter_requests_total", f'adapter="{name}"') == 2
+            assert metric(server.url, "gptj_adapter_generation_tokens_total", f'adapter="{name}"') == generated > 0
         missing = complete("qa")
         assert missing.status_code == 404 and "'qa'" in missing.json()["error"]["message"]
     expected = {base: _alone(None), **{name: _alone(d) for name, d in adapter_dirs.items()}}
