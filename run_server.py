@@ -38,7 +38,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     from execution.inference_cli import add_model_arguments
 
     p = argparse.ArgumentParser(description="Serve GPT-J with an OpenAI-compatible HTTP API (continuous batching).")
-    add_model_arguments(p)
+    add_model_arguments(p, named_adapters=True)
     p.add_argument("--host", metavar="ADDR", help="address to listen on (default 127.0.0.1)")
     p.add_argument("--port", type=int, metavar="N", help="port (default 8000)")
     p.add_argument("--max-batch-size", type=int, metavar="N", help="requests decoded together (KV cache rows)")
@@ -55,11 +55,12 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def build_config(args: argparse.Namespace):
     from config import apply_overrides, build, read_presets, resolve_preset
-    from execution.inference_cli import apply_model_options
+    from execution.inference_cli import apply_model_options, split_adapter_options
     from execution.inference_config import InferenceConfig
 
     settings = resolve_preset(read_presets(args.preset_file), args.config, args.preset_file)
     settings = apply_overrides(settings, args.set)
+    split_adapter_options(settings, args)
     apply_model_options(settings, args)
     for option, field in OPTION_FIELDS.items():
         value = getattr(args, option)

@@ -24,8 +24,10 @@ MODEL_OPTION_FIELDS = {
 MODEL_FLAGS = ("offload_weights", "compile")  # store_true options of the model section
 
 
-def add_model_arguments(p: argparse.ArgumentParser) -> None:
-    """--config/--preset-file and every option of MODEL_OPTION_FIELDS and MODEL_FLAGS."""
+def add_model_arguments(p: argparse.ArgumentParser, named_adapters: bool = False) -> None:
+    """--config/--preset-file and every option of MODEL_OPTION_FIELDS and MODEL_FLAGS.
+    named_adapters: --adapter may repeat, as NAME=DIR (served by name) or one plain DIR
+    (`split_adapter_options` sorts them)."""
     from config import threads_value
 
     p.add_argument("--config", default="tiny", metavar="PRESET", help="preset in config/inference.yml (default: tiny)")
@@ -33,9 +35,14 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", metavar="HF_ID_OR_DIR",
                    help="HF directory or Hub id, or a run_finetuning.py output dir (uses its hf/ export)")
     p.add_argument("--tokenizer", metavar="HF_ID_OR_DIR", help="tokenizer (default: the model's own)")
-    p.add_argument("--adapter", metavar="DIR",
-                   help="a PEFT LoRA adapter directory for --model (merged into plain weights at load, "
-                        "kept beside quantized ones)")
+    if named_adapters:
+        p.add_argument("--adapter", action="append", metavar="DIR|NAME=DIR",
+                       help="DIR: a PEFT LoRA adapter merged into the base at load; NAME=DIR (repeatable): "
+                            "an adapter served over the base under NAME, chosen by a request's model")
+    else:
+        p.add_argument("--adapter", metavar="DIR",
+                       help="a PEFT LoRA adapter directory for --model (merged into plain weights at load, "
+                            "kept beside quantized ones)")
     p.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"],
                    help="auto (default): bf16 where the hardware runs it natively and the model is "
                         "not tiny, else fp32")
@@ -53,6 +60,23 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
                         "where attention over it is 4-7x faster, at twice the memory)")
     p.add_argument("--offload-weights", action="store_true", help="stream block weights from host memory")
     p.add_argument("--compile", action="store_true", help="compile the decode step")
+
+
+def split_adapter_options(settings: dict, args: argparse.Namespace) -> None:
+    """A repeated --adapter: NAME=DIR entries go to model.adapters; a plain DIR stays --adapter."""
+    values = args.adapter or []
+    plain = [v for v in values if "=" not in v]
+    if len(plain) > 1:
+        raise ValueError(f"--adapter DIR was given {len(plain)} times ({', '.join(plain)}): "
+                         "name each adapter to serve several, --adapter NAME=DIR")
+    args.adapter = plain[0] if plain else None
+    named = settings.setdefault("model", {}).setdefault("adapters", {})
+    for value in values:
+        if "=" in value:
+            name, _, directory = value.partition("=")
+            if not name or not directory:
+                raise ValueError(f"--adapter {value!r}: expected NAME=DIR")
+            named[name] = directory
 
 
 def apply_model_options(settings: dict, args: argparse.Namespace) -> dict:

@@ -18,6 +18,9 @@ class ModelSection:
     # Tokenizer spec for data.load_tokenizer; None = the model directory's own tokenizer.
     tokenizer: str | None = None
     adapter: str | None = None  # a PEFT LoRA adapter directory for this base (merged into plain weights at load)
+    # Named PEFT adapter directories served together over the unmerged base (gptj/multi_lora.py);
+    # a request's `model` chooses one.
+    adapters: dict[str, str] = field(default_factory=dict)
     # auto: bf16 where the hardware runs it natively (not for tiny models), else fp32
     # (execution/defaults.py); an explicit dtype without native kernels warns once and runs.
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"

@@ -54,6 +54,7 @@ class Request:
     # None: no prompt scores; N: every prompt token's log-probability (after the first) and
     # the top N there, from the prefill. With max_new_tokens 0 the request only scores.
     prompt_logprobs: int | None = None
+    adapter: str | None = None  # a LoRA adapter served over the base (MultiLoRA), None: the base alone
 
     def to_dict(self) -> dict:
         """Plain values only (sent to the other tensor-parallel ranks)."""
@@ -63,6 +64,7 @@ class Request:
             "sampling": [s.temperature, s.top_k, s.top_p], "seed": self.seed, "stream_id": self.stream_id,
             "stop_token_sequences": self.stop_token_sequences, "stop_strings": self.stop_strings,
             "logprobs": self.logprobs, "ignore_eos": self.ignore_eos, "prompt_logprobs": self.prompt_logprobs,
+            "adapter": self.adapter,
         }
 
     @classmethod
@@ -120,6 +122,8 @@ class RequestEngine:
     of every length a server's memory grows for minutes, with lengths in steps of 16 it is flat.
     prefill_token_budget: the most tokens (rows x padded length) one prefill forward takes;
     a step that admits more prefills them in groups (a class default; set it per engine).
+    adapters: a gptj.multi_lora.MultiLoRA attached to the model; each request's `adapter`
+    names one, and every forward is told which adapter each batch row uses.
     """
 
     prefill_token_budget = 16384
@@ -134,6 +138,7 @@ class RequestEngine:
         compile_decode: bool = False,
         prefill_multiple: int = 1,
         cache_dtype: torch.dtype | None = None,
+        adapters=None,
     ):
         if max_batch_size < 1:
             raise ValueError(f"max_batch_size must be >= 1, got {max_batch_size}")
@@ -153,6 +158,9 @@ class RequestEngine:
         self.waiting: deque[Request] = deque()
         self._pending: list[Event] = []  # cancellations of queued requests, reported by the next step
         self.steps = 0
+        if adapters is not None and compile_decode:
+            raise ValueError("a compiled decode step does not take per-request LoRA adapters: drop --compile")
+        self.adapters = adapters
 
     # ---- state -------------------------------------------------------------------------------
     @property
@@ -191,6 +199,9 @@ class RequestEngine:
             value = getattr(request, name)
             if value is not None and not 0 <= value <= MAX_LOGPROBS:
                 raise ValueError(f"{name} must be in [0, {MAX_LOGPROBS}], got {value}")
+        loaded = self.adapters.names if self.adapters is not None else []
+        if request.adapter is not None and request.adapter not in loaded:
+            raise ValueError(f"adapter {request.adapter!r} is not loaded (loaded: {', '.join(loaded) or 'none'})")
 
     # ---- the three calls ---------------------------------------------------------------------
     def add(self, request: Request) -> None:
@@ -215,10 +226,14 @@ class RequestEngine:
     def step(self) -> list[Event]:
         events, self._pending = self._pending, []
         free = [b for b, slot in enumerate(self.slots) if slot.request is None]
-        if free and self.waiting:
-            self._admit(free, events)
-        if any(slot.request is not None for slot in self.slots):
-            self._decode(events)
+        try:
+            if free and self.waiting:
+                self._admit(free, events)
+            if any(slot.request is not None for slot in self.slots):
+                self._decode(events)
+        finally:
+            if self.adapters is not None:  # other users of the model (entailment) get the base
+                self.adapters.set_rows(None)
         self.steps += 1
         return events
 
@@ -267,6 +282,7 @@ class RequestEngine:
     def _prefill_group(self, rows: list[int], requests: list[Request]) -> tuple[torch.Tensor, list]:
         """One batched prefill; its prompt scores in one `execution.scoring.token_logprobs` pass
         over the prefill's hidden states."""
+        self._set_adapter_rows([r.adapter for r in requests])
         hidden, lengths = self.runner._prefill_hidden(self.cache, rows, [r.prompt for r in requests],
                                                       self.prefill_multiple)
         device = hidden.device
@@ -326,6 +342,7 @@ class RequestEngine:
         slots = self.slots[:rows]
         tokens = torch.tensor([[s.next_token if a else 0] for s, a in zip(slots, active)], device=device)
         positions = torch.tensor([s.position if a else 0 for s, a in zip(slots, active)], device=device)
+        self._set_adapter_rows([s.request.adapter if a else None for s, a in zip(slots, active)])
         try:
             if static:
                 self.cache.decode(positions, window)
@@ -388,6 +405,10 @@ class RequestEngine:
         if len(tokens) >= request.max_new_tokens:
             return "length"
         return None
+
+    def _set_adapter_rows(self, names: list[str | None]) -> None:
+        if self.adapters is not None:
+            self.adapters.set_rows([self.adapters.index(name) for name in names])
 
     def _free(self, slot: _Slot) -> None:
         slot.request, slot.generator, slot.tokens = None, None, []

@@ -69,6 +69,7 @@ class ServerState:
     entailment: object = None  # execution.pipelines.EntailmentPipeline
     ready: bool = False
     load_error: str | None = None
+    adapters: list[str] = field(default_factory=list)  # LoRA adapters served over the base, by name
 
 
 class _Choice:
@@ -133,10 +134,15 @@ def create_app(state: ServerState) -> FastAPI:
             raise APIError(503, f"the engine stopped: {state.loop.error}")
         return state.loop
 
-    def check_model(name: str | None) -> None:
+    def check_model(name: str | None) -> str | None:
+        """The LoRA adapter `name` chooses (None: the base); 404 for a model not served here."""
+        if name in state.adapters:
+            return name
         if name is not None and name != state.model_name:
-            raise APIError(404, f"model {name!r} does not exist; this server serves {state.model_name!r}",
+            served = ", ".join(repr(n) for n in [state.model_name, *state.adapters])
+            raise APIError(404, f"model {name!r} does not exist; this server serves {served}",
                            "model", "model_not_found")
+        return None
 
     # ---- plain routes ------------------------------------------------------------------------
     @app.get("/health")
@@ -156,7 +162,8 @@ def create_app(state: ServerState) -> FastAPI:
         return {"object": "list", "data": [{
             "id": state.model_name, "object": "model", "created": 0, "owned_by": "gptj",
             "max_model_len": state.max_model_len,
-        }]}
+        }] + [{"id": name, "object": "model", "created": 0, "owned_by": "gptj", "parent": state.model_name,
+               "max_model_len": state.max_model_len} for name in state.adapters]}
 
     # ---- generation --------------------------------------------------------------------------
     def engine_requests(prefix, prompts, n, max_tokens, sampling, seed, stops, logprobs, ignore_eos,
@@ -241,7 +248,7 @@ def create_app(state: ServerState) -> FastAPI:
 
     def prepare(body, prompts, max_tokens, stops, logprobs, prompt_logprobs=None):
         loop = ready()
-        check_model(body.model)
+        adapter = check_model(body.model)
         body.check_n(server.max_n)
         sampling = body.sampling(defaults)
         for i, prompt in enumerate(prompts):
@@ -251,6 +258,8 @@ def create_app(state: ServerState) -> FastAPI:
         response_id = f"{kind}-{uuid.uuid4().hex}"
         requests = engine_requests(response_id, prompts, body.n, max_tokens, sampling, body.seed, stops, logprobs,
                                    body.ignore_eos, prompt_logprobs)
+        for request in requests:
+            request.adapter = adapter
         decode = state.tokenizer.decode
         choices = []
         for request in requests:

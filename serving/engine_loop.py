@@ -91,10 +91,10 @@ def follow(engine: RequestEngine, entailment, sync: StepSync) -> None:
 
 
 class _Timing:
-    __slots__ = ("arrival", "prompt_tokens", "first", "last", "tokens")
+    __slots__ = ("arrival", "prompt_tokens", "first", "last", "tokens", "adapter")
 
-    def __init__(self, arrival: float, prompt_tokens: int):
-        self.arrival, self.prompt_tokens = arrival, prompt_tokens
+    def __init__(self, arrival: float, prompt_tokens: int, adapter: str | None = None):
+        self.arrival, self.prompt_tokens, self.adapter = arrival, prompt_tokens, adapter
         self.first = self.last = None
         self.tokens = 0
 
@@ -148,7 +148,7 @@ class EngineLoop:
             queue = asyncio.Queue()
             for request in requests:
                 self._sinks[request.request_id] = queue
-                self._timings[request.request_id] = _Timing(now, len(request.prompt))
+                self._timings[request.request_id] = _Timing(now, len(request.prompt), request.adapter)
                 self._inbox.append(("add", request.to_dict()))
             self._queued_adds += len(requests)
             self._free_rows = max(0, self._free_rows - len(requests))
@@ -241,6 +241,8 @@ class EngineLoop:
                 timing.last = event.time
                 timing.tokens += 1
                 m.generation_tokens.inc()
+                if timing.adapter is not None:
+                    m.adapter_generation_tokens.labels(timing.adapter).inc()
             if event.finish_reason is not None:
                 del self._timings[event.request_id]
                 if timing.first is None and event.finish_reason in ("eos", "length"):  # "length": scored only
@@ -249,5 +251,7 @@ class EngineLoop:
                 if timing.tokens > 1:
                     m.time_per_output_token.observe((timing.last - timing.first) / (timing.tokens - 1))
                 m.finished.labels(event.finish_reason).inc()
+                if timing.adapter is not None:
+                    m.adapter_requests.labels(timing.adapter).inc()
                 if event.finish_reason == "cancelled":
                     m.cancelled.inc()

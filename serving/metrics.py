@@ -32,6 +32,11 @@ class ServerMetrics:
                                 registry=registry)
         self.cancelled = Counter("gptj_requests_cancelled", "Requests cancelled (client gone, timeout)",
                                  registry=registry)
+        # Requests naming a LoRA adapter (gptj/multi_lora.py), by adapter; the base is unlabelled.
+        self.adapter_requests = Counter("gptj_adapter_requests", "Requests finished, by LoRA adapter", ["adapter"],
+                                        registry=registry)
+        self.adapter_generation_tokens = Counter("gptj_adapter_generation_tokens", "Tokens generated, by LoRA adapter",
+                                                 ["adapter"], registry=registry)
         self.engine_steps = Counter("gptj_engine_steps", "Engine steps run", registry=registry)
 
     def render(self) -> bytes:

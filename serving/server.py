@@ -39,6 +39,11 @@ def load(config, ctx=None, device=None):
     )
     # "auto" settings become what was chosen for this machine and model (torch's thread count
     # is process-wide, so the engine thread gets it too).
+    adapters = None
+    if m.adapters:
+        from gptj.multi_lora import load_adapters
+
+        adapters = load_adapters(m.adapters, model, ctx)
     threads = resolve_threads(m.threads, model.config)
     if threads:
         torch.set_num_threads(threads)
@@ -47,13 +52,13 @@ def load(config, ctx=None, device=None):
     engine = RequestEngine(model, server.max_batch_size, tokenizer.eos_id, server.max_model_len,
                            decode=tokenizer.decode, compile_decode=m.compile,
                            prefill_multiple=server.prefill_multiple,
-                           cache_dtype=kv_cache_dtype_of(m.kv_cache_dtype))
+                           cache_dtype=kv_cache_dtype_of(m.kv_cache_dtype), adapters=adapters)
     return engine, tokenizer, EntailmentPipeline(model, tokenizer, batch_size=server.max_batch_size)
 
 
 def build_app(config, ctx=None, device=None, on_load_error=None):
     """(FastAPI app, ServerState): the app loads the model in the background when it starts."""
-    state = ServerState(config, model_name(config))
+    state = ServerState(config, model_name(config), adapters=list(config.model.adapters))
     app = create_app(state)
 
     def load_in_background(aloop):

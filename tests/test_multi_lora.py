@@ -1,0 +1,121 @@
+"""Several LoRA adapters over one base in one batch (gptj/multi_lora.py) against each adapter
+alone: merged into a plain fp32 base, or attached to an int4 base."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from execution.distributed import init_distributed
+from execution.generation import generate
+from execution.request_engine import Request, RequestEngine
+from gptj import GPTJ
+from gptj.adapter_io import AdapterError, load_peft_adapter, save_peft_adapter
+from gptj.lora import LoraAdapters, LoraSettings
+from gptj.model import random_reader
+from gptj.multi_lora import load_adapters
+from tests.distributed import run_distributed
+from tests.reference import TINY
+
+# Different ranks, scalings and targets, so padding and missing targets are exercised.
+SETTINGS = {
+    "alpha": LoraSettings(rank=2, alpha=3.0),
+    "beta": LoraSettings(rank=4, alpha=4.0, targets=("q", "v", "fc_out")),
+    "gamma": LoraSettings(rank=3, alpha=9.0, targets=("k", "out_proj", "fc_in")),
+}
+PROMPTS = {"alpha": [5, 17, 99, 3], "beta": [1, 2, 3, 4, 5, 6], "gamma": [42, 8], None: [7, 7, 30]}
+NEW_TOKENS = 8
+
+
+def _base(quantize: str | None = None, ctx=None) -> GPTJ:
+    if quantize is None:
+        return GPTJ(TINY, ctx).init_weights(seed=3).eval()
+    from gptj.quant import QuantSpec
+    from gptj.quantized import quantize_from_reader
+
+    return quantize_from_reader(TINY, None, torch.float32, "cpu", QuantSpec.parse(quantize, 32),
+                                random_reader(TINY, 3)).eval()
+
+
+@pytest.fixture(scope="module")
+def adapter_dirs(tmp_path_factory):
+    """Three PEFT directories with seeded non-zero factors (B = 0 would change nothing)."""
+    dirs = {}
+    for seed, (name, settings) in enumerate(SETTINGS.items()):
+        adapters = LoraAdapters(TINY, settings)
+        gen = torch.Generator().manual_seed(100 + seed)
+        with torch.no_grad():
+            for p in adapters.parameters():
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.5)
+        dirs[name] = str(save_peft_adapter(adapters, tmp_path_factory.mktemp(name), None))
+    return dirs
+
+
+def _alone(directory: str | None, prompt: list[int], quantize: str | None) -> list[int]:
+    """The single-adapter path: merged into plain weights, attached to quantized ones."""
+    model = _base(quantize)
+    if directory is not None:
+        adapters = load_peft_adapter(directory, model)
+        if quantize is None:
+            adapters.merge_into(model)
+    with torch.no_grad():
+        return generate(model, [prompt], NEW_TOKENS, eos_token_id=-1)[0].token_ids
+
+
+def _mixed_batch(adapter_dirs, quantize: str | None, ctx=None) -> dict[str | None, list[int]]:
+    model = _base(quantize, ctx)
+    engine = RequestEngine(model, max_batch_size=4, eos_token_id=None,
+                           adapters=load_adapters(adapter_dirs, model, ctx))
+    # Prompts of different lengths, so rows are padded and each row's index must follow it.
+    for name, prompt in PROMPTS.items():
+        engine.add(Request(str(name), prompt, NEW_TOKENS, adapter=name))
+    tokens: dict[str, list[int]] = {str(name): [] for name in PROMPTS}
+    while engine.has_work:
+        for event in engine.step():
+            assert event.error is None, event.error
+            if event.token is not None:
+                tokens[event.request_id].append(event.token)
+    return {name: tokens[str(name)] for name in PROMPTS}
+
+
+@pytest.mark.parametrize("quantize", [None, "int8", "int4"])
+def test_a_mixed_batch_gives_each_adapter_its_own_output(adapter_dirs, quantize):
+    mixed = _mixed_batch(adapter_dirs, quantize)
+    alone = {name: _alone(adapter_dirs.get(name), prompt, quantize) for name, prompt in PROMPTS.items()}
+    for name in PROMPTS:
+        assert mixed[name] == alone[name], name
+    # The adapters really change the output: each differs from the base on the same prompt.
+    for name in SETTINGS:
+        assert alone[name] != _alone(None, PROMPTS[name], quantize), name
+
+
+def _tp_worker(rank, world_size, adapter_dirs):
+    ctx, _ = init_distributed(tensor_parallel=world_size)
+    return _mixed_batch(adapter_dirs, None, ctx)
+
+
+def test_at_tensor_parallel_2_a_mixed_batch_gives_the_single_process_tokens(adapter_dirs):
+    ranks = run_distributed(_tp_worker, 2, adapter_dirs)
+    assert ranks[0] == ranks[1] == _mixed_batch(adapter_dirs, None)
+
+
+def test_after_a_step_other_forwards_of_the_model_see_the_base(adapter_dirs):
+    model = _base()
+    engine = RequestEngine(model, 2, None, adapters=load_adapters(adapter_dirs, model))
+    engine.add(Request("a", PROMPTS["alpha"], 2, adapter="alpha"))
+    engine.add(Request("b", PROMPTS["beta"], 2, adapter="beta"))
+    engine.step()
+    ids = torch.tensor([PROMPTS["alpha"], PROMPTS["beta"][:4]])
+    with torch.no_grad():
+        assert torch.equal(model.logits(ids), _base().logits(ids))
+
+
+def test_an_unknown_adapter_and_one_that_does_not_fit_are_named(adapter_dirs, tmp_path):
+    model = _base()
+    engine = RequestEngine(model, 2, None, adapters=load_adapters(adapter_dirs, model))
+    with pytest.raises(ValueError, match="adapter 'delta' is not loaded"):
+        engine.add(Request("x", [1, 2], 2, adapter="delta"))
+    wider = LoraAdapters(TINY.replace(hidden_size=128), LoraSettings(rank=2))
+    bad = str(save_peft_adapter(wider, tmp_path / "wide", None))
+    with pytest.raises(AdapterError, match="adapter 'wide' .* does not fit the base"):
+        load_adapters({"alpha": adapter_dirs["alpha"], "wide": bad}, _base())

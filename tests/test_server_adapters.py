@@ -1,0 +1,80 @@
+"""Named LoRA adapters served over one base: /v1/models, `model` choosing one, unknown names,
+and an adapter that does not fit the base refused at start."""
+
+from __future__ import annotations
+
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+import pytest
+import torch
+
+import run_server
+from execution.generation import generate
+from execution.pipelines import load_model_and_tokenizer
+from gptj.adapter_io import save_peft_adapter
+from gptj.lora import LoraAdapters, LoraSettings
+from tests.server_fixtures import metric, tiny_config, tiny_server
+
+PROMPT = "The quick brown fox"
+MAX_TOKENS = 6
+
+
+def _adapter(model_config, directory, seed: int, rank: int) -> str:
+    adapters = LoraAdapters(model_config, LoraSettings(rank=rank, alpha=2.0 * rank))
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in adapters.parameters():
+            p.copy_(torch.randn(p.shape, generator=gen) * 0.5)
+    return str(save_peft_adapter(adapters, directory, None))
+
+
+@pytest.fixture(scope="module")
+def adapter_dirs(tmp_path_factory):
+    model, _ = load_model_and_tokenizer("random:tiny", precision="fp32", device="cpu")
+    return {name: _adapter(model.config, tmp_path_factory.mktemp(name), seed, rank)
+            for name, seed, rank in (("mnli", 1, 2), ("sst2", 2, 4))}
+
+
+def _alone(directory: str | None) -> str:
+    """run_inference.py's path: the adapter merged into the base at load."""
+    model, tok = load_model_and_tokenizer("random:tiny", precision="fp32", device="cpu", adapter=directory)
+    with torch.no_grad():
+        result = generate(model, tok.encode([PROMPT]), MAX_TOKENS, tok.eos_id)[0]
+    return tok.decode(result.token_ids)
+
+
+def test_each_request_gets_the_adapter_its_model_names(adapter_dirs):
+    argv = [arg for name, d in adapter_dirs.items() for arg in ("--adapter", f"{name}={d}")]
+    with tiny_server("--precision", "fp32", *argv) as server:
+        models = httpx.get(f"{server.url}/v1/models").json()["data"]
+        base = models[0]["id"]
+        assert [(m["id"], m.get("parent")) for m in models] == [(base, None), ("mnli", base), ("sst2", base)]
+
+        def complete(model):
+            body = {"model": model, "prompt": PROMPT, "max_tokens": MAX_TOKENS, "temperature": 0}
+            return httpx.post(f"{server.url}/v1/completions", json=body, timeout=60)
+
+        names = [base, "mnli", "sst2"] * 2
+        with ThreadPoolExecutor(len(names)) as pool:  # sent together, so they share decode steps
+            bodies = [r.json() for r in pool.map(complete, names)]
+        texts = [body["choices"][0]["text"] for body in bodies]
+        for name in ("mnli", "sst2"):  # per-adapter metrics: each adapter was asked twice
+            generated = sum(b["usage"]["completion_tokens"] for b, n in zip(bodies, names) if n == name)
+            assert metric(server.url, "gptj_adapter_requests_total", f'adapter="{name}"') == 2
+            assert metric(server.url, "gptj_adapter_generation_tokens_total", f'adapter="{name}"') == generated > 0
+        missing = complete("qa")
+        assert missing.status_code == 404 and "'qa'" in missing.json()["error"]["message"]
+    expected = {base: _alone(None), **{name: _alone(d) for name, d in adapter_dirs.items()}}
+    assert texts == [expected[name] for name in names]
+    assert len(set(expected.values())) == 3  # the adapters really change the output
+
+
+def test_an_adapter_that_does_not_fit_the_base_is_refused_at_start(tmp_path, capsys):
+    model, _ = load_model_and_tokenizer("random:tiny", precision="fp32", device="cpu")
+    wide = _adapter(model.config.replace(hidden_size=2 * model.config.hidden_size), tmp_path / "wide", 3, 2)
+    config = tiny_config("--adapter", f"wide={wide}")
+    assert config.model.adapters == {"wide": wide}
+    code = run_server.main(["--port", "0", "--adapter", f"wide={wide}", "--log-level", "critical"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and "adapter 'wide'" in err[0] and "does not fit the base" in err[0]
