@@ -412,3 +412,25 @@ def test_hung_rank_ends_the_job_naming_the_collective(tmp_path, launched):
     assert returncode != 0
     assert "collective training loss (replicas) timed out (rank 0, group of 2 ranks)" in stderr, stderr[-3000:]
     assert elapsed < 200  # the hang alone would last 600 s
+
+
+def test_ctrl_c_under_torchrun_stops_every_rank_at_one_checkpointed_step(tmp_path, launched):
+    """Ctrl-C in a terminal reaches the whole process group: torchrun and both ranks (and torchrun
+    forwards it once more). Every rank finishes the step, the checkpoint holds both shards."""
+    out = tmp_path / "run"
+    args = [*RUN, "--steps", "100000", "--checkpoint-every", "1000", "--output-dir", str(out)]
+    proc = _torchrun("run_finetuning.py", args, tmp_path / "log", 0)
+    launched.append(proc)
+    deadline = time.time() + 300
+    while proc.poll() is None and time.time() < deadline and _last_step(out / "metrics.jsonl") < 3:
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGINT)
+    proc.wait(timeout=120)
+    stdout, stderr = _logs(tmp_path / "log")
+    found = re.search(r"stopped by Ctrl-C \(SIGINT\) at step (\d+); checkpoint", stdout)
+    assert found, (stdout[-2000:], stderr[-3000:])
+    step = int(found.group(1))
+    latest = ckpt.latest_checkpoint(ckpt.checkpoint_root(out))
+    assert ckpt.read_meta(latest)["step"] == step == _last_step(out / "metrics.jsonl") >= 3
+    assert all(ckpt.rank_file(latest, r).is_file() for r in (0, 1))
+    assert "Traceback" not in stderr and "aborted" not in stderr, stderr[-3000:]
