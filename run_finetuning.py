@@ -128,6 +128,7 @@ def main(argv=None) -> int:
     from data import DataError
     from execution.checkpoint import CheckpointLoadError, CheckpointWriteError
     from execution.distributed import shutdown
+    from execution.model_files import ModelFileError, model_file_errors
     from execution.preflight import InputError
     from execution.train_config import TrainConfigError
     from execution.training import TrainingDiverged, train
@@ -139,7 +140,8 @@ def main(argv=None) -> int:
     try:
         config = build_config(args)
         check_inputs(config)
-        result = train(config)
+        with model_file_errors(config.model.name_or_path):  # a cut weight file: one line naming it
+            result = train(config)
         if rank == 0:
             print(summary_line(result, config))
         return result.exit_code
@@ -147,7 +149,7 @@ def main(argv=None) -> int:
         if rank == 0:
             print(f"error: invalid configuration: {err}", file=sys.stderr)
         return 2
-    except InputError as err:
+    except (InputError, ModelFileError) as err:
         if rank == 0:
             print(f"error: {err}", file=sys.stderr)
         return 2
