@@ -46,7 +46,7 @@ def adapter_config(settings: LoraSettings, base_model_name_or_path: str | None) 
 def save_peft_adapter(adapters: LoraAdapters, out_dir: str | os.PathLike, base_model_name_or_path: str | None,
                       dtype: torch.dtype | None = None, extra: Callable[[Path], None] | None = None) -> Path | None:
     """Write the PEFT directory atomically from rank 0; collective over the TP group."""
-    from safetensors.torch import save_file
+    from .safetensors_file import save_file
 
     ctx = adapters.ctx
     tensors = adapters.gather_peft()  # every TP rank takes part in the gathers
