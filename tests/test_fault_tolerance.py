@@ -111,6 +111,21 @@ def test_damaged_newest_checkpoint_is_named_and_the_previous_one_used(finished_r
     assert ckpt.verify_shard(newest, 0, ckpt.read_meta(newest))
 
 
+def test_a_second_damage_of_one_step_keeps_both_damaged_copies(finished_run, tmp_path, capsys):
+    out, root = _copy(finished_run[0], tmp_path)
+    marks = []
+    for damage in (_truncate, _edit):  # damaged, set aside, step 6 written again, damaged again
+        newest = ckpt.step_dir(root, 6)
+        damage(newest)
+        marks.append(ckpt.rank_file(newest, 0).read_bytes())
+        train(small_config(out, **EVERY_2, resume="auto"))
+    kept = sorted(p.name for p in root.iterdir() if p.name.startswith("damaged-"))
+    assert kept == ["damaged-step-00000006", "damaged-step-00000006.2"]
+    assert [ckpt.rank_file(root / name, 0).read_bytes() for name in kept] == marks
+    assert "moved the damaged step-00000006 to damaged-step-00000006.2" in capsys.readouterr().err
+    assert [step for step, _ in ckpt.list_checkpoints(root)] == [2, 4, 6]
+
+
 def test_no_valid_checkpoint_left_is_one_error_naming_them(finished_run, tmp_path):
     out, root = _copy(finished_run[0], tmp_path)
     _truncate(ckpt.step_dir(root, 2))
