@@ -564,12 +564,13 @@ def _train(config: FinetuneConfig, ctx: ParallelContext | None,
                 (out / "eval.json").write_text(json.dumps({"step": step, "splits": result.eval},
                                                           indent=2) + "\n")
         if config.checkpoint.export_hf and adapters is not None:
+            from .adapters import base_source
             from .adapters import export as export_adapters
             from .precision import DTYPES
 
             export_dtype = config.checkpoint.export_dtype
             result.adapter_dir, result.hf_dir = export_adapters(
-                adapters, model, out, tokenizer, config.model.name_or_path,
+                adapters, model, out, tokenizer, config.model.name_or_path or base_source(config),
                 None if export_dtype == "model" else DTYPES[export_dtype])
             if result.adapter_dir is not None:
                 logger.write(f"exported PEFT adapter: {result.adapter_dir}; merged model: {result.hf_dir}")
