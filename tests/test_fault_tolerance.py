@@ -448,4 +448,6 @@ def test_ctrl_c_under_torchrun_stops_every_rank_at_one_checkpointed_step(tmp_pat
     latest = ckpt.latest_checkpoint(ckpt.checkpoint_root(out))
     assert ckpt.read_meta(latest)["step"] == step == _last_step(out / "metrics.jsonl") >= 3
     assert all(ckpt.rank_file(latest, r).is_file() for r in (0, 1))
-    assert "Traceback" not in stderr and "aborted" not in stderr, stderr[-3000:]
+    # torchrun's agent prints its own SignalException traceback for the Ctrl-C; the ranks none.
+    assert stderr.count("Traceback") == stderr.count("multiprocessing.api.SignalException: Process")
+    assert "run_finetuning.py" not in stderr and "aborted" not in stderr, stderr[-3000:]
