@@ -14,6 +14,7 @@ Writes OUTPUT_DIR/metrics.jsonl, eval.json, checkpoints/ and hf/ (a transformers
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 
 # Command-line option -> config field (typed by argparse; applied after --set overrides).
@@ -127,6 +128,7 @@ def main(argv=None) -> int:
     from data import DataError
     from execution.checkpoint import CheckpointLoadError, CheckpointWriteError
     from execution.distributed import shutdown
+    from execution.model_files import ModelFileError, model_file_errors
     from execution.preflight import InputError
     from execution.train_config import TrainConfigError
     from execution.training import TrainingDiverged, train
@@ -138,12 +140,16 @@ def main(argv=None) -> int:
     try:
         config = build_config(args)
         check_inputs(config)
-        result = train(config)
+        with model_file_errors(config.model.name_or_path):  # a cut weight file: one line naming it
+            result = train(config)
+        if rank == 0:
+            print(summary_line(result, config))
+        return result.exit_code
     except (PresetError, TrainConfigError, ConfigError) as err:
         if rank == 0:
             print(f"error: invalid configuration: {err}", file=sys.stderr)
         return 2
-    except InputError as err:
+    except (InputError, ModelFileError) as err:
         if rank == 0:
             print(f"error: {err}", file=sys.stderr)
         return 2
@@ -157,18 +163,43 @@ def main(argv=None) -> int:
     except (CheckpointError, CheckpointLoadError, TrainingDiverged, CollectiveError) as err:
         print(f"error{f' (rank {rank})' if rank else ''}: {err}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt as err:  # Ctrl-C before training started, or a second one
+        if rank == 0:
+            print(interrupted_message(err, args), file=sys.stderr)
+        return 130
     finally:
-        shutdown()
-    if rank == 0:
-        if result.nothing_to_do:
-            print(f"already at step {result.final_step} of {config.training.steps}: nothing to do "
-                  f"(raise --steps to train on); outputs in {result.output_dir}")
-        elif result.stopped_by_signal:
-            print(f"stopped by SIGTERM at step {result.final_step}; checkpoint {result.checkpoint}; "
-                  f"continue with --resume --output-dir {result.output_dir}")
-        else:
-            print(f"done: {result.final_step} steps in {result.elapsed_s:.1f} s; outputs in {result.output_dir}")
-    return 0
+        previous = signal.signal(signal.SIGINT, signal.SIG_IGN)  # a late Ctrl-C: no traceback now
+        try:
+            shutdown()
+        finally:
+            signal.signal(signal.SIGINT, previous)
+
+
+def summary_line(result, config) -> str:
+    if result.nothing_to_do:
+        return (f"already at step {result.final_step} of {config.training.steps}: nothing to do "
+                f"(raise --steps to train on); outputs in {result.output_dir}")
+    if result.stopped_by_signal:
+        return (f"stopped by {result.stop_signal} at step {result.final_step}; checkpoint "
+                f"{result.checkpoint}; continue with --resume --output-dir {result.output_dir}")
+    return f"done: {result.final_step} steps in {result.elapsed_s:.1f} s; outputs in {result.output_dir}"
+
+
+def interrupted_message(err: KeyboardInterrupt, args: argparse.Namespace) -> str:
+    """One line for a run stopped at once by Ctrl-C: what was kept and how to go on."""
+    from execution.checkpoint import checkpoint_root, latest_checkpoint
+    from execution.interrupt import Aborted
+
+    try:
+        out = build_config(args).out_path
+        newest = latest_checkpoint(checkpoint_root(out))
+    except Exception:  # the configuration itself may be what was being read
+        out = newest = None
+    how = "aborted by a second Ctrl-C" if isinstance(err, Aborted) else "interrupted by Ctrl-C"
+    if newest is None:
+        return f"{how}: no checkpoint was saved"
+    return (f"{how}: the steps after the newest checkpoint ({newest}) are not saved; "
+            f"continue with --resume --output-dir {out}")
 
 
 if __name__ == "__main__":

@@ -203,14 +203,30 @@ def run(config) -> int:
 
     # Stream mode runs one prompt at a time (batch size 1) and shows what the plain output would.
     printer = StreamPrinter(prompts, pipe.tokenizer.decode, gen.stop) if gen.stream and main else None
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # the clamp above already said it
-        results = pipe.generate(
-            prompts, max_new_tokens=gen.max_new_tokens, temperature=gen.temperature, top_k=gen.top_k,
-            top_p=gen.top_p, seed=gen.seed, stop=gen.stop, batch_size=gen.batch_size,
-            truncate_prompts=gen.truncate_prompts, on_token=printer and printer.on_token,
-            on_finish=printer and printer.on_finish,
-        )
+    finished = {}  # prompt index -> result, kept for a Ctrl-C that stops the run early
+
+    def on_finish(index, result):
+        finished[index] = result
+        if printer is not None:
+            printer.on_finish(index, result)
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the clamp above already said it
+            results = pipe.generate(
+                prompts, max_new_tokens=gen.max_new_tokens, temperature=gen.temperature, top_k=gen.top_k,
+                top_p=gen.top_p, seed=gen.seed, stop=gen.stop, batch_size=gen.batch_size,
+                truncate_prompts=gen.truncate_prompts, on_token=printer and printer.on_token,
+                on_finish=on_finish,
+            )
+    except KeyboardInterrupt:
+        if main:
+            done = [finished[i] for i in sorted(finished)]
+            where = f"; wrote them to {write_results(config.output, done, pipe.stats.as_dict())}" \
+                if config.output else ""
+            print(f"interrupted by Ctrl-C: {len(done)} of {len(prompts)} prompts finished{where}",
+                  file=sys.stderr)
+        return 130
     stats = pipe.stats.as_dict()
     if not main:
         return 0
@@ -225,15 +241,20 @@ def run(config) -> int:
         f"prefill {stats['prefill_tokens_per_s']:.1f} tokens/s | decode {stats['decode_tokens_per_s']:.1f} tokens/s"
     )
     if config.output:
-        path = Path(config.output)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with path.open("w") as f:
-            for r in results:  # timings: this prompt's own; run_timings: the whole run's
-                f.write(json.dumps({"prompt": r.prompt, "text": r.text, "token_ids": r.token_ids,
-                                    "finish_reason": r.finish_reason, "timings": r.timings(),
-                                    "run_timings": stats}) + "\n")
-        print(f"wrote {len(results)} results to {path}")
+        print(f"wrote {len(results)} results to {write_results(config.output, results, stats)}")
     return 0
+
+
+def write_results(output: str, results: list, stats: dict) -> Path:
+    """JSON lines; timings: each prompt's own, run_timings: the whole run's."""
+    path = Path(output)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w") as f:
+        for r in results:
+            f.write(json.dumps({"prompt": r.prompt, "text": r.text, "token_ids": r.token_ids,
+                                "finish_reason": r.finish_reason, "timings": r.timings(),
+                                "run_timings": stats}) + "\n")
+    return path
 
 
 def check_prompts_before_loading(name: str, tokenizer: str | None, prompts: list[str], gen) -> None:

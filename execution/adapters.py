@@ -68,12 +68,14 @@ def export(adapters: LoraAdapters, model: GPTJ, out: Path, tokenizer, base_name:
     The merge happens in place: afterwards `model` holds W + scaling * B A and no adapters. A
     quantized base is dequantized first, so hf/ holds the weights the adapters were trained on.
     """
-    from gptj.adapter_io import save_peft_adapter
+    from gptj.adapter_io import save_peft_adapter, weights_fingerprint
     from gptj.hf import export_hf
     from gptj.quantized import dequantize_model
 
     save = (lambda tmp: tokenizer.save(tmp)) if tokenizer is not None else None
-    adapter_dir = save_peft_adapter(adapters, out / "adapter", base_name, dtype, extra=save)
+    fingerprint = weights_fingerprint(model)  # of the base, before the adapters are merged in
+    adapter_dir = save_peft_adapter(adapters, out / "adapter", base_name, dtype, extra=save,
+                                    base_fingerprint=fingerprint)
     if model.quantization is not None:
         dequantize_model(model)
     adapters.merge_into(model)

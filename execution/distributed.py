@@ -91,16 +91,16 @@ def barrier(name: str = "barrier") -> None:
             raise collective_error(f"barrier ({name})", None, err) from err
 
 
-def all_reduce_max_flag(flag: bool, device: torch.device) -> bool:
-    """True on every rank when `flag` is true on any rank (e.g. a stop request)."""
+def all_reduce_max_int(value: int, device: torch.device, name: str = "stop request") -> int:
+    """The largest of every rank's small non-negative `value` (e.g. the number of a signal)."""
     if not _joined():
-        return flag
-    t = torch.tensor([1.0 if flag else 0.0], device=device)
+        return value
+    t = torch.tensor([float(value)], device=device)
     try:
         dist.all_reduce(t, op=dist.ReduceOp.MAX)
     except RuntimeError as err:
-        raise collective_error("stop-request flag", None, err) from err
-    return bool(t.item() > 0)
+        raise collective_error(name, None, err) from err
+    return int(t.item())
 
 
 def gather_ints(values: list[int], name: str) -> list[list[int]]:

@@ -72,6 +72,15 @@ def load_model_and_tokenizer(
     stays attached beside them (the quantized base plus the adapters, as trained with LoRA on a
     quantized base).
     """
+    from .model_files import model_file_errors
+
+    with model_file_errors(name_or_path, adapter):  # a cut weight file: one line naming it
+        return _load_model_and_tokenizer(name_or_path, tokenizer, precision, device, ctx, offload_weights,
+                                         init_seed, quantize, group_size, adapter)
+
+
+def _load_model_and_tokenizer(name_or_path, tokenizer, precision, device, ctx, offload_weights, init_seed,
+                              quantize, group_size, adapter):
     import data
     from gptj.quant import QuantSpec
 

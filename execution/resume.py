@@ -13,7 +13,6 @@ falling back past it would silently continue some other run.
 from __future__ import annotations
 
 import os
-import shutil
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -91,10 +90,19 @@ def select_checkpoint(root: str | os.PathLike, rank: int,
     return None
 
 
+def _aside_name(path: Path) -> Path:
+    """damaged-step-N, or damaged-step-N.2, .3, ... when an earlier damage of that step is
+    already there: each damaged copy is kept for whoever looks into it."""
+    target, copy = path.with_name(DAMAGED_PREFIX + path.name), 1
+    while target.exists():
+        copy += 1
+        target = path.with_name(f"{DAMAGED_PREFIX}{path.name}.{copy}")
+    return target
+
+
 def _set_aside(damaged: list[Path], chosen: Path) -> None:
     for path in damaged:
-        target = path.with_name(DAMAGED_PREFIX + path.name)
-        shutil.rmtree(target, ignore_errors=True)
+        target = _aside_name(path)
         try:
             path.rename(target)
         except OSError as err:

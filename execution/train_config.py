@@ -187,7 +187,7 @@ def load_config(preset: str = DEFAULT_PRESET, overrides: list[str] | None = None
     presets = read_presets(preset_file)
     values = resolve_preset(presets, preset, str(preset_file))
     values.setdefault("name", preset)
-    preset_data = build(FinetuneConfig, values).data
+    preset_config = build(FinetuneConfig, values)
     values = apply_overrides(values, list(overrides or []))
     if overrides:
         check_values(build(FinetuneConfig, values))  # a bad --set value fails even if an option replaces it
@@ -200,18 +200,24 @@ def load_config(preset: str = DEFAULT_PRESET, overrides: list[str] | None = None
     config = build(FinetuneConfig, values)
     check_values(config)
     if config.output_dir is None:
-        config.output_dir = default_output_dir(config, preset_data)
+        config.output_dir = default_output_dir(config, preset_config)
     return config
 
 
-def default_output_dir(config: FinetuneConfig, preset_data: DataSection) -> str | None:
-    """runs/PRESET for the preset's own task and data; another task or data set gets its own
-    directory (runs/PRESET-TASK-DATASET), so it never meets the preset's checkpoints."""
-    parts = []
+def default_output_dir(config: FinetuneConfig, preset: FinetuneConfig) -> str | None:
+    """runs/PRESET for the preset's own task, data and kind of training; another task or data
+    set, or LoRA / a quantized base where the preset has none, gets its own directory
+    (runs/PRESET-TASK-DATASET, runs/tiny-lora8, runs/tiny-lora8-int4), so it never meets the
+    checkpoints of the preset's own run."""
+    parts, preset_data = [], preset.data
     if config.data.task != preset_data.task:
         parts.append(Path(config.data.task).stem)
     if config.data.dataset != preset_data.dataset and config.data.dataset:
         parts.append(Path(config.data.dataset.rstrip("/").split(":")[-1]).stem)
+    if (config.lora.rank, config.model.quantize) != (preset.lora.rank, preset.model.quantize):
+        parts.append(f"lora{config.lora.rank}" if config.lora.rank else "full")
+        if config.model.quantize != "none":
+            parts.append(config.model.quantize)
     if not parts:
         return None
     slug = "-".join(dict.fromkeys(re.sub(r"[^A-Za-z0-9_.]+", "_", p) for p in parts))

@@ -17,9 +17,7 @@ import io
 import json
 import math
 import shutil
-import signal
 import sys
-import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,8 +34,9 @@ from gptj.parallel import all_reduce
 from . import checkpoint as ckpt
 from . import hardware
 from .defaults import resolve_precision, resolve_threads, warn_slow_precision
-from .distributed import all_reduce_max_flag, barrier, init_distributed, world_size
+from .distributed import all_reduce_max_int, barrier, init_distributed, world_size
 from .evaluation import evaluate
+from .interrupt import EXIT_CODE, NAMES, StopRequest
 from .metrics import MetricsLogger, format_eval, peak_flops
 from .resume import select_checkpoint
 from .train_config import FinetuneConfig, TrainConfigError, check_layout
@@ -54,6 +53,8 @@ class TrainResult:
     losses: list[float] = field(default_factory=list)  # per step run by this call
     skipped_steps: int = 0
     stopped_by_signal: bool = False
+    stop_signal: str = ""  # "SIGTERM" or "Ctrl-C (SIGINT)" when stopped_by_signal
+    exit_code: int = 0  # what the command line exits with (130 after Ctrl-C)
     nothing_to_do: bool = False  # resumed at or past training.steps: nothing was run or written
     eval: dict | None = None
     checkpoint: Path | None = None
@@ -220,26 +221,6 @@ def accumulate_gradients(model: GPTJ, train_data, micro_batches: list, weight: f
         (contribution * weight).backward()
         loss_sum += contribution.detach().double()
     return loss_sum
-
-
-class _StopRequest:
-    """Turns SIGTERM into a flag the loop checks between steps (main thread only)."""
-
-    def __init__(self):
-        self.requested = False
-        self._previous = None
-
-    def __enter__(self):
-        if threading.current_thread() is threading.main_thread():
-            self._previous = signal.signal(signal.SIGTERM, self._handle)
-        return self
-
-    def _handle(self, signum, frame):
-        self.requested = True
-
-    def __exit__(self, *exc):
-        if self._previous is not None:
-            signal.signal(signal.SIGTERM, self._previous)
 
 
 def _check_resume(meta: dict, config: FinetuneConfig, mc: ModelConfig, ctx: ParallelContext,
@@ -500,10 +481,18 @@ def _train(config: FinetuneConfig, ctx: ParallelContext | None,
 
     result = TrainResult(output_dir=out, final_step=step, model=model, adapters=adapters)
     last_saved = step if config.resume and step > 0 else None
-    with _StopRequest() as stop:
+    def announce(name: str) -> None:
+        if main:
+            print(f"\n{name}: finishing this step, then saving a checkpoint"
+                  + (" (Ctrl-C again stops at once, unsaved)" if name.startswith("Ctrl-C") else ""),
+                  file=sys.stderr, flush=True)
+
+    with StopRequest(announce) as stop:
         while step < t.steps:
-            if all_reduce_max_flag(stop.requested, device):
-                logger.write(f"stop requested (SIGTERM) at step {step}: saving a checkpoint")
+            signum = all_reduce_max_int(stop.signum, device)  # every rank stops at the same step
+            if signum:
+                result.stop_signal, result.exit_code = NAMES[signum], EXIT_CODE[signum]
+                logger.write(f"stop requested ({result.stop_signal}) at step {step}: saving a checkpoint")
                 result.checkpoint = save(step)
                 result.stopped_by_signal = True
                 break
@@ -575,12 +564,13 @@ def _train(config: FinetuneConfig, ctx: ParallelContext | None,
                 (out / "eval.json").write_text(json.dumps({"step": step, "splits": result.eval},
                                                           indent=2) + "\n")
         if config.checkpoint.export_hf and adapters is not None:
+            from .adapters import base_source
             from .adapters import export as export_adapters
             from .precision import DTYPES
 
             export_dtype = config.checkpoint.export_dtype
             result.adapter_dir, result.hf_dir = export_adapters(
-                adapters, model, out, tokenizer, config.model.name_or_path,
+                adapters, model, out, tokenizer, config.model.name_or_path or base_source(config),
                 None if export_dtype == "model" else DTYPES[export_dtype])
             if result.adapter_dir is not None:
                 logger.write(f"exported PEFT adapter: {result.adapter_dir}; merged model: {result.hf_dir}")

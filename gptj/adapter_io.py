@@ -9,9 +9,11 @@ writes; `load_peft_adapter` reads such a directory (also one written by PEFT) sh
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
+import sys
 from collections.abc import Callable
 from pathlib import Path
 
@@ -31,6 +33,23 @@ class AdapterError(ValueError):
     """An adapter directory that cannot be used with this model, in one line."""
 
 
+FINGERPRINT_KEY = "base_model_fingerprint"  # in the weights file's metadata, which PEFT ignores
+
+
+def weights_fingerprint(model) -> str:
+    """A short hash of the base model's shape and of weights no quantization touches: the
+    LayerNorms, the fc_out biases and the first 8 token embeddings (those live on TP rank 0,
+    which writes and checks the fingerprint). Rounded to bf16, so one checkpoint loaded in
+    fp32, bf16 or quantized gives one fingerprint; two random inits differ in the embeddings."""
+    digest = hashlib.sha256(repr(sorted(model.config.to_dict().items())).encode())
+    pieces = [model.embed.weight[:8]]
+    pieces += [p for name, p in model.named_parameters()
+               if ".lora." not in name and ("ln_" in name or name.endswith("fc_out_bias"))]
+    for p in pieces:
+        digest.update(p.detach().to("cpu", torch.bfloat16).view(torch.int16).contiguous().numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
 def adapter_config(settings: LoraSettings, base_model_name_or_path: str | None) -> dict:
     return {
         "peft_type": "LORA", "task_type": "CAUSAL_LM", "auto_mapping": None,
@@ -44,9 +63,11 @@ def adapter_config(settings: LoraSettings, base_model_name_or_path: str | None) 
 
 
 def save_peft_adapter(adapters: LoraAdapters, out_dir: str | os.PathLike, base_model_name_or_path: str | None,
-                      dtype: torch.dtype | None = None, extra: Callable[[Path], None] | None = None) -> Path | None:
-    """Write the PEFT directory atomically from rank 0; collective over the TP group."""
-    from safetensors.torch import save_file
+                      dtype: torch.dtype | None = None, extra: Callable[[Path], None] | None = None,
+                      base_fingerprint: str | None = None) -> Path | None:
+    """Write the PEFT directory atomically from rank 0; collective over the TP group.
+    `base_fingerprint` (weights_fingerprint of the base) lets a loader tell a wrong base."""
+    from .safetensors_file import save_file
 
     ctx = adapters.ctx
     tensors = adapters.gather_peft()  # every TP rank takes part in the gathers
@@ -57,7 +78,8 @@ def save_peft_adapter(adapters: LoraAdapters, out_dir: str | os.PathLike, base_m
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     save_file({PREFIX + name: t.to("cpu", dtype or t.dtype).contiguous() for name, t in tensors.items()},
-              str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
+              str(tmp / WEIGHTS_FILE),
+              metadata={"format": "pt", **({FINGERPRINT_KEY: base_fingerprint} if base_fingerprint else {})})
     config = adapter_config(adapters.settings, base_model_name_or_path)
     (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
     if extra is not None:
@@ -118,6 +140,11 @@ def load_peft_adapter(directory: str | os.PathLike, model, dtype: torch.dtype | 
         if missing:
             raise AdapterError(f"{file} has no tensor {PREFIX + missing[0]}"
                                + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
+        extra = sorted(n for n in names if ".lora_" in n and n.removeprefix(PREFIX) not in shapes)
+        if extra:  # e.g. trained on a deeper model: layers this one lacks
+            raise AdapterError(f"{file}: tensor {extra[0]} has no place in this model "
+                               f"({model.config.num_layers} layers)"
+                               + (f" (and {len(extra) - 1} more)" if len(extra) > 1 else ""))
         for name, want in shapes.items():
             found = tuple(handle.get_slice(PREFIX + name).get_shape())
             if found != want:
@@ -131,4 +158,21 @@ def load_peft_adapter(directory: str | os.PathLike, model, dtype: torch.dtype | 
             return piece[:, start:stop] if dim == 1 else piece[start:stop]
 
         adapters.load_shards(read)
+        recorded = (handle.metadata() or {}).get(FINGERPRINT_KEY)
+    _warn_on_another_base(directory, recorded, model, ctx or model.ctx)
     return adapters.attach(model)
+
+
+def _warn_on_another_base(directory: Path, recorded: str | None, model, ctx: ParallelContext) -> None:
+    """Same shapes, other weights: allowed (it may be deliberate) but said once, on rank 0."""
+    if recorded is None:  # written by PEFT or an older version: nothing to compare
+        return
+    found = weights_fingerprint(model)
+    if found != recorded and ctx.rank == 0:
+        try:
+            base = json.loads((directory / CONFIG_FILE).read_text()).get("base_model_name_or_path")
+        except (OSError, json.JSONDecodeError):
+            base = None
+        print(f"warning: adapter {directory} was trained on base model {base!r} (weights fingerprint "
+              f"{recorded}), but the model it is loaded onto has fingerprint {found}: another base, "
+              "so its output may be meaningless", file=sys.stderr, flush=True)

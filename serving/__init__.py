@@ -9,3 +9,5 @@
     errors.py       errors in the OpenAI shape
     server.py       loading the model and running uvicorn (used by run_server.py)
 """
+
+import execution  # noqa: F401,E402 - makes the project's `data` and `config` win over a user's folders

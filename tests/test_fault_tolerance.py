@@ -112,6 +112,21 @@ def test_damaged_newest_checkpoint_is_named_and_the_previous_one_used(finished_r
     assert ckpt.verify_shard(newest, 0, ckpt.read_meta(newest))
 
 
+def test_a_second_damage_of_one_step_keeps_both_damaged_copies(finished_run, tmp_path, capsys):
+    out, root = _copy(finished_run[0], tmp_path)
+    marks = []
+    for damage in (_truncate, _edit):  # damaged, set aside, step 6 written again, damaged again
+        newest = ckpt.step_dir(root, 6)
+        damage(newest)
+        marks.append(ckpt.rank_file(newest, 0).read_bytes())
+        train(small_config(out, **EVERY_2, resume="auto"))
+    kept = sorted(p.name for p in root.iterdir() if p.name.startswith("damaged-"))
+    assert kept == ["damaged-step-00000006", "damaged-step-00000006.2"]
+    assert [ckpt.rank_file(root / name, 0).read_bytes() for name in kept] == marks
+    assert "moved the damaged step-00000006 to damaged-step-00000006.2" in capsys.readouterr().err
+    assert [step for step, _ in ckpt.list_checkpoints(root)] == [2, 4, 6]
+
+
 def test_no_valid_checkpoint_left_is_one_error_naming_them(finished_run, tmp_path):
     out, root = _copy(finished_run[0], tmp_path)
     _truncate(ckpt.step_dir(root, 2))
@@ -412,3 +427,27 @@ def test_hung_rank_ends_the_job_naming_the_collective(tmp_path, launched):
     assert returncode != 0
     assert "collective training loss (replicas) timed out (rank 0, group of 2 ranks)" in stderr, stderr[-3000:]
     assert elapsed < 200  # the hang alone would last 600 s
+
+
+def test_ctrl_c_under_torchrun_stops_every_rank_at_one_checkpointed_step(tmp_path, launched):
+    """Ctrl-C in a terminal reaches the whole process group: torchrun and both ranks (and torchrun
+    forwards it once more). Every rank finishes the step, the checkpoint holds both shards."""
+    out = tmp_path / "run"
+    args = [*RUN, "--steps", "100000", "--checkpoint-every", "1000", "--output-dir", str(out)]
+    proc = _torchrun("run_finetuning.py", args, tmp_path / "log", 0)
+    launched.append(proc)
+    deadline = time.time() + 300
+    while proc.poll() is None and time.time() < deadline and _last_step(out / "metrics.jsonl") < 3:
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGINT)
+    proc.wait(timeout=120)
+    stdout, stderr = _logs(tmp_path / "log")
+    found = re.search(r"stopped by Ctrl-C \(SIGINT\) at step (\d+); checkpoint", stdout)
+    assert found, (stdout[-2000:], stderr[-3000:])
+    step = int(found.group(1))
+    latest = ckpt.latest_checkpoint(ckpt.checkpoint_root(out))
+    assert ckpt.read_meta(latest)["step"] == step == _last_step(out / "metrics.jsonl") >= 3
+    assert all(ckpt.rank_file(latest, r).is_file() for r in (0, 1))
+    # torchrun's agent prints its own SignalException traceback for the Ctrl-C; the ranks none.
+    assert stderr.count("Traceback") == stderr.count("multiprocessing.api.SignalException: Process")
+    assert "run_finetuning.py" not in stderr and "aborted" not in stderr, stderr[-3000:]

@@ -92,6 +92,18 @@ def test_another_task_or_dataset_gets_its_own_default_output_dir():
     assert out_path("--dataset", "x.csv", "--output-dir", "elsewhere") == Path("elsewhere")
 
 
+def test_lora_and_qlora_runs_get_their_own_default_output_dir():
+    """README's demos run in order: the LoRA run after the full one does not meet its checkpoints."""
+    def out_path(*argv):
+        return run_finetuning.build_config(run_finetuning.parse_args(list(argv))).out_path
+
+    assert out_path("--lora-rank", "8") == Path("runs/tiny-lora8")
+    assert out_path("--lora-rank", "8", "--quantize", "int4") == Path("runs/tiny-lora8-int4")
+    assert out_path("--lora-rank", "8", "--dataset", "x.csv") == Path("runs/tiny-x-lora8")
+    assert out_path("--config", "gptj-6b-mnli-lora-1gpu") == Path("runs/gptj-6b-mnli-lora-1gpu")
+    assert out_path("--lora-rank", "8", "--output-dir", "elsewhere") == Path("elsewhere")
+
+
 def test_every_model_form_works_as_in_inference(finished, tmp_path):
     out, train, _ = finished
     code, stdout, err = run(["--model", str(out), "--dataset", str(train), "--output-dir", str(tmp_path / "again"),

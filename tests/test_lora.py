@@ -187,6 +187,38 @@ def test_exports_load_in_peft_and_transformers_with_equal_logits(tmp_path):
     assert run_inference.main(["--model", str(base_dir), "--adapter", str(adapter_dir), "--prompt", "x"]) == 2
 
 
+def test_an_adapter_records_its_base_warns_on_another_and_refuses_another_shape(tmp_path, capsys):
+    from safetensors import safe_open
+
+    from execution.pipelines import load_model_and_tokenizer
+    from gptj.adapter_io import weights_fingerprint
+
+    base_dir = export_hf(GPTJ(_vocab_matched()).init_weights(seed=3), tmp_path / "base")
+    other_dir = export_hf(GPTJ(_vocab_matched()).init_weights(seed=4), tmp_path / "other")
+    shallow_dir = export_hf(GPTJ(_vocab_matched().replace(num_layers=1)).init_weights(seed=3), tmp_path / "shallow")
+    wide_dir = export_hf(GPTJ(_vocab_matched().replace(hidden_size=96, num_heads=6)).init_weights(seed=3),
+                         tmp_path / "wide")
+    updates = {**LORA, "model.name_or_path": str(base_dir), "model.shape": {}, "training.steps": 1,
+               "checkpoint.export_hf": True, "data.tokenizer": "bundled:tiny"}
+    adapter = train(small_config(tmp_path / "run", **updates)).adapter_dir
+    assert json.loads((adapter / "adapter_config.json").read_text())["base_model_name_or_path"] == str(base_dir)
+    with safe_open(str(adapter / "adapter_model.safetensors"), framework="pt") as handle:
+        recorded = handle.metadata()["base_model_fingerprint"]
+    base, _ = load_model_and_tokenizer(str(base_dir), tokenizer="bundled:tiny")
+    assert recorded == weights_fingerprint(base)
+    capsys.readouterr()
+
+    for same in ({}, {"precision": "bf16"}, {"quantize": "int8"}):  # one base, however it is loaded
+        load_model_and_tokenizer(str(base_dir), tokenizer="bundled:tiny", adapter=str(adapter), **same)
+        assert "warning" not in capsys.readouterr().err, same
+    load_model_and_tokenizer(str(other_dir), tokenizer="bundled:tiny", adapter=str(adapter))
+    assert f"warning: adapter {adapter} was trained on base model '{base_dir}'" in capsys.readouterr().err
+    with pytest.raises(AdapterError, match="has no place in this model"):
+        load_model_and_tokenizer(str(shallow_dir), tokenizer="bundled:tiny", adapter=str(adapter))
+    with pytest.raises(AdapterError, match="has shape"):
+        load_model_and_tokenizer(str(wide_dir), tokenizer="bundled:tiny", adapter=str(adapter))
+
+
 def _vocab_matched():
     import data
     from execution.training import model_config_for
