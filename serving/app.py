@@ -26,10 +26,10 @@ from execution.request_engine import Request as EngineRequest
 from .engine_loop import EngineLoop, QueueFull
 from .errors import (
     APIError,
+    CatchUnexpectedErrors,
     api_error_handler,
     bad_request,
     error_body,
-    unexpected_error_handler,
     validation_error_handler,
 )
 from .metrics import ServerMetrics
@@ -116,7 +116,7 @@ def create_app(state: ServerState) -> FastAPI:
 
     app.add_exception_handler(APIError, counted_api_error)
     app.add_exception_handler(RequestValidationError, counted_validation_error)
-    app.add_exception_handler(Exception, unexpected_error_handler)
+    app.add_middleware(CatchUnexpectedErrors)
 
     def authorized(request: Request) -> None:
         if server.api_key is None:

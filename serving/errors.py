@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import traceback
+
 from fastapi import Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
@@ -46,7 +48,7 @@ async def validation_error_handler(request: Request, err: RequestValidationError
     first = err.errors()[0] if err.errors() else {}
     location = [str(part) for part in first.get("loc", ()) if part != "body"]
     param = ".".join(location) or None
-    message = first.get("msg", "invalid request")
+    message = first.get("msg", "invalid request").removeprefix("Value error, ")
     if first.get("type") == "json_invalid":
         message, param = "the request body is not valid JSON", None
     elif param:
@@ -54,5 +56,34 @@ async def validation_error_handler(request: Request, err: RequestValidationError
     return JSONResponse(error_body(400, message, param), status_code=400)
 
 
-async def unexpected_error_handler(request: Request, err: Exception) -> JSONResponse:
-    return JSONResponse(error_body(500, f"internal error: {type(err).__name__}: {err}"), status_code=500)
+class CatchUnexpectedErrors:
+    """ASGI middleware: an unexpected error in a route is a JSON 500 in the OpenAI shape.
+
+    Starlette's own handler for `Exception` answers and then re-raises, and uvicorn closes the
+    connection of an application that raised, so the next request on that keep-alive connection
+    would fail. Here the error ends with the answer (a stream already started just ends).
+    """
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        started = False
+
+        async def tracked_send(message):
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, receive, tracked_send)
+        except Exception as err:  # noqa: BLE001 - every error must leave the server serving
+            traceback.print_exception(err)
+            if not started:
+                response = JSONResponse(error_body(500, f"internal error: {type(err).__name__}: {err}"),
+                                        status_code=500)
+                await response(scope, receive, send)
+            else:
+                await send({"type": "http.response.body", "body": b"", "more_body": False})

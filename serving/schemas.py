@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, field_validator
 
 from execution.sampling import SamplingParams
 
@@ -13,8 +13,30 @@ from .errors import bad_request
 MAX_LOGPROBS = 5
 
 
+def unencodable_text(value) -> str | None:
+    """Why `value` (or a string inside it) cannot be UTF-8 text, e.g. a lone surrogate; None when it can."""
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError as err:
+            return f"holds {value[err.start]!r} at character {err.start}, which is not valid Unicode text"
+        return None
+    parts = value.values() if isinstance(value, dict) else value if isinstance(value, (list, tuple)) else ()
+    return next((reason for reason in map(unencodable_text, parts) if reason), None)
+
+
 class _Body(BaseModel):
     model_config = ConfigDict(extra="ignore")
+
+    # JSON may carry "\ud800" (a lone surrogate), which no tokenizer can encode: every text field
+    # (prompt, messages, stop, ...) is refused with a 400 naming it.
+    @field_validator("*", mode="after")
+    @classmethod
+    def _encodable_text(cls, value):
+        reason = unencodable_text(value)
+        if reason:
+            raise ValueError(reason)
+        return value
 
 
 class StreamOptions(_Body):
