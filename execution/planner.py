@@ -538,6 +538,10 @@ def main(argv=None) -> int:
     except ConfigError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
+    problem = _beyond_the_model(args, config)
+    if problem:
+        print(f"error: {problem}", file=sys.stderr)
+        return 2
     lora = None
     if args.lora_rank > 0:
         targets = tuple(t.strip() for t in args.lora_targets.split(",") if t.strip())
@@ -558,7 +562,19 @@ def main(argv=None) -> int:
         result = plan(config, machine, args.seq, args.micro_batch, args.global_batch, args.precision,
                       fused_adamw=not args.unfused_adamw, lora=lora)
     print(json.dumps(result, indent=1) if args.json else format_table(result))
-    return 0
+    return 0 if result["recommended"] else 1  # nothing fits: the table says why, the exit code too
+
+
+def _beyond_the_model(args, config) -> str | None:
+    """Why the asked shape cannot be trained on this model, or None."""
+    if args.lora_rank < 0:
+        return f"--lora-rank must be >= 0 (0: full fine-tuning), got {args.lora_rank}"
+    if args.lora_rank > config.hidden_size:
+        return (f"--lora-rank {args.lora_rank} is above the model's width {config.hidden_size}: "
+                "a low-rank adapter needs a rank below it")
+    if args.seq > config.max_positions:
+        return f"--seq {args.seq} is beyond the model's {config.max_positions} positions"
+    return None
 
 
 if __name__ == "__main__":

@@ -149,12 +149,23 @@ def test_bad_sizes_are_rejected(argv, message, capsys):
 def test_nothing_fits_names_the_real_reason(capsys):
     # 100 rows split over 64 devices: every replica count but 1, 2 and 4 leaves a remainder,
     # and TP 16 or more spans nodes.
-    assert main(["--machine", "h100-80gb-8x8", "--global-batch", "100", "--micro-batch", "1"]) == 0
+    assert main(["--machine", "h100-80gb-8x8", "--global-batch", "100", "--micro-batch", "1"]) == 1
     last = capsys.readouterr().out.strip().splitlines()[-1]
     assert last.startswith("recommended: nothing fits: global batch 100 is not a multiple of micro-batch 1 x replicas")
-    assert main(["--machine", "h100-80gb-x1", "--device-memory-gib", "1", "--host-memory-gib", "1"]) == 0
+    assert main(["--machine", "h100-80gb-x1", "--device-memory-gib", "1", "--host-memory-gib", "1"]) == 1
     last = capsys.readouterr().out.strip().splitlines()[-1]
     assert last == "recommended: nothing fits: memory rules out 6 of 6 layouts"
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--lora-rank", "-1"], "--lora-rank must be >= 0 (0: full fine-tuning), got -1"),
+    (["--lora-rank", "100000"], "--lora-rank 100000 is above the model's width 4096"),
+    (["--seq", "100000"], "--seq 100000 is beyond the model's 2048 positions"),
+])
+def test_shapes_beyond_the_model_are_one_line_errors(argv, message, capsys):
+    assert main(["--machine", "cpu-24gb", *argv]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"error: {message}")
 
 
 # ---- LoRA layouts -------------------------------------------------------------------------------
