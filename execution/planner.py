@@ -498,7 +498,8 @@ def why_nothing_fits(result: dict) -> str:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description="Memory and communication of every training layout.")
     parser.add_argument("--model", default="gptj-6b", help="preset name or Hugging Face config.json")
-    parser.add_argument("--seq", type=int, default=1024)
+    parser.add_argument("--seq", type=int, default=None,
+                        help="tokens per row (default: 1024, or the model's positions when fewer)")
     parser.add_argument("--micro-batch", type=int, default=1,
                         help="0: the power of two with the fastest fitting layout (the largest of equals)")
     parser.add_argument("--global-batch", type=int, default=128)
@@ -518,7 +519,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     for option in ("seq", "micro_batch", "global_batch"):
         value = getattr(args, option)
-        if value < 1 and not (option == "micro_batch" and value == 0):  # 0: the planner chooses
+        if value is not None and value < 1 and not (option == "micro_batch" and value == 0):  # 0: the planner chooses
             extra = " (or 0: the planner chooses)" if option == "micro_batch" else ""
             parser.error(f"--{option.replace('_', '-')} must be >= 1, got {value}{extra}")
     for option in ("device_memory_gib", "host_memory_gib"):
@@ -538,6 +539,8 @@ def main(argv=None) -> int:
     except ConfigError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
+    if args.seq is None:
+        args.seq = min(1024, config.max_positions)
     problem = _beyond_the_model(args, config)
     if problem:
         print(f"error: {problem}", file=sys.stderr)
