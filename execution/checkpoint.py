@@ -172,7 +172,7 @@ def file_checksum(path: str | os.PathLike, chunk_bytes: int = 8 << 20) -> str:
 
 def _write_shard(tensors: dict[str, torch.Tensor], file: Path, metadata: dict[str, str]) -> None:
     """safetensors' save_file, its I/O failures raised as OSError(errno, message, path)."""
-    from gptj.safetensors_file import save_file
+    from gptj.tensor_files import save_file
 
     try:
         save_file(tensors, str(file), metadata=metadata)

@@ -10,10 +10,9 @@ from __future__ import annotations
 
 import contextlib
 import json
-import struct
 from pathlib import Path
 
-HEADER_LIMIT = 100 * 2**20  # the format's own upper bound on the JSON header
+from gptj.tensor_files import read_header
 
 
 class ModelFileError(ValueError):
@@ -23,25 +22,23 @@ class ModelFileError(ValueError):
 def safetensors_problem(file: Path) -> str | None:
     """What is wrong with this safetensors file's layout, or None when header and size agree."""
     size = file.stat().st_size
+    if size < 8:
+        return f"{size} bytes, too short for a safetensors header"
     with file.open("rb") as f:
-        prefix = f.read(8)
-        if len(prefix) < 8:
-            return f"{size} bytes, too short for a safetensors header"
-        header_len = struct.unpack("<Q", prefix)[0]
-        if header_len > HEADER_LIMIT or 8 + header_len > size:
-            return f"header of {header_len} bytes does not fit in the file's {size} bytes (cut short?)"
         try:
-            header = json.loads(f.read(header_len))
+            header, data_start = read_header(f)
         except (UnicodeDecodeError, json.JSONDecodeError):
             return "its header is not valid JSON"
-    if not isinstance(header, dict):
-        return "its header is not a JSON object"
+        except ValueError as err:
+            return str(err)
+    if data_start > size:
+        return f"header of {data_start - 8} bytes does not fit in the file's {size} bytes (cut short?)"
     try:
         end = max((int(t["data_offsets"][1]) for k, t in header.items() if k != "__metadata__"), default=0)
     except (TypeError, KeyError, IndexError, ValueError):
         return "its header has a tensor without valid data_offsets"
-    if 8 + header_len + end > size:
-        return f"{size} bytes, the header needs {8 + header_len + end} (cut short?)"
+    if data_start + end > size:
+        return f"{size} bytes, the header needs {data_start + end} (cut short?)"
     return None
 
 

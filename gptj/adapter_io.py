@@ -67,7 +67,7 @@ def save_peft_adapter(adapters: LoraAdapters, out_dir: str | os.PathLike, base_m
                       base_fingerprint: str | None = None) -> Path | None:
     """Write the PEFT directory atomically from rank 0; collective over the TP group.
     `base_fingerprint` (weights_fingerprint of the base) lets a loader tell a wrong base."""
-    from .safetensors_file import save_file
+    from .tensor_files import save_file
 
     ctx = adapters.ctx
     tensors = adapters.gather_peft()  # every TP rank takes part in the gathers

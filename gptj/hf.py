@@ -237,7 +237,7 @@ class ShardedSafetensorsWriter:
             self.flush()
 
     def flush(self) -> None:
-        from .safetensors_file import save_file
+        from .tensor_files import save_file
 
         if self.pending:
             file = f"model-{len(self.shard_files) + 1:05d}.safetensors"

@@ -25,10 +25,40 @@ DTYPES = {
 }
 # Bytes per readinto call (large calls are fine; a bound keeps one call's latency low).
 READ_CHUNK = 64 << 20
+HEADER_LIMIT = 100 * 2**20  # the format's own upper bound on the JSON header
 
 
 class TensorFileError(ValueError):
     """A file that is not a readable safetensors file, named with the reason."""
+
+
+def read_header(file) -> tuple[dict, int]:
+    """(the JSON header, the byte offset where the data starts) of an open safetensors file."""
+    length = int.from_bytes(file.read(8), "little")
+    if length > HEADER_LIMIT:
+        raise ValueError(f"a header of {length} bytes is beyond the format's limit")
+    header = json.loads(file.read(length))
+    if not isinstance(header, dict):
+        raise ValueError("the header is not a JSON object")
+    return header, 8 + length
+
+
+def current_umask() -> int:
+    mask = os.umask(0o022)  # the only portable way to read it is to set it; put it straight back
+    os.umask(mask)
+    return mask
+
+
+def save_file(tensors: dict, file: str | os.PathLike, metadata: dict[str, str] | None = None) -> None:
+    """safetensors' save_file, leaving the mode every other file gets (`0666 & ~umask`).
+
+    safetensors writes through a private temporary file, so what it leaves is mode 0600 whatever
+    the umask: another user, or a container running as another uid, could not read the weights.
+    """
+    from safetensors.torch import save_file as save
+
+    save(tensors, str(file), metadata=metadata)
+    Path(file).chmod(0o666 & ~current_umask())
 
 
 class SafetensorsFile:
@@ -46,8 +76,7 @@ class SafetensorsFile:
             os.posix_fadvise(self._file.fileno(), 0, 0, os.POSIX_FADV_SEQUENTIAL)
 
     def _read_header(self) -> tuple[dict[str, tuple[torch.dtype, tuple[int, ...], int, int]], int]:
-        length = int.from_bytes(self._file.read(8), "little")
-        header = json.loads(self._file.read(length))
+        header, data_start = read_header(self._file)
         header.pop("__metadata__", None)
         entries = {}
         for name, info in header.items():
@@ -55,7 +84,7 @@ class SafetensorsFile:
                 raise ValueError(f"tensor {name} has unsupported dtype {info['dtype']}")
             begin, end = info["data_offsets"]
             entries[name] = (DTYPES[info["dtype"]], tuple(info["shape"]), begin, end)
-        return entries, 8 + length
+        return entries, data_start
 
     def keys(self) -> list[str]:
         return list(self.entries)
