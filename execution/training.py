@@ -155,7 +155,10 @@ def eval_sources(config: FinetuneConfig, task) -> list[tuple[str, str, str | Non
     "SOURCE@SPLIT". Without entries: the task's eval splits of the training source. Names are
     plain split names when there is one entry, "SOURCE@SPLIT" when there are several.
     """
-    default_source = config.data.dataset or task.sample
+    from data.sources import split_at
+
+    # The training source's own split ("DIR@train_sample") is not what evaluation reads.
+    default_source = split_at(config.data.dataset)[0] if config.data.dataset else task.sample
     entries = config.data.eval_datasets or [default_source or ""]
     out = []
     for entry in entries:
