@@ -33,7 +33,7 @@ from gptj.parallel import all_reduce
 
 from . import checkpoint as ckpt
 from . import hardware
-from .defaults import resolve_precision, resolve_threads, warn_slow_precision
+from .defaults import auto_choices, resolve_precision, resolve_threads, warn_slow_precision
 from .distributed import all_reduce_max_int, barrier, init_distributed, world_size
 from .evaluation import evaluate
 from .interrupt import EXIT_CODE, NAMES, StopRequest
@@ -302,7 +302,8 @@ def _train(config: FinetuneConfig, ctx: ParallelContext | None,
     if main:
         out.mkdir(parents=True, exist_ok=True)
         say("resolved config:\n" + yaml.safe_dump(config.to_dict(), sort_keys=False).rstrip())
-        say(f"machine: {hardware.detect().summary()}")
+        say(f"machine: {hardware.detect().summary()}" + auto_choices(
+            mc, config.training.precision, precision, config.training.threads, torch.get_num_threads()))
         say(f"layout: world {ctx.world_size} = tensor_parallel {ctx.tensor_parallel} x "
             f"replicas {ctx.replicas}; device {device.type}; precision {precision} "
             f"(configured {config.training.precision}); threads {torch.get_num_threads()} "
