@@ -149,7 +149,7 @@ def run(config) -> int:
 
     import torch
 
-    from execution.defaults import resolve_threads
+    from execution.defaults import auto_choices, resolve_threads
     from execution.distributed import init_distributed, world_size
     from execution.hardware import detect
     from execution.pipelines import TextGenerationPipeline
@@ -184,13 +184,15 @@ def run(config) -> int:
         kv_cache_dtype=model.kv_cache_dtype,
     )
     # "auto" values become what was chosen for this machine and model, as printed below.
+    asked = (model.precision, model.threads)
     model.precision = next(k for k, v in DTYPES.items() if v == pipe.model.embed.weight.dtype)
     chosen_threads = resolve_threads(model.threads, pipe.model.config)
     if chosen_threads:
         torch.set_num_threads(chosen_threads)
     model.threads = torch.get_num_threads()
     if main:
-        print(f"machine: {detect().summary()}", flush=True)
+        note = auto_choices(pipe.model.config, asked[0], model.precision, asked[1], model.threads)
+        print(f"machine: {detect().summary()}{note}", flush=True)
         print("config: " + json.dumps(dataclasses.asdict(config)), flush=True)
     context = pipe.model.config.max_positions
     ids = pipe.encode_prompts(prompts, gen.truncate_prompts, gen.max_new_tokens)
@@ -235,10 +237,12 @@ def run(config) -> int:
             if sys.stdout.isatty():  # the prompt, then its continuation in bold
                 r = dataclasses.replace(r, text=f"{r.prompt}\033[1m{r.text}\033[0m")
             print(format_result(r), end="")
+    # A first token comes from prefill: with one token per prompt nothing was decoded.
+    decode = f"{stats['decode_tokens_per_s']:.1f} tokens/s" if stats["decode_tokens_per_s"] else "n/a"
     print(
         f"{stats['generated_tokens']} tokens in {stats['total_s']:.3f} s: {stats['tokens_per_s']:.1f} tokens/s | "
         f"time to first token {stats['time_to_first_token_s'] * 1000:.1f} ms | "
-        f"prefill {stats['prefill_tokens_per_s']:.1f} tokens/s | decode {stats['decode_tokens_per_s']:.1f} tokens/s"
+        f"prefill {stats['prefill_tokens_per_s']:.1f} tokens/s | decode {decode}"
     )
     if config.output:
         print(f"wrote {len(results)} results to {write_results(config.output, results, stats)}")

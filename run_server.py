@@ -92,7 +92,6 @@ def run(config, log_level: str) -> int:
         if shown["server"]["api_key"]:
             shown["server"]["api_key"] = "***"
         print("config: " + json.dumps(shown), flush=True)
-        print(f"serving on http://{config.server.host}:{config.server.port}/v1", flush=True)
     return serve(config, ctx, device, log_level)
 
 

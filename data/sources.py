@@ -22,8 +22,9 @@ class Source:
     """A resolved source: a local file, or a Hugging Face dataset split."""
 
     def __init__(self, spec: str, split: str | None):
+        spec, picked = split_at(spec)
         self.spec = spec
-        self.split = split
+        self.split = picked or split
         self.path: Path | None = None
         self.hf: tuple[str, str | None] | None = None
         self._hf_data = None
@@ -61,8 +62,14 @@ class Source:
             candidate = directory / f"{split}{ext}"
             if candidate.is_file():
                 return candidate
-        have = sorted({p.stem for p in directory.iterdir() if p.suffix.lower() in FILE_FORMATS})
-        raise DataError(f"no file for split {split!r} in {directory} (splits: {', '.join(have)})")
+        files = sorted(p for p in directory.iterdir() if p.suffix.lower() in FILE_FORMATS and p.is_file())
+        if not files:
+            raise DataError(f"no file for split {split!r} in {directory}: it holds no "
+                            f"{' / '.join(FILE_FORMATS)} file")
+        shown = ", ".join(p.name for p in files[:10]) + (f" and {len(files) - 10} more" if len(files) > 10 else "")
+        stems = ", ".join(dict.fromkeys(p.stem for p in files))
+        raise DataError(f"no file for split {split!r} in {directory}: it holds {shown} "
+                        f"(splits: {stems}; pick one with {directory}@SPLIT)")
 
     def identity(self) -> dict:
         """What makes this source's content unique; part of the cache key."""
@@ -100,6 +107,15 @@ class Source:
                 raise DataError(f"cannot load Hugging Face dataset {name!r} (config {config!r}, "
                                 f"split {self.split!r}): {e}") from e
         return self._hf_data
+
+
+def split_at(spec: str) -> tuple[str, str | None]:
+    """"SOURCE@SPLIT" -> (SOURCE, SPLIT); anything else (an existing path with an "@" in its
+    name too) -> (spec, None)."""
+    source, at, split = str(spec).rpartition("@")
+    if not at or not source or not split or "/" in split or Path(spec).expanduser().exists():
+        return str(spec), None
+    return source, split
 
 
 def looks_like_path(spec: str) -> bool:

@@ -92,7 +92,9 @@ class Task:
         for field, columns in self.fields.items():
             value = _lookup(record, columns)
             if value is _MISSING:
-                raise RowProblem("missing_field", f"no column {' or '.join(columns)} for {field!r}")
+                have = ", ".join(map(str, record)) or "none"
+                raise RowProblem("missing_field", f"no column {' or '.join(columns)} for {field!r}; "
+                                                  f"its columns: {have}")
             if field == self.label_field and self.labels is not None:
                 row[field] = self._label_name(value)
                 continue

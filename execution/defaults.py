@@ -92,3 +92,21 @@ def warn_slow_precision(precision: str, device: torch.device | str,
     if line:
         print(line, file=file or sys.stderr, flush=True)
     return line
+
+
+def auto_choices(model_config: ModelConfig, precision_setting: str, precision: str,
+                 threads_setting, threads: int) -> str:
+    """What the "auto" settings chose for this model and why, appended to the `machine:` line
+    ("" when nothing was auto). A real tokenizer's vocabulary makes even the tiny model's
+    lm_head large, so it leaves the small-model fp32 / one-thread rule: this says so."""
+    chosen = [precision] if precision_setting == "auto" else []
+    if threads_setting == "auto":
+        chosen.append(f"{threads} thread{'' if threads == 1 else 's'}")
+    if not chosen:
+        return ""
+    weights = model_config.matmul_parameters() / 1e6
+    limit = SMALL_MODEL_MATMUL_WEIGHTS / 1e6
+    size = (f"a small model ({weights:.1f} M matmul weights, under {limit:.0f} M)" if is_small(model_config)
+            else f"{weights:.1f} M matmul weights (vocabulary {model_config.vocab_size}), not a small model "
+                 f"(under {limit:.0f} M: fp32 on one thread)")
+    return f"; auto chose {' and '.join(chosen)} for {size}"

@@ -165,7 +165,7 @@ def fit_prompts(encoded: list[list[int]], context: int, max_new_tokens: int = 1,
         elif len(ids) >= context:
             raise ValueError(
                 f"prompt {i} has {len(ids)} tokens but the model context is {context}; "
-                "shorten it or allow left truncation"
+                "shorten it, or keep its last tokens with --truncate-prompts (truncate_prompts=True)"
             )
     return encoded
 

@@ -28,6 +28,8 @@ from gptj import ConfigError, ModelConfig
 from gptj.lora import ROW_PARALLEL, lora_flops_per_token, target_dims
 from gptj.lora import TARGETS as LORA_TARGETS
 
+from .planner_table import format_table, why_nothing_fits  # noqa: F401 - printed by main, used by callers
+
 GiB = 2**30
 GB = 1e9
 
@@ -452,47 +454,6 @@ def plan(config: ModelConfig, machine: Machine, seq: int, micro_batch: int, glob
         "recommended": best["layout"] if best else None,
         **({"lora": dataclasses.asdict(lora)} if lora is not None else {}),
     }
-
-
-def format_table(result: dict) -> str:
-    lines = [
-        f"{result['parameters'] / 1e9:.2f} B parameters, seq {result['seq']}, micro-batch "
-        f"{result['micro_batch']}, global batch {result['global_batch']}, {result['precision']}, "
-        f"machine {result['machine']['name']}",
-        f"{'layout':34s} {'weights':>8s} {'grads':>8s} {'optim':>8s} {'activ':>8s} {'logits':>8s} "
-        f"{'total':>8s} {'host/dev':>9s} {'TP comm':>8s} {'DP comm':>8s} {'host io':>8s} {'est s':>7s}  fits",
-    ]
-    for r in result["layouts"]:
-        dev, comm = r["device_bytes"], r["comm_bytes_per_step"]
-        cells = [dev["weights"], dev["gradients"], dev["optimizer"], dev["activations"], dev["logits"],
-                 r["device_total"], r["host_bytes_per_device"], comm["tensor_parallel"], comm["replicas"], comm["host"]]
-        lines.append(f"{r['layout']:34s} " + " ".join(f"{c / GiB:8.1f}" for c in cells[:6])
-                     + f" {cells[6] / GiB:9.1f} " + " ".join(f"{c / GiB:8.1f}" for c in cells[7:])
-                     + f" {r['estimated_seconds']['step']:7.2f}  " + ("yes" if r["fits"] else "no: " + "; ".join(r["problems"])))
-    lines.append("(GiB per device; comm = GiB sent+received per device per optimizer step; est s = rough step time)")
-    lines.append(f"KV cache for inference: {result['kv_cache_bytes_per_token'] / 2**20:.2f} MiB per token (all layers, "
-                 "divide by tensor parallel)")
-    lines.append(f"recommended: {result['recommended'] or 'nothing fits: ' + why_nothing_fits(result)}")
-    return "\n".join(lines)
-
-
-def why_nothing_fits(result: dict) -> str:
-    """The real reason no layout fits: the batch split when that alone rules out layouts that
-    would otherwise fit, else how many layouts each kind of problem rules out."""
-    rows = result["layouts"]
-    if not rows:
-        return "no layout for this machine"
-    batch_only = [r["layout"] for r in rows
-                  if r["problems"] and all(p.startswith("global batch") for p in r["problems"])]
-    if batch_only:
-        return (f"global batch {result['global_batch']} is not a multiple of micro-batch "
-                f"{result['micro_batch']} x replicas in the {len(batch_only)} layout(s) that would "
-                f"otherwise fit ({', '.join(batch_only[:3])}{', ...' if len(batch_only) > 3 else ''})")
-    kinds = {"memory": lambda p: p.startswith("needs"),
-             "the batch split": lambda p: p.startswith("global batch"),
-             "the tensor-parallel split": lambda p: "not divisible by tp" in p or "spans nodes" in p}
-    counts = {k: sum(any(test(p) for p in r["problems"]) for r in rows) for k, test in kinds.items()}
-    return ", ".join(f"{k} rules out {n}" for k, n in counts.items() if n) + f" of {len(rows)} layouts"
 
 
 def main(argv=None) -> int:

@@ -199,8 +199,8 @@ def load_config(preset: str = DEFAULT_PRESET, overrides: list[str] | None = None
         node[last] = value
     config = build(FinetuneConfig, values)
     check_values(config)
-    if config.output_dir is None:
-        config.output_dir = default_output_dir(config, preset_config)
+    if config.output_dir is None:  # named, so the printed config shows where the run writes
+        config.output_dir = default_output_dir(config, preset_config) or f"runs/{config.name}"
     return config
 
 

@@ -33,7 +33,7 @@ from gptj.parallel import all_reduce
 
 from . import checkpoint as ckpt
 from . import hardware
-from .defaults import resolve_precision, resolve_threads, warn_slow_precision
+from .defaults import auto_choices, resolve_precision, resolve_threads, warn_slow_precision
 from .distributed import all_reduce_max_int, barrier, init_distributed, world_size
 from .evaluation import evaluate
 from .interrupt import EXIT_CODE, NAMES, StopRequest
@@ -155,7 +155,10 @@ def eval_sources(config: FinetuneConfig, task) -> list[tuple[str, str, str | Non
     "SOURCE@SPLIT". Without entries: the task's eval splits of the training source. Names are
     plain split names when there is one entry, "SOURCE@SPLIT" when there are several.
     """
-    default_source = config.data.dataset or task.sample
+    from data.sources import split_at
+
+    # The training source's own split ("DIR@train_sample") is not what evaluation reads.
+    default_source = split_at(config.data.dataset)[0] if config.data.dataset else task.sample
     entries = config.data.eval_datasets or [default_source or ""]
     out = []
     for entry in entries:
@@ -299,7 +302,8 @@ def _train(config: FinetuneConfig, ctx: ParallelContext | None,
     if main:
         out.mkdir(parents=True, exist_ok=True)
         say("resolved config:\n" + yaml.safe_dump(config.to_dict(), sort_keys=False).rstrip())
-        say(f"machine: {hardware.detect().summary()}")
+        say(f"machine: {hardware.detect().summary()}" + auto_choices(
+            mc, config.training.precision, precision, config.training.threads, torch.get_num_threads()))
         say(f"layout: world {ctx.world_size} = tensor_parallel {ctx.tensor_parallel} x "
             f"replicas {ctx.replicas}; device {device.type}; precision {precision} "
             f"(configured {config.training.precision}); threads {torch.get_num_threads()} "

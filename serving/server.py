@@ -1,7 +1,8 @@
 """Load the model, start the engine thread, run uvicorn; tensor-parallel followers.
 
-Rank 0 answers HTTP at once: /health says 503 while the model loads (in a background thread)
-and 200 when the engine runs. Other tensor-parallel ranks load their shards and follow rank
+Before anything is loaded the model and adapter paths are checked and the port is bound, so a
+typo or a busy port costs one line, not a model load. Rank 0 then answers HTTP at once:
+/health says 503 while the model loads (in a background thread) and 200 when the engine runs. Other tensor-parallel ranks load their shards and follow rank
 0's steps (`serving.engine_loop.follow`) until rank 0 stops.
 """
 
@@ -9,17 +10,20 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import signal
 import socket
 import threading
 import time
 import traceback
+from pathlib import Path
 
 import torch
 
 from execution.defaults import resolve_threads
 from execution.pipelines import EntailmentPipeline, kv_cache_dtype_of, load_model_and_tokenizer
 from execution.precision import DTYPES
+from execution.preflight import InputError, resolve_model_source
 from execution.request_engine import RequestEngine
 
 from .app import ServerState, create_app
@@ -94,14 +98,48 @@ def build_app(config, ctx=None, device=None, on_load_error=None):
     return app, state
 
 
-def uvicorn_server(app, host: str, port: int, log_level: str = "warning"):
+def check_model_paths(config) -> None:
+    """The model and adapter paths can be found (nothing is read): an InputError otherwise."""
+    m = config.model
+    if m.name_or_path:
+        resolve_model_source(m.name_or_path, "--model")
+    named = [("--adapter", m.adapter)] if m.adapter else []
+    named += [(f"--adapter {name}=", path) for name, path in m.adapters.items()]
+    for option, path in named:
+        if not Path(path).expanduser().is_dir():
+            raise InputError(f"{option}{'' if option.endswith('=') else ' '}{path}: adapter directory does not exist")
+
+
+def listen_socket(host: str, port: int) -> socket.socket:
+    """A socket bound to host:port (port 0: a free one), or an InputError naming the address."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn does: TIME_WAIT is no obstacle
+    try:
+        sock.bind((host, port))
+    except OSError as err:
+        sock.close()
+        raise InputError(f"cannot listen on {host}:{port}: {err.strerror or err}"
+                         + (" (another server there? pick another --port)" if err.errno == errno.EADDRINUSE else "")) from None
+    return sock
+
+
+def uvicorn_server(app, host: str, port: int, log_level: str = "warning", on_started=None):
+    """A uvicorn server; `on_started()` runs once it accepts connections."""
     import uvicorn
 
-    return uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level=log_level, timeout_keep_alive=30))
+    class Server(uvicorn.Server):
+        async def startup(self, sockets=None):
+            await super().startup(sockets)
+            if self.started and on_started is not None:
+                on_started()
+
+    return Server(uvicorn.Config(app, host=host, port=port, log_level=log_level, timeout_keep_alive=30))
 
 
 def serve(config, ctx=None, device=None, log_level: str = "info") -> int:
     """Run until stopped (Ctrl-C / SIGTERM on rank 0)."""
+    check_model_paths(config)
     if ctx is not None and not ctx.is_main:
         # A follower stops when rank 0 says so (after its last step), not on the launcher's
         # Ctrl-C / SIGTERM, which would cut rank 0's last broadcast.
@@ -110,14 +148,22 @@ def serve(config, ctx=None, device=None, log_level: str = "info") -> int:
         engine, _, entailment = load(config, ctx, device)
         follow(engine, entailment, StepSync(ctx))
         return 0
+    sock = listen_socket(config.server.host, config.server.port)
+    host, port = config.server.host, sock.getsockname()[1]
     server = None
 
     def give_up():
         server.should_exit = True
 
+    def announce():
+        print(f"serving on http://{host}:{port}/v1", flush=True)
+
     app, state = build_app(config, ctx, device, on_load_error=give_up)
-    server = uvicorn_server(app, config.server.host, config.server.port, log_level)
-    server.run()
+    server = uvicorn_server(app, host, port, log_level, on_started=announce)
+    try:
+        server.run(sockets=[sock])
+    finally:
+        sock.close()
     if state.load_error:
         raise ValueError(state.load_error)  # bad input (a missing model...) -> one line, exit 2
     return 0
