@@ -45,6 +45,7 @@ class Prepared:
     choices: list[Choice]
     deadline: float
     created: int
+    model: str  # what the response's `model` says: the adapter asked for, else the base
     queue: object = None
 
     async def collect(self) -> None:
@@ -88,7 +89,8 @@ def prepare(state: ServerState, body, prompts, max_tokens, stops, logprobs, prom
     decode = state.tokenizer.decode
     choices = [Choice(i, request.request_id, TextStream(decode, stops)) for i, request in enumerate(requests)]
     deadline = time.monotonic() + server.request_timeout
-    return Prepared(state, loop, response_id, requests, choices, deadline, int(time.time()))
+    return Prepared(state, loop, response_id, requests, choices, deadline, int(time.time()),
+                    adapter or state.model_name)
 
 
 def completion_logprobs(decode, entries, offset: int) -> dict:
@@ -140,7 +142,7 @@ async def completions(body: CompletionRequest, state: State):
         generated = completion_logprobs(decode, choice.logprobs, len(choice.prefix))
         return join_logprobs(echoed(choice), generated) if body.echo else generated
 
-    head = {"id": job.response_id, "object": "text_completion", "created": job.created, "model": state.model_name}
+    head = {"id": job.response_id, "object": "text_completion", "created": job.created, "model": job.model}
     if not body.stream:
         await job.collect()
         return {**head, "choices": [{"index": c.index, "text": c.prefix + c.output, "finish_reason": c.finish,
@@ -187,7 +189,7 @@ async def chat_completions(body: ChatCompletionRequest, state: State):
     job.queue = submit(job.loop, job.requests)
 
     def head(kind: str) -> dict:
-        return {"id": job.response_id, "object": kind, "created": job.created, "model": state.model_name}
+        return {"id": job.response_id, "object": kind, "created": job.created, "model": job.model}
 
     if not body.stream:
         await job.collect()

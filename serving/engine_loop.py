@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import logging
 import threading
 import time
 import traceback
@@ -31,6 +32,7 @@ from gptj.parallel import ParallelContext, broadcast_json
 from .adapter_slots import AdapterSlots
 
 IDLE_HEARTBEAT_S = 1.0
+REQUEST_LOG = logging.getLogger("gptj.requests")  # one line per finished request (serve() shows it)
 
 
 class QueueFull(Exception):
@@ -118,8 +120,9 @@ class EngineLoop:
     """Rank 0's engine thread and the thread-safe doors into it."""
 
     def __init__(self, engine: RequestEngine, metrics, max_queue: int, entailment=None,
-                 sync: StepSync | None = None, adapters: AdapterSlots | None = None):
+                 sync: StepSync | None = None, adapters: AdapterSlots | None = None, model_name: str = "base"):
         self.engine, self.metrics, self.max_queue = engine, metrics, max_queue
+        self.model_name = model_name  # the base's name in the request log
         self.entailment, self.sync = entailment, sync or StepSync()
         self.adapters = adapters or AdapterSlots(engine)
         self._cond = threading.Condition()
@@ -284,3 +287,6 @@ class EngineLoop:
                     m.adapter_requests.labels(timing.adapter).inc()
                 if event.finish_reason == "cancelled":
                     m.cancelled.inc()
+                REQUEST_LOG.info("request %s model %s: %d prompt + %d generated tokens, %s, %.3f s",
+                                 event.request_id, timing.adapter or self.model_name, timing.prompt_tokens,
+                                 timing.tokens, event.finish_reason, event.time - timing.arrival)

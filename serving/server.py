@@ -67,7 +67,8 @@ def build_app(config, ctx=None, device=None, on_load_error=None):
     def load_in_background(aloop):
         try:
             engine, tokenizer, entailment, slots = load(config, ctx, device)
-            loop = EngineLoop(engine, state.metrics, config.server.max_queue, entailment, StepSync(ctx), slots)
+            loop = EngineLoop(engine, state.metrics, config.server.max_queue, entailment, StepSync(ctx), slots,
+                              state.model_name)
             state.tokenizer, state.entailment, state.loop = tokenizer, entailment, loop
             state.max_model_len, state.vocab_size = engine.max_length, engine.vocab_size
             loop.start(aloop)
@@ -97,6 +98,21 @@ def build_app(config, ctx=None, device=None, on_load_error=None):
     return app, state
 
 
+def show_request_log(log_level: str) -> None:
+    """The request log (serving.engine_loop.REQUEST_LOG) on stderr at uvicorn's --log-level."""
+    import logging
+
+    from .engine_loop import REQUEST_LOG
+
+    if REQUEST_LOG.handlers:  # already shown (a second server in this process)
+        return
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter("%(levelname)s:     %(message)s"))
+    REQUEST_LOG.addHandler(handler)
+    REQUEST_LOG.setLevel(log_level.upper())
+    REQUEST_LOG.propagate = False
+
+
 def uvicorn_server(app, host: str, port: int, log_level: str = "warning"):
     import uvicorn
 
@@ -118,6 +134,7 @@ def serve(config, ctx=None, device=None, log_level: str = "info") -> int:
     def give_up():
         server.should_exit = True
 
+    show_request_log(log_level)
     app, state = build_app(config, ctx, device, on_load_error=give_up)
     server = uvicorn_server(app, config.server.host, config.server.port, log_level)
     server.run()

@@ -46,7 +46,8 @@ def _alone(directory: str | None, max_tokens: int = MAX_TOKENS, eos: bool = True
     return tok.decode(result.token_ids)
 
 
-def test_each_request_gets_the_adapter_its_model_names(adapter_dirs):
+def test_each_request_gets_the_adapter_its_model_names(adapter_dirs, caplog):
+    caplog.set_level("INFO", logger="gptj.requests")
     argv = [arg for name, d in adapter_dirs.items() for arg in ("--adapter", f"{name}={d}")]
     with tiny_server("--precision", "fp32", *argv) as server:
         models = httpx.get(f"{server.url}/v1/models").json()["data"]
@@ -61,14 +62,24 @@ def test_each_request_gets_the_adapter_its_model_names(adapter_dirs):
         with ThreadPoolExecutor(len(names)) as pool:  # sent together, so they share decode steps
             bodies = [r.json() for r in pool.map(complete, names)]
         texts = [body["choices"][0]["text"] for body in bodies]
+        assert [body["model"] for body in bodies] == names  # the response names what was asked
         for name in ("mnli", "sst2"):  # per-adapter metrics: each adapter was asked twice
             generated = sum(b["usage"]["completion_tokens"] for b, n in zip(bodies, names) if n == name)
             assert metric(server.url, "gptj_adapter_requests_total", f'adapter="{name}"') == 2
             assert metric(server.url, "gptj_adapter_generation_tokens_total", f'adapter="{name}"') == generated > 0
         missing = complete("qa")
         assert missing.status_code == 404 and "'qa'" in missing.json()["error"]["message"]
+        chat = {"model": "sst2", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
+        assert httpx.post(f"{server.url}/v1/chat/completions", json=chat, timeout=60).json()["model"] == "sst2"
+        with httpx.stream("POST", f"{server.url}/v1/chat/completions", json={**chat, "stream": True},
+                          timeout=60) as stream:
+            chunks = [json.loads(line[6:]) for line in stream.iter_lines() if line.startswith("data: {")]
+        assert chunks and {c["model"] for c in chunks} == {"sst2"}
     expected = {base: _alone(None), **{name: _alone(d) for name, d in adapter_dirs.items()}}
     assert texts == [expected[name] for name in names]
+    logged = [r.getMessage() for r in caplog.records if r.name == "gptj.requests"]
+    for name, body in zip(names, bodies):  # the request log names each request's adapter (or the base)
+        assert any(line.startswith(f"request {body['id']}-0 model {name}: ") for line in logged), (name, logged)
     assert len(set(expected.values())) == 3  # the adapters really change the output
 
 
