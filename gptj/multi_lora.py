@@ -20,6 +20,8 @@ output activations.
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 from torch import nn
 
@@ -92,6 +94,8 @@ class BlockMultiLoRA(nn.Module):
         rows = self._owner[0].row_adapters
         if rows is None:  # no rows chosen: every row is the base alone
             return y
+        if rows.dim() == 0:  # one adapter for every row
+            rows = rows.expand(x.shape[0])
         if rows.shape[0] != x.shape[0]:
             raise RuntimeError(f"MultiLoRA: set_rows must give one adapter index per batch row "
                                f"({x.shape[0]} rows, found {rows.shape[0]})")
@@ -188,10 +192,20 @@ class MultiLoRA(nn.Module):
             raise KeyError(f"adapter {name!r} is not loaded (loaded: {', '.join(self.names) or 'none'})") from None
 
     def set_rows(self, indices) -> None:
-        """The adapter index of every batch row of the next forward passes (None: the base for
-        every row, whatever the batch)."""
+        """The adapter index of every batch row of the next forward passes (one int: the same
+        for every row; None: the base for every row, whatever the batch)."""
         self.row_adapters = None if indices is None else torch.as_tensor(
             indices, dtype=torch.long, device=self.scaling.device)
+
+    @contextlib.contextmanager
+    def use(self, name: str | None):
+        """Every forward inside runs adapter `name` (None: the base) on every row; the base after."""
+        index = self.index(name)
+        self.set_rows(index)
+        try:
+            yield
+        finally:
+            self.set_rows(None)
 
     def attach(self, model) -> MultiLoRA:
         if model.config.to_dict() != self.config.to_dict():
