@@ -156,3 +156,10 @@ def test_unloading_lets_requests_in_flight_finish(adapter_dirs):
     parts = [json.loads(c.removeprefix("data: ")) for c in chunks if c.startswith("data: {")]
     assert all("error" not in p for p in parts)
     assert "".join(p["choices"][0]["text"] for p in parts) == _alone(adapter_dirs["mnli"], long, eos=False)
+
+
+def test_a_compiled_decode_step_with_adapters_is_refused_with_one_line(adapter_dirs, capsys):
+    for argv in (["--adapter", f"mnli={adapter_dirs['mnli']}"], ["--max-adapters", "2"]):
+        code = run_server.main(["--port", "0", "--compile", *argv, "--log-level", "critical"])
+        err = capsys.readouterr().err.strip().splitlines()
+        assert code == 2 and len(err) == 1 and "drop --compile" in err[0], err
