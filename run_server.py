@@ -5,7 +5,7 @@
     torchrun --nproc-per-node 2 run_server.py --config gptj-6b-tp2 --tensor-parallel 2
 
 Endpoints: POST /v1/completions, /v1/chat/completions, /v1/entailment, /tokenize,
-/detokenize; GET /v1/models, /tokenizer_info, /health, /metrics. Presets live in config/inference.yml (the `server:` and `generation:`
+/detokenize, /v1/load_lora_adapter, /v1/unload_lora_adapter; GET /v1/models, /tokenizer_info, /health, /metrics. Presets live in config/inference.yml (the `server:` and `generation:`
 sections); options override them and --set section.field=value reaches any field.
 """
 
@@ -27,6 +27,7 @@ OPTION_FIELDS = {
     "request_timeout": "server.request_timeout",
     "api_key": "server.api_key",
     "served_model_name": "server.served_model_name",
+    "max_adapters": "server.max_adapters",
 }
 
 
@@ -48,6 +49,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--request-timeout", type=float, metavar="S", help="seconds from arrival to the last token")
     p.add_argument("--api-key", metavar="KEY", help="require 'Authorization: Bearer KEY'")
     p.add_argument("--served-model-name", metavar="NAME", help="the model id clients send (default: --model)")
+    p.add_argument("--max-adapters", type=int, metavar="N",
+                   help="LoRA adapters held at once, loaded at run time included (POST /v1/load_lora_adapter; "
+                        "default: as many as --adapter NAME=DIR names)")
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     p.add_argument("--set", action="append", default=[], metavar="SECTION.FIELD=VALUE", help="override any field")
     return p.parse_args(argv)

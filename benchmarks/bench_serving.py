@@ -51,7 +51,7 @@ GPT2_TOKENIZER = Path("/work/shared/data/gpt2")
 # ---- the server ----------------------------------------------------------------------------------
 
 
-def start_server(args) -> tuple[subprocess.Popen, str]:
+def start_server(args, extra=()) -> tuple[subprocess.Popen, str]:
     from serving.server import free_port
 
     port = free_port()
@@ -63,6 +63,7 @@ def start_server(args) -> tuple[subprocess.Popen, str]:
         command += ["--set", "model.preset=bench-small"]
         if GPT2_TOKENIZER.is_dir():
             command += ["--tokenizer", str(GPT2_TOKENIZER)]
+    command += list(extra)
     proc = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 300
@@ -141,11 +142,14 @@ def percentiles(values: list[float]) -> dict:
     return {"mean": statistics.fmean(ordered), "median": statistics.median(ordered), "p99": p99}
 
 
-async def run_level(url, concurrency, num_requests, args, rng) -> dict:
+async def run_level(url, concurrency, num_requests, args, rng, models=None) -> dict:
+    """models: request i asks for models[i % len(models)] (None: the server's default)."""
     vocab = args.vocab
     bodies = [{"prompt": [rng.randrange(vocab) for _ in range(args.input_len)], "max_tokens": args.output_len,
                "temperature": 0, "ignore_eos": True, "stream": True, "stream_options": {"include_usage": True}}
               for _ in range(num_requests)]
+    for i, body in enumerate(bodies if models else []):
+        body["model"] = models[i % len(models)]
     gate = asyncio.Semaphore(concurrency)
     limits = httpx.Limits(max_connections=concurrency + 8, max_keepalive_connections=concurrency + 8)
     deadline = time.perf_counter() + args.level_seconds
@@ -312,10 +316,15 @@ def main(argv=None) -> int:
     p.add_argument("--skip-levels", action="store_true", help="only the soak")
     p.add_argument("--quick", action="store_true", help="tiny model and short levels (a smoke run)")
     p.add_argument("--json", metavar="FILE", help="write the results as JSON")
+    p.add_argument("--adapters", type=int, default=0, metavar="K",
+                   help="K LoRA adapters over one base against one merged model (benchmarks/bench_serving_adapters.py)")
+    p.add_argument("--adapter-rank", type=int, default=8)
     args = p.parse_args(argv)
     if args.quick:
         args.concurrency, args.input_len, args.output_len = [1, 4], 16, 16
         args.num_prompts = args.num_prompts or 4
+    if args.adapters:
+        return adapters_main(args)
 
     proc = None
     url = args.url
@@ -369,6 +378,27 @@ def main(argv=None) -> int:
         if proc is not None:
             proc.terminate()
             proc.wait(30)
+
+
+def adapters_main(args) -> int:
+    from benchmarks.bench_serving_adapters import report, run_adapters
+
+    if args.url:
+        raise SystemExit("--adapters starts its own servers: drop --url")
+    if args.concurrency == [1, 4, 16, 64]:
+        args.concurrency = [16]
+    args.vocab, args.gpt2_tokenizer = 1000, GPT2_TOKENIZER
+    load_before = os.getloadavg()
+    result = run_adapters(args, start_server, run_level, rss_mib)
+    result.update(cpu=describe(), precision=args.precision, input_len=args.input_len, output_len=args.output_len,
+                  shape="tiny" if args.quick else "bench-small", load_average_start=load_before,
+                  load_average_end=os.getloadavg())
+    print()
+    print(f"CPU: {result['cpu']} | load average start {load_before} end {result['load_average_end']}")
+    print(report(result))
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
+    return 1 if result["failed"] else 0
 
 
 if __name__ == "__main__":

@@ -103,6 +103,9 @@ class ServerSection:
     request_timeout: float = 600.0  # seconds from arrival to the last token
     api_key: str | None = None
     served_model_name: str | None = None  # default: the model name or path
+    # LoRA adapters held at once, those loaded at run time (POST /v1/load_lora_adapter) included;
+    # None: as many as model.adapters names.
+    max_adapters: int | None = None
     chat_template: ChatTemplate = field(default_factory=ChatTemplate)
 
     def __post_init__(self):
@@ -117,6 +120,8 @@ class ServerSection:
             raise ValueError(f"server.request_timeout must be > 0, got {self.request_timeout}")
         if self.max_model_len is not None and self.max_model_len < 2:
             raise ValueError(f"server.max_model_len must be >= 2, got {self.max_model_len}")
+        if self.max_adapters is not None and self.max_adapters < 0:
+            raise ValueError(f"server.max_adapters must be >= 0, got {self.max_adapters}")
 
 
 @dataclass
@@ -126,3 +131,9 @@ class InferenceConfig:
     server: ServerSection = field(default_factory=ServerSection)
     prompts: list[str] = field(default_factory=lambda: ["mnli hypothesis: a cat sleeps premise: the cat is asleep target:"])
     output: str | None = None  # JSONL file
+
+    def __post_init__(self):
+        limit, named = self.server.max_adapters, len(self.model.adapters)
+        if limit is not None and named > limit:
+            raise ValueError(f"server.max_adapters is {limit} but {named} adapters are named to serve "
+                             f"(--adapter NAME=DIR): raise --max-adapters or name fewer")

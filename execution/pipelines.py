@@ -11,10 +11,16 @@
 run_finetuning.py (its `hf/` export, which includes the tokenizer, is used), or
 `random:PRESET` for a seeded random model of a gptj.ModelConfig preset (offline tests/demos).
 `adapter=DIR` adds a PEFT LoRA adapter directory (e.g. run_finetuning.py's OUTPUT_DIR/adapter).
+`adapters={"mnli": DIR, ...}` holds several over the unmerged base (gptj/multi_lora.py) and a
+call's `adapter="mnli"` chooses one (None: the base):
+
+    tasks = TextGenerationPipeline.from_pretrained("runs/base", adapters={"mnli": "a/", "sst2": "b/"})
+    tasks("review: great film. sentiment:", adapter="sst2")
 """
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 
 import torch
@@ -193,10 +199,38 @@ class GeneratedText:
                 "total_s": round(self.total_seconds, 6)}
 
 
+def attach_named_adapters(model, adapters: dict[str, str] | None, ctx=None):
+    """A gptj.multi_lora.MultiLoRA of the named PEFT directories attached to `model`, or None."""
+    if not adapters:
+        return None
+    from gptj.multi_lora import load_adapters
+
+    return load_adapters(adapters, model, ctx)
+
+
+def using_adapter(adapters, name: str | None):
+    """A context in which the model runs adapter `name` (None: the base); a ValueError naming
+    an adapter that is not held."""
+    if adapters is None:
+        if name is not None:
+            raise ValueError(f"adapter {name!r} is not loaded: this pipeline holds no adapters "
+                             "(from_pretrained(..., adapters={name: DIR}))")
+        return contextlib.nullcontext()
+    try:
+        adapters.index(name)
+    except KeyError as err:
+        raise ValueError(err.args[0]) from None
+    return adapters.use(name)
+
+
 class TextGenerationPipeline:
     def __init__(self, model: GPTJ, tokenizer, batch_size: int = 16, compile_decode: bool = False,
-                 kv_cache_dtype: str = "auto"):
+                 kv_cache_dtype: str = "auto", adapters=None):
+        if adapters is not None and compile_decode:
+            raise ValueError("a compiled decode step does not take LoRA adapters chosen per call: "
+                             "drop compile_decode")
         self.model, self.tokenizer, self.batch_size = model, tokenizer, batch_size
+        self.adapters = adapters  # gptj.multi_lora.MultiLoRA: `adapter=` of a call chooses one
         self.engine = GenerationEngine(model, compile_decode=compile_decode,
                                        cache_dtype=kv_cache_dtype_of(kv_cache_dtype))
 
@@ -206,13 +240,14 @@ class TextGenerationPipeline:
         device: str | None = None, ctx: ParallelContext | None = None, offload_weights: bool = False,
         compile_decode: bool = False, batch_size: int = 16, init_seed: int = 0,
         quantize: str | None = None, group_size: int = 128, adapter: str | None = None,
-        kv_cache_dtype: str = "auto",
+        kv_cache_dtype: str = "auto", adapters: dict[str, str] | None = None,
     ) -> TextGenerationPipeline:
         model, tok = load_model_and_tokenizer(
             model_dir_or_id, tokenizer, precision, device, ctx, offload_weights, init_seed,
             quantize=quantize, group_size=group_size, adapter=adapter,
         )
-        return cls(model, tok, batch_size=batch_size, compile_decode=compile_decode, kv_cache_dtype=kv_cache_dtype)
+        return cls(model, tok, batch_size=batch_size, compile_decode=compile_decode, kv_cache_dtype=kv_cache_dtype,
+                   adapters=attach_named_adapters(model, adapters, ctx))
 
     @property
     def stats(self) -> GenerationStats:
@@ -227,10 +262,16 @@ class TextGenerationPipeline:
     def generate(
         self, prompts: list[str], max_new_tokens: int = 32, temperature: float = 0.0, top_k: int = 0,
         top_p: float = 1.0, seed: int = 0, stop: list[str] | None = None, batch_size: int | None = None,
-        truncate_prompts: bool = False, on_token=None, on_finish=None,
+        truncate_prompts: bool = False, on_token=None, on_finish=None, adapter: str | None = None,
     ) -> list[GeneratedText]:
         """on_token(prompt_index, token) as tokens come; on_finish(prompt_index, GeneratedText)
-        as each prompt is done."""
+        as each prompt is done. adapter: one of the pipeline's named adapters (None: the base)."""
+        with using_adapter(self.adapters, adapter):
+            return self._generate(prompts, max_new_tokens, temperature, top_k, top_p, seed, stop, batch_size,
+                                  truncate_prompts, on_token, on_finish)
+
+    def _generate(self, prompts, max_new_tokens, temperature, top_k, top_p, seed, stop, batch_size,
+                  truncate_prompts, on_token, on_finish) -> list[GeneratedText]:
         ids = self.encode_prompts(prompts, truncate_prompts, max_new_tokens)
         stop = [s for s in (stop or []) if s]
 
@@ -265,10 +306,11 @@ class EntailmentPipeline:
     task template); the scores are turned into probabilities by a softmax over the labels.
     """
 
-    def __init__(self, model: GPTJ, tokenizer, task: str = "mnli", batch_size: int = 8):
+    def __init__(self, model: GPTJ, tokenizer, task: str = "mnli", batch_size: int = 8, adapters=None):
         import data
 
         self.model, self.tokenizer, self.batch_size = model, tokenizer, batch_size
+        self.adapters = adapters  # gptj.multi_lora.MultiLoRA: `adapter=` of a call chooses one
         self.task = data.load_task(task)
         if not self.task.labels:
             raise ValueError(f"task {self.task.name} has no labels to score")
@@ -282,10 +324,11 @@ class EntailmentPipeline:
         cls, model_dir_or_id: str, tokenizer: str | None = None, precision: str = "auto",
         device: str | None = None, ctx: ParallelContext | None = None, task: str = "mnli", init_seed: int = 0,
         quantize: str | None = None, group_size: int = 128, adapter: str | None = None,
+        adapters: dict[str, str] | None = None,
     ) -> EntailmentPipeline:
         model, tok = load_model_and_tokenizer(model_dir_or_id, tokenizer, precision, device, ctx, False, init_seed,
                                               quantize=quantize, group_size=group_size, adapter=adapter)
-        return cls(model, tok, task=task)
+        return cls(model, tok, task=task, adapters=attach_named_adapters(model, adapters, ctx))
 
     def prompt(self, premise: str, hypothesis: str) -> str:
         return self.task.render_prompt({"premise": premise, "hypothesis": hypothesis, self.task.label_field: ""})
@@ -298,12 +341,14 @@ class EntailmentPipeline:
                                      max_rows=self.batch_size * len(self.labels))
         return sums.view(len(prompts), len(self.labels))
 
-    def __call__(self, premise, hypothesis=None):
+    def __call__(self, premise, hypothesis=None, adapter: str | None = None):
         """(premise, hypothesis) -> {"label", "scores"}; two lists (premises, hypotheses) or one
-        list of (premise, hypothesis) pairs -> a list of those."""
+        list of (premise, hypothesis) pairs -> a list of those. adapter: one of the pipeline's
+        named adapters (None: the base)."""
         single, pairs = _entailment_pairs(premise, hypothesis)
         prompts = self.tokenizer.encode([self.prompt(p, h) for p, h in pairs])
-        probs = self.label_log_likelihoods(prompts).softmax(-1)
+        with using_adapter(self.adapters, adapter):
+            probs = self.label_log_likelihoods(prompts).softmax(-1)
         out = []
         for row in probs.tolist():
             best = max(range(len(row)), key=row.__getitem__)

@@ -406,6 +406,23 @@ class RequestEngine:
             return "length"
         return None
 
+    # ---- adapters added and removed between steps (on the thread that steps) ----------------
+    def adapter_in_use(self, name: str) -> bool:
+        """Whether a queued or running request uses adapter `name`."""
+        running = (slot.request for slot in self.slots if slot.request is not None)
+        return any(r.adapter == name for r in (*self.waiting, *running))
+
+    def add_adapter(self, name: str, lora) -> None:
+        """Serve `lora` (a gptj.lora.LoraAdapters for this model) under `name` from the next step."""
+        if self.adapters is None:
+            raise ValueError("this engine was built without adapters (adapters=None)")
+        self.adapters.add(name, lora)
+
+    def remove_adapter(self, name: str) -> None:
+        if self.adapter_in_use(name):
+            raise ValueError(f"adapter {name!r} still has requests")
+        self.adapters.remove(name)
+
     def _set_adapter_rows(self, names: list[str | None]) -> None:
         if self.adapters is not None:
             self.adapters.set_rows([self.adapters.index(name) for name in names])

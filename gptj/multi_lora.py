@@ -20,10 +20,12 @@ output activations.
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 from torch import nn
 
-from .lora import ROW_PARALLEL, TARGETS, LoraAdapters, LoraConfigError
+from .lora import ROW_PARALLEL, TARGETS, LoraAdapters, LoraConfigError, target_dims
 
 NO_ADAPTER = 0  # the row index of "the base alone"
 
@@ -32,27 +34,56 @@ class BlockMultiLoRA(nn.Module):
     """One block's stacked adapters: A [n + 1, rank, in_local] and B [n + 1, out_local, rank] per
     target, index 0 zero. `add` reads the rows' adapter indices from the owning `MultiLoRA`."""
 
-    def __init__(self, owner: MultiLoRA, blocks: list, widths: dict[str, int], fans: dict[str, int],
-                 rank: int, dtype, device):
+    def __init__(self, owner: MultiLoRA, widths: dict[str, int], fans: dict[str, int], dtype, device):
         super().__init__()
         self._owner = [owner]  # a list, so the owner is not registered as a submodule (a cycle)
-        self.widths = widths
-        self.rank = rank
-        count = len(blocks) + 1
-        self.targets = tuple(t for t in TARGETS if any(t in b.pairs for b in blocks))
+        self.widths, self.fans, self.dtype, self.device = widths, fans, dtype, device
+        self.rank = 0
+        self.count = 1  # index 0: no adapter
+        self.targets: tuple[str, ...] = ()
         self.A = nn.ParameterDict()
         self.B = nn.ParameterDict()
-        for target in self.targets:
-            a = torch.zeros(count, rank, fans[target], dtype=dtype, device=device)
-            b = torch.zeros(count, widths[target], rank, dtype=dtype, device=device)
-            for i, block in enumerate(blocks, start=1):
-                if target in block.pairs:
-                    pair = block.pairs[target]
-                    r = pair.lora_A.shape[0]
-                    a[i, :r] = pair.lora_A.detach().to(dtype)
-                    b[i, :, :r] = pair.lora_B.detach().to(dtype)
+
+    def _resized(self, target: str, count: int, rank: int, keep: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Zero A and B for `count` adapters of `rank`, holding the current adapters `keep` in order."""
+        a = torch.zeros(count, rank, self.fans[target], dtype=self.dtype, device=self.device)
+        b = torch.zeros(count, self.widths[target], rank, dtype=self.dtype, device=self.device)
+        if target in self.A:
+            r = min(rank, self.rank)
+            a[: len(keep), :r] = self.A[target][keep, :r]
+            b[: len(keep), :, :r] = self.B[target][keep, :, :r]
+        return a, b
+
+    def _store(self, stacks: dict[str, tuple[torch.Tensor, torch.Tensor]], rank: int, count: int) -> None:
+        self.A, self.B = nn.ParameterDict(), nn.ParameterDict()
+        for target, (a, b) in stacks.items():
             self.A[target] = nn.Parameter(a, requires_grad=False)
             self.B[target] = nn.Parameter(b, requires_grad=False)
+        self.targets = tuple(stacks)
+        self.rank, self.count = rank, count
+
+    def append(self, block, rank: int) -> None:
+        """One more adapter (a `BlockLoRA`) at index `count`; every factor padded to `rank`."""
+        keep = list(range(self.count))
+        stacks = {}
+        for target in TARGETS:
+            if target not in self.A and target not in block.pairs:
+                continue
+            a, b = self._resized(target, self.count + 1, rank, keep)
+            if target in block.pairs:
+                pair = block.pairs[target]
+                r = pair.lora_A.shape[0]
+                a[self.count, :r] = pair.lora_A.detach().to(self.dtype)
+                b[self.count, :, :r] = pair.lora_B.detach().to(self.dtype)
+            stacks[target] = (a, b)
+        self._store(stacks, rank, self.count + 1)
+
+    def drop(self, index: int, rank: int, adapted: set[str]) -> None:
+        """Forget the adapter at `index` (later ones move down one); `rank` and `adapted` (the
+        targets some remaining adapter adapts) size what is kept."""
+        keep = [i for i in range(self.count) if i != index]
+        stacks = {t: self._resized(t, len(keep), rank, keep) for t in TARGETS if t in self.A and t in adapted}
+        self._store(stacks, rank, len(keep))
 
     def add(self, targets: tuple[str, ...], x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """y (the outputs of `targets` side by side, [B, S, sum of widths]) plus each row's own
@@ -63,6 +94,8 @@ class BlockMultiLoRA(nn.Module):
         rows = self._owner[0].row_adapters
         if rows is None:  # no rows chosen: every row is the base alone
             return y
+        if rows.dim() == 0:  # one adapter for every row
+            rows = rows.expand(x.shape[0])
         if rows.shape[0] != x.shape[0]:
             raise RuntimeError(f"MultiLoRA: set_rows must give one adapter index per batch row "
                                f"({x.shape[0]} rows, found {rows.shape[0]})")
@@ -86,31 +119,68 @@ class BlockMultiLoRA(nn.Module):
 class MultiLoRA(nn.Module):
     """Named adapters (each a `LoraAdapters` for the same base and parallel layout) stacked for
     per-row use. `attach(model)` hands every block its `BlockMultiLoRA`; before each forward,
-    `set_rows(indices)` says which adapter every batch row uses (`index(name)`; 0 = none)."""
+    `set_rows(indices)` says which adapter every batch row uses (`index(name)`; 0 = none).
 
-    def __init__(self, adapters: dict[str, LoraAdapters]):
+    `add` and `remove` change the set between forwards (an index may move on `remove`, so
+    indices are looked up again for every forward). `MultiLoRA.empty(model)` holds none yet."""
+
+    def __init__(self, adapters: dict[str, LoraAdapters], base=None):
         super().__init__()
-        if not adapters:
+        if not adapters and base is None:
             raise LoraConfigError("MultiLoRA needs at least one adapter")
-        self.names = list(adapters)
-        first = next(iter(adapters.values()))
-        self.config = first.config
-        for name, lora in adapters.items():
-            if lora.config.to_dict() != self.config.to_dict():
-                raise LoraConfigError(f"adapter {name!r} was built for a different model shape")
-        param = next(first.parameters())
+        first = next(iter(adapters.values()), None)
+        source = first if first is not None else base
+        self.config = source.config
+        self.tensor_parallel = source.ctx.tensor_parallel
+        param = next(source.parameters())
         dtype, device = param.dtype, param.device
-        rank = max(lora.settings.rank for lora in adapters.values())
-        self.register_buffer("scaling", torch.tensor(
-            [0.0] + [lora.settings.scaling for lora in adapters.values()], dtype=torch.float32, device=device))
+        if first is None:  # an empty set over a base: the dtype its activations have
+            dtype = base.embed.weight.dtype
+        self.names: list[str] = []
+        self.settings: dict[str, object] = {}  # each adapter's LoraSettings, by name
+        self.register_buffer("scaling", torch.zeros(1, dtype=torch.float32, device=device))
         self.row_adapters: torch.Tensor | None = None
-        blocks = []
-        for layer in range(self.config.num_layers):
-            per_adapter = [lora.blocks[layer] for lora in adapters.values()]
-            widths = per_adapter[0].widths
-            fans = {t: _local_fan_in(self.config, first.ctx.tensor_parallel, t) for t in TARGETS}
-            blocks.append(BlockMultiLoRA(self, per_adapter, widths, fans, rank, dtype, device))
-        self.blocks = nn.ModuleList(blocks)
+        widths = {t: _local_dims(self.config, self.tensor_parallel, t)[1] for t in TARGETS}
+        fans = {t: _local_dims(self.config, self.tensor_parallel, t)[0] for t in TARGETS}
+        self.blocks = nn.ModuleList(BlockMultiLoRA(self, widths, fans, dtype, device)
+                                    for _ in range(self.config.num_layers))
+        for name, lora in adapters.items():
+            self.add(name, lora)
+
+    @classmethod
+    def empty(cls, model) -> MultiLoRA:
+        return cls({}, base=model)
+
+    @property
+    def rank(self) -> int:
+        return self.blocks[0].rank if len(self.blocks) else 0
+
+    def add(self, name: str, lora: LoraAdapters) -> None:
+        """Stack one more adapter under `name` (the set's rank grows to its rank if larger)."""
+        if name in self.names:
+            raise LoraConfigError(f"adapter {name!r} is already loaded")
+        if lora.config.to_dict() != self.config.to_dict() or lora.ctx.tensor_parallel != self.tensor_parallel:
+            raise LoraConfigError(f"adapter {name!r} was built for a different model shape")
+        rank = max(self.rank, lora.settings.rank)
+        for block, own in zip(self.blocks, lora.blocks):
+            block.append(own, rank)
+        self.names.append(name)
+        self.settings[name] = lora.settings
+        self.scaling = torch.cat([self.scaling, self.scaling.new_tensor([lora.settings.scaling])])
+
+    def remove(self, name: str) -> None:
+        """Forget adapter `name`; the stacks shrink to the largest remaining rank."""
+        index = self.index(name)
+        if index == NO_ADAPTER:
+            raise KeyError("the base is not an adapter")
+        self.names.remove(name)
+        del self.settings[name]
+        rank = max((s.rank for s in self.settings.values()), default=0)
+        adapted = {t for s in self.settings.values() for t in s.targets}
+        for block in self.blocks:
+            block.drop(index, rank, adapted)
+        keep = [i for i in range(len(self.scaling)) if i != index]
+        self.scaling = self.scaling[keep].clone()
 
     def index(self, name: str | None) -> int:
         """The row index of adapter `name` (None: the base alone); KeyError naming it if unknown."""
@@ -119,13 +189,23 @@ class MultiLoRA(nn.Module):
         try:
             return 1 + self.names.index(name)
         except ValueError:
-            raise KeyError(f"adapter {name!r} is not loaded (loaded: {', '.join(self.names)})") from None
+            raise KeyError(f"adapter {name!r} is not loaded (loaded: {', '.join(self.names) or 'none'})") from None
 
     def set_rows(self, indices) -> None:
-        """The adapter index of every batch row of the next forward passes (None: the base for
-        every row, whatever the batch)."""
+        """The adapter index of every batch row of the next forward passes (one int: the same
+        for every row; None: the base for every row, whatever the batch)."""
         self.row_adapters = None if indices is None else torch.as_tensor(
             indices, dtype=torch.long, device=self.scaling.device)
+
+    @contextlib.contextmanager
+    def use(self, name: str | None):
+        """Every forward inside runs adapter `name` (None: the base) on every row; the base after."""
+        index = self.index(name)
+        self.set_rows(index)
+        try:
+            yield
+        finally:
+            self.set_rows(None)
 
     def attach(self, model) -> MultiLoRA:
         if model.config.to_dict() != self.config.to_dict():
@@ -135,21 +215,33 @@ class MultiLoRA(nn.Module):
         return self
 
 
-def _local_fan_in(config, tensor_parallel: int, target: str) -> int:
-    d, f = config.hidden_size, config.ffn_dim
-    fan_in = f if target == "fc_out" else d
-    return fan_in // tensor_parallel if target in ROW_PARALLEL else fan_in
+def _local_dims(config, tensor_parallel: int, target: str) -> tuple[int, int]:
+    """(in, out) of this rank's shard of `target`: row-parallel layers split their input, the
+    others their output."""
+    fan_in, fan_out = target_dims(config, target)
+    if target in ROW_PARALLEL:
+        return fan_in // tensor_parallel, fan_out
+    return fan_in, fan_out // tensor_parallel
+
+
+def read_adapter(name: str, directory: str, model, ctx=None) -> LoraAdapters:
+    """One PEFT adapter directory for `model` (this rank's shards); AdapterError naming it
+    when it is missing or does not fit the base. The model's blocks keep whatever hook they had."""
+    from .adapter_io import AdapterError, load_peft_adapter
+
+    hooks = [block.lora for block in model.blocks]
+    try:
+        return load_peft_adapter(directory, model, ctx=ctx)
+    except (AdapterError, LoraConfigError) as err:
+        raise AdapterError(f"adapter {name!r} ({directory}) does not fit the base: {err}") from None
+    finally:  # loading attaches the adapter alone; put the previous hooks back
+        for block, hook in zip(model.blocks, hooks):
+            block.lora = hook
 
 
 def load_adapters(directories: dict[str, str], model, ctx=None) -> MultiLoRA:
-    """PEFT adapter directories by name, stacked and attached to `model`; an adapter that does
-    not fit the base raises AdapterError naming it."""
-    from .adapter_io import AdapterError, load_peft_adapter
-
-    loaded = {}
-    for name, directory in directories.items():
-        try:
-            loaded[name] = load_peft_adapter(directory, model, ctx=ctx)
-        except (AdapterError, LoraConfigError) as err:
-            raise AdapterError(f"adapter {name!r} ({directory}) does not fit the base: {err}") from None
-    return MultiLoRA(loaded).attach(model)
+    """PEFT adapter directories by name (none: an empty set, for adapters loaded later),
+    stacked and attached to `model`; an adapter that does not fit the base raises AdapterError
+    naming it."""
+    loaded = {name: read_adapter(name, directory, model, ctx) for name, directory in directories.items()}
+    return MultiLoRA(loaded, base=model).attach(model)

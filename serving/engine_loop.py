@@ -1,7 +1,8 @@
 """The one thread that runs the engine: commands in, engine steps, events out.
 
 HTTP handlers (on the asyncio event loop) never touch the model. They put commands in an
-inbox (add a request, cancel one, score entailment pairs) and read their events from an
+inbox (add a request, cancel one, score entailment pairs, load or unload a LoRA adapter:
+serving/adapter_slots.py) and read their events from an
 asyncio queue. The engine thread repeats:
 
     take every command in the inbox  ->  share them with the other tensor-parallel ranks
@@ -18,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import logging
 import threading
 import time
 import traceback
@@ -27,7 +29,10 @@ import torch.distributed as dist
 from execution.request_engine import Event, Request, RequestEngine
 from gptj.parallel import ParallelContext, broadcast_json
 
+from .adapter_slots import AdapterSlots
+
 IDLE_HEARTBEAT_S = 1.0
+REQUEST_LOG = logging.getLogger("gptj.requests")  # one line per finished request (serve() shows it)
 
 
 class QueueFull(Exception):
@@ -50,9 +55,11 @@ class StepSync:
         return broadcast_json(message, self.group, src=0)
 
 
-def apply_commands(engine: RequestEngine, entailment, commands: list) -> tuple[list[Event], dict]:
-    """Apply one step's commands on this rank: (events of refused adds, entailment results by job)."""
-    refused, jobs = [], {}
+def apply_commands(engine: RequestEngine, entailment, commands: list,
+                   adapters: AdapterSlots | None = None) -> tuple[list[Event], dict]:
+    """Apply one step's commands on this rank: (events of refused adds, results by job:
+    entailment scores, adapter loads and unloads)."""
+    refused, jobs, changes = [], {}, {}
     for command in commands:
         kind = command[0]
         if kind == "add":
@@ -65,6 +72,12 @@ def apply_commands(engine: RequestEngine, entailment, commands: list) -> tuple[l
             engine.cancel(command[1])
         elif kind == "entail":
             jobs[command[1]] = command[2]
+        elif kind == "load_adapter":
+            changes[command[1]] = adapters.load(command[2], command[3])
+        elif kind == "unload_adapter":
+            refusal = adapters.unload(command[2], command[1])
+            if refusal is not None:
+                changes[command[1]] = refusal
     results = {}
     if jobs:  # every pending job in one batched pass
         pairs = [tuple(pair) for job in jobs.values() for pair in job]
@@ -76,18 +89,22 @@ def apply_commands(engine: RequestEngine, entailment, commands: list) -> tuple[l
         for job_id, job in jobs.items():
             results[job_id] = scored if isinstance(scored, Exception) else scored[start : start + len(job)]
             start += len(job)
-    return refused, results
+    if adapters is not None:
+        changes.update(adapters.settle())
+    return refused, {**results, **changes}
 
 
-def follow(engine: RequestEngine, entailment, sync: StepSync) -> None:
+def follow(engine: RequestEngine, entailment, sync: StepSync, adapters: AdapterSlots | None = None) -> None:
     """Tensor-parallel ranks other than 0: run the steps rank 0 announces, until it says stop."""
     while True:
         message = sync.share(None)
         if message["stop"]:
             return
-        apply_commands(engine, entailment, message["commands"])
+        apply_commands(engine, entailment, message["commands"], adapters)
         if engine.has_work:
             engine.step()
+            if adapters is not None:
+                adapters.settle()
 
 
 class _Timing:
@@ -103,9 +120,11 @@ class EngineLoop:
     """Rank 0's engine thread and the thread-safe doors into it."""
 
     def __init__(self, engine: RequestEngine, metrics, max_queue: int, entailment=None,
-                 sync: StepSync | None = None):
+                 sync: StepSync | None = None, adapters: AdapterSlots | None = None, model_name: str = "base"):
         self.engine, self.metrics, self.max_queue = engine, metrics, max_queue
+        self.model_name = model_name  # the base's name in the request log
         self.entailment, self.sync = entailment, sync or StepSync()
+        self.adapters = adapters or AdapterSlots(engine)
         self._cond = threading.Condition()
         self._inbox: list = []
         self._queued_adds = 0
@@ -166,11 +185,23 @@ class EngineLoop:
             self.cancel(request_id)
 
     async def entail(self, pairs: list[tuple[str, str]]) -> list[dict]:
+        return await self._job("entail", [list(p) for p in pairs])
+
+    async def load_adapter(self, name: str, path: str) -> dict:
+        """Load a PEFT adapter directory under `name` between two steps; AdapterChangeError if refused."""
+        return await self._job("load_adapter", name, path)
+
+    async def unload_adapter(self, name: str) -> dict:
+        """Unload adapter `name` once no request uses it; AdapterChangeError if it is not loaded."""
+        return await self._job("unload_adapter", name)
+
+    async def _job(self, kind: str, *args):
+        """Run command (kind, job id, *args) on the engine thread; its result (raised if an error)."""
         future = asyncio.get_running_loop().create_future()
         job_id = f"job-{next(self._ids)}"
         self._jobs[job_id] = future
         with self._cond:
-            self._inbox.append(("entail", job_id, [list(p) for p in pairs]))
+            self._inbox.append((kind, job_id, *args))
             self._cond.notify()
         try:
             return await future
@@ -206,10 +237,11 @@ class EngineLoop:
                 message = self.sync.share({"commands": commands, "stop": stopping})
                 if message["stop"]:
                     return
-                events, results = apply_commands(self.engine, self.entailment, commands)
+                events, results = apply_commands(self.engine, self.entailment, commands, self.adapters)
                 if self.engine.has_work:
                     events += self.engine.step()
                     self.metrics.engine_steps.inc()
+                    results.update(self.adapters.settle())
                 with self._cond:
                     self._engine_waiting = self.engine.num_waiting
                     self._free_rows = self.engine.max_batch_size - self.engine.num_running
@@ -255,3 +287,6 @@ class EngineLoop:
                     m.adapter_requests.labels(timing.adapter).inc()
                 if event.finish_reason == "cancelled":
                     m.cancelled.inc()
+                REQUEST_LOG.info("request %s model %s: %d prompt + %d generated tokens, %s, %.3f s",
+                                 event.request_id, timing.adapter or self.model_name, timing.prompt_tokens,
+                                 timing.tokens, event.finish_reason, event.time - timing.arrival)

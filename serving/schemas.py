@@ -166,6 +166,17 @@ class DetokenizeRequest(_Body):
     tokens: list[int]
 
 
+class LoadAdapterRequest(_Body):
+    """POST /v1/load_lora_adapter (vLLM's shape): a PEFT adapter directory served as `lora_name`."""
+
+    lora_name: str
+    lora_path: str
+
+
+class UnloadAdapterRequest(_Body):
+    lora_name: str
+
+
 def check_completion_max_tokens(value: int | None, echo: bool) -> None:
     """max_tokens >= 1, or 0 with echo: score the prompt without generating."""
     if value == 0 and echo:

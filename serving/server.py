@@ -26,6 +26,7 @@ from execution.precision import DTYPES
 from execution.preflight import InputError, resolve_model_source
 from execution.request_engine import RequestEngine
 
+from .adapter_slots import AdapterSlots, adapter_limit
 from .app import ServerState, create_app
 from .engine_loop import EngineLoop, StepSync, follow
 
@@ -35,7 +36,8 @@ def model_name(config) -> str:
 
 
 def load(config, ctx=None, device=None):
-    """(RequestEngine, tokenizer, EntailmentPipeline) for this rank, through load_model_and_tokenizer."""
+    """(RequestEngine, tokenizer, EntailmentPipeline, AdapterSlots) for this rank, through
+    load_model_and_tokenizer."""
     m, server = config.model, config.server
     model, tokenizer = load_model_and_tokenizer(
         m.name_or_path or f"random:{m.preset}", m.tokenizer, m.precision, device, ctx, m.offload_weights,
@@ -44,7 +46,7 @@ def load(config, ctx=None, device=None):
     # "auto" settings become what was chosen for this machine and model (torch's thread count
     # is process-wide, so the engine thread gets it too).
     adapters = None
-    if m.adapters:
+    if adapter_limit(config):  # adapters by name, now or loaded later: the unmerged base serves them
         from gptj.multi_lora import load_adapters
 
         adapters = load_adapters(m.adapters, model, ctx)
@@ -57,7 +59,8 @@ def load(config, ctx=None, device=None):
                            decode=tokenizer.decode, compile_decode=m.compile,
                            prefill_multiple=server.prefill_multiple,
                            cache_dtype=kv_cache_dtype_of(m.kv_cache_dtype), adapters=adapters)
-    return engine, tokenizer, EntailmentPipeline(model, tokenizer, batch_size=server.max_batch_size)
+    slots = AdapterSlots(engine, ctx, adapter_limit(config))
+    return engine, tokenizer, EntailmentPipeline(model, tokenizer, batch_size=server.max_batch_size), slots
 
 
 def build_app(config, ctx=None, device=None, on_load_error=None):
@@ -67,8 +70,9 @@ def build_app(config, ctx=None, device=None, on_load_error=None):
 
     def load_in_background(aloop):
         try:
-            engine, tokenizer, entailment = load(config, ctx, device)
-            loop = EngineLoop(engine, state.metrics, config.server.max_queue, entailment, StepSync(ctx))
+            engine, tokenizer, entailment, slots = load(config, ctx, device)
+            loop = EngineLoop(engine, state.metrics, config.server.max_queue, entailment, StepSync(ctx), slots,
+                              state.model_name)
             state.tokenizer, state.entailment, state.loop = tokenizer, entailment, loop
             state.max_model_len, state.vocab_size = engine.max_length, engine.vocab_size
             loop.start(aloop)
@@ -124,6 +128,21 @@ def listen_socket(host: str, port: int) -> socket.socket:
     return sock
 
 
+def show_request_log(log_level: str) -> None:
+    """The request log (serving.engine_loop.REQUEST_LOG) on stderr at uvicorn's --log-level."""
+    import logging
+
+    from .engine_loop import REQUEST_LOG
+
+    if REQUEST_LOG.handlers:  # already shown (a second server in this process)
+        return
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter("%(levelname)s:     %(message)s"))
+    REQUEST_LOG.addHandler(handler)
+    REQUEST_LOG.setLevel(log_level.upper())
+    REQUEST_LOG.propagate = False
+
+
 def uvicorn_server(app, host: str, port: int, log_level: str = "warning", on_started=None):
     """A uvicorn server; `on_started()` runs once it accepts connections."""
     import uvicorn
@@ -145,8 +164,8 @@ def serve(config, ctx=None, device=None, log_level: str = "info") -> int:
         # Ctrl-C / SIGTERM, which would cut rank 0's last broadcast.
         signal.signal(signal.SIGINT, signal.SIG_IGN)
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
-        engine, _, entailment = load(config, ctx, device)
-        follow(engine, entailment, StepSync(ctx))
+        engine, _, entailment, slots = load(config, ctx, device)
+        follow(engine, entailment, StepSync(ctx), slots)
         return 0
     sock = listen_socket(config.server.host, config.server.port)
     host, port = config.server.host, sock.getsockname()[1]
@@ -158,6 +177,7 @@ def serve(config, ctx=None, device=None, log_level: str = "info") -> int:
     def announce():
         print(f"serving on http://{host}:{port}/v1", flush=True)
 
+    show_request_log(log_level)
     app, state = build_app(config, ctx, device, on_load_error=give_up)
     server = uvicorn_server(app, host, port, log_level, on_started=announce)
     try:

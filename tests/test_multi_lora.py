@@ -119,3 +119,54 @@ def test_an_unknown_adapter_and_one_that_does_not_fit_are_named(adapter_dirs, tm
     bad = str(save_peft_adapter(wider, tmp_path / "wide", None))
     with pytest.raises(AdapterError, match="adapter 'wide' .* does not fit the base"):
         load_adapters({"alpha": adapter_dirs["alpha"], "wide": bad}, _base())
+
+
+def _run(engine, requests) -> dict[str, list[int]]:
+    for request in requests:
+        engine.add(request)
+    tokens = {r.request_id: [] for r in requests}
+    while engine.has_work:
+        for event in engine.step():
+            assert event.error is None, event.error
+            if event.token is not None:
+                tokens[event.request_id].append(event.token)
+    return tokens
+
+
+def test_adapters_added_and_removed_between_steps_keep_every_row_on_its_own(adapter_dirs):
+    from serving.adapter_slots import AdapterChangeError, AdapterSlots
+
+    model = _base()
+    engine = RequestEngine(model, 4, None, adapters=load_adapters({}, model))
+    slots = AdapterSlots(engine, None, limit=3)
+    for name in SETTINGS:  # alpha (rank 2), then larger ranks: the stacks grow as they come
+        assert slots.load(name, adapter_dirs[name]) == {"loaded": name}
+    refused = slots.load("delta", adapter_dirs["alpha"])
+    assert isinstance(refused, AdapterChangeError) and refused.status == 400 and "--max-adapters 3" in str(refused)
+    twice = slots.load("alpha", "/no/such/adapter")
+    assert isinstance(twice, AdapterChangeError) and "already loaded" in str(twice)
+    alone = {name: _alone(adapter_dirs.get(name), prompt, None) for name, prompt in PROMPTS.items()}
+    mixed = _run(engine, [Request(str(n), p, NEW_TOKENS, adapter=n) for n, p in PROMPTS.items()])
+    assert all(mixed[str(n)] == alone[n] for n in PROMPTS)
+
+    # Unloading beta while it runs: it stays until its request finished, then goes.
+    engine.add(Request("b", PROMPTS["beta"], NEW_TOKENS, adapter="beta"))
+    tokens = [e.token for e in engine.step() if e.token is not None]
+    assert slots.unload("beta", "job-1") is None and slots.settle() == {}
+    assert engine.adapters.names == ["alpha", "beta", "gamma"]
+    while engine.has_work:
+        tokens += [e.token for e in engine.step() if e.token is not None]
+        if engine.has_work:
+            assert slots.settle() == {}
+    assert tokens == alone["beta"] and slots.settle() == {"job-1": {"unloaded": "beta"}}
+    assert engine.adapters.names == ["alpha", "gamma"]
+    gone = slots.unload("beta", "job-2")
+    assert isinstance(gone, AdapterChangeError) and gone.status == 404 and "'beta' is not loaded" in str(gone)
+    bad = slots.load("beta", "/no/such/adapter")
+    assert isinstance(bad, AdapterChangeError) and bad.status == 400 and "/no/such/adapter" in str(bad)
+
+    # gamma moved down an index and beta's rank 4 is gone: the others still get their own deltas.
+    assert engine.adapters.rank == 3
+    kept = [n for n in PROMPTS if n != "beta"]
+    mixed = _run(engine, [Request(str(n), PROMPTS[n], NEW_TOKENS, adapter=n) for n in kept])
+    assert all(mixed[str(n)] == alone[n] for n in kept)

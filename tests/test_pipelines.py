@@ -96,3 +96,49 @@ def test_truncated_prompts_leave_room_for_the_new_tokens(saved):
     else:
         reason = "length"
     assert out.token_ids == expected and out.finish_reason == reason
+
+
+@pytest.fixture(scope="module")
+def adapter_dirs(saved, tmp_path_factory):
+    """Two PEFT adapters for the saved model, of different ranks and targets."""
+    from gptj.adapter_io import save_peft_adapter
+    from gptj.lora import LoraAdapters, LoraSettings
+
+    run, hf, _ = saved
+    config = TextGenerationPipeline.from_pretrained(str(run), precision="fp32", device="cpu").model.config
+    dirs = {}
+    for seed, (name, settings) in enumerate({"nli": LoraSettings(rank=2, alpha=4.0),
+                                             "qa": LoraSettings(rank=4, alpha=4.0, targets=("q", "fc_out"))}.items()):
+        adapters = LoraAdapters(config, settings)
+        gen = torch.Generator().manual_seed(40 + seed)
+        with torch.no_grad():
+            for p in adapters.parameters():
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.5)
+        dirs[name] = str(save_peft_adapter(adapters, tmp_path_factory.mktemp(name), None))
+    return dirs
+
+
+def test_pipelines_with_several_adapters_equal_each_adapter_merged_alone(saved, adapter_dirs):
+    run = str(saved[0])
+    prompts = ["the cat sat on", "mnli hypothesis: x premise: y target:"]
+    many = TextGenerationPipeline.from_pretrained(run, precision="fp32", device="cpu", adapters=adapter_dirs)
+    nli = EntailmentPipeline.from_pretrained(run, precision="fp32", device="cpu", adapters=adapter_dirs)
+    outputs = set()
+    for name in [None, *adapter_dirs]:
+        merged = dict(precision="fp32", device="cpu", adapter=adapter_dirs.get(name))
+        alone = TextGenerationPipeline.from_pretrained(run, **merged).generate(prompts, max_new_tokens=12)
+        got = many.generate(prompts, max_new_tokens=12, adapter=name)
+        assert [g.token_ids for g in got] == [a.token_ids for a in alone], name
+        outputs.add(tuple(tuple(a.token_ids) for a in alone))
+        expected = EntailmentPipeline.from_pretrained(run, **merged)("A man plays.", "A person plays.")
+        scored = nli("A man plays.", "A person plays.", adapter=name)
+        assert scored["label"] == expected["label"]
+        assert scored["scores"] == pytest.approx(expected["scores"], abs=1e-5)
+    assert len(outputs) == 3  # the adapters really change the output
+    assert many("the cat sat on", max_new_tokens=12) == many.tokenizer.decode(
+        TextGenerationPipeline.from_pretrained(run, precision="fp32", device="cpu")
+        .generate(["the cat sat on"], max_new_tokens=12)[0].token_ids)  # afterwards: the base again
+    with pytest.raises(ValueError, match="adapter 'sst2' is not loaded"):
+        many("the cat", adapter="sst2")
+    with pytest.raises(ValueError, match="holds no adapters"):
+        TextGenerationPipeline.from_pretrained(run, precision="fp32", device="cpu")("the cat", adapter="nli")

@@ -1,8 +1,10 @@
 """Named LoRA adapters served over one base: /v1/models, `model` choosing one, unknown names,
-and an adapter that does not fit the base refused at start."""
+an adapter that does not fit the base refused at start, adapters loaded and unloaded at run
+time."""
 
 from __future__ import annotations
 
+import json
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
@@ -14,7 +16,7 @@ from execution.generation import generate
 from execution.pipelines import load_model_and_tokenizer
 from gptj.adapter_io import save_peft_adapter
 from gptj.lora import LoraAdapters, LoraSettings
-from tests.server_fixtures import metric, tiny_config, tiny_server
+from tests.server_fixtures import metric, tiny_config, tiny_server, wait_for
 
 PROMPT = "The quick brown fox"
 MAX_TOKENS = 6
@@ -36,15 +38,16 @@ def adapter_dirs(tmp_path_factory):
             for name, seed, rank in (("mnli", 1, 2), ("sst2", 2, 4))}
 
 
-def _alone(directory: str | None) -> str:
+def _alone(directory: str | None, max_tokens: int = MAX_TOKENS, eos: bool = True) -> str:
     """run_inference.py's path: the adapter merged into the base at load."""
     model, tok = load_model_and_tokenizer("random:tiny", precision="fp32", device="cpu", adapter=directory)
     with torch.no_grad():
-        result = generate(model, tok.encode([PROMPT]), MAX_TOKENS, tok.eos_id)[0]
+        result = generate(model, tok.encode([PROMPT]), max_tokens, tok.eos_id if eos else -1)[0]
     return tok.decode(result.token_ids)
 
 
-def test_each_request_gets_the_adapter_its_model_names(adapter_dirs):
+def test_each_request_gets_the_adapter_its_model_names(adapter_dirs, caplog):
+    caplog.set_level("INFO", logger="gptj.requests")
     argv = [arg for name, d in adapter_dirs.items() for arg in ("--adapter", f"{name}={d}")]
     with tiny_server("--precision", "fp32", *argv) as server:
         models = httpx.get(f"{server.url}/v1/models").json()["data"]
@@ -59,14 +62,24 @@ def test_each_request_gets_the_adapter_its_model_names(adapter_dirs):
         with ThreadPoolExecutor(len(names)) as pool:  # sent together, so they share decode steps
             bodies = [r.json() for r in pool.map(complete, names)]
         texts = [body["choices"][0]["text"] for body in bodies]
+        assert [body["model"] for body in bodies] == names  # the response names what was asked
         for name in ("mnli", "sst2"):  # per-adapter metrics: each adapter was asked twice
             generated = sum(b["usage"]["completion_tokens"] for b, n in zip(bodies, names) if n == name)
             assert metric(server.url, "gptj_adapter_requests_total", f'adapter="{name}"') == 2
             assert metric(server.url, "gptj_adapter_generation_tokens_total", f'adapter="{name}"') == generated > 0
         missing = complete("qa")
         assert missing.status_code == 404 and "'qa'" in missing.json()["error"]["message"]
+        chat = {"model": "sst2", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
+        assert httpx.post(f"{server.url}/v1/chat/completions", json=chat, timeout=60).json()["model"] == "sst2"
+        with httpx.stream("POST", f"{server.url}/v1/chat/completions", json={**chat, "stream": True},
+                          timeout=60) as stream:
+            chunks = [json.loads(line[6:]) for line in stream.iter_lines() if line.startswith("data: {")]
+        assert chunks and {c["model"] for c in chunks} == {"sst2"}
     expected = {base: _alone(None), **{name: _alone(d) for name, d in adapter_dirs.items()}}
     assert texts == [expected[name] for name in names]
+    logged = [r.getMessage() for r in caplog.records if r.name == "gptj.requests"]
+    for name, body in zip(names, bodies):  # the request log names each request's adapter (or the base)
+        assert any(line.startswith(f"request {body['id']}-0 model {name}: ") for line in logged), (name, logged)
     assert len(set(expected.values())) == 3  # the adapters really change the output
 
 
@@ -78,3 +91,75 @@ def test_an_adapter_that_does_not_fit_the_base_is_refused_at_start(tmp_path, cap
     code = run_server.main(["--port", "0", "--adapter", f"wide={wide}", "--log-level", "critical"])
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1 and "adapter 'wide'" in err[0] and "does not fit the base" in err[0]
+
+
+KEY = {"Authorization": "Bearer sesame"}
+
+
+def _post(server, route: str, body: dict, headers=KEY) -> httpx.Response:
+    return httpx.post(f"{server.url}{route}", json=body, headers=headers, timeout=60)
+
+
+def _text(server, model: str, **extra) -> str:
+    body = {"model": model, "prompt": PROMPT, "max_tokens": MAX_TOKENS, "temperature": 0, **extra}
+    resp = _post(server, "/v1/completions", body)
+    assert resp.status_code == 200, resp.text
+    return resp.json()["choices"][0]["text"]
+
+
+def test_adapters_load_and_unload_at_run_time(adapter_dirs):
+    with tiny_server("--precision", "fp32", "--max-adapters", "2", "--api-key", "sesame") as server:
+        load = {"lora_name": "mnli", "lora_path": adapter_dirs["mnli"]}
+        assert _post(server, "/v1/load_lora_adapter", load, headers={}).status_code == 401
+        assert _post(server, "/v1/unload_lora_adapter", {"lora_name": "mnli"}, headers={}).status_code == 401
+        assert _post(server, "/v1/completions", {"model": "mnli", "prompt": PROMPT}).status_code == 404
+
+        card = _post(server, "/v1/load_lora_adapter", load)
+        base = httpx.get(f"{server.url}/v1/models", headers=KEY).json()["data"][0]["id"]
+        assert card.status_code == 200 and (card.json()["id"], card.json()["parent"]) == ("mnli", base)
+        bad = _post(server, "/v1/load_lora_adapter", {"lora_name": "qa", "lora_path": "/no/such/dir"})
+        assert bad.status_code == 400 and "/no/such/dir" in bad.json()["error"]["message"]
+        assert _post(server, "/v1/load_lora_adapter", {"lora_name": "sst2", "lora_path": adapter_dirs["sst2"]})\
+            .status_code == 200
+        models = httpx.get(f"{server.url}/v1/models", headers=KEY).json()["data"]
+        assert [m["id"] for m in models] == [base, "mnli", "sst2"]
+        full = _post(server, "/v1/load_lora_adapter", {"lora_name": "qa", "lora_path": adapter_dirs["mnli"]})
+        assert full.status_code == 400 and "--max-adapters 2" in full.json()["error"]["message"]
+        texts = {name: _text(server, name) for name in (base, "mnli", "sst2")}
+
+        assert _post(server, "/v1/unload_lora_adapter", {"lora_name": "mnli"}).json()["deleted"] is True
+        gone = _post(server, "/v1/completions", {"model": "mnli", "prompt": PROMPT})
+        assert gone.status_code == 404 and "'mnli'" in gone.json()["error"]["message"]
+        again = _post(server, "/v1/unload_lora_adapter", {"lora_name": "mnli"})
+        assert again.status_code == 404 and "'mnli'" in again.json()["error"]["message"]
+        assert _text(server, "sst2") == texts["sst2"]  # sst2 moved into mnli's place: still its own
+        assert _post(server, "/v1/load_lora_adapter", load).status_code == 200  # room again
+        assert _text(server, "mnli") == texts["mnli"]
+    assert texts == {base: _alone(None), **{name: _alone(d) for name, d in adapter_dirs.items()}}
+
+
+def test_unloading_lets_requests_in_flight_finish(adapter_dirs):
+    argv = ["--precision", "fp32", "--api-key", "sesame", "--adapter", f"mnli={adapter_dirs['mnli']}"]
+    long = 400
+    with tiny_server(*argv) as server, ThreadPoolExecutor(1) as pool:
+        body = {"model": "mnli", "prompt": PROMPT, "max_tokens": long, "temperature": 0, "ignore_eos": True,
+                "stream": True}
+        with httpx.stream("POST", f"{server.url}/v1/completions", json=body, headers=KEY, timeout=60) as stream:
+            lines = stream.iter_lines()
+            chunks = [next(lines)]  # the request runs
+            unload = pool.submit(_post, server, "/v1/unload_lora_adapter", {"lora_name": "mnli"})
+            assert wait_for(lambda: "mnli" not in server.state.adapters)
+            refused = _post(server, "/v1/completions", {"model": "mnli", "prompt": PROMPT})
+            assert refused.status_code == 404 and "'mnli'" in refused.json()["error"]["message"]
+            chunks += list(lines)
+        assert unload.result().status_code == 200
+    parts = [json.loads(c.removeprefix("data: ")) for c in chunks if c.startswith("data: {")]
+    assert all("error" not in p for p in parts)
+    assert "".join(p["choices"][0]["text"] for p in parts) == _alone(adapter_dirs["mnli"], long, eos=False)
+
+
+def test_a_compiled_decode_step_with_adapters_is_refused_with_one_line(adapter_dirs, capsys):
+    for argv in (["--adapter", f"mnli={adapter_dirs['mnli']}"], ["--max-adapters", "2"]):
+        code = run_server.main(["--port", "0", "--compile", *argv, "--log-level", "critical"])
+        err = capsys.readouterr().err.strip().splitlines()
+        assert code == 2 and len(err) == 1 and "drop --compile" in err[0], err
