@@ -15,7 +15,6 @@ from dataclasses import dataclass
 import torch
 
 GIB = 1 << 30
-SLOT_STEP = 256  # the cache length grows in steps of this many slots (fewer regrowths)
 
 
 def available_memory(device: torch.device) -> int:
@@ -38,6 +37,7 @@ class CacheBudget:
     budget_bytes: int
     max_rows: int
     max_length: int
+    slot_step: int = 256  # the cache length grows in steps of this many slots (fewer regrowths)
 
     def nbytes(self, rows: int, length: int) -> int:
         return rows * length * self.bytes_per_token
@@ -47,17 +47,17 @@ class CacheBudget:
         return min(self.max_rows, self.budget_bytes // self.nbytes(1, length or self.max_length))
 
     def first_shape(self) -> tuple[int, int]:
-        return 1, min(self.max_length, SLOT_STEP)
+        return 1, min(self.max_length, self.slot_step)
 
     def shape_for(self, rows: int, length: int, current: tuple[int, int]) -> tuple[int, int] | None:
         """The cache shape (rows, slots) that holds rows 0..rows-1 of `length` slots, from the
         current shape: kept when it holds them; else grown (rows doubled when that fits, the
-        length rounded up to SLOT_STEP); else shrunk to just what is asked; None when even
+        length rounded up to slot_step); else shrunk to just what is asked; None when even
         that exceeds the budget."""
         have_rows, have_length = current
         if rows <= have_rows and length <= have_length:
             return current
-        length = min(self.max_length, -(-length // SLOT_STEP) * SLOT_STEP)
+        length = min(self.max_length, -(-length // self.slot_step) * self.slot_step)
         grown_length = max(length, have_length)
         for candidate in (min(self.max_rows, max(rows, 2 * have_rows)), max(rows, have_rows), rows):
             if self.nbytes(candidate, grown_length) <= self.budget_bytes:
@@ -65,23 +65,28 @@ class CacheBudget:
         return (rows, length) if self.nbytes(rows, length) <= self.budget_bytes else None
 
 
-def server_budget(bytes_per_token: int, max_rows: int, max_length: int, device: torch.device,
+def server_budget(bytes_per_token: int, max_rows: int, max_length: int, available: int,
                   utilization: float) -> tuple[CacheBudget, str]:
-    """The KV cache budget of a server whose weights are loaded, and the line that says what
-    it holds. ValueError (one line) when not even one row of `max_length` tokens fits."""
-    available = available_memory(device)
+    """The KV cache budget of a server whose weights are loaded (`available`: the bytes left,
+    `available_memory`), and the line that says what it holds. ValueError (one line) when
+    not even one row of `max_length` tokens fits."""
     budget = CacheBudget(bytes_per_token, int(available * utilization), max_rows, max_length)
     row = budget.nbytes(1, max_length)
     full = budget.full_rows()
+    left = f"{_size(budget.budget_bytes)} is left ({utilization:.0%} of {_size(available)} available after the weights)"
     if full < 1:
         fits = budget.budget_bytes // bytes_per_token
-        raise ValueError(
-            f"KV cache: one row of {max_length} tokens needs {row / GIB:.2f} GiB but "
-            f"{budget.budget_bytes / GIB:.2f} GiB is left ({utilization:.0%} of {available / GIB:.2f} GiB "
-            f"available after the weights): --max-model-len {fits} would fit, or quantize the weights "
-            f"(--quantize int4), or raise --memory-utilization"
-        )
-    line = (f"KV cache: up to {max_rows} rows x {max_length} tokens asked, {full} rows at full length fit "
-            f"in {budget.budget_bytes / GIB:.2f} GiB ({utilization:.0%} of {available / GIB:.2f} GiB available "
-            f"after the weights); allocated as rows fill")
+        remedies = ([f"--max-model-len {fits} would fit"] if fits >= 2 else []) + [
+            "quantize the weights (--quantize int4)", "raise --memory-utilization"]
+        raise ValueError(f"KV cache: one row of {max_length} tokens needs {_size(row)} but {left}: "
+                         + ", or ".join(remedies))
+    line = (f"KV cache: up to {max_rows} rows x {max_length} tokens asked, {full} rows at full length fit in "
+            f"{left}; allocated as rows fill")
     return budget, line
+
+
+def _size(nbytes: int) -> str:
+    for unit, scale in (("GiB", GIB), ("MiB", 1 << 20), ("KiB", 1 << 10)):
+        if nbytes >= scale:
+            return f"{nbytes / scale:.2f} {unit}"
+    return f"{nbytes} B"
