@@ -23,6 +23,7 @@ OPTION_FIELDS = {
     "max_batch_size": "server.max_batch_size",
     "max_queue": "server.max_queue",
     "max_model_len": "server.max_model_len",
+    "memory_utilization": "server.memory_utilization",
     "max_n": "server.max_n",
     "request_timeout": "server.request_timeout",
     "api_key": "server.api_key",
@@ -45,6 +46,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--max-batch-size", type=int, metavar="N", help="requests decoded together (KV cache rows)")
     p.add_argument("--max-queue", type=int, metavar="N", help="waiting requests beyond this get 429")
     p.add_argument("--max-model-len", type=int, metavar="N", help="KV cache length per row (default: the context)")
+    p.add_argument("--memory-utilization", type=float, metavar="F",
+                   help="fraction of the memory left after the weights the KV cache may grow to (default 0.9)")
     p.add_argument("--max-n", type=int, metavar="N", help="most choices per request")
     p.add_argument("--request-timeout", type=float, metavar="S", help="seconds from arrival to the last token")
     p.add_argument("--api-key", metavar="KEY", help="require 'Authorization: Bearer KEY'")

@@ -100,6 +100,8 @@ class ServerSection:
     # Prefill batches are padded to a multiple of this many tokens: a few shapes instead of one
     # per prompt length, so per-shape kernel caches (CPU bf16) stop growing.
     prefill_multiple: int = 16
+    # The KV cache grows as rows fill up to this fraction of the memory left after the weights.
+    memory_utilization: float = 0.9
     request_timeout: float = 600.0  # seconds from arrival to the last token
     api_key: str | None = None
     served_model_name: str | None = None  # default: the model name or path
@@ -118,6 +120,8 @@ class ServerSection:
             raise ValueError(f"server.port must be in [0, 65535], got {self.port}")
         if self.request_timeout <= 0:
             raise ValueError(f"server.request_timeout must be > 0, got {self.request_timeout}")
+        if not 0 < self.memory_utilization <= 1:
+            raise ValueError(f"server.memory_utilization must be in (0, 1], got {self.memory_utilization}")
         if self.max_model_len is not None and self.max_model_len < 2:
             raise ValueError(f"server.max_model_len must be >= 2, got {self.max_model_len}")
         if self.max_adapters is not None and self.max_adapters < 0:

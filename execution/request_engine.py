@@ -1,9 +1,9 @@
 """Continuous batching driven one step at a time: the engine behind the HTTP server.
 
-`GenerationEngine.run` takes a fixed list of prompts. A server needs requests that arrive and
-leave between steps, each with its own sampling settings. `RequestEngine` drives the same
-model calls and the same static KV cache (a `GenerationEngine`'s prefill and decode step)
-through three calls:
+This is the one decode loop: the server drives it request by request, and
+`GenerationEngine.run` (execution/generation.py) drives it over a fixed list of prompts, so
+stopping (EOS, stop sequences, stop strings, length) and sampling live here alone. The model
+calls and the static KV cache are a `ModelRunner`'s (execution/model_runner.py). Three calls:
 
     add(request)     queue a request; it joins the batch at the next step
     cancel(id)       drop a request, queued or running; its row is free at the next step
@@ -12,8 +12,10 @@ through three calls:
 
 A request's tokens do not depend on what else is in the batch: each row chooses its token
 from its own logits with its own sampling settings and its own random stream (seeded from
-(seed, stream_id) exactly as `GenerationEngine.run` seeds prompt `stream_id`), so a request
-run among others gives the tokens it gives alone, and the tokens `generate` gives.
+(seed, stream_id), execution/sampling.py), so a request run among others gives the tokens it
+gives alone. Rows that share a sampling setting are chosen in one call (one batched max for
+greedy rows); each still draws one uniform per vocabulary entry per token from its own stream.
+Every step adds to `stats` (a GenerationStats: prefill and decode time, tokens, attended slots).
 
 A failure while handling one request (a prefill that raises, a stop-string check that
 raises) finishes that request with reason "error"; the other requests go on. A failing
@@ -32,7 +34,9 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .generation import GenerationEngine, _check_prompts
+from .generation_stats import GenerationStats
+from .kv_budget import CacheBudget
+from .model_runner import ModelRunner, sync
 from .sampling import SamplingParams, choose_tokens, prompt_generator
 from .scoring import token_logprobs
 
@@ -124,6 +128,13 @@ class RequestEngine:
     a step that admits more prefills them in groups (a class default; set it per engine).
     adapters: a gptj.multi_lora.MultiLoRA attached to the model; each request's `adapter`
     names one, and every forward is told which adapter each batch row uses.
+    runner: the ModelRunner to use (its cache, compiled step and cache dtype); None: a new one
+    from compile_decode and cache_dtype.
+    cache_budget: an execution.kv_budget.CacheBudget: the cache starts small and grows as rows
+    fill and requests need longer rows, never beyond the budget's bytes (a request that does
+    not fit yet waits for running ones to finish). None: all rows at full length up front.
+    isolate_failures: a failing request finishes with reason "error" while the others go on
+    (a server); False: the error is raised (one offline run).
     """
 
     prefill_token_budget = 16384
@@ -139,6 +150,9 @@ class RequestEngine:
         prefill_multiple: int = 1,
         cache_dtype: torch.dtype | None = None,
         adapters=None,
+        runner: ModelRunner | None = None,
+        cache_budget: CacheBudget | None = None,
+        isolate_failures: bool = True,
     ):
         if max_batch_size < 1:
             raise ValueError(f"max_batch_size must be >= 1, got {max_batch_size}")
@@ -151,16 +165,24 @@ class RequestEngine:
             raise ValueError(f"prefill_multiple must be >= 1, got {prefill_multiple}")
         self.prefill_multiple = prefill_multiple
         self.vocab_size = model.config.vocab_size
-        self.runner = GenerationEngine(model, compile_decode=compile_decode, cache_dtype=cache_dtype)
-        self.cache = self.runner._cache_for(max_batch_size, self.max_length)
+        self.runner = runner or ModelRunner(model, compile_decode=compile_decode, cache_dtype=cache_dtype)
+        if adapters is not None and self.runner.compile_decode:
+            raise ValueError("a compiled decode step does not take per-request LoRA adapters: drop --compile")
+        self.adapters = adapters
+        self.isolate_failures = isolate_failures
+        self.budget = cache_budget
+        if cache_budget is not None and self.runner.compile_decode:
+            # A compiled step needs static shapes: the rows that fit at full length, once.
+            max_batch_size = min(max_batch_size, cache_budget.full_rows(self.max_length))
+            self.budget = None
+        rows, length = (max_batch_size, self.max_length) if self.budget is None else self.budget.first_shape()
+        self.cache = self.runner.cache_for(rows, length)
         self._views: dict[int, object] = {}  # leading-rows views of the cache, by row count
         self.slots = [_Slot() for _ in range(max_batch_size)]
         self.waiting: deque[Request] = deque()
         self._pending: list[Event] = []  # cancellations of queued requests, reported by the next step
         self.steps = 0
-        if adapters is not None and compile_decode:
-            raise ValueError("a compiled decode step does not take per-request LoRA adapters: drop --compile")
-        self.adapters = adapters
+        self.stats = GenerationStats()
 
     # ---- state -------------------------------------------------------------------------------
     @property
@@ -192,7 +214,7 @@ class RequestEngine:
             )
         # Emptiness and token ids; the length is checked above (a prompt that only scores
         # may fill its row, it needs no room to generate).
-        _check_prompts([request.prompt], self.max_length + 1, self.vocab_size)
+        check_prompts([request.prompt], self.max_length + 1, self.vocab_size)
         if request.stop_strings and self.decode is None:
             raise ValueError("stop strings need a decode function (token ids -> text)")
         for name in ("logprobs", "prompt_logprobs"):
@@ -239,11 +261,16 @@ class RequestEngine:
 
     # ---- admission: batched prefill ----------------------------------------------------------
     def _admit(self, free: list[int], events: list[Event]) -> None:
-        rows = free[: len(self.waiting)]
+        rows = self._rows_that_fit(free[: len(self.waiting)])
+        if not rows:
+            return
         requests = [self.waiting.popleft() for _ in rows]
+        t0 = time.perf_counter()
         try:
             logits, scores = self._prefill(rows, requests)
         except Exception:  # noqa: BLE001
+            if not self.isolate_failures:
+                raise
             # Find the failing request by prefilling one at a time; the others still run.
             for row, request in zip(rows, requests):
                 try:
@@ -251,10 +278,34 @@ class RequestEngine:
                 except Exception as err:  # noqa: BLE001 - one bad request must not stop the engine
                     events.append(_failed(request, f"prefill failed: {err}"))
                     continue
-                self._start(row, request, logits[0], events, scores[0])
-            return
-        for i, (row, request) in enumerate(zip(rows, requests)):
-            self._start(row, request, logits[i], events, scores[i])
+                self._start([row], [request], logits, scores, events)
+        else:
+            self._start(rows, requests, logits, scores, events)
+        sync(self.runner.device)
+        stats = self.stats
+        stats.prefill_seconds += time.perf_counter() - t0
+        stats.prompt_tokens += sum(len(r.prompt) for r in requests)
+
+    def _rows_that_fit(self, rows: list[int]) -> list[int]:
+        """The leading part of `rows` whose waiting requests the cache can hold, the cache
+        grown (within its budget) to hold them; all of them when the cache is fixed."""
+        if self.budget is None:
+            return rows
+        running = [(b, s.request) for b, s in enumerate(self.slots) if s.request is not None]
+        in_use = 1 + max((b for b, _ in running), default=-1)
+        length = max((len(r.prompt) + r.max_new_tokens for _, r in running), default=0)
+        shape, taken = None, 0
+        for row, request in zip(rows, self.waiting):
+            wanted = self.budget.shape_for(max(in_use, row + 1), max(length, len(request.prompt) + request.max_new_tokens),
+                                           (self.cache.batch_size, self.cache.max_length))
+            if wanted is None:
+                break
+            shape, taken = wanted, taken + 1
+            in_use, length = max(in_use, row + 1), max(length, len(request.prompt) + request.max_new_tokens)
+        if shape is not None and shape != (self.cache.batch_size, self.cache.max_length):
+            self.cache.resize(*shape)
+            self._views.clear()  # they hold the old tensors
+        return rows[:taken]
 
     def _prefill(self, rows: list[int], requests: list[Request]) -> tuple[torch.Tensor, list]:
         """Prefill `requests` into cache `rows`: last-position logits [n, V] and each request's
@@ -303,25 +354,29 @@ class RequestEngine:
                 start += n
         return logits, scores
 
-    def _start(self, row: int, request: Request, logits: torch.Tensor, events: list[Event],
-               prompt_scores: list | None = None) -> None:
-        if request.max_new_tokens == 0:  # scoring only: the row is free again at once
-            events.append(Event(request.request_id, finish_reason="length", time=time.perf_counter(),
-                                prompt_logprobs=prompt_scores))
+    def _start(self, rows: list[int], requests: list[Request], logits: torch.Tensor, scores: list,
+               events: list[Event]) -> None:
+        """Rows begin their requests with the first token chosen from the prefill's logits; a
+        request that only scores its prompt is done at once and leaves its row free."""
+        generating = []
+        for i, (row, request) in enumerate(zip(rows, requests)):
+            if request.max_new_tokens == 0:
+                events.append(Event(request.request_id, finish_reason="length", time=time.perf_counter(),
+                                    prompt_logprobs=scores[i]))
+                continue
+            slot = self.slots[row]
+            slot.request, slot.tokens, slot.position = request, [], len(request.prompt)
+            sampling = request.sampling
+            slot.generator = None if sampling.greedy else prompt_generator(request.seed, request.stream_id)
+            slot.tail_tokens = 2 * max((len(s) for s in request.stop_strings), default=0) + 4
+            generating.append(i)
+        if not generating:
             return
-        first = len(events)
-        self._start_generating(row, request, logits, events)
-        if len(events) > first:
-            events[first].prompt_logprobs = prompt_scores
-
-    def _start_generating(self, row: int, request: Request, logits: torch.Tensor, events: list[Event]) -> None:
-        slot = self.slots[row]
-        slot.request, slot.tokens, slot.position = request, [], len(request.prompt)
-        sampling = request.sampling
-        slot.generator = None if sampling.greedy else prompt_generator(request.seed, request.stream_id)
-        longest_stop = max((len(s) for s in request.stop_strings), default=0)
-        slot.tail_tokens = 2 * longest_stop + 4
-        self._choose_and_accept(slot, logits, events)
+        first = self._choose_and_accept([self.slots[rows[i]] for i in generating],
+                                        _rows_of(logits, generating), events)
+        for i, event in zip(generating, first):
+            event.prompt_logprobs = scores[i]
+        self.stats.generated_tokens += sum(event.token is not None for event in first)
 
     # ---- one decode step ---------------------------------------------------------------------
     def _decode(self, events: list[Event]) -> None:
@@ -332,6 +387,7 @@ class RequestEngine:
         shapes). Idle rows in that range feed token 0 at slot 0: harmless (a new request
         prefills its row afresh) and it keeps a visible slot in every row's mask.
         """
+        t0 = time.perf_counter()
         device = self.runner.device
         active = [slot.request is not None for slot in self.slots]
         static = self.runner.compile_decode
@@ -344,55 +400,89 @@ class RequestEngine:
         positions = torch.tensor([s.position if a else 0 for s, a in zip(slots, active)], device=device)
         self._set_adapter_rows([s.request.adapter if a else None for s, a in zip(slots, active)])
         try:
-            if static:
-                self.cache.decode(positions, window)
-                logits = self.runner._decode_step(tokens, positions, self.cache.decode_mask_window())
-            else:
-                cache = self._views.get(rows) or self._views.setdefault(rows, self.cache.leading_rows(rows))
-                cache.decode(positions, window)
-                hidden = self.model.hidden_states(tokens, position_ids=positions.unsqueeze(1),
-                                                  attn_mask=cache.decode_mask_window(), kv_cache=cache)
-                logits = self.model.logits_from_hidden(hidden[:, 0])
+            cache = self.cache if static else (self._views.get(rows)
+                                               or self._views.setdefault(rows, self.cache.leading_rows(rows)))
+            logits = self.runner.decode_logits(cache, tokens, positions, window)
         except Exception as err:  # noqa: BLE001 - fail the requests in this step, keep serving
+            if not self.isolate_failures:
+                raise
             for slot in self.slots:
                 if slot.request is not None:
                     events.append(_failed(slot.request, f"decode step failed: {err}"))
                     self._free(slot)
             return
-        for b, slot in enumerate(slots):
-            if active[b] and slot.request is not None:
-                slot.position += 1
-                self._choose_and_accept(slot, logits[b], events)
+        running = [b for b in range(rows) if active[b]]
+        for b in running:
+            slots[b].position += 1
+        chosen = self._choose_and_accept([slots[b] for b in running], _rows_of(logits, running), events)
+        kept = sum(event.token is not None for event in chosen)
+        stats = self.stats
+        stats.decode_steps += 1
+        stats.attended_slots += window
+        stats.decode_tokens += kept
+        stats.generated_tokens += kept
+        stats.decode_seconds += time.perf_counter() - t0
 
     # ---- per row -----------------------------------------------------------------------------
-    def _choose_and_accept(self, slot: _Slot, logits: torch.Tensor, events: list[Event]) -> None:
-        """Pick the row's next token from its logits [V] and record it; errors fail the row only."""
-        request = slot.request
-        try:
-            row = logits.unsqueeze(0)
-            generators = None if slot.generator is None else [slot.generator]
-            token = int(choose_tokens(row, request.sampling, generators)[0])
-            event = Event(request.request_id, time=time.perf_counter())
-            if request.logprobs is not None:
-                logp = row[0].float().log_softmax(-1)
-                event.logprob = float(logp[token])
-                if request.logprobs:
-                    top = torch.topk(logp, min(request.logprobs, logp.shape[-1]))
-                    event.top_logprobs = list(zip(top.indices.tolist(), top.values.tolist()))
-            if token == self.eos_token_id and not request.ignore_eos:
-                event.logprob = event.top_logprobs = None
-                event.finish_reason = "eos"
-            else:
-                slot.tokens.append(token)
-                slot.next_token = token
-                event.token = token
-                event.finish_reason = self._stop_reason(slot)
+    def _choose_and_accept(self, slots: list[_Slot], logits: torch.Tensor, events: list[Event]) -> list[Event]:
+        """Pick each slot's next token from its row of `logits` [n, V] and record it: one event
+        per slot, returned in slot order. An error fails its row only."""
+        chosen = self._choose(slots, logits)
+        out = []
+        for i, (slot, token) in enumerate(zip(slots, chosen)):
+            request = slot.request
+            try:
+                if isinstance(token, Exception):
+                    raise token
+                event = self._accept(slot, token, logits[i])
+            except Exception as err:  # noqa: BLE001 - one bad request must not stop the engine
+                if not self.isolate_failures:
+                    raise
+                event = _failed(request, str(err) or type(err).__name__)
             events.append(event)
+            out.append(event)
             if event.finish_reason is not None:
                 self._free(slot)
-        except Exception as err:  # noqa: BLE001 - one bad request must not stop the engine
-            events.append(_failed(request, str(err) or type(err).__name__))
-            self._free(slot)
+        return out
+
+    def _choose(self, slots: list[_Slot], logits: torch.Tensor) -> list:
+        """Each slot's next token (or the error choosing it): one `choose_tokens` call per
+        distinct sampling setting, so rows that share one (all greedy rows) are chosen together.
+        Each row draws from its own random stream, so its token does not depend on the batch."""
+        by_setting: dict[SamplingParams, list[int]] = {}
+        for i, slot in enumerate(slots):
+            by_setting.setdefault(slot.request.sampling, []).append(i)
+        chosen: list = [None] * len(slots)
+        for sampling, rows in by_setting.items():
+            try:
+                generators = None if sampling.greedy else [slots[i].generator for i in rows]
+                tokens = choose_tokens(_rows_of(logits, rows), sampling, generators).tolist()
+            except Exception as err:  # noqa: BLE001 - failed below, row by row
+                tokens = [err] * len(rows)
+            for i, token in zip(rows, tokens):
+                chosen[i] = token
+        return chosen
+
+    def _accept(self, slot: _Slot, token: int, logits: torch.Tensor) -> Event:
+        """The event of the slot's new token, logits [V]: its log-probabilities when asked for,
+        and the finish reason when it ends the request."""
+        request = slot.request
+        event = Event(request.request_id, time=time.perf_counter())
+        if request.logprobs is not None:
+            logp = logits.float().log_softmax(-1)
+            event.logprob = float(logp[token])
+            if request.logprobs:
+                top = torch.topk(logp, min(request.logprobs, logp.shape[-1]))
+                event.top_logprobs = list(zip(top.indices.tolist(), top.values.tolist()))
+        if token == self.eos_token_id and not request.ignore_eos:
+            event.logprob = event.top_logprobs = None
+            event.finish_reason = "eos"
+        else:
+            slot.tokens.append(token)
+            slot.next_token = token
+            event.token = token
+            event.finish_reason = self._stop_reason(slot)
+        return event
 
     def _stop_reason(self, slot: _Slot) -> str | None:
         request, tokens = slot.request, slot.tokens
@@ -431,5 +521,30 @@ class RequestEngine:
         slot.request, slot.generator, slot.tokens = None, None, []
 
 
+def _rows_of(logits: torch.Tensor, rows: list[int]) -> torch.Tensor:
+    """logits[rows], without a copy when `rows` are all of them in order."""
+    if rows == list(range(logits.shape[0])):
+        return logits
+    return logits[torch.tensor(rows, device=logits.device)]
+
+
 def _failed(request: Request, message: str) -> Event:
     return Event(request.request_id, finish_reason="error", error=message, time=time.perf_counter())
+
+
+def check_prompts(prompts: list[list[int]], context: int, vocab_size: int) -> None:
+    """Raise ValueError naming the first prompt that is empty, leaves no room below `context`
+    or holds a token outside the vocabulary."""
+    if not prompts:
+        raise ValueError("no prompts given")
+    for i, p in enumerate(prompts):
+        if not p:
+            raise ValueError(f"prompt {i} is empty: at least one token is needed")
+        if len(p) >= context:
+            raise ValueError(
+                f"prompt {i} has {len(p)} tokens but the model context is {context}: "
+                "no room to generate (shorten it or truncate from the left)"
+            )
+        bad = [t for t in p if not 0 <= t < vocab_size]
+        if bad:
+            raise ValueError(f"prompt {i} holds token id {bad[0]} outside the vocabulary of {vocab_size}")

@@ -66,6 +66,15 @@ def cache_dtype(activation_dtype: torch.dtype, device: torch.device) -> torch.dt
     return activation_dtype
 
 
+def kv_bytes_per_token(model, dtype: torch.dtype | None = None) -> int:
+    """Bytes one token takes in this rank's KV cache of `model`: keys and values of every layer,
+    in `dtype` (default: `cache_dtype`'s choice for the model's activations and device)."""
+    attn = model.blocks[0].attn
+    weight = model.embed.weight
+    dtype = dtype or cache_dtype(weight.dtype, weight.device)
+    return 2 * len(model.blocks) * attn.local_heads * attn.head_dim * dtype.itemsize
+
+
 class StaticKVCache:
     def __init__(
         self,
@@ -84,13 +93,40 @@ class StaticKVCache:
             for _ in range(num_layers)
         ]
         self.decode_mask = torch.zeros(batch_size, 1, 1, max_length, dtype=torch.bool, device=device)
+        self._index_rows(batch_size, num_heads, torch.device(device or "cpu"))
+        self.phase: str | None = None
+        self.rows: torch.Tensor | None = None
+        self.window = max_length
+
+    def _index_rows(self, batch_size: int, num_heads: int, device: torch.device) -> None:
         rows = torch.arange(batch_size, device=device)[:, None].expand(batch_size, num_heads)
         heads = torch.arange(num_heads, device=device)[None, :].expand(batch_size, num_heads)
         self._slots = torch.zeros(batch_size, num_heads, dtype=torch.long, device=device)
         self.write_index = (rows, heads, self._slots)
-        self.phase: str | None = None
-        self.rows: torch.Tensor | None = None
-        self.window = max_length
+
+    def resize(self, batch_size: int, max_length: int) -> StaticKVCache:
+        """Hold `batch_size` rows of `max_length` slots, keeping what the rows and slots that
+        remain hold (their mask included). Layer by layer, so the memory held on the way is
+        the larger of the two caches plus one layer. Views (`leading_rows`) of the old cache
+        no longer share this one's memory."""
+        keep_rows, keep_slots = min(batch_size, self.batch_size), min(max_length, self.max_length)
+
+        def moved(old: torch.Tensor, shape: tuple) -> torch.Tensor:
+            new = old.new_zeros(shape)
+            new[:keep_rows, ..., :keep_slots, :] = old[:keep_rows, ..., :keep_slots, :]
+            return new
+
+        heads, dim = self.layers[0].keys.shape[1], self.layers[0].keys.shape[3]
+        shape = (batch_size, heads, max_length, dim)
+        for layer in self.layers:
+            layer.keys = moved(layer.keys, shape)
+            layer.values = moved(layer.values, shape)
+        mask = self.decode_mask.new_zeros(batch_size, 1, 1, max_length)
+        mask[:keep_rows, ..., :keep_slots] = self.decode_mask[:keep_rows, ..., :keep_slots]
+        self.decode_mask = mask
+        self._index_rows(batch_size, heads, mask.device)
+        self.batch_size, self.max_length, self.window = batch_size, max_length, max_length
+        return self
 
     @classmethod
     def for_model(cls, model, batch_size: int, max_length: int, dtype=None, device=None) -> StaticKVCache:

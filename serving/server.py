@@ -21,10 +21,13 @@ from pathlib import Path
 import torch
 
 from execution.defaults import resolve_threads
+from execution.distributed import gather_ints
+from execution.kv_budget import CacheBudget, available_memory, server_budget
 from execution.pipelines import EntailmentPipeline, kv_cache_dtype_of, load_model_and_tokenizer
 from execution.precision import DTYPES
 from execution.preflight import InputError, resolve_model_source
 from execution.request_engine import RequestEngine
+from gptj.kv_cache import kv_bytes_per_token
 
 from .adapter_slots import AdapterSlots, adapter_limit
 from .app import ServerState, create_app
@@ -55,12 +58,33 @@ def load(config, ctx=None, device=None):
         torch.set_num_threads(threads)
     m.threads = torch.get_num_threads()
     m.precision = next(name for name, dtype in DTYPES.items() if dtype == model.embed.weight.dtype)
+    cache_dtype = kv_cache_dtype_of(m.kv_cache_dtype)
+    budget = cache_budget(model, server, cache_dtype, ctx)
     engine = RequestEngine(model, server.max_batch_size, tokenizer.eos_id, server.max_model_len,
                            decode=tokenizer.decode, compile_decode=m.compile,
                            prefill_multiple=server.prefill_multiple,
-                           cache_dtype=kv_cache_dtype_of(m.kv_cache_dtype), adapters=adapters)
+                           cache_dtype=cache_dtype, adapters=adapters, cache_budget=budget)
     slots = AdapterSlots(engine, ctx, adapter_limit(config))
     return engine, tokenizer, EntailmentPipeline(model, tokenizer, batch_size=server.max_batch_size), slots
+
+
+def cache_budget(model, server, cache_dtype, ctx=None) -> CacheBudget:
+    """The KV cache budget: `server.memory_utilization` of the memory left now that the weights
+    are loaded. Every tensor-parallel rank takes the same (the smallest rank's), so all ranks
+    admit the same requests; CPU ranks share one machine's memory, so each takes its part."""
+    device = model.embed.weight.device
+    available = available_memory(device)
+    ranks = ctx.world_size if ctx is not None else 1
+    if ranks > 1:
+        available = min(row[0] for row in gather_ints([available], "KV cache budget"))
+        if device.type == "cpu":
+            available //= ranks
+    budget, line = server_budget(kv_bytes_per_token(model, cache_dtype), server.max_batch_size,
+                                 server.max_model_len or model.config.max_positions, available,
+                                 server.memory_utilization)
+    if ctx is None or ctx.is_main:
+        print(line, flush=True)
+    return budget
 
 
 def build_app(config, ctx=None, device=None, on_load_error=None):

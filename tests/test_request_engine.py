@@ -163,3 +163,48 @@ def test_a_leading_rows_view_shares_the_cache_memory():
     assert not cache.decode_mask[2:].any() and not cache.layers[1].keys[2:].any()
     with pytest.raises(ValueError, match="1 <= n <= 4"):
         cache.leading_rows(5)
+
+
+def test_a_budgeted_cache_grows_as_rows_fill_stays_in_its_bytes_and_gives_the_same_tokens(model):
+    from execution.kv_budget import CacheBudget
+    from gptj.kv_cache import kv_bytes_per_token
+
+    per_token = kv_bytes_per_token(model)
+    assert per_token == 2 * model.config.num_layers * model.config.hidden_size * 4  # fp32 keys and values
+    budget = CacheBudget(per_token, 64 * per_token, max_rows=4, max_length=64, slot_step=8)
+    engine = RequestEngine(model, max_batch_size=4, eos_token_id=None, cache_budget=budget)
+    assert (engine.cache.batch_size, engine.cache.max_length) == (1, 8)
+    short = [Request(f"s{i}", p[:6], 8) for i, p in enumerate(PROMPTS[:4])]
+    long = Request("long", PROMPTS[0][:6], 34)  # 40 slots: not beside four rows of 16
+    requests = short + [long]
+    for request in requests:
+        engine.add(request)
+    tokens, shapes, first_step = {}, set(), {}
+    while engine.has_work:
+        for event in engine.step():
+            first_step.setdefault(event.request_id, engine.steps)
+            if event.token is not None:
+                tokens.setdefault(event.request_id, []).append(event.token)
+        shapes.add((engine.cache.batch_size, engine.cache.max_length))
+        assert engine.cache.nbytes() <= budget.budget_bytes
+    assert (4, 16) in shapes and (1, 40) in shapes  # grew to the short rows, then held the long one alone
+    assert first_step["long"] > max(first_step[r.request_id] for r in short)  # it waited for room
+    for request in requests:
+        assert tokens[request.request_id] == generate(model, [request.prompt], request.max_new_tokens, None)[0].token_ids
+
+
+def test_a_resized_cache_keeps_what_its_rows_hold():
+    from gptj.kv_cache import StaticKVCache
+
+    cache = StaticKVCache(num_layers=2, batch_size=2, num_heads=2, head_dim=3, max_length=4)
+    cache.layers[1].keys.copy_(torch.arange(48.0).view(2, 2, 4, 3))
+    cache.decode_mask[:, 0, 0, :2] = True
+    before = cache.layers[1].keys.clone()
+    cache.resize(3, 6)
+    keys = cache.layers[1].keys
+    assert keys.shape == (3, 2, 6, 3) and torch.equal(keys[:2, :, :4], before)
+    assert not keys[2].any() and not keys[:, :, 4:].any()
+    assert cache.decode_mask[:, 0, 0].tolist() == [[True] * 2 + [False] * 4] * 2 + [[False] * 6]
+    assert cache.write_index[0].shape == (3, 2)
+    cache.resize(1, 3)
+    assert torch.equal(cache.layers[1].keys[0], before[0, :, :3])

@@ -95,6 +95,9 @@ def test_a_request_past_its_timeout_is_cancelled_with_504(server):
     (["--max-batch-size", "0"], "server.max_batch_size must be >= 1"),
     (["--model", "/no/such/dir", "--port", "0"], "does not exist"),
     (["--quantize", "int8", "--offload-weights"], "model.quantize and model.offload_weights cannot be combined"),
+    (["--memory-utilization", "1.5"], "server.memory_utilization must be in (0, 1], got 1.5"),
+    # random:tiny keeps 2 x 2 layers x 128 wide x 4 B = 2 KiB a token: 512 tokens (1 MiB) never fit in a billionth.
+    (["--memory-utilization", "1e-9", "--port", "0"], "KV cache: one row of 512 tokens needs 1.00 MiB but"),
 ])
 def test_bad_command_lines_are_one_line_and_exit_2(argv, message, capsys):
     assert run_server.main(["--log-level", "warning", *argv]) == 2
