@@ -123,29 +123,19 @@ def base_quantization(config: FinetuneConfig):
     return QuantSpec.parse(config.model.quantize, config.model.group_size)
 
 
-def build_model(config: FinetuneConfig, mc: ModelConfig, ctx: ParallelContext,
-                device: torch.device, dtype: torch.dtype) -> GPTJ:
-    # Streamed block weights start on the host; BlockWeightStreamer moves the rest to the device.
-    place = torch.device("cpu") if config.model.stream_block_weights else device
-    spec = base_quantization(config)  # quantized while loading, one tensor at a time
-    if config.model.name_or_path:
-        from gptj.hf import load_pretrained
+def load_model_for(config: FinetuneConfig, mc: ModelConfig, ctx: ParallelContext,
+                   device: torch.device, dtype: torch.dtype):
+    """The run's model (execution.model_loading.LoadedModel): the initial weights, quantized
+    while loading for a quantized LoRA base, fresh LoRA adapters attached when enabled, block
+    weights streamed from the host when asked."""
+    from .model_loading import NewAdapters, load_model
 
-        model, _ = load_pretrained(config.model.name_or_path, ctx, dtype=dtype, device=place, quantize=spec)
-    elif spec is not None:
-        from gptj.model import random_reader
-        from gptj.quantized import quantize_from_reader
-
-        model = quantize_from_reader(mc, ctx, dtype, place, spec, random_reader(mc, config.model.init_seed))
-    else:
-        model = GPTJ(mc, ctx, dtype=dtype, device=place).init_weights(seed=config.model.init_seed)
-    if spec is not None:
-        from gptj.quantized import without_kernels
-
-        without_kernels(model)  # no packed kernel copies of the frozen weights
-    model.recompute_blocks = config.model.recompute_blocks
-    model.train()
-    return model
+    m = config.model
+    lora = NewAdapters(config.lora.settings(), config.lora.init_seed) if config.lora.enabled else None
+    return load_model(m.name_or_path or mc, ctx, device=device, precision=dtype,
+                      quantize=base_quantization(config), adapters=lora,
+                      offload=m.stream_block_weights, trainable=True, init_seed=m.init_seed,
+                      recompute_blocks=m.recompute_blocks)
 
 
 def eval_sources(config: FinetuneConfig, task) -> list[tuple[str, str, str | None]]:
@@ -346,28 +336,21 @@ def _train(config: FinetuneConfig, ctx: ParallelContext | None,
     from .optimizer import ShardedAdamW
     from .precision import DynamicLossScaler
 
-    model = build_model(config, mc, ctx, device, dtype)
+    loaded = load_model_for(config, mc, ctx, device, dtype)
+    model, adapters, streamer = loaded.model, loaded.adapters, loaded.streamer
     # What the optimizer trains and checkpoints hold: the whole model, or only LoRA adapters.
-    adapters = adapter_meta = None
-    trained = model
-    if config.lora.enabled:
-        from .adapters import adapter_meta as lora_meta
-        from .adapters import build_adapters
-
-        adapters = trained = build_adapters(config, model, dtype)
-        adapter_meta = lora_meta(config, model, adapters)
+    trained = model if adapters is None else adapters
+    adapter_meta = None
+    if adapters is not None:
         from gptj.lora import adapter_parameter_count
 
+        from .adapters import adapter_meta as lora_meta
+
+        adapter_meta = lora_meta(config, model, adapters)
         say(f"LoRA rank {adapters.settings.rank} on {', '.join(adapters.settings.targets)}: "
             f"{adapter_parameter_count(mc, adapters.settings):,} trainable parameters "
             f"({adapter_parameter_count(mc, adapters.settings) / mc.num_parameters():.3%} of the model); "
             f"base {adapter_meta['base_model']} frozen (fingerprint {adapter_meta['base_fingerprint']})")
-    streamer = None
-    if config.model.stream_block_weights:
-        from .offload import BlockWeightStreamer
-
-        streamer = BlockWeightStreamer(model, device)
-        streamer.attach()
     o = config.optimizer
     optimizer = ShardedAdamW(trained, lr=o.lr, betas=tuple(o.betas), eps=o.eps,
                              weight_decay=o.weight_decay, max_grad_norm=o.max_grad_norm,
@@ -464,12 +447,11 @@ def _train(config: FinetuneConfig, ctx: ParallelContext | None,
                        max_examples=config.eval.max_examples)
         results = evaluate(model, eval_splits, tokenizer, device, **options)
         if quantized_eval is not None:
-            from gptj.quantized import quantized_copy
+            from .model_loading import load_model
 
-            # Shares every unquantized tensor with the model; only the quantized weights are new.
-            quantized = quantized_copy(model, quantized_eval)
-            for plain, copy in zip(model.blocks, quantized.blocks):
-                copy.lora = plain.lora  # LoRA: the same adapters over the quantized weights
+            # Shares every unquantized tensor and the LoRA adapters with the model; only the
+            # quantized weights are new.
+            quantized = load_model(model, quantize=quantized_eval).model
             for name, result in evaluate(quantized, eval_splits, tokenizer, device, **options).items():
                 results[f"{name}@{quantized_eval.name}"] = result
             del quantized
