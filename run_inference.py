@@ -19,6 +19,8 @@ import sys
 import warnings
 from pathlib import Path
 
+from execution.inference_cli import UsageError, chosen_device
+
 # Command-line option -> config field (the model's own: execution/inference_cli.py).
 OPTION_FIELDS = {
     "max_new_tokens": "generation.max_new_tokens",
@@ -30,10 +32,6 @@ OPTION_FIELDS = {
     "batch_size": "generation.batch_size",
     "output": "output",
 }
-
-
-class UsageError(Exception):
-    """Bad input from the user: reported as one line on stderr, exit code 2."""
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -172,10 +170,7 @@ def run(config) -> int:
                          f"torchrun --nproc-per-node {tp} run_inference.py ... (found {world_size()})")
     ctx, device = init_distributed(tp)
     main = ctx.is_main
-    if config.model.device != "auto":
-        if config.model.device == "cuda" and device.type != "cuda":
-            raise UsageError("device cuda was asked for but no CUDA GPU is available")
-        device = torch.device(config.model.device) if device.type != config.model.device else device
+    device = chosen_device(config.model.device, device)
     pipe = TextGenerationPipeline.from_pretrained(
         name, tokenizer=model.tokenizer, precision=model.precision, device=device, ctx=ctx,
         offload_weights=model.offload_weights, compile_decode=model.compile,

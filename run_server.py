@@ -16,6 +16,8 @@ import dataclasses
 import json
 import sys
 
+from execution.inference_cli import UsageError, chosen_device
+
 # Command-line option -> config field (the model's own: execution/inference_cli.py).
 OPTION_FIELDS = {
     "host": "server.host",
@@ -30,10 +32,6 @@ OPTION_FIELDS = {
     "served_model_name": "server.served_model_name",
     "max_adapters": "server.max_adapters",
 }
-
-
-class UsageError(Exception):
-    """Bad input from the user: reported as one line on stderr, exit code 2."""
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -78,7 +76,6 @@ def build_config(args: argparse.Namespace):
 
 
 def run(config, log_level: str) -> int:
-    import torch
 
     from execution.distributed import init_distributed, world_size
     from serving.server import serve
@@ -88,10 +85,7 @@ def run(config, log_level: str) -> int:
         raise UsageError(f"--tensor-parallel {tp} needs exactly {tp} processes: "
                          f"torchrun --nproc-per-node {tp} run_server.py ... (found {world_size()})")
     ctx, device = init_distributed(tp)
-    if config.model.device != "auto":
-        if config.model.device == "cuda" and device.type != "cuda":
-            raise UsageError("device cuda was asked for but no CUDA GPU is available")
-        device = torch.device(config.model.device) if device.type != config.model.device else device
+    device = chosen_device(config.model.device, device)
     if ctx.is_main:
         shown = dataclasses.asdict(config)
         shown.pop("prompts", None)

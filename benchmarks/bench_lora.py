@@ -35,24 +35,18 @@ TARGETS = ("q", "k", "v", "out_proj", "fc_in", "fc_out")
 def _ours(config, precision: str, lora_rank: int, group_size: int = 0):
     import torch
 
+    from execution.model_loading import NewAdapters, load_model
     from execution.optimizer import ShardedAdamW
-    from gptj import GPTJ
-    from gptj.lora import LoraAdapters, LoraSettings
+    from gptj.lora import LoraSettings
+    from gptj.quant import QuantSpec
 
     dtype = torch.bfloat16 if precision == "bf16" else torch.float32
-    if group_size:  # int4 base, as run_finetuning.py --quantize int4 builds it
-        from gptj.model import random_reader
-        from gptj.quant import QuantSpec
-        from gptj.quantized import quantize_from_reader, without_kernels
-
-        spec = QuantSpec(4, group_size)
-        model = without_kernels(quantize_from_reader(config, None, dtype, "cpu", spec, random_reader(config, 0)))
-    else:
-        model = GPTJ(config, dtype=dtype).init_weights(seed=0)
-    model.train()
-    trained = model
-    if lora_rank:
-        trained = LoraAdapters(config, LoraSettings(rank=lora_rank), dtype=dtype).init_weights(0).attach(model)
+    # As run_finetuning.py builds it: an int4 base with group_size, LoRA adapters with lora_rank.
+    loaded = load_model(config, precision=dtype, quantize=QuantSpec(4, group_size) if group_size else None,
+                        adapters=NewAdapters(LoraSettings(rank=lora_rank)) if lora_rank else None,
+                        trainable=True)
+    model = loaded.model
+    trained = loaded.adapters if lora_rank else model
     optimizer = ShardedAdamW(trained, lr=1e-4, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.0, max_grad_norm=1.0)
 
     def step(inputs, labels):

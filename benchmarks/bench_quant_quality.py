@@ -27,10 +27,10 @@ VARIANTS = {"fp32": (None, 128), "int8": ("int8", 128), "int4 g32": ("int4", 32)
 def run(model: str, task: str = "mnli", dataset: str = "bundled:mnli_sample", split: str = "validation_matched",
         max_examples: int | None = None) -> dict:
     import data
+    from execution.model_loading import load_model
     from execution.pipelines import load_model_and_tokenizer
     from execution.quant_quality import compare_models
     from gptj.quant import QuantizationError, QuantSpec
-    from gptj.quantized import quantized_copy
 
     models, tok = {}, None
     for name, (quantize, group) in VARIANTS.items():
@@ -41,7 +41,7 @@ def run(model: str, task: str = "mnli", dataset: str = "bundled:mnli_sample", sp
         except QuantizationError as err:  # e.g. a group larger than a shard's width
             print(f"skipping {name}: {err}", file=sys.stderr)
     # The lm_head decision: int8 blocks with a float lm_head, from the fp32 model in memory.
-    models["int8, lm_head fp32"] = quantized_copy(models["fp32"], QuantSpec(8, quantize_head=False))
+    models["int8, lm_head fp32"] = load_model(models["fp32"], quantize=QuantSpec(8, quantize_head=False)).model
     evals = data.build_eval_data(task, dataset, tok, split, progress=False, verbose=False)
     results = compare_models(models, evals, tok, reference="fp32", max_examples=max_examples)
     return {"model": model, "split": split, "results": results}

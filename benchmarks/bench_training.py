@@ -64,11 +64,10 @@ def shape(quick: bool):
 def _our_step(config, precision: str):
     import torch
 
-    from gptj import GPTJ
+    from execution.model_loading import load_model
 
     dtype = torch.bfloat16 if precision == "bf16" else torch.float32
-    model = GPTJ(config, dtype=dtype).init_weights(seed=0)
-    model.train()
+    model = load_model(config, precision=dtype, trainable=True).model  # as train() builds it
     note = ""
     try:
         from execution.optimizer import ShardedAdamW

@@ -369,10 +369,10 @@ class Models:
         if kind == "bf16":
             return random_init(GPTJ(self.config, dtype=torch.bfloat16, device=self.device)).eval()
         if kind in ("int8", "int4"):
+            from execution.model_loading import load_model
             from gptj.quant import QuantSpec
-            from gptj.quantized import quantized_copy
 
-            return quantized_copy(self.get("bf16"), QuantSpec(int(kind[3:]), 128))
+            return load_model(self.get("bf16"), quantize=QuantSpec(int(kind[3:]), 128)).model
         if kind == "hf":
             from transformers import GPTJForCausalLM
 

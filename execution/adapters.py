@@ -27,15 +27,6 @@ def base_source(config: FinetuneConfig) -> str:
     return source
 
 
-def build_adapters(config: FinetuneConfig, model: GPTJ, dtype: torch.dtype) -> LoraAdapters:
-    """Adapters in the model's dtype on its device, attached; the base weights frozen."""
-    device = model.embed.weight.device
-    adapters = LoraAdapters(model.config, config.lora.settings(), model.ctx, dtype, device)
-    adapters.init_weights(seed=config.lora.init_seed).attach(model)
-    adapters.train()
-    return adapters
-
-
 def adapter_meta(config: FinetuneConfig, model: GPTJ, adapters: LoraAdapters) -> dict:
     s = adapters.settings
     return {"lora": {"rank": s.rank, "alpha": s.lora_alpha, "dropout": s.dropout, "targets": list(s.targets)},

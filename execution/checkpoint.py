@@ -40,6 +40,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from gptj.json_files import read_json
+
 from .distributed import gather_ints
 
 CHECKPOINT_DIR = "checkpoints"
@@ -339,10 +341,7 @@ def read_meta(directory: str | os.PathLike) -> dict[str, Any]:
     meta_file = directory / META_FILE
     if not meta_file.is_file():
         raise CheckpointDamagedError(f"{directory} is not a complete checkpoint: {META_FILE} is missing")
-    try:
-        meta = json.loads(meta_file.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise CheckpointDamagedError(f"cannot read {meta_file}: {err}") from None
+    meta = read_json(meta_file, CheckpointDamagedError, "cannot read {file}")
     if not isinstance(meta, dict):
         raise CheckpointDamagedError(f"cannot read {meta_file}: not a JSON object")
     if meta.get("format_version") not in READABLE_VERSIONS:

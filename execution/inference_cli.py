@@ -6,6 +6,11 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+
+class UsageError(Exception):
+    """Bad input from the user: reported as one line on stderr, exit code 2."""
+
+
 PRESET_FILE = Path(__file__).resolve().parent.parent / "config" / "inference.yml"
 
 # Command-line option -> config field.
@@ -92,3 +97,14 @@ def apply_model_options(settings: dict, args: argparse.Namespace) -> dict:
         if getattr(args, flag):
             model[flag] = True
     return settings
+
+
+def chosen_device(asked: str, device):
+    """The torch device of `--device` (`asked`) given the one the distributed setup picked."""
+    import torch
+
+    if asked == "auto":
+        return device
+    if asked == "cuda" and device.type != "cuda":
+        raise UsageError("device cuda was asked for but no CUDA GPU is available")
+    return torch.device(asked) if device.type != asked else device

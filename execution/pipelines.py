@@ -25,9 +25,8 @@ from dataclasses import dataclass
 
 import torch
 
-from gptj import GPTJ, ModelConfig, ParallelContext
+from gptj import GPTJ, ParallelContext
 
-from .defaults import resolve_precision, warn_slow_precision
 from .generation import GenerationEngine, GenerationStats
 from .precision import parse_dtype
 from .preflight import resolve_model_source
@@ -87,74 +86,23 @@ def load_model_and_tokenizer(
 
 def _load_model_and_tokenizer(name_or_path, tokenizer, precision, device, ctx, offload_weights, init_seed,
                               quantize, group_size, adapter):
-    import data
     from gptj.quant import QuantSpec
 
-    device = pick_device(device)
-    spec = QuantSpec.parse(quantize, group_size)
-    if spec is not None and offload_weights:
-        raise ValueError("quantized weights are not streamed from host memory: use --quantize or --offload-weights, not both")
-    load_to = torch.device("cpu") if offload_weights else device
-    if name_or_path.startswith("random:"):
-        from gptj.model import random_reader
-        from gptj.quantized import quantize_from_reader
+    from .model_loading import load_model
 
-        config = ModelConfig.preset(name_or_path.removeprefix("random:"))
-        tok = data.load_tokenizer(tokenizer or "bundled:tiny")
-        # The random model takes the tokenizer's vocabulary so every id it emits decodes.
-        config = config.replace(vocab_size=tok.vocab_size, eos_token_id=tok.eos_id, bos_token_id=tok.eos_id)
-        dtype = _dtype_for(precision, device, config, ctx)
-        if spec is None:
-            model = GPTJ(config, ctx, dtype=dtype, device=load_to).init_weights(seed=init_seed)
-        else:
-            model = quantize_from_reader(config, ctx, dtype, load_to, spec, random_reader(config, init_seed),
-                                         kernels=True)
-    else:
-        from gptj.hf import load_pretrained, read_model_config, resolve_checkpoint
-
-        directory = resolve_checkpoint(resolve_model_dir(name_or_path))
-        dtype = _dtype_for(precision, device, read_model_config(directory), ctx)
-        model, _ = load_pretrained(directory, ctx, dtype=dtype, device=load_to, quantize=spec,
-                                   kernels=True)
-        if offload_weights and model.quantization is not None:
-            raise ValueError(f"{directory} holds quantized weights, which are not streamed from host memory: "
-                             "drop --offload-weights")
-        tok = data.load_tokenizer(tokenizer or directory)
-        if tok.vocab_size > model.config.vocab_size:
-            raise ValueError(
-                f"tokenizer {tokenizer or directory} has {tok.vocab_size} tokens but the model's "
-                f"vocabulary is {model.config.vocab_size}"
-            )
-    if adapter:
-        from gptj.adapter_io import load_peft_adapter
-
-        adapters = load_peft_adapter(adapter, model, ctx=ctx)  # attached
-        if model.quantization is None:
-            adapters.merge_into(model)
-    if model.quantization is not None:
-        from gptj.quantized import prepare_kernels
-
-        prepare_kernels(model)
-    if offload_weights:
-        from .offload import BlockWeightStreamer
-
+    loaded = load_model(name_or_path, ctx, device=pick_device(device), precision=precision,
+                        quantize=QuantSpec.parse(quantize, group_size), adapters=adapter or None,
+                        offload=offload_weights, init_seed=init_seed, tokenizer=tokenizer,
+                        load_tokenizer=True)
+    if loaded.streamer is not None:
         # Streaming hooks stay attached for the model's lifetime (it holds the streamer).
-        model.weight_streamer = BlockWeightStreamer(model, device)
-        model.weight_streamer.attach()
-    return model.eval(), tok
+        loaded.model.weight_streamer = loaded.streamer
+    return loaded.model, loaded.tokenizer
 
 
 def kv_cache_dtype_of(name: str) -> torch.dtype | None:
     """"auto" -> None (gptj/kv_cache.py decides: fp32 for bf16/fp16 models on CPU), else the dtype."""
     return None if name == "auto" else parse_dtype(name)
-
-
-def _dtype_for(precision: str, device: torch.device, config: ModelConfig,
-               ctx: ParallelContext | None) -> torch.dtype:
-    precision = resolve_precision(precision, device, config)
-    if ctx is None or ctx.is_main:
-        warn_slow_precision(precision, device)
-    return parse_dtype(precision)
 
 
 def fit_prompts(encoded: list[list[int]], context: int, max_new_tokens: int = 1,

@@ -202,12 +202,7 @@ def plan_layout(config, layout: Layout, machine: Machine, seq: int, micro_batch:
     host_per_node = host * machine.devices_per_node
 
     # Communication per optimizer step, bytes sent+received per device (ring algorithms).
-    accumulation = global_batch / (micro_batch * r)
-    passes = 3 if layout.recompute else 2  # forward all-reduce is repeated when recomputing
-    tp_volume = 0.0
-    if t > 1:
-        per_allreduce = tokens * config.hidden_size * pb * 2 * (t - 1) / t
-        tp_volume = accumulation * (passes * config.num_layers + 2) * per_allreduce
+    accumulation, passes, tp_volume = activation_traffic(config, layout, tokens, pb, micro_batch, global_batch)
     replica_volume = p_local * pb * 2 * (r - 1) / r if r > 1 else 0.0  # reduce-scatter + all-gather
     host_volume = 0.0
     if layout.offload:
@@ -215,17 +210,10 @@ def plan_layout(config, layout: Layout, machine: Machine, seq: int, micro_batch:
     if layout.streaming:  # weights in for forward and backward (+ recompute), gradients out
         host_volume += accumulation * (passes + 1) * (p_local - resident_params) * pb
 
-    spans_nodes = machine.nodes > 1 and r > 1
-    replica_bw = machine.inter_bandwidth if spans_nodes else machine.intra_bandwidth
     flops = config.flops_per_token(seq) * global_batch * seq / machine.devices
     if layout.recompute:
         flops *= 4 / 3  # one more forward
-    times = {
-        "compute": flops / (machine.matmul_flops * ASSUMED_MFU),
-        "tp_comm": tp_volume / machine.intra_bandwidth if tp_volume else 0.0,
-        "replica_comm": replica_volume / replica_bw if replica_volume else 0.0,
-        "host_transfer": host_volume / machine.host_link_bandwidth if host_volume else 0.0,
-    }
+    volumes = {"tensor_parallel": tp_volume, "replicas": replica_volume, "host": host_volume}
     problems = layout_problems(config, machine, t, r, micro_batch, global_batch)
     memory = machine.device_memory
     if machine.shared_host:  # host and device share the same RAM
@@ -237,16 +225,47 @@ def plan_layout(config, layout: Layout, machine: Machine, seq: int, micro_batch:
         if host_per_node > machine.host_memory:
             problems.append(f"needs {host_per_node / GiB:.0f} GiB host memory per node "
                             f"of {machine.host_memory / GiB:.0f} GiB")
+    return layout_result(layout.name, layout, machine, {"params_per_device": p_local}, accumulation, device,
+                         device_total, host, host_per_node, volumes, flops, problems)
+
+
+def activation_traffic(config, layout: Layout, tokens: int, pb: int, micro_batch: int,
+                       global_batch: int) -> tuple[float, int, float]:
+    """(micro-batches per replica and step, activation all-reduce passes per block, bytes each
+    device sends + receives in the tensor-parallel all-reduces of one optimizer step)."""
+    t, r = layout.tensor_parallel, layout.replicas
+    accumulation = global_batch / (micro_batch * r)
+    passes = 3 if layout.recompute else 2  # forward all-reduce is repeated when recomputing
+    tp_volume = 0.0
+    if t > 1:
+        per_allreduce = tokens * config.hidden_size * pb * 2 * (t - 1) / t
+        tp_volume = accumulation * (passes * config.num_layers + 2) * per_allreduce
+    return accumulation, passes, tp_volume
+
+
+def layout_result(name: str, layout: Layout, machine: Machine, params: dict, accumulation: float,
+                  device: dict, device_total: float, host: float, host_per_node: float,
+                  volumes: dict, flops: float, problems: list[str]) -> dict:
+    """One layout's row: memory, traffic, the estimated step time (compute at ASSUMED_MFU plus
+    each transfer at its link's bandwidth) and whether it fits."""
+    spans_nodes = machine.nodes > 1 and layout.replicas > 1
+    replica_bw = machine.inter_bandwidth if spans_nodes else machine.intra_bandwidth
+    times = {
+        "compute": flops / (machine.matmul_flops * ASSUMED_MFU),
+        "tp_comm": volumes["tensor_parallel"] / machine.intra_bandwidth if volumes["tensor_parallel"] else 0.0,
+        "replica_comm": volumes["replicas"] / replica_bw if volumes["replicas"] else 0.0,
+        "host_transfer": volumes["host"] / machine.host_link_bandwidth if volumes["host"] else 0.0,
+    }
     return {
-        "layout": layout.name,
+        "layout": name,
         **dataclasses.asdict(layout),
-        "params_per_device": p_local,
+        **params,
         "grad_accumulation": accumulation,
         "device_bytes": device,
         "device_total": device_total,
         "host_bytes_per_device": host,
         "host_bytes_per_node": host_per_node,
-        "comm_bytes_per_step": {"tensor_parallel": tp_volume, "replicas": replica_volume, "host": host_volume},
+        "comm_bytes_per_step": volumes,
         "estimated_seconds": {**times, "step": sum(times.values())},
         "fits": not problems,
         "problems": problems,
@@ -350,46 +369,24 @@ def plan_lora_layout(config, layout: Layout, machine: Machine, seq: int, micro_b
     device["reserved"] = machine.reserved
     device_total = sum(device.values())
 
-    accumulation = global_batch / (micro_batch * r)
-    passes = 3 if layout.recompute else 2
-    tp_volume = 0.0
+    accumulation, _, tp_volume = activation_traffic(config, layout, tokens, pb, micro_batch, global_batch)
     if t > 1:
-        per_allreduce = tokens * config.hidden_size * pb * 2 * (t - 1) / t
-        tp_volume = accumulation * (passes * config.num_layers + 2) * per_allreduce
         tp_volume += adapters["replicated"] * pb * 2 * (t - 1) / t  # partial adapter gradients, once a step
     replica_volume = a_local * pb * 2 * (r - 1) / r if r > 1 else 0.0
-    spans_nodes = machine.nodes > 1 and r > 1
-    replica_bw = machine.inter_bandwidth if spans_nodes else machine.intra_bandwidth
     # The frozen base costs 4 FLOPs per weight and token (forward + input gradients), not 6;
     # recomputation adds one forward (2 per weight + a third of attention).
     flops_per_token = lora_flops_per_token(config, lora, seq)
     if layout.recompute:
         flops_per_token += 2 * config.matmul_parameters() + 4 * config.num_layers * config.hidden_size * seq
     flops = flops_per_token * global_batch * seq / machine.devices
-    times = {
-        "compute": flops / (machine.matmul_flops * ASSUMED_MFU),
-        "tp_comm": tp_volume / machine.intra_bandwidth if tp_volume else 0.0,
-        "replica_comm": replica_volume / replica_bw if replica_volume else 0.0,
-        "host_transfer": 0.0,
-    }
     problems = layout_problems(config, machine, t, r, micro_batch, global_batch)
     if device_total > machine.device_memory:
         problems.append(f"needs {device_total / GiB:.1f} GiB per device of {machine.device_memory / GiB:.1f} GiB")
-    return {
-        "layout": layout.name + f"+lora{lora.rank}" + ("" if lora.base == "model" else f"+{lora.base}"),
-        **dataclasses.asdict(layout),
-        "params_per_device": parameter_counts(config, t)["total"],
-        "trainable_params_per_device": a_local,
-        "grad_accumulation": accumulation,
-        "device_bytes": device,
-        "device_total": device_total,
-        "host_bytes_per_device": 0.0,
-        "host_bytes_per_node": 0.0,
-        "comm_bytes_per_step": {"tensor_parallel": tp_volume, "replicas": replica_volume, "host": 0.0},
-        "estimated_seconds": {**times, "step": sum(times.values())},
-        "fits": not problems,
-        "problems": problems,
-    }
+    name = layout.name + f"+lora{lora.rank}" + ("" if lora.base == "model" else f"+{lora.base}")
+    params = {"params_per_device": parameter_counts(config, t)["total"], "trainable_params_per_device": a_local}
+    volumes = {"tensor_parallel": tp_volume, "replicas": replica_volume, "host": 0.0}
+    return layout_result(name, layout, machine, params, accumulation, device, device_total, 0.0, 0.0,
+                         volumes, flops, problems)
 
 
 def lora_layouts(machine: Machine):

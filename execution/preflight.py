@@ -103,7 +103,7 @@ def check_data_sources(config) -> None:
     from data.pipeline import resolve_source
     from data.sources import Source
 
-    from .training import eval_sources
+    from .train_data import eval_sources
 
     task = data.load_task(config.data.task)
     Source(resolve_source(task, config.data.dataset), task.train_split)

@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 
 from .hf import replace_directory
+from .json_files import read_json
 from .lora import HF_MODULES, TARGETS, LoraAdapters, LoraSettings, peft_shapes
 from .parallel import ParallelContext
 
@@ -93,10 +94,7 @@ def read_adapter_settings(directory: str | os.PathLike) -> LoraSettings:
     file = directory / CONFIG_FILE
     if not file.is_file():
         raise AdapterError(f"{directory} is not a PEFT adapter directory: {CONFIG_FILE} is missing")
-    try:
-        values = json.loads(file.read_text())
-    except json.JSONDecodeError as err:
-        raise AdapterError(f"{file} is not valid JSON: {err}") from None
+    values = read_json(file, AdapterError)
     if values.get("peft_type") != "LORA":
         raise AdapterError(f"{file}: peft_type {values.get('peft_type')!r}, expected 'LORA'")
     unsupported = {k: values.get(k) for k in ("use_dora", "use_rslora", "fan_in_fan_out")

@@ -21,6 +21,7 @@ from typing import Any
 import torch
 
 from .config import ConfigError, ModelConfig
+from .json_files import read_json
 from .model import GPTJ
 from .parallel import ParallelContext
 from .quant import QuantSpec
@@ -74,10 +75,7 @@ def read_model_config(directory: Path) -> ModelConfig:
     config_file = directory / "config.json"
     if not config_file.is_file():
         raise CheckpointError(f"{directory} has no config.json: not a Hugging Face model directory")
-    try:
-        values = json.loads(config_file.read_text())
-    except json.JSONDecodeError as err:
-        raise CheckpointError(f"{config_file} is not valid JSON: {err}") from err
+    values = read_json(config_file, CheckpointError)
     try:
         return ModelConfig.from_hf(values)
     except ConfigError as err:
