@@ -97,7 +97,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def build_config(args: argparse.Namespace):
-    from execution.train_config import PRESET_FILE, load_config
+    from execution.training.config import PRESET_FILE, load_config
 
     updates = {field: getattr(args, option) for option, field in OPTION_FIELDS.items()
                if getattr(args, option) is not None}
@@ -112,7 +112,7 @@ def build_config(args: argparse.Namespace):
 
 def check_inputs(config) -> None:
     """Output directory, model and data files, before any model is built or data is read."""
-    from execution.preflight import check_data_sources, check_output_dir, resolve_model_source
+    from execution.runtime.preflight import check_data_sources, check_output_dir, resolve_model_source
 
     check_output_dir(config.out_path)
     if config.model.name_or_path:
@@ -126,12 +126,12 @@ def main(argv=None) -> int:
 
     from config import PresetError
     from data import DataError
-    from execution.checkpoint import CheckpointLoadError, CheckpointWriteError
-    from execution.distributed import shutdown
-    from execution.model_files import ModelFileError, model_file_errors
-    from execution.preflight import InputError
-    from execution.train_config import TrainConfigError
-    from execution.training import TrainingDiverged, train
+    from execution.runtime.distributed import shutdown
+    from execution.runtime.model_files import ModelFileError, model_file_errors
+    from execution.runtime.preflight import InputError
+    from execution.training.checkpoint import CheckpointLoadError, CheckpointWriteError
+    from execution.training.config import TrainConfigError
+    from execution.training.loop import TrainingDiverged, train
     from gptj import ConfigError
     from gptj.hf import CheckpointError
     from gptj.parallel import CollectiveError
@@ -187,8 +187,8 @@ def summary_line(result, config) -> str:
 
 def interrupted_message(err: KeyboardInterrupt, args: argparse.Namespace) -> str:
     """One line for a run stopped at once by Ctrl-C: what was kept and how to go on."""
-    from execution.checkpoint import checkpoint_root, latest_checkpoint
-    from execution.interrupt import Aborted
+    from execution.runtime.interrupt import Aborted
+    from execution.training.checkpoint import checkpoint_root, latest_checkpoint
 
     try:
         out = build_config(args).out_path

@@ -19,9 +19,9 @@ import sys
 import warnings
 from pathlib import Path
 
-from execution.inference_cli import UsageError, chosen_device
+from execution.inference.cli import UsageError, chosen_device
 
-# Command-line option -> config field (the model's own: execution/inference_cli.py).
+# Command-line option -> config field (the model's own: execution/inference/cli.py).
 OPTION_FIELDS = {
     "max_new_tokens": "generation.max_new_tokens",
     "temperature": "generation.temperature",
@@ -35,7 +35,7 @@ OPTION_FIELDS = {
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    from execution.inference_cli import add_model_arguments
+    from execution.inference.cli import add_model_arguments
 
     p = argparse.ArgumentParser(description="Generate text with GPT-J (static KV cache, continuous batching).")
     add_model_arguments(p)
@@ -59,8 +59,8 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def build_config(args: argparse.Namespace):
     from config import apply_overrides, build, read_presets, resolve_preset
-    from execution.inference_cli import apply_model_options
-    from execution.inference_config import InferenceConfig
+    from execution.inference.cli import apply_model_options
+    from execution.inference.config import InferenceConfig
 
     settings = resolve_preset(read_presets(args.preset_file), args.config, args.preset_file)
     settings = apply_overrides(settings, args.set)
@@ -147,13 +147,13 @@ def run(config) -> int:
 
     import torch
 
-    from execution.defaults import auto_choices, resolve_threads
-    from execution.distributed import init_distributed, world_size
-    from execution.hardware import detect
-    from execution.pipelines import TextGenerationPipeline
-    from execution.precision import DTYPES
-    from execution.preflight import check_output_file, resolve_model_source
-    from execution.streaming import StreamPrinter, format_result
+    from execution.inference.pipelines import TextGenerationPipeline
+    from execution.inference.text_output import StreamPrinter, format_result
+    from execution.runtime.defaults import auto_choices, resolve_threads
+    from execution.runtime.distributed import init_distributed, world_size
+    from execution.runtime.hardware import detect
+    from execution.runtime.preflight import check_output_file, resolve_model_source
+    from execution.training.loss_scaling import DTYPES
 
     if config.output:  # checked now, not after generating: the results must not be lost
         check_output_file(config.output)
@@ -260,7 +260,7 @@ def check_prompts_before_loading(name: str, tokenizer: str | None, prompts: list
     """Prompt lengths against the context, with the tokenizer alone: a too-long prompt is
     reported before the model loads. A Hub model is checked once it is downloaded."""
     import data
-    from execution.pipelines import fit_prompts
+    from execution.inference.pipelines import fit_prompts
     from gptj import ModelConfig
 
     if name.startswith("random:"):
@@ -291,7 +291,7 @@ def main(argv=None) -> int:
         return 2
     finally:
         torch.set_num_threads(threads)  # main() may run inside a larger program (tests)
-        from execution.distributed import shutdown
+        from execution.runtime.distributed import shutdown
 
         shutdown()
 

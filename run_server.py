@@ -16,9 +16,9 @@ import dataclasses
 import json
 import sys
 
-from execution.inference_cli import UsageError, chosen_device
+from execution.inference.cli import UsageError, chosen_device
 
-# Command-line option -> config field (the model's own: execution/inference_cli.py).
+# Command-line option -> config field (the model's own: execution/inference/cli.py).
 OPTION_FIELDS = {
     "host": "server.host",
     "port": "server.port",
@@ -35,7 +35,7 @@ OPTION_FIELDS = {
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    from execution.inference_cli import add_model_arguments
+    from execution.inference.cli import add_model_arguments
 
     p = argparse.ArgumentParser(description="Serve GPT-J with an OpenAI-compatible HTTP API (continuous batching).")
     add_model_arguments(p, named_adapters=True)
@@ -60,8 +60,8 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def build_config(args: argparse.Namespace):
     from config import apply_overrides, build, read_presets, resolve_preset
-    from execution.inference_cli import apply_model_options, split_adapter_options
-    from execution.inference_config import InferenceConfig
+    from execution.inference.cli import apply_model_options, split_adapter_options
+    from execution.inference.config import InferenceConfig
 
     settings = resolve_preset(read_presets(args.preset_file), args.config, args.preset_file)
     settings = apply_overrides(settings, args.set)
@@ -77,7 +77,7 @@ def build_config(args: argparse.Namespace):
 
 def run(config, log_level: str) -> int:
 
-    from execution.distributed import init_distributed, world_size
+    from execution.runtime.distributed import init_distributed, world_size
     from serving.server import serve
 
     tp = config.model.tensor_parallel
@@ -111,7 +111,7 @@ def main(argv=None) -> int:
     except KeyboardInterrupt:
         return 0
     finally:
-        from execution.distributed import shutdown
+        from execution.runtime.distributed import shutdown
 
         shutdown()
 

@@ -22,7 +22,7 @@ import time
 
 import torch
 
-from execution.hardware import detect
+from execution.runtime.hardware import detect
 from gptj import GPTJ, ModelConfig
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -42,7 +42,7 @@ def _timed(fn, repeats: int = 3) -> float:
 
 def measure(shape: str, precision: str, threads: int) -> dict:
     """One combination, in this process."""
-    from execution.generation import GenerationEngine
+    from execution.inference.generation import GenerationEngine
 
     torch.set_num_threads(threads)
     config = ModelConfig.preset(shape)

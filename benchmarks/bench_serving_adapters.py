@@ -21,7 +21,7 @@ import torch
 
 def make_adapters(args, directory: Path) -> tuple[dict[str, str], dict]:
     """K random PEFT adapters of --adapter-rank for the server's model; (name -> dir, sizes)."""
-    from execution.pipelines import load_model_and_tokenizer
+    from execution.inference.pipelines import load_model_and_tokenizer
     from gptj.adapter_io import save_peft_adapter
     from gptj.lora import LoraAdapters, LoraSettings, adapter_parameter_count
 

@@ -24,7 +24,7 @@ weights a step reads (embedding excluded, quantized projections as their kernel 
 the KV cache slots the step attends (the whole cache for a compiled step). Quantized rows list
 each layer's kernel and any packing the kernel refused.
 
-int8 on CUDA (gptj.quant `_int8_cuda_matmul`, `F.linear(x, q.to(bf16)) * scale`) runs only at
+int8 on CUDA (gptj.quantized_linear `_int8_cuda_matmul`, `F.linear(x, q.to(bf16)) * scale`) runs only at
 batch 1 with CUDA graphs and inductor's coordinate-descent tuning: only there does inductor
 turn the matmul into a reduction that reads the int8 weight directly; at more rows, or eager,
 it writes a bf16 copy of the weight first (~5 bytes a weight), a detour not worth the budget.
@@ -267,7 +267,7 @@ def compile_counters() -> dict:
 
 def decode_step_compilations() -> int | None:
     """How many compiled versions dynamo holds of the decode step (None: not knowable)."""
-    from execution.generation import GenerationEngine
+    from execution.inference.generation import GenerationEngine
 
     try:
         from torch._dynamo.eval_frame import _debug_get_cache_entry_list
@@ -325,7 +325,7 @@ def hf_decode_bytes_per_step(config: ModelConfig, batch: int, slots: float, elem
 def model_weight_bytes(model) -> int:
     """Weight bytes one decode step reads from a model as it is held: float parameters their
     own, quantized projections what their kernel reads (QuantizedLinear.decode_bytes)."""
-    from gptj.quant import QuantizedLinear
+    from gptj.quantized_linear import QuantizedLinear
 
     weights = sum(p.numel() * p.element_size() for n, p in model.named_parameters() if not n.startswith("embed."))
     return weights + sum(m.decode_bytes() for m in model.modules() if isinstance(m, QuantizedLinear))
@@ -340,7 +340,7 @@ def decode_step_bytes(model, batch: int, attended_slots: float, cache_element: i
 
 def layer_kernels(model) -> tuple[dict[str, str], dict[str, str]]:
     """Each quantized layer's kernel, and the packings a kernel refused (with the reason)."""
-    from gptj.quant import QuantizedLinear
+    from gptj.quantized_linear import QuantizedLinear
 
     kernels, refused = {}, {}
     for name, module in model.named_modules():
@@ -369,8 +369,8 @@ class Models:
         if kind == "bf16":
             return random_init(GPTJ(self.config, dtype=torch.bfloat16, device=self.device)).eval()
         if kind in ("int8", "int4"):
-            from execution.model_loading import load_model
-            from gptj.quant import QuantSpec
+            from execution.runtime.model_loading import load_model
+            from gptj.quantized_linear import QuantSpec
 
             return load_model(self.get("bf16"), quantize=QuantSpec(int(kind[3:]), 128)).model
         if kind == "hf":
@@ -419,7 +419,7 @@ class Bench:
 
 def decode_ours(model, prompts, new_tokens: int, compiled: bool):
     """Decode tokens/s and the engine that ran (after a warm-up run that compiles)."""
-    from execution.generation import GenerationEngine
+    from execution.inference.generation import GenerationEngine
 
     engine = GenerationEngine(model, compile_decode=compiled)
     engine.run(prompts, min(new_tokens, 8), None)  # warm-up (compilation, graph recording)
@@ -487,7 +487,7 @@ def host_available() -> float:
 def choose_blocks(base: ModelConfig, seq: int, batch: int, offload: bool, device_bytes: float,
                   host_bytes: float, max_blocks: int) -> int:
     """The most blocks the planner says fit (10% margin on device and host memory)."""
-    from execution.planner import Layout, Machine, plan_layout
+    from execution.training.planner import Layout, Machine, plan_layout
 
     machine = Machine(name="measured", devices_per_node=1, nodes=1, device_memory=0.9 * device_bytes,
                       host_memory=0.9 * host_bytes, intra_bandwidth=0.0, inter_bandwidth=0.0,
@@ -504,7 +504,7 @@ def choose_blocks(base: ModelConfig, seq: int, batch: int, offload: bool, device
 
 
 def train_ours(config, device, batch, seq, offload: bool, steps: int, budget: Budget) -> dict:
-    from execution.optimizer import ShardedAdamW
+    from execution.training.optimizer import ShardedAdamW
 
     model = random_init(GPTJ(config, dtype=torch.bfloat16, device=device))
     model.train()

@@ -24,7 +24,7 @@ from .config import ConfigError, ModelConfig
 from .json_files import read_json
 from .model import GPTJ
 from .parallel import ParallelContext
-from .quant import QuantSpec
+from .quantized_linear import QuantSpec
 from .sharding import gather_to_hf, hf_shapes, shard_rules
 
 SAFE_INDEX = "model.safetensors.index.json"
@@ -169,12 +169,12 @@ def load_pretrained(
 ) -> tuple[GPTJ, CheckpointReader]:
     """A GPTJ holding this rank's shard of a Hugging Face checkpoint.
 
-    quantize: quantize the projections while loading, one tensor at a time (gptj/quantized.py).
-    A checkpoint written by `python -m execution.quantize` loads quantized as stored; asking
+    quantize: quantize the projections while loading, one tensor at a time (gptj/quantized_model.py).
+    A checkpoint written by `python -m execution.inference.quantized_checkpoints` loads quantized as stored; asking
     for a different quantization of it is an error. kernels: build the quantized layers'
     kernel operands while loading (inference), not on the first call.
     """
-    from .quantized import load_quantized_from_reader, quantize_from_reader, quantized_hf_shapes
+    from .quantized_model import load_quantized_from_reader, quantize_from_reader, quantized_hf_shapes
 
     directory = resolve_checkpoint(name_or_path)
     config = read_model_config(directory)
@@ -278,7 +278,7 @@ def export_hf(
     """
     if model.quantization is not None:
         raise ValueError("a quantized model cannot be exported as float Hugging Face weights; "
-                         "export the float model, or write a quantized checkpoint with execution.quantize")
+                         "export the float model, or write a quantized checkpoint with execution.inference.quantized_checkpoints")
     ctx = model.ctx
     writes = ctx.rank == 0
     out_dir = Path(out_dir)

@@ -13,7 +13,7 @@ from torch import nn
 
 from .config import ModelConfig
 from .parallel import ParallelContext, copy_to_tensor_parallel, reduce_from_tensor_parallel
-from .quant import linear
+from .quantized_linear import linear
 
 
 def _empty(*shape: int, dtype: torch.dtype, device) -> nn.Parameter:

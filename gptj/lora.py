@@ -284,7 +284,7 @@ class LoraAdapters(nn.Module):
         """W += scaling * B A on every adapted weight of this rank (no communication: each
         rank's B_local A (column) or B A_local (row) is exactly its shard of the update), then
         detach: the model computes the same function with plain weights. A quantized base
-        (gptj/quant.py) must be dequantized first (gptj.quantized.dequantize_model).
+        (gptj/quantized_linear.py) must be dequantized first (gptj.quantized_model.dequantize_model).
         """
         if model.quantization is not None:
             raise LoraConfigError(f"cannot merge adapters into {model.quantization.name} weights: "

@@ -49,7 +49,7 @@ class _HeadCrossEntropy(torch.autograd.Function):
     gradient into the small [T, d] operands, so no further pass over [T, V] is needed.
     The numbers are those of `lm_head` + `vocab_parallel_cross_entropy`, up to rounding.
 
-    `weight` may be a frozen quantized head (gptj.quant.QuantizedLinear): it is dequantized to
+    `weight` may be a frozen quantized head (gptj.quantized_linear.QuantizedLinear): it is dequantized to
     the hidden dtype in forward and again in backward, never saved.
     """
 
@@ -153,7 +153,7 @@ class GPTJ(nn.Module):
         self.lm_head = VocabParallelHead(config, self.ctx, dtype, device)
         self.rotary = RotaryTables(config.rotary_dim, config.max_positions, device=device)
         self.recompute_blocks = False  # activation recomputation, set by the training engine
-        self.quantization = None  # a gptj.quant.QuantSpec once projections are quantized
+        self.quantization = None  # a gptj.quantized_linear.QuantSpec once projections are quantized
 
     # ---- weights -----------------------------------------------------------------------------
     @torch.no_grad()

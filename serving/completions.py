@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from fastapi import APIRouter, Depends
 from fastapi.responses import StreamingResponse
 
-from execution.request_engine import Request as EngineRequest
+from execution.inference.request_engine import Request as EngineRequest
 
 from .responses import FINISH_REASONS, Choice, collect, event_stream, submit, usage
 from .schemas import (

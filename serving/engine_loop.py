@@ -26,7 +26,7 @@ import traceback
 
 import torch.distributed as dist
 
-from execution.request_engine import Event, Request, RequestEngine
+from execution.inference.request_engine import Event, Request, RequestEngine
 from gptj.parallel import ParallelContext, broadcast_json
 
 from .adapter_slots import AdapterSlots

@@ -6,7 +6,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, field_validator
 
-from execution.sampling import SamplingParams
+from execution.inference.sampling import SamplingParams
 
 from .errors import bad_request
 

@@ -6,7 +6,7 @@ entailment.
 OpenAI shape: the first prompt token has no prediction, so its `token_logprobs` and
 `top_logprobs` entries are null; every other prompt token has its log-probability given the
 tokens before it and the k most likely tokens at that position (from the engine's prefill,
-execution.scoring). `max_tokens: 0` with `echo` scores the prompt without generating.
+execution.inference.scoring). `max_tokens: 0` with `echo` scores the prompt without generating.
 
     POST /tokenize      {"prompt": str}   -> {"tokens", "count", "max_model_len", "token_strs"}
     POST /detokenize    {"tokens": [int]} -> {"prompt"}

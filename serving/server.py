@@ -20,13 +20,13 @@ from pathlib import Path
 
 import torch
 
-from execution.defaults import resolve_threads
-from execution.distributed import gather_ints
-from execution.kv_budget import CacheBudget, available_memory, server_budget
-from execution.pipelines import EntailmentPipeline, kv_cache_dtype_of, load_model_and_tokenizer
-from execution.precision import DTYPES
-from execution.preflight import InputError, resolve_model_source
-from execution.request_engine import RequestEngine
+from execution.inference.kv_budget import CacheBudget, available_memory, server_budget
+from execution.inference.pipelines import EntailmentPipeline, kv_cache_dtype_of, load_model_and_tokenizer
+from execution.inference.request_engine import RequestEngine
+from execution.runtime.defaults import resolve_threads
+from execution.runtime.distributed import gather_ints
+from execution.runtime.preflight import InputError, resolve_model_source
+from execution.training.loss_scaling import DTYPES
 from gptj.kv_cache import kv_bytes_per_token
 
 from .adapter_slots import AdapterSlots, adapter_limit

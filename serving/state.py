@@ -21,14 +21,14 @@ from .metrics import ServerMetrics
 class ServerState:
     """What the routes need; filled in when the model has loaded (`ready`)."""
 
-    config: object  # execution.inference_config.InferenceConfig
+    config: object  # execution.inference.config.InferenceConfig
     model_name: str
     metrics: ServerMetrics = field(default_factory=ServerMetrics)
     loop: EngineLoop | None = None
     tokenizer: object = None
     max_model_len: int = 0
     vocab_size: int = 0
-    entailment: object = None  # execution.pipelines.EntailmentPipeline
+    entailment: object = None  # execution.inference.pipelines.EntailmentPipeline
     ready: bool = False
     load_error: str | None = None
     adapters: list[str] = field(default_factory=list)  # LoRA adapters served over the base, by name

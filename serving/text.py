@@ -66,7 +66,7 @@ def message_text(content, index: int) -> str:
 
 
 def render_chat(messages, template) -> str:
-    """The prompt for `messages` under a ChatTemplate (execution.inference_config)."""
+    """The prompt for `messages` under a ChatTemplate (execution.inference.config)."""
     if not messages:
         raise bad_request("messages must hold at least one message", "messages")
     parts = []

@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 import torch
 
-from execution import checkpoint as ckpt
-from execution.train_config import TrainConfigError
-from execution.training import train
+from execution.training import checkpoint as ckpt
+from execution.training.config import TrainConfigError
+from execution.training.loop import train
 from tests.test_training import read_metrics, small_config
 
 
@@ -112,9 +112,9 @@ def test_rng_state_round_trip_without_pickle():
 KILLED_WRITER = """
 import os, signal, sys
 sys.path.insert(0, {root!r})
-from execution import checkpoint as ckpt
-from execution.train_config import TrainConfigError
-from execution.training import train
+from execution.training import checkpoint as ckpt
+from execution.training.config import TrainConfigError
+from execution.training.loop import train
 from tests.test_training import small_config
 
 real_fsync = ckpt._fsync

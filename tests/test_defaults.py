@@ -8,8 +8,8 @@ import json
 import pytest
 
 import run_inference
-from execution import defaults, hardware
-from execution.training import train
+from execution.runtime import defaults, hardware
+from execution.training.loop import train
 from gptj import ModelConfig
 from tests.test_training import small_config
 

@@ -12,8 +12,8 @@ import pytest
 import torch
 
 import data as datalib
-from execution.evaluation import evaluate_split, likelihood_scores
-from execution.training import train
+from execution.training.evaluation import evaluate_split, likelihood_scores
+from execution.training.loop import train
 from gptj import GPTJ
 from tests.test_training import small_config
 
@@ -136,9 +136,9 @@ def test_quantized_model_keeps_the_trained_answers(trained, synthetic_task):
     real models: int8 >= 99% agreement and perplexity within 0.5%, int4 within 2 accuracy points
     and perplexity within 2%. On this 90-example split one flipped answer moves accuracy and
     agreement by 1.1%, so each of those bounds allows one flip more."""
-    from execution.quant_quality import compare_models
-    from gptj.quant import QuantSpec
-    from gptj.quantized import quantized_copy
+    from execution.inference.quant_quality import compare_models
+    from gptj.quantized_linear import QuantSpec
+    from gptj.quantized_model import quantized_copy
 
     task, source = synthetic_task
     tok = datalib.load_tokenizer("bundled:tiny")

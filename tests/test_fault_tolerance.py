@@ -22,8 +22,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from execution import checkpoint as ckpt
-from execution.training import train
+from execution.training import checkpoint as ckpt
+from execution.training.loop import train
 from tests.distributed import run_distributed
 from tests.os_faults import refuse_writes_in
 from tests.test_training import read_metrics, small_config
@@ -224,7 +224,7 @@ def test_unwritable_directory_is_one_error(tmp_path, monkeypatch, code, name):
 
 def test_resume_auto_option_and_gpu_preset_defaults():
     import run_finetuning
-    from execution.train_config import load_config
+    from execution.training.config import load_config
 
     assert run_finetuning.build_config(run_finetuning.parse_args(["--resume", "auto"])).resume == "auto"
     assert run_finetuning.build_config(run_finetuning.parse_args(["--resume"])).resume is True
@@ -394,7 +394,7 @@ def test_rank_killed_mid_training_restarts_and_ends_bit_identical(tmp_path, laun
 HANG = """
 import os, signal, sys, time
 sys.path.insert(0, {root!r})
-import execution.training as training
+import execution.training.loop as training
 import run_finetuning
 
 real = training.accumulate_gradients

@@ -10,8 +10,8 @@ import stat
 
 import pytest
 
-from execution.quantize import quantize_checkpoint
-from execution.training import train
+from execution.inference.quantized_checkpoints import quantize_checkpoint
+from execution.training.loop import train
 from tests.test_training import small_config
 
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from execution.generation import GenerationEngine, generate
-from execution.sampling import SamplingParams
+from execution.inference.generation import GenerationEngine, generate
+from execution.inference.sampling import SamplingParams
 from tests.reference import TINY, max_rel_diff
 from tests.test_generation_fixtures import PROMPTS, hf_greedy, reference_pair
 
@@ -125,7 +125,7 @@ def test_bad_inputs_are_named(pair):
 
 
 def test_streamed_block_weights_give_the_resident_tokens():
-    from execution.offload import BlockWeightStreamer
+    from execution.runtime.offload import BlockWeightStreamer
 
     _, resident = reference_pair(seed=3)
     _, streamed = reference_pair(seed=3)
@@ -157,8 +157,8 @@ def test_bf16_decode_on_cpu_caches_fp32_and_picks_the_tokens_of_a_bf16_cache(pai
 def test_compiled_cpu_decode_step_gives_the_eager_tokens():
     """--compile on CPU (torch.compile of the decode step, static shapes): a short greedy run
     equals the eager one."""
-    from execution.generation import GenerationEngine
-    from execution.pipelines import load_model_and_tokenizer
+    from execution.inference.generation import GenerationEngine
+    from execution.inference.pipelines import load_model_and_tokenizer
 
     model, tok = load_model_and_tokenizer("random:tiny")
     prompts = tok.encode(["the cat sat on", "a dog"])

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from execution.distributed import init_distributed
-from execution.generation import generate
+from execution.inference.generation import generate
+from execution.runtime.distributed import init_distributed
 from tests.distributed import run_distributed
 from tests.test_generation_fixtures import PROMPTS, reference_pair
 

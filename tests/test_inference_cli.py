@@ -16,7 +16,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_default_run_prints_a_continuation_and_speed(tmp_path):
-    from execution.pipelines import TextGenerationPipeline
+    from execution.inference.pipelines import TextGenerationPipeline
 
     out = tmp_path / "out.jsonl"
     proc = subprocess.run(
@@ -99,7 +99,7 @@ def test_a_model_brings_its_own_tokenizer_unless_one_is_named():
 @pytest.fixture
 def cli_pipelines(monkeypatch):
     """The pipelines run_inference.py builds: the model and KV cache that answered."""
-    from execution.pipelines import TextGenerationPipeline
+    from execution.inference.pipelines import TextGenerationPipeline
 
     built, original = [], TextGenerationPipeline.from_pretrained.__func__
 
@@ -112,8 +112,8 @@ def cli_pipelines(monkeypatch):
 
 
 def test_quantize_option_generates_with_the_quantized_model(capsys, tmp_path, cli_pipelines):
-    from execution.pipelines import TextGenerationPipeline
-    from gptj.quant import QuantizedLinear
+    from execution.inference.pipelines import TextGenerationPipeline
+    from gptj.quantized_linear import QuantizedLinear
 
     out = tmp_path / "o.jsonl"
     code, _, _ = run_main(["--quantize", "int4", "--group-size", "64", "--prompt", "the cat", "--max-new-tokens", "5",

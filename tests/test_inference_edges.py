@@ -11,7 +11,7 @@ import torch
 
 import data
 import run_inference
-from execution.pipelines import TextGenerationPipeline
+from execution.inference.pipelines import TextGenerationPipeline
 from tests.os_faults import refuse_writes_in
 from tests.reference import TINY
 from tests.test_generation_fixtures import reference_pair

@@ -17,9 +17,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from execution import checkpoint as ckpt
-from execution.metrics import MetricsLogger
-from execution.training import train
+from execution.training import checkpoint as ckpt
+from execution.training.loop import train
+from execution.training.metrics import MetricsLogger
 from tests.test_training import small_config
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -69,7 +69,7 @@ def test_sigint_after_step_k_saves_k_and_resumes_bit_identical(tmp_path, monkeyp
 
 
 def test_a_second_ctrl_c_aborts_at_once(tmp_path, monkeypatch):
-    from execution.interrupt import Aborted
+    from execution.runtime.interrupt import Aborted
 
     _signal_after_step(monkeypatch, 2, times=2)
     with pytest.raises(Aborted):

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import pytest
 
-from execution.model_files import ModelFileError, safetensors_problem
+from execution.runtime.model_files import ModelFileError, safetensors_problem
 from gptj.config import ModelConfig
 from gptj.hf import export_hf
 from gptj.model import GPTJ
@@ -24,7 +24,7 @@ def cut_model(tmp_path):
 
 
 def test_pipeline_names_the_cut_file(cut_model):
-    from execution.pipelines import TextGenerationPipeline
+    from execution.inference.pipelines import TextGenerationPipeline
 
     directory, file = cut_model
     with pytest.raises(ModelFileError, match=f"damaged model file {file}: .*cut short"):

@@ -6,9 +6,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from execution.distributed import init_distributed
-from execution.generation import generate
-from execution.request_engine import Request, RequestEngine
+from execution.inference.generation import generate
+from execution.inference.request_engine import Request, RequestEngine
+from execution.runtime.distributed import init_distributed
 from gptj import GPTJ
 from gptj.adapter_io import AdapterError, load_peft_adapter, save_peft_adapter
 from gptj.lora import LoraAdapters, LoraSettings
@@ -30,8 +30,8 @@ NEW_TOKENS = 8
 def _base(quantize: str | None = None, ctx=None) -> GPTJ:
     if quantize is None:
         return GPTJ(TINY, ctx).init_weights(seed=3).eval()
-    from gptj.quant import QuantSpec
-    from gptj.quantized import quantize_from_reader
+    from gptj.quantized_linear import QuantSpec
+    from gptj.quantized_model import quantize_from_reader
 
     return quantize_from_reader(TINY, None, torch.float32, "cpu", QuantSpec.parse(quantize, 32),
                                 random_reader(TINY, 3)).eval()

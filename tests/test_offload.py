@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from execution.offload import BlockWeightStreamer
-from execution.optimizer import ShardedAdamW
+from execution.runtime.offload import BlockWeightStreamer
+from execution.training.optimizer import ShardedAdamW
 from gptj import GPTJ
 from tests.reference import TINY
 
@@ -77,8 +77,8 @@ def test_stale_weight_references_would_show(monkeypatch):
 
 
 def test_offload_weights_through_the_loader_generates_the_resident_tokens():
-    from execution.generation import generate
-    from execution.pipelines import load_model_and_tokenizer
+    from execution.inference.generation import generate
+    from execution.inference.pipelines import load_model_and_tokenizer
 
     resident, tok = load_model_and_tokenizer("random:tiny")
     streamed, _ = load_model_and_tokenizer("random:tiny", offload_weights=True)

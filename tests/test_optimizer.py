@@ -9,8 +9,8 @@ import safetensors.torch
 import torch
 import torch.distributed as dist
 
-from execution.optimizer import ShardedAdamW
-from execution.precision import DynamicLossScaler
+from execution.training.loss_scaling import DynamicLossScaler
+from execution.training.optimizer import ShardedAdamW
 from gptj import GPTJ, ParallelContext
 from gptj.hf import gather_hf_tensors
 from tests.distributed import run_distributed

@@ -44,7 +44,7 @@ def run_elsewhere(site: Path, args: list[str], cwd: Path) -> subprocess.Complete
 
 def test_wheel_holds_the_packages_presets_and_bundled_files(installed):
     site, names = installed
-    for name in ("gptj/model.py", "execution/pipelines.py", "data/pipeline.py", "config/presets.py",
+    for name in ("gptj/model.py", "execution/inference/pipelines.py", "data/pipeline.py", "config/presets.py",
                  "config/finetuning.yml", "config/inference.yml", "config/tasks.yml",
                  "data/bundled/tokenizer/tokenizer.json", "data/bundled/mnli_sample/train.jsonl",
                  "run_finetuning.py", "run_inference.py", "serving/app.py", "run_server.py"):
@@ -53,14 +53,14 @@ def test_wheel_holds_the_packages_presets_and_bundled_files(installed):
     (entry_points,) = site.glob("*.dist-info/entry_points.txt")
     text = entry_points.read_text()
     for script in ("gptj-finetune = run_finetuning:main", "gptj-generate = run_inference:main",
-                   "gptj-plan = execution.planner:main", "gptj-serve = run_server:main"):
+                   "gptj-plan = execution.training.planner:main", "gptj-serve = run_server:main"):
         assert script in text
 
 
 def test_api_and_commands_work_from_another_directory(installed, tmp_path):
     site, _ = installed
     code = ("import execution, run_inference\n"
-            "from execution.pipelines import TextGenerationPipeline\n"
+            "from execution.inference.pipelines import TextGenerationPipeline\n"
             "g = TextGenerationPipeline.from_pretrained('random:tiny')\n"
             "print(execution.__file__)\n"
             "print(repr(g('The cat sat on the', max_new_tokens=3)))\n"
@@ -69,5 +69,5 @@ def test_api_and_commands_work_from_another_directory(installed, tmp_path):
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert proc.stdout.splitlines()[0].startswith(str(site))
     assert "2 tokens in" in proc.stdout
-    proc = run_elsewhere(site, ["-m", "execution.planner", "--machine", "cpu-24gb", "--model", "tiny"], tmp_path)
+    proc = run_elsewhere(site, ["-m", "execution.training.planner", "--machine", "cpu-24gb", "--model", "tiny"], tmp_path)
     assert proc.returncode == 0 and "recommended:" in proc.stdout, proc.stderr[-2000:]

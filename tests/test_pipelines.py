@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import data
-from execution.pipelines import EntailmentPipeline, TextGenerationPipeline
+from execution.inference.pipelines import EntailmentPipeline, TextGenerationPipeline
 from tests.reference import TINY
 from tests.test_generation_fixtures import hf_greedy, reference_pair
 

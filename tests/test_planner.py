@@ -9,7 +9,7 @@ import textwrap
 
 import pytest
 
-from execution.planner import (
+from execution.training.planner import (
     MACHINES,
     OPTIMIZER_BYTES,
     Layout,
@@ -76,7 +76,7 @@ def test_bad_inputs_are_named(tmp_path, capsys):
 MEASURE = textwrap.dedent("""
     import json, os, resource, sys, torch
     from gptj import GPTJ, ModelConfig
-    from execution.optimizer import ShardedAdamW
+    from execution.training.optimizer import ShardedAdamW
     config = ModelConfig(**json.loads(sys.argv[1]))
     batch, seq, steps = int(sys.argv[2]), int(sys.argv[3]), 3
     rows = torch.randint(0, config.vocab_size, (batch, seq + 1), generator=torch.Generator().manual_seed(0))
@@ -121,7 +121,7 @@ def test_predicted_memory_matches_a_measured_cpu_training_run():
 ])
 def test_gpu_fine_tuning_presets_are_the_planners_choice(preset, machine):
     """config/finetuning.yml's GPU layouts are what the planner recommends for their machine."""
-    from execution.train_config import load_config
+    from execution.training.config import load_config
 
     config = load_config(preset)
     result = plan(ModelConfig.preset("gptj-6b"), machine, seq=config.data.sequence_length,
@@ -226,7 +226,7 @@ def test_gptj_6b_lora_fits_24gb_and_int4_fits_12gb_at_sequence_1024():
     ("gptj-6b-mnli-qlora", "gpu-12gb-x1"),
 ])
 def test_lora_presets_are_the_planners_choice(preset, machine):
-    from execution.train_config import load_config
+    from execution.training.config import load_config
 
     config = load_config(preset)
     lora = LoraPlan(config.lora.rank, tuple(config.lora.targets),
@@ -251,8 +251,8 @@ MEASURE_LORA = MEASURE.replace("int(sys.argv[3]), 3", "int(sys.argv[3]), 1").rep
 MEASURE_QLORA = MEASURE_LORA.replace(
     "model = GPTJ(config).init_weights(seed=0)",
     "from gptj.model import random_reader\n"
-    "from gptj.quant import QuantSpec\n"
-    "from gptj.quantized import quantize_from_reader, without_kernels\n"
+    "from gptj.quantized_linear import QuantSpec\n"
+    "from gptj.quantized_model import quantize_from_reader, without_kernels\n"
     "model = without_kernels(quantize_from_reader(config, None, torch.float32, 'cpu', QuantSpec(4, 128), "
     "random_reader(config, 0)))")
 

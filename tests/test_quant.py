@@ -10,13 +10,13 @@ import torch
 import torch.nn.functional as F
 
 import data
-from execution.distributed import init_distributed
-from execution.generation import generate
-from execution.pipelines import load_model_and_tokenizer
-from execution.quantize import main as quantize_main
+from execution.inference.generation import generate
+from execution.inference.pipelines import load_model_and_tokenizer
+from execution.inference.quantized_checkpoints import main as quantize_main
+from execution.runtime.distributed import init_distributed
 from gptj import ParallelContext
-from gptj.quant import CPU_KERNEL_MAX_ROWS, QuantizationError, QuantizedLinear, QuantSpec
-from gptj.quantized import check_layout, quantize_from_reader
+from gptj.quantized_linear import CPU_KERNEL_MAX_ROWS, QuantizationError, QuantizedLinear, QuantSpec
+from gptj.quantized_model import check_layout, quantize_from_reader
 from tests.distributed import run_distributed
 from tests.reference import TINY, hf_model, state_reader
 from tests.test_generation_fixtures import PROMPTS, reference_pair
@@ -183,7 +183,7 @@ def test_quantize_cli_rejects_bad_input(float_dir, tmp_path, capsys):
 def test_quantized_prefill_equals_the_dequantized_reference(bits, group, monkeypatch):
     """Many bf16 rows: the weight is dequantized slice by slice into a reused buffer (here four
     slices), read back from the kernel's copy for int4; the product is that of the whole weight."""
-    import gptj.quant as quant
+    import gptj.quantized_linear as quant
 
     monkeypatch.setattr(quant, "PREFILL_WEIGHT_ELEMENTS", 64 * 512)
     torch.manual_seed(bits + group)

@@ -11,8 +11,8 @@ from torch import nn
 
 from benchmarks.gpu_bench import layer_kernels
 from gptj import GPTJ, ModelConfig
-from gptj.quant import QuantizedLinear, QuantSpec
-from gptj.quantized import quantized_copy
+from gptj.quantized_linear import QuantizedLinear, QuantSpec
+from gptj.quantized_model import quantized_copy
 
 
 @pytest.mark.parametrize("bits", [8, 4])

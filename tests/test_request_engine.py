@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from execution.generation import GenerationEngine, generate
-from execution.request_engine import Request, RequestEngine
-from execution.sampling import SamplingParams
+from execution.inference.generation import GenerationEngine, generate
+from execution.inference.request_engine import Request, RequestEngine
+from execution.inference.sampling import SamplingParams
 from tests.test_generation_fixtures import PROMPTS, reference_pair
 
 
@@ -166,7 +166,7 @@ def test_a_leading_rows_view_shares_the_cache_memory():
 
 
 def test_a_budgeted_cache_grows_as_rows_fill_stays_in_its_bytes_and_gives_the_same_tokens(model):
-    from execution.kv_budget import CacheBudget
+    from execution.inference.kv_budget import CacheBudget
     from gptj.kv_cache import kv_bytes_per_token
 
     per_token = kv_bytes_per_token(model)

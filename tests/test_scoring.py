@@ -1,12 +1,12 @@
-"""execution.scoring and the request engine's prompt scores against transformers' GPT-J."""
+"""execution.inference.scoring and the request engine's prompt scores against transformers' GPT-J."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-import execution.scoring as scoring
-from execution.request_engine import Request, RequestEngine
+import execution.inference.scoring as scoring
+from execution.inference.request_engine import Request, RequestEngine
 from tests.reference import TINY
 from tests.test_generation_fixtures import reference_pair
 

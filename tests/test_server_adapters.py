@@ -12,8 +12,8 @@ import pytest
 import torch
 
 import run_server
-from execution.generation import generate
-from execution.pipelines import load_model_and_tokenizer
+from execution.inference.generation import generate
+from execution.inference.pipelines import load_model_and_tokenizer
 from gptj.adapter_io import save_peft_adapter
 from gptj.lora import LoraAdapters, LoraSettings
 from tests.server_fixtures import metric, tiny_config, tiny_server, wait_for

@@ -6,7 +6,7 @@ from __future__ import annotations
 import httpx
 import pytest
 
-from execution.request_engine import Request
+from execution.inference.request_engine import Request
 from serving.engine_loop import apply_commands
 from tests.server_fixtures import tiny_server, wait_for
 
@@ -54,7 +54,7 @@ def test_a_dead_engine_thread_fails_the_request_in_flight_and_503s_the_rest():
 
 
 def test_refused_and_failed_commands_are_reported_to_their_callers():
-    from execution.request_engine import RequestEngine
+    from execution.inference.request_engine import RequestEngine
     from tests.test_generation_fixtures import reference_pair
 
     engine = RequestEngine(reference_pair(seed=0)[1], max_batch_size=1, eos_token_id=None, max_length=16)

@@ -17,8 +17,8 @@ import pytest
 import torch
 
 import data
-from execution.evaluation import likelihood_scores
-from execution.pipelines import EntailmentPipeline
+from execution.inference.pipelines import EntailmentPipeline
+from execution.training.evaluation import likelihood_scores
 from serving.scoring import echoed_logprobs, top_logprobs_dict
 from tests.reference import TINY
 from tests.server_fixtures import tiny_server
@@ -161,7 +161,7 @@ def test_greedy_flags_as_lm_eval_computes_them(server, saved):
 
 def test_scores_equal_the_entailment_pipeline_and_evaluation(server, saved):
     """The server's echo scores, the entailment pipeline's label scores and evaluation's
-    candidate losses are one computation (execution.scoring)."""
+    candidate losses are one computation (execution.inference.scoring)."""
     directory, _, tok = saved
     nli = EntailmentPipeline.from_pretrained(str(directory), precision="fp32")
     prompt = tok.encode([nli.prompt("the cat is asleep", "a cat sleeps")])[0]

@@ -12,10 +12,10 @@ from pathlib import Path
 import httpx
 import pytest
 
-from execution.generation import GenerationEngine
-from execution.pipelines import EntailmentPipeline, load_model_and_tokenizer
-from execution.sampling import SamplingParams
-from execution.scoring import score_rows
+from execution.inference.generation import GenerationEngine
+from execution.inference.pipelines import EntailmentPipeline, load_model_and_tokenizer
+from execution.inference.sampling import SamplingParams
+from execution.inference.scoring import score_rows
 from serving.server import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -80,7 +80,7 @@ def test_tensor_parallel_server_gives_the_single_process_tokens(tp_server):
     want = EntailmentPipeline(model, tokenizer)(pair["premise"], pair["hypothesis"])
     assert got["label"] == want["label"] and got["scores"] == pytest.approx(want["scores"], abs=1e-4)
     # Prompt scores (echo + logprobs, as lm-eval asks) from the sharded prefill: the single
-    # process's execution.scoring numbers and top token.
+    # process's execution.inference.scoring numbers and top token.
     body = {"prompt": PROMPTS, "max_tokens": 0, "logprobs": 1, "echo": True, "temperature": 0}
     choices = httpx.post(f"{url}/v1/completions", json=body, timeout=60).json()["choices"]
     reference = score_rows(model, ids, [1] * len(ids), top_k=1)

@@ -17,7 +17,7 @@ ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = """
 import json
 import serving.app  # serving alone first, then the README example
-from execution.pipelines import EntailmentPipeline, TextGenerationPipeline
+from execution.inference.pipelines import EntailmentPipeline, TextGenerationPipeline
 import config, data
 nli = EntailmentPipeline.from_pretrained("random:tiny")
 result = nli("The grey cat sits near the door.", "The grey cat sits.")

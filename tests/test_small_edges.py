@@ -12,7 +12,7 @@ import pytest
 import data
 import run_finetuning
 import run_inference
-from execution.defaults import auto_choices
+from execution.runtime.defaults import auto_choices
 from gptj import ModelConfig
 
 README = (Path(__file__).resolve().parents[1] / "README.md").read_text()

@@ -32,7 +32,7 @@ pytestmark = pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reas
 LOAD_SCRIPT = r"""
 import json, sys, torch
 from gptj.hf import load_pretrained
-from gptj.quant import QuantSpec, QuantizedLinear
+from gptj.quantized_linear import QuantSpec, QuantizedLinear
 
 def status(key):
     for line in open("/proc/self/status"):
@@ -101,7 +101,7 @@ def test_plain_load_peak_is_the_model_plus_the_tensor_in_hand(checkpoint):
 def test_int4_kernel_copy_replaces_the_stored_weights(checkpoint, tmp_path):
     """Quantized on load and pre-quantized alike: after loading, every int4 layer holds only the
     CPU kernel's copy (no qweight / scales / zeros beside it)."""
-    from execution.quantize import quantize_checkpoint
+    from execution.inference.quantized_checkpoints import quantize_checkpoint
 
     directory, _ = checkpoint
     on_load = measure_load(directory, "int4")

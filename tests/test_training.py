@@ -8,9 +8,9 @@ import math
 import pytest
 import torch
 
-from execution import checkpoint as ckpt
-from execution.train_config import load_config
-from execution.training import TrainingDiverged, learning_rate, train
+from execution.training import checkpoint as ckpt
+from execution.training.config import load_config
+from execution.training.loop import TrainingDiverged, learning_rate, train
 from tests.distributed import run_distributed
 
 SMALL_SHAPE = {"hidden_size": 64, "num_heads": 4, "rotary_dim": 8, "num_layers": 2}
@@ -158,7 +158,7 @@ def test_offload_streaming_and_recompute_change_no_number(tmp_path):
 
 def test_eval_sources_default_to_the_task_validation_splits(tmp_path):
     import data as datalib
-    from execution.training import eval_sources
+    from execution.training.loop import eval_sources
 
     task = datalib.load_task("mnli")
     default = small_config(tmp_path)

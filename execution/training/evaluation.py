@@ -18,9 +18,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from execution.inference.scoring import continuation_logprobs
 from gptj.parallel import all_reduce
-
-from .scoring import continuation_logprobs
 
 
 def likelihood_choices(model, batch: dict, device: torch.device) -> np.ndarray:
@@ -30,7 +29,7 @@ def likelihood_choices(model, batch: dict, device: torch.device) -> np.ndarray:
 
 def likelihood_scores(model, batch: dict, device: torch.device) -> torch.Tensor:
     """Summed token loss [B, K] of every candidate after every prompt, all in one forward
-    (execution.scoring: the path the entailment pipeline and the server score with)."""
+    (execution.inference.scoring: the path the entailment pipeline and the server score with)."""
     candidates = [list(map(int, c)) for c in batch["candidate_ids_eos"]]
     prompts, lengths = batch["prompt_ids"], batch["prompt_lengths"]
     rows = [prompts[b, :lengths[b]].tolist() for b in range(len(lengths))]
@@ -41,7 +40,7 @@ def likelihood_scores(model, batch: dict, device: torch.device) -> torch.Tensor:
 
 def generated_answers(model, data, indices: np.ndarray, tokenizer, max_new_tokens: int,
                       batch_size: int) -> list[str]:
-    from .generation import generate
+    from execution.inference.generation import generate
 
     prompts = [data.prompt(int(i)).tolist() for i in indices]
     results = generate(model, prompts, max_new_tokens=max_new_tokens,

@@ -2,7 +2,7 @@
 
 `detect()` reads it once (Linux /sys and /proc/cpuinfo, torch's CPU capability table, CUDA);
 tests replace it with monkeypatch to fake either kind of machine. Everything that chooses a
-default from the hardware (execution/defaults.py) asks `detect()`, nothing else reads /proc.
+default from the hardware (execution/runtime/defaults.py) asks `detect()`, nothing else reads /proc.
 """
 
 from __future__ import annotations

@@ -10,13 +10,12 @@ from pathlib import Path
 import torch
 import yaml
 
+from execution.runtime import hardware
+from execution.runtime.defaults import auto_choices, resolve_precision, warn_slow_precision
+from execution.runtime.distributed import barrier
+from execution.training import checkpoint as ckpt
+from execution.training.config import FinetuneConfig, TrainConfigError
 from gptj import ModelConfig, ParallelContext
-
-from . import checkpoint as ckpt
-from . import hardware
-from .defaults import auto_choices, resolve_precision, warn_slow_precision
-from .distributed import barrier
-from .train_config import FinetuneConfig, TrainConfigError
 
 
 def model_config_for(config: FinetuneConfig, tokenizer) -> ModelConfig:
@@ -40,22 +39,22 @@ def model_config_for(config: FinetuneConfig, tokenizer) -> ModelConfig:
 
 
 def base_quantization(config: FinetuneConfig):
-    """The gptj.quant.QuantSpec of a quantized frozen base (LoRA), or None."""
-    from gptj.quant import QuantSpec
+    """The gptj.quantized_linear.QuantSpec of a quantized frozen base (LoRA), or None."""
+    from gptj.quantized_linear import QuantSpec
 
     return QuantSpec.parse(config.model.quantize, config.model.group_size)
 
 
 def eval_quantization(config: FinetuneConfig):
-    """The gptj.quant.QuantSpec evaluation also runs the model at, or None."""
-    from gptj.quant import QuantSpec
+    """The gptj.quantized_linear.QuantSpec evaluation also runs the model at, or None."""
+    from gptj.quantized_linear import QuantSpec
 
     return QuantSpec.parse(config.eval.quantize, config.eval.group_size)
 
 
 def compute_dtype(precision: str, device: torch.device, mc: ModelConfig) -> tuple[str, torch.dtype]:
     """The precision name and dtype of the run ("auto" resolved for this device and model)."""
-    from .precision import DTYPES
+    from execution.training.loss_scaling import DTYPES
 
     precision = resolve_precision(precision, device, mc)
     return precision, DTYPES[precision]
@@ -64,7 +63,7 @@ def compute_dtype(precision: str, device: torch.device, mc: ModelConfig) -> tupl
 def check_run(config: FinetuneConfig, mc: ModelConfig, ctx: ParallelContext, tokenizer) -> None:
     """What would fail after training (a quantization that does not fit the layout) or make it
     meaningless fails now, as a TrainConfigError (or QuantizationError) naming it."""
-    from gptj.quantized import check_layout as check_quantized_layout
+    from gptj.quantized_model import check_layout as check_quantized_layout
 
     quantized_eval = eval_quantization(config)
     for spec in (base_quantization(config), quantized_eval):
@@ -94,10 +93,10 @@ def describe_run(config: FinetuneConfig, mc: ModelConfig, ctx: ParallelContext, 
 
 def load_model_for(config: FinetuneConfig, mc: ModelConfig, ctx: ParallelContext,
                    device: torch.device, dtype: torch.dtype):
-    """The run's model (execution.model_loading.LoadedModel): the initial weights, quantized
+    """The run's model (execution.runtime.model_loading.LoadedModel): the initial weights, quantized
     while loading for a quantized LoRA base, fresh LoRA adapters attached when enabled, block
     weights streamed from the host when asked."""
-    from .model_loading import NewAdapters, load_model
+    from execution.runtime.model_loading import NewAdapters, load_model
 
     m = config.model
     lora = NewAdapters(config.lora.settings(), config.lora.init_seed) if config.lora.enabled else None
@@ -138,7 +137,7 @@ def prepare_checkpoint_root(config: FinetuneConfig, root: Path, main: bool, say)
 def check_resume(meta: dict, config: FinetuneConfig, mc: ModelConfig, ctx: ParallelContext,
                  path: Path, adapter_meta: dict | None) -> None:
     """A checkpoint resumes only a run of the same kind, model, layout and data."""
-    from .adapters import check_resume as check_adapters
+    from execution.training.lora_runs import check_resume as check_adapters
 
     check_adapters(meta, adapter_meta, path)
     saved_model = meta.get("model_config", {})

@@ -4,12 +4,12 @@ A layout is tensor parallel t x replicas r (t * r = every device of the machine)
 switches: optimizer offload (fp32 master + Adam state on the host), block-weight streaming
 (only ~2 blocks of weights/gradients resident on the device) and activation recomputation.
 For each layout the planner counts, per device, exactly what this project's training step
-keeps (see execution/optimizer.py for the optimizer's buffers) and says which layouts fit.
+keeps (see execution/training/optimizer.py for the optimizer's buffers) and says which layouts fit.
 
-    python -m execution.planner --model gptj-6b --seq 1024 --micro-batch 1 --global-batch 128 \
+    python -m execution.training.planner --model gptj-6b --seq 1024 --micro-batch 1 --global-batch 128 \
         --machine h100-80gb-x8
-    python -m execution.planner --model path/to/config.json --machine cpu-24gb --json
-    python -m execution.planner --lora-rank 8 --quantize int4 --machine gpu-12gb-x1 --micro-batch 0
+    python -m execution.training.planner --model path/to/config.json --machine cpu-24gb --json
+    python -m execution.training.planner --lora-rank 8 --quantize int4 --machine gpu-12gb-x1 --micro-batch 0
 
 LoRA layouts (`--lora-rank R`) keep the base frozen (in the model dtype, or int8 / int4) and
 train only the adapters; `--micro-batch 0` picks the micro-batch too (see `choose_micro_batch`).
@@ -24,11 +24,10 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+from execution.training.planner_table import format_table, why_nothing_fits  # noqa: F401 - printed by main, used by callers
 from gptj import ConfigError, ModelConfig
 from gptj.lora import ROW_PARALLEL, lora_flops_per_token, target_dims
 from gptj.lora import TARGETS as LORA_TARGETS
-
-from .planner_table import format_table, why_nothing_fits  # noqa: F401 - printed by main, used by callers
 
 GiB = 2**30
 GB = 1e9
@@ -274,7 +273,7 @@ def layout_result(name: str, layout: Layout, machine: Machine, params: dict, acc
 
 # ---- LoRA: a frozen base, adapters trained --------------------------------------------------------
 
-# Bytes per element of a quantized frozen weight as a training run holds it (gptj/quant.py;
+# Bytes per element of a quantized frozen weight as a training run holds it (gptj/quantized_linear.py;
 # no kernel copies). int8: the int8 values (one fp32 scale per output row: negligible). int4
 # with groups of g input columns: the nibbles (0.5) and an fp32 scale and zero point per group.
 def quantized_bytes(base: str, group_size: int = 128) -> float:
@@ -312,7 +311,7 @@ def lora_parameter_counts(config: ModelConfig, tp: int, lora: LoraPlan) -> dict[
 
 
 def frozen_base_bytes(config: ModelConfig, tp: int, pb: int, lora: LoraPlan) -> float:
-    """Bytes of one TP rank's frozen base. Quantized (gptj/quantized.py): every block matmul
+    """Bytes of one TP rank's frozen base. Quantized (gptj/quantized_model.py): every block matmul
     weight and lm_head; the embedding, LayerNorms and biases stay in pb."""
     total = parameter_counts(config, tp)["total"]
     if lora.base == "model":

@@ -11,7 +11,7 @@ class UsageError(Exception):
     """Bad input from the user: reported as one line on stderr, exit code 2."""
 
 
-PRESET_FILE = Path(__file__).resolve().parent.parent / "config" / "inference.yml"
+PRESET_FILE = Path(__file__).resolve().parents[2] / "config" / "inference.yml"
 
 # Command-line option -> config field.
 MODEL_OPTION_FIELDS = {

@@ -12,7 +12,7 @@ which gives exactly the gradient of the global-batch mean loss, however the batc
 The run reads top-down in `Trainer`: `setup` (checks, data, model, optimizer), `resume`, then
 `run` repeating `train_step`, with `save_checkpoint` and `evaluate` on their schedules, and
 `finish` (the last checkpoint, evaluation and export). What is settled before the first step
-lives in execution/train_setup.py and execution/train_data.py; the export in execution/export.py.
+lives in execution/training/run_setup.py and execution/training/data_loading.py; the export in execution/training/export.py.
 """
 
 from __future__ import annotations
@@ -29,20 +29,17 @@ import numpy as np
 import torch
 
 import data as datalib
-from gptj import GPTJ, ParallelContext
-from gptj.parallel import all_reduce
-
-from . import checkpoint as ckpt
-from .defaults import resolve_threads
-from .distributed import all_reduce_max_int, init_distributed, world_size
-from .evaluation import evaluate
-from .export import export, export_run
-from .interrupt import EXIT_CODE, NAMES, StopRequest
-from .metrics import MetricsLogger, format_eval, peak_flops
-from .resume import select_checkpoint
-from .train_config import FinetuneConfig, check_layout
-from .train_data import eval_sources, evaluated_on_training_rows, load_run_data, to_device
-from .train_setup import (
+from execution.runtime.defaults import resolve_threads
+from execution.runtime.distributed import all_reduce_max_int, init_distributed, world_size
+from execution.runtime.interrupt import EXIT_CODE, NAMES, StopRequest
+from execution.training import checkpoint as ckpt
+from execution.training.config import FinetuneConfig, check_layout
+from execution.training.data_loading import eval_sources, evaluated_on_training_rows, load_run_data, to_device
+from execution.training.evaluation import evaluate
+from execution.training.export import export, export_run
+from execution.training.metrics import MetricsLogger, format_eval, peak_flops
+from execution.training.resume import select_checkpoint
+from execution.training.run_setup import (
     base_quantization,
     check_resume,
     check_run,
@@ -54,6 +51,8 @@ from .train_setup import (
     model_config_for,
     prepare_checkpoint_root,
 )
+from gptj import GPTJ, ParallelContext
+from gptj.parallel import all_reduce
 
 # Kept importable from here: the names the run's callers and tests use.
 __all__ = ["TrainResult", "TrainingDiverged", "accumulate_gradients", "base_quantization",
@@ -194,8 +193,8 @@ class Trainer:
         self._build_model()
 
     def _build_model(self) -> None:
-        from .optimizer import ShardedAdamW
-        from .precision import DynamicLossScaler
+        from execution.training.loss_scaling import DynamicLossScaler
+        from execution.training.optimizer import ShardedAdamW
 
         config = self.config
         loaded = load_model_for(config, self.mc, self.ctx, self.device, self.dtype)
@@ -204,7 +203,7 @@ class Trainer:
         self.trained = self.model if self.adapters is None else self.adapters
         self.adapter_meta = None
         if self.adapters is not None:
-            from .adapters import adapter_meta
+            from execution.training.lora_runs import adapter_meta
 
             self.adapter_meta = adapter_meta(config, self.model, self.adapters)
             self.say(describe_adapters(self.mc, self.adapters, self.adapter_meta))
@@ -394,7 +393,7 @@ class Trainer:
                        max_new_tokens=e.max_new_tokens, max_examples=e.max_examples)
         results = evaluate(self.model, self.eval_splits, self.tokenizer, self.device, **options)
         if self.quantized_eval is not None:
-            from .model_loading import load_model
+            from execution.runtime.model_loading import load_model
 
             # Shares every unquantized tensor and the LoRA adapters with the model; only the
             # quantized weights are new.

@@ -40,9 +40,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from execution.runtime.distributed import gather_ints
 from gptj.json_files import read_json
-
-from .distributed import gather_ints
 
 CHECKPOINT_DIR = "checkpoints"
 META_FILE = "meta.json"

@@ -1,6 +1,6 @@
 """Load once, call many times: text generation and MNLI-style entailment by label likelihood.
 
-    from execution.pipelines import TextGenerationPipeline, EntailmentPipeline
+    from execution.inference.pipelines import TextGenerationPipeline, EntailmentPipeline
     generator = TextGenerationPipeline.from_pretrained("EleutherAI/gpt-j-6b", precision="bf16")
     small = TextGenerationPipeline.from_pretrained("EleutherAI/gpt-j-6b", quantize="int4", group_size=128)
     generator("The capital of France is", max_new_tokens=8)           # -> str
@@ -25,13 +25,12 @@ from dataclasses import dataclass
 
 import torch
 
+from execution.inference.generation import GenerationEngine, GenerationStats
+from execution.inference.sampling import SamplingParams
+from execution.inference.scoring import continuation_logprobs
+from execution.runtime.preflight import resolve_model_source
+from execution.training.loss_scaling import parse_dtype
 from gptj import GPTJ, ParallelContext
-
-from .generation import GenerationEngine, GenerationStats
-from .precision import parse_dtype
-from .preflight import resolve_model_source
-from .sampling import SamplingParams
-from .scoring import continuation_logprobs
 
 
 def resolve_model_dir(name_or_path: str) -> str:
@@ -65,19 +64,19 @@ def load_model_and_tokenizer(
     """(GPTJ in eval mode, data.Tokenizer). Raises ValueError subclasses with a clear message.
 
     precision "auto": the fastest dtype this device runs natively for the model's size
-    (execution.defaults.resolve_precision); a dtype without native kernels here is used as
+    (execution.runtime.defaults.resolve_precision); a dtype without native kernels here is used as
     asked, after one warning line on stderr.
 
     quantize: "int8" / "int4" (with `group_size`) quantizes the projections while loading,
-    tensor by tensor and per tensor-parallel rank (gptj/quantized.py); a checkpoint written by
-    `python -m execution.quantize` loads quantized without it.
+    tensor by tensor and per tensor-parallel rank (gptj/quantized_model.py); a checkpoint written by
+    `python -m execution.inference.quantized_checkpoints` loads quantized without it.
 
     `adapter`: a PEFT LoRA adapter directory for this base model. On plain weights it is merged
     into them, so generation costs exactly what the base model's does; on quantized weights it
     stays attached beside them (the quantized base plus the adapters, as trained with LoRA on a
     quantized base).
     """
-    from .model_files import model_file_errors
+    from execution.runtime.model_files import model_file_errors
 
     with model_file_errors(name_or_path, adapter):  # a cut weight file: one line naming it
         return _load_model_and_tokenizer(name_or_path, tokenizer, precision, device, ctx, offload_weights,
@@ -86,9 +85,8 @@ def load_model_and_tokenizer(
 
 def _load_model_and_tokenizer(name_or_path, tokenizer, precision, device, ctx, offload_weights, init_seed,
                               quantize, group_size, adapter):
-    from gptj.quant import QuantSpec
-
-    from .model_loading import load_model
+    from execution.runtime.model_loading import load_model
+    from gptj.quantized_linear import QuantSpec
 
     loaded = load_model(name_or_path, ctx, device=pick_device(device), precision=precision,
                         quantize=QuantSpec.parse(quantize, group_size), adapters=adapter or None,
@@ -283,7 +281,7 @@ class EntailmentPipeline:
 
     def label_log_likelihoods(self, prompts: list[list[int]]) -> torch.Tensor:
         """[N, labels] sum of label-token log-probs after each prompt (fp32, on the CPU), through
-        execution.scoring: the numbers the server's echo + logprobs gives for the same tokens."""
+        execution.inference.scoring: the numbers the server's echo + logprobs gives for the same tokens."""
         pairs = [(p, c) for p in prompts for c in self.label_ids]
         sums = continuation_logprobs(self.model, [p for p, _ in pairs], [c for _, c in pairs],
                                      max_rows=self.batch_size * len(self.labels))

@@ -33,7 +33,7 @@ class ModelSection:
     recompute_blocks: bool = False  # activation recomputation per block
     stream_block_weights: bool = False  # keep block weights on the host, stream them in
     # Frozen base weights quantized while loading (int8 per channel, int4 in groups of
-    # `group_size` input columns), for LoRA only; see gptj/quant.py.
+    # `group_size` input columns), for LoRA only; see gptj/quantized_linear.py.
     quantize: Literal["none", "int8", "int4"] = "none"
     group_size: int = 128
 
@@ -103,7 +103,7 @@ class TrainingSection:
     micro_batch_size: int = 32
     seed: int = 0
     # auto: bf16 where the hardware runs it natively (a GPU with bf16; a CPU with AMX-BF16 or
-    # AVX512-BF16, for models that are not tiny), else fp32 (execution/defaults.py)
+    # AVX512-BF16, for models that are not tiny), else fp32 (execution/runtime/defaults.py)
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     loss_scale: LossScaleSection = field(default_factory=LossScaleSection)
     max_bad_steps: int = 5  # this many non-finite steps in a row stop the run

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
-from execution.sampling import SamplingParams
+from execution.inference.sampling import SamplingParams
 
 
 @dataclass
@@ -22,7 +22,7 @@ class ModelSection:
     # a request's `model` chooses one.
     adapters: dict[str, str] = field(default_factory=dict)
     # auto: bf16 where the hardware runs it natively (not for tiny models), else fp32
-    # (execution/defaults.py); an explicit dtype without native kernels warns once and runs.
+    # (execution/runtime/defaults.py); an explicit dtype without native kernels warns once and runs.
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     device: Literal["auto", "cpu", "cuda"] = "auto"
     tensor_parallel: int = 1

@@ -22,9 +22,8 @@ import sys
 
 import torch
 
+from execution.runtime import hardware
 from gptj import ModelConfig
-
-from . import hardware
 
 SMALL_MODEL_MATMUL_WEIGHTS = 2_000_000
 

@@ -1,7 +1,7 @@
 """Write a weight-only quantized copy of a GPT-J checkpoint, one tensor at a time.
 
-    python -m execution.quantize --model runs/tiny --bits 8 --output runs/tiny-int8
-    python -m execution.quantize --model EleutherAI/gpt-j-6b --bits 4 --group-size 128 --output gptj-int4
+    python -m execution.inference.quantized_checkpoints --model runs/tiny --bits 8 --output runs/tiny-int8
+    python -m execution.inference.quantized_checkpoints --model EleutherAI/gpt-j-6b --bits 4 --group-size 128 --output gptj-int4
 
 The output holds safetensors with the Hugging Face tensor names (a quantized weight `X.weight`
 becomes `X.weight.qweight`, `X.weight.scales` and, for int4, `X.weight.zeros`), the source's
@@ -29,6 +29,7 @@ def quantize_checkpoint(
     """Quantize the float checkpoint `source` (HF dir / Hub id / run dir) into `output`."""
     from tqdm import tqdm
 
+    from execution.inference.pipelines import resolve_model_dir
     from gptj import ParallelContext
     from gptj.hf import (
         CheckpointError,
@@ -39,11 +40,9 @@ def quantize_checkpoint(
         replace_directory,
         resolve_checkpoint,
     )
-    from gptj.quant import QuantSpec
-    from gptj.quantized import check_layout, quantize_hf_tensor, quantized_hf_names
+    from gptj.quantized_linear import QuantSpec
+    from gptj.quantized_model import check_layout, quantize_hf_tensor, quantized_hf_names
     from gptj.sharding import hf_shapes
-
-    from .pipelines import resolve_model_dir
 
     spec = QuantSpec(bits, group_size, quantize_head)
     spec.check()
@@ -88,7 +87,7 @@ def quantize_checkpoint(
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(
-        prog="python -m execution.quantize",
+        prog="python -m execution.inference.quantized_checkpoints",
         description="Write a weight-only int8 / int4 quantized copy of a GPT-J checkpoint.",
     )
     p.add_argument("--model", required=True, metavar="HF_ID_OR_DIR",

@@ -18,8 +18,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from . import checkpoint as ckpt
-from .distributed import gather_ints
+from execution.runtime.distributed import gather_ints
+from execution.training import checkpoint as ckpt
 
 DAMAGED_PREFIX = "damaged-"
 _OK, _DAMAGED, _MISFIT = 0, 1, 2

@@ -12,9 +12,8 @@ import numpy as np
 import torch
 
 import data as datalib
-
-from .distributed import barrier
-from .train_config import FinetuneConfig
+from execution.runtime.distributed import barrier
+from execution.training.config import FinetuneConfig
 
 
 def wants_eval(config: FinetuneConfig) -> bool:

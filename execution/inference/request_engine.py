@@ -1,9 +1,9 @@
 """Continuous batching driven one step at a time: the engine behind the HTTP server.
 
 This is the one decode loop: the server drives it request by request, and
-`GenerationEngine.run` (execution/generation.py) drives it over a fixed list of prompts, so
+`GenerationEngine.run` (execution/inference/generation.py) drives it over a fixed list of prompts, so
 stopping (EOS, stop sequences, stop strings, length) and sampling live here alone. The model
-calls and the static KV cache are a `ModelRunner`'s (execution/model_runner.py). Three calls:
+calls and the static KV cache are a `ModelRunner`'s (execution/inference/model_runner.py). Three calls:
 
     add(request)     queue a request; it joins the batch at the next step
     cancel(id)       drop a request, queued or running; its row is free at the next step
@@ -12,7 +12,7 @@ calls and the static KV cache are a `ModelRunner`'s (execution/model_runner.py).
 
 A request's tokens do not depend on what else is in the batch: each row chooses its token
 from its own logits with its own sampling settings and its own random stream (seeded from
-(seed, stream_id), execution/sampling.py), so a request run among others gives the tokens it
+(seed, stream_id), execution/inference/sampling.py), so a request run among others gives the tokens it
 gives alone. Rows that share a sampling setting are chosen in one call (one batched max for
 greedy rows); each still draws one uniform per vocabulary entry per token from its own stream.
 Every step adds to `stats` (a GenerationStats: prefill and decode time, tokens, attended slots).
@@ -34,11 +34,11 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .generation_stats import GenerationStats
-from .kv_budget import CacheBudget
-from .model_runner import ModelRunner, sync
-from .sampling import SamplingParams, choose_tokens, prompt_generator
-from .scoring import token_logprobs
+from execution.inference.generation_stats import GenerationStats
+from execution.inference.kv_budget import CacheBudget
+from execution.inference.model_runner import ModelRunner, sync
+from execution.inference.sampling import SamplingParams, choose_tokens, prompt_generator
+from execution.inference.scoring import token_logprobs
 
 MAX_LOGPROBS = 20
 
@@ -130,7 +130,7 @@ class RequestEngine:
     names one, and every forward is told which adapter each batch row uses.
     runner: the ModelRunner to use (its cache, compiled step and cache dtype); None: a new one
     from compile_decode and cache_dtype.
-    cache_budget: an execution.kv_budget.CacheBudget: the cache starts small and grows as rows
+    cache_budget: an execution.inference.kv_budget.CacheBudget: the cache starts small and grows as rows
     fill and requests need longer rows, never beyond the budget's bytes (a request that does
     not fit yet waits for running ones to finish). None: all rows at full length up front.
     isolate_failures: a failing request finishes with reason "error" while the others go on
@@ -331,7 +331,7 @@ class RequestEngine:
         return torch.cat(logits), scores
 
     def _prefill_group(self, rows: list[int], requests: list[Request]) -> tuple[torch.Tensor, list]:
-        """One batched prefill; its prompt scores in one `execution.scoring.token_logprobs` pass
+        """One batched prefill; its prompt scores in one `execution.inference.scoring.token_logprobs` pass
         over the prefill's hidden states."""
         self._set_adapter_rows([r.adapter for r in requests])
         hidden, lengths = self.runner._prefill_hidden(self.cache, rows, [r.prompt for r in requests],

@@ -10,7 +10,7 @@ without LoRA adapters, resident or streamed from host memory, for training or fo
 - "random:PRESET": the same for a preset, its vocabulary taken from the tokenizer so every id
   the model emits decodes;
 - a Hugging Face directory, Hub id or run_finetuning.py output directory (its hf/ export);
-  a checkpoint written by `python -m execution.quantize` loads quantized as stored;
+  a checkpoint written by `python -m execution.inference.quantized_checkpoints` loads quantized as stored;
 - a loaded GPTJ: a quantized copy of it (`quantize` required) that shares every unquantized
   tensor and the LoRA adapters with it, as evaluation's quantized pass needs.
 
@@ -27,12 +27,11 @@ from typing import Any
 
 import torch
 
+from execution.runtime.defaults import resolve_precision, warn_slow_precision
+from execution.training.loss_scaling import parse_dtype
 from gptj import GPTJ, ModelConfig, ParallelContext
 from gptj.lora import LoraAdapters, LoraSettings
-from gptj.quant import QuantSpec
-
-from .defaults import resolve_precision, warn_slow_precision
-from .precision import parse_dtype
+from gptj.quantized_linear import QuantSpec
 
 
 @dataclass(frozen=True)
@@ -55,7 +54,7 @@ class LoadedModel:
     adapters: LoraAdapters | None = None  # attached adapters; None when none or merged in
     adapter_source: str | None = None  # the PEFT directory the adapters came from
     tokenizer: Any = None  # data.Tokenizer when the loader loaded one
-    streamer: Any = None  # execution.offload.BlockWeightStreamer when block weights stream
+    streamer: Any = None  # execution.runtime.offload.BlockWeightStreamer when block weights stream
 
 
 def load_model(source: str | ModelConfig | GPTJ, ctx: ParallelContext | None = None, *,
@@ -83,7 +82,7 @@ def load_model(source: str | ModelConfig | GPTJ, ctx: ParallelContext | None = N
                              tokenizer, load_tokenizer)
     model = loaded.model
     if trainable and model.quantization is not None:
-        from gptj.quantized import without_kernels
+        from gptj.quantized_model import without_kernels
 
         without_kernels(model)  # no packed kernel copies of the frozen weights
     model.recompute_blocks = recompute_blocks
@@ -92,11 +91,11 @@ def load_model(source: str | ModelConfig | GPTJ, ctx: ParallelContext | None = N
     if adapters is not None:
         _add_adapters(loaded, adapters, ctx, trainable)
     if model.quantization is not None and not trainable:
-        from gptj.quantized import prepare_kernels
+        from gptj.quantized_model import prepare_kernels
 
         prepare_kernels(model)
     if offload:
-        from .offload import BlockWeightStreamer
+        from execution.runtime.offload import BlockWeightStreamer
 
         loaded.streamer = BlockWeightStreamer(model, device)
         loaded.streamer.attach()
@@ -118,7 +117,7 @@ def _dtype(precision: str | torch.dtype, device: torch.device, config: ModelConf
 def _random(source, ctx, device, place, precision, spec, trainable, init_seed, tokenizer,
             load_tokenizer) -> LoadedModel:
     from gptj.model import random_reader
-    from gptj.quantized import quantize_from_reader
+    from gptj.quantized_model import quantize_from_reader
 
     tok = None
     if isinstance(source, ModelConfig):
@@ -141,9 +140,8 @@ def _random(source, ctx, device, place, precision, spec, trainable, init_seed, t
 
 def _pretrained(source, ctx, device, place, precision, spec, trainable, offload, tokenizer,
                 load_tokenizer) -> LoadedModel:
+    from execution.runtime.preflight import resolve_model_source
     from gptj.hf import load_pretrained, read_model_config, resolve_checkpoint
-
-    from .preflight import resolve_model_source
 
     directory = resolve_checkpoint(resolve_model_source(source, option="model"))
     dtype = _dtype(precision, device, read_model_config(directory), ctx)
@@ -189,7 +187,7 @@ def _add_adapters(loaded: LoadedModel, adapters: str | NewAdapters, ctx, trainab
 
 
 def _quantized_copy(model: GPTJ, spec: QuantSpec | None) -> LoadedModel:
-    from gptj.quantized import quantized_copy
+    from gptj.quantized_model import quantized_copy
 
     if spec is None:
         raise ValueError("a copy of a loaded model is a quantized copy: name the quantization")

@@ -102,8 +102,7 @@ def check_data_sources(config) -> None:
     import data
     from data.pipeline import resolve_source
     from data.sources import Source
-
-    from .train_data import eval_sources
+    from execution.training.data_loading import eval_sources
 
     task = data.load_task(config.data.task)
     Source(resolve_source(task, config.data.dataset), task.train_split)

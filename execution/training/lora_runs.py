@@ -11,11 +11,10 @@ from pathlib import Path
 
 import torch
 
+from execution.training.checkpoint import CheckpointLoadError
+from execution.training.config import FinetuneConfig
 from gptj import GPTJ
 from gptj.lora import LoraAdapters, base_fingerprint
-
-from .checkpoint import CheckpointLoadError
-from .train_config import FinetuneConfig
 
 
 def base_source(config: FinetuneConfig) -> str:
@@ -61,7 +60,7 @@ def export(adapters: LoraAdapters, model: GPTJ, out: Path, tokenizer, base_name:
     """
     from gptj.adapter_io import save_peft_adapter, weights_fingerprint
     from gptj.hf import export_hf
-    from gptj.quantized import dequantize_model
+    from gptj.quantized_model import dequantize_model
 
     save = (lambda tmp: tokenizer.save(tmp)) if tokenizer is not None else None
     fingerprint = weights_fingerprint(model)  # of the base, before the adapters are merged in

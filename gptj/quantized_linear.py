@@ -33,7 +33,7 @@ shape it does not take) falls back to dequantize + matmul with a warning and the
 last position of a [B, S, d] batch, for one, is a strided view).
 
 The persistent buffers (`qweight`, `scales`, `zeros`) are the saved format; kernel-specific
-layouts are built from them, by the loaders while loading (gptj/quantized.py) or on the first
+layouts are built from them, by the loaders while loading (gptj/quantized_model.py) or on the first
 call. On CPU the int4 kernel's reordered copy then replaces the stored buffers (the model holds
 each weight once); `dequantize()` and `stored_components()` read the values back from it.
 """

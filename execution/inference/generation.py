@@ -1,13 +1,13 @@
 """Offline generation: a fixed list of prompts run to completion through the request engine.
 
-`GenerationEngine.run` adds every prompt to a `RequestEngine` (execution/request_engine.py,
+`GenerationEngine.run` adds every prompt to a `RequestEngine` (execution/inference/request_engine.py,
 the one decode loop: batched prefill, one-token decode steps, per-row stopping, continuous
 batching) and steps it until every prompt is done. Up to `batch_size` prompts run together;
 a finished row takes the next waiting prompt, prefilled into that row only, while the other
 rows keep decoding. The KV cache is sized from the prompts and max_new_tokens (not the
 model's context) and kept for the next run when it is large enough.
 
-Sampling: prompt i draws from the random stream (seed, stream_ids[i]) (execution/sampling.py),
+Sampling: prompt i draws from the random stream (seed, stream_ids[i]) (execution/inference/sampling.py),
 the same stream a server request with that seed and stream id draws from, so a prompt's
 samples do not depend on its batch, on the order rows are refilled or on the entry point.
 
@@ -29,10 +29,10 @@ from dataclasses import dataclass
 
 import torch
 
-from .generation_stats import GenerationStats
-from .model_runner import ModelRunner, sync
-from .request_engine import Request, RequestEngine, check_prompts
-from .sampling import SamplingParams
+from execution.inference.generation_stats import GenerationStats
+from execution.inference.model_runner import ModelRunner, sync
+from execution.inference.request_engine import Request, RequestEngine, check_prompts
+from execution.inference.sampling import SamplingParams
 
 __all__ = ["GenerationEngine", "GenerationResult", "GenerationStats", "generate"]
 

@@ -3,7 +3,7 @@
 For each model on one evaluation split (every model sees the same examples):
 
 - `accuracy`: greedy generation of the label equals the expected answer (the reference method
-  of execution/evaluation.py);
+  of execution/training/evaluation.py);
 - `agreement`: the fraction of examples whose greedy answer equals the float model's answer;
 - `perplexity`: exp of the mean token loss over held-out text, here every validation example as
   it is trained (prompt, its true label, EOS), all tokens after the first; `label_perplexity`:
@@ -19,7 +19,7 @@ import math
 import numpy as np
 import torch
 
-from .evaluation import generated_answers
+from execution.training.evaluation import generated_answers
 
 
 def heldout_rows(data) -> tuple[list[list[int]], list[int]]:

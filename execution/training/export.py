@@ -5,16 +5,14 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from execution.training.config import FinetuneConfig
 from gptj import GPTJ
-
-from .train_config import FinetuneConfig
 
 
 def export(model: GPTJ, out_dir: Path, tokenizer, export_dtype: str = "model") -> Path | None:
     """HF-format directory (config, safetensors, tokenizer); collective over the TP group."""
+    from execution.training.loss_scaling import DTYPES
     from gptj.hf import export_hf
-
-    from .precision import DTYPES
 
     dtype = None if export_dtype == "model" else DTYPES[export_dtype]
     return export_hf(model, out_dir, dtype=dtype, extra=lambda tmp: tokenizer.save(tmp))
@@ -23,11 +21,11 @@ def export(model: GPTJ, out_dir: Path, tokenizer, export_dtype: str = "model") -
 def export_run(config: FinetuneConfig, model: GPTJ, adapters, out: Path, tokenizer,
                log) -> tuple[Path | None, Path | None]:
     """(adapter directory, hf directory) of the run's export; `log` gets the line naming them.
-    With LoRA the adapters are merged into `model` (see execution.adapters.export)."""
+    With LoRA the adapters are merged into `model` (see execution.training.lora_runs.export)."""
     if adapters is not None:
-        from .adapters import base_source
-        from .adapters import export as export_adapters
-        from .precision import DTYPES
+        from execution.training.lora_runs import base_source
+        from execution.training.lora_runs import export as export_adapters
+        from execution.training.loss_scaling import DTYPES
 
         export_dtype = config.checkpoint.export_dtype
         adapter_dir, hf_dir = export_adapters(

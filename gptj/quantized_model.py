@@ -31,7 +31,7 @@ from .config import ModelConfig
 from .layers import RotaryTables
 from .model import GPTJ
 from .parallel import ParallelContext
-from .quant import QuantizationError, QuantizedLinear, QuantSpec
+from .quantized_linear import QuantizationError, QuantizedLinear, QuantSpec
 from .sharding import SliceReader, hf_shapes, read_local_shard, shard_rules
 
 BLOCK_PROJECTIONS = ("in_proj_weight", "attn.out_proj_weight", "mlp.fc_out_weight")

@@ -12,7 +12,7 @@ by chunk (every rank runs the same chunks) and every rank gets the same numbers.
                                                     summed log p(continuation | prompt)
 
 The server scores a prompt from the hidden states of the very prefill that fills its KV cache
-(execution/request_engine.py) with `token_logprobs` too, so its numbers and these agree.
+(execution/inference/request_engine.py) with `token_logprobs` too, so its numbers and these agree.
 """
 
 from __future__ import annotations
