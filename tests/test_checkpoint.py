@@ -13,11 +13,7 @@ import torch
 from execution.training import checkpoint as ckpt
 from execution.training.config import TrainConfigError
 from execution.training.loop import train
-from tests.test_training import read_metrics, small_config
-
-
-def _params(model):
-    return {name: p.detach().clone() for name, p in model.named_parameters()}
+from tests.fixtures.training import parameters_of, read_metrics, small_config
 
 
 def test_interrupted_and_resumed_run_is_bit_identical(tmp_path):
@@ -38,7 +34,7 @@ def test_interrupted_and_resumed_run_is_bit_identical(tmp_path):
     assert resumed.losses == full.losses[3:]  # exactly equal, not approximately
     assert [m["loss"] for m in read_metrics(cut)] == full.losses
     assert [m["step"] for m in read_metrics(cut)] == [1, 2, 3, 4, 5, 6]
-    final_full, final_resumed = _params(full.model), _params(resumed.model)
+    final_full, final_resumed = parameters_of(full.model), parameters_of(resumed.model)
     for name, value in final_full.items():
         assert torch.equal(value, final_resumed[name]), name
 
@@ -115,7 +111,7 @@ sys.path.insert(0, {root!r})
 from execution.training import checkpoint as ckpt
 from execution.training.config import TrainConfigError
 from execution.training.loop import train
-from tests.test_training import small_config
+from tests.fixtures.training import small_config
 
 real_fsync = ckpt._fsync
 def fsync_then_die(path):

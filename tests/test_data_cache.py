@@ -9,7 +9,7 @@ import pytest
 
 import data
 from data import cache
-from tests.data_fixtures import MNLI_ROWS, mnli_file, tiny_tokenizer
+from tests.fixtures.data import MNLI_ROWS, mnli_file, tiny_tokenizer
 
 
 class Counting:

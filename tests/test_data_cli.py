@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from data.__main__ import main
-from tests.data_fixtures import mnli_file, tiny_tokenizer_dir
+from tests.fixtures.data import mnli_file, tiny_tokenizer_dir
 
 ROOT = Path(__file__).resolve().parents[1]
 

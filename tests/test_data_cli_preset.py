@@ -10,7 +10,7 @@ import re
 import pytest
 
 from data.__main__ import main
-from tests.data_fixtures import SHARED_DATA
+from tests.fixtures.data import SHARED_DATA
 from tests.test_finetuning_edges import FAST, run, write_rows
 
 LONG = " ".join(["the red cat sleeps in the kitchen"] * 6)

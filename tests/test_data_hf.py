@@ -7,7 +7,7 @@ import json
 import pytest
 
 import data
-from tests.data_fixtures import MNLI_ROWS, tiny_tokenizer, tiny_tokenizer_dir
+from tests.fixtures.data import MNLI_ROWS, tiny_tokenizer, tiny_tokenizer_dir
 
 datasets = pytest.importorskip("datasets")
 

@@ -7,7 +7,7 @@ import pytest
 
 import data
 from data.packing import TrainData
-from tests.data_fixtures import mnli_file, tiny_tokenizer
+from tests.fixtures.data import mnli_file, tiny_tokenizer
 
 PAD = -7
 

@@ -9,7 +9,7 @@ import pytest
 
 import data
 from data.sources import Source, parse_hf_name
-from tests.data_fixtures import MNLI_ROWS, SHARED_DATA, mnli_file, write_jsonl
+from tests.fixtures.data import MNLI_ROWS, SHARED_DATA, mnli_file, write_jsonl
 
 LABELS = ["entailment", "neutral", "contradiction"]
 

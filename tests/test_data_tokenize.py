@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 import data
-from tests.data_fixtures import EOS, MNLI_ROWS, SHARED_DATA, mnli_file, tiny_tokenizer
+from tests.fixtures.data import EOS, MNLI_ROWS, SHARED_DATA, mnli_file, tiny_tokenizer
 
 GPT2 = SHARED_DATA / "gpt2"
 needs_gpt2 = pytest.mark.skipif(not (GPT2 / "vocab.json").is_file(),

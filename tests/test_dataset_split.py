@@ -7,7 +7,7 @@ import pytest
 
 import data
 from data.sources import Source, split_at
-from tests.data_fixtures import MNLI_ROWS, write_jsonl
+from tests.fixtures.data import MNLI_ROWS, write_jsonl
 from tests.test_finetuning_edges import FAST, nli_rows, run, write_rows
 
 

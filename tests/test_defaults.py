@@ -11,7 +11,7 @@ import run_inference
 from execution.runtime import defaults, hardware
 from execution.training.loop import train
 from gptj import ModelConfig
-from tests.test_training import small_config
+from tests.fixtures.training import small_config
 
 BIG = ModelConfig.preset("bench-small")
 TINY = ModelConfig.preset("tiny")

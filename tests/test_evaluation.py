@@ -15,7 +15,7 @@ import data as datalib
 from execution.training.evaluation import evaluate_split, likelihood_scores
 from execution.training.loop import train
 from gptj import GPTJ
-from tests.test_training import small_config
+from tests.fixtures.training import small_config
 
 KEYS = {"cat": "apple", "sun": "river", "boat": "stone"}  # marker word -> label
 FILLER = ["the", "a", "one", "two", "tall", "small", "old", "new", "big", "red", "dog", "tree"]

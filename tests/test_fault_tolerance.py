@@ -13,7 +13,6 @@ import random
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -24,16 +23,12 @@ import torch
 
 from execution.training import checkpoint as ckpt
 from execution.training.loop import train
-from tests.distributed import run_distributed
-from tests.os_faults import refuse_writes_in
-from tests.test_training import read_metrics, small_config
+from tests.fixtures.distributed import free_port, run_distributed
+from tests.fixtures.os_faults import refuse_writes_in
+from tests.fixtures.training import parameters_of, read_metrics, small_config
 
 ROOT = Path(__file__).resolve().parents[1]
 EVERY_2 = {"training.steps": 6, "checkpoint.every": 2, "checkpoint.keep": 5, "checkpoint.at_end": True}
-
-
-def _params(model):
-    return {name: p.detach().clone() for name, p in model.named_parameters()}
 
 
 @pytest.fixture(scope="module")
@@ -41,7 +36,7 @@ def finished_run(tmp_path_factory):
     """A 6-step run with checkpoints at steps 2, 4 and 6: the reference for every resume here."""
     out = tmp_path_factory.mktemp("reference")
     result = train(small_config(out, **EVERY_2))
-    return out, result.losses, _params(result.model)
+    return out, result.losses, parameters_of(result.model)
 
 
 def _copy(run, tmp_path):
@@ -105,7 +100,7 @@ def test_damaged_newest_checkpoint_is_named_and_the_previous_one_used(finished_r
     assert re.search(expected_message, err), err
     assert resumed.losses == losses[4:]  # steps 5 and 6 again, from step 4, exactly
     assert [m["loss"] for m in read_metrics(out)] == losses
-    for name, value in _params(resumed.model).items():
+    for name, value in parameters_of(resumed.model).items():
         assert torch.equal(value, final[name]), name
     # the damaged one is set aside, the new step 6 is whole
     assert (root / "damaged-step-00000006").is_dir()
@@ -296,17 +291,11 @@ RUN = ["--steps", "12", "--global-batch-size", "8", "--micro-batch-size", "4", "
        "--set", "checkpoint.export_hf=false", "--set", "checkpoint.keep=5"]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _torchrun(script, args, log_dir: Path, max_restarts: int) -> subprocess.Popen:
     log_dir.mkdir(parents=True, exist_ok=True)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc-per-node", "2",
            "--max-restarts", str(max_restarts), "--monitor-interval", "0.1",
-           "--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{_free_port()}", script, *args]
+           "--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{free_port()}", script, *args]
     # Its own session, so that a failing test can end the agent and its workers together.
     return subprocess.Popen(cmd, cwd=ROOT, text=True, stdout=open(log_dir / "stdout", "w"),  # noqa: SIM115
                             stderr=open(log_dir / "stderr", "w"), start_new_session=True)  # noqa: SIM115

@@ -12,7 +12,7 @@ import pytest
 
 from execution.inference.quantized_checkpoints import quantize_checkpoint
 from execution.training.loop import train
-from tests.test_training import small_config
+from tests.fixtures.training import small_config
 
 
 @pytest.fixture()

@@ -14,7 +14,7 @@ import pytest
 import execution.training.loop
 import run_finetuning
 from execution.training import checkpoint as ckpt
-from tests.os_faults import refuse_writes_in
+from tests.fixtures.os_faults import refuse_writes_in
 
 QUIET = ["--set", "logging.progress=false", "--set", "logging.tensorboard=false",
          "--set", "training.threads=1", "--steps", "1", "--global-batch-size", "8",

@@ -7,8 +7,8 @@ import torch
 
 from execution.inference.generation import GenerationEngine, generate
 from execution.inference.sampling import SamplingParams
-from tests.reference import TINY, max_rel_diff
-from tests.test_generation_fixtures import PROMPTS, hf_greedy, reference_pair
+from tests.fixtures.generation import PROMPTS, hf_greedy, reference_pair
+from tests.fixtures.reference import TINY, max_rel_diff
 
 
 @pytest.fixture(scope="module")

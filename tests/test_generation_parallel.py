@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from execution.inference.generation import generate
 from execution.runtime.distributed import init_distributed
-from tests.distributed import run_distributed
-from tests.test_generation_fixtures import PROMPTS, reference_pair
+from tests.fixtures.distributed import run_distributed
+from tests.fixtures.generation import PROMPTS, reference_pair
 
 RUNS = [
     dict(max_new_tokens=10, eos_token_id=None),

@@ -8,7 +8,7 @@ import torch
 
 from execution.inference.generation import generate
 from execution.inference.sampling import SamplingParams, choose_tokens, filter_logits, prompt_generator
-from tests.test_generation_fixtures import PROMPTS, reference_pair
+from tests.fixtures.generation import PROMPTS, reference_pair
 
 LOGITS = [2.0, 1.0, 0.5, 0.0, -1.0, 1.0]
 

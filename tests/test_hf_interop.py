@@ -13,8 +13,8 @@ from safetensors.torch import save_file
 from gptj import ParallelContext
 from gptj.hf import CheckpointError, export_hf, load_pretrained
 from gptj.sharding import hf_shapes
-from tests.distributed import run_distributed
-from tests.reference import TINY, hf_model
+from tests.fixtures.distributed import run_distributed
+from tests.fixtures.reference import TINY, hf_model
 
 IDS = torch.tensor([[5, 17, 99, 3, 42, 8, 0, 100], [1, 2, 3, 4, 5, 6, 7, 8]])
 

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 import run_inference
+from tests.fixtures.cli import run_inference_main as run_main
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -43,12 +44,6 @@ def test_unknown_preset_is_one_line_and_exit_2():
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2
     assert proc.stderr.strip().count("\n") == 0 and "unknown preset 'nope'" in proc.stderr
-
-
-def run_main(argv, capsys):
-    code = run_inference.main(argv)
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
 
 
 @pytest.mark.parametrize("argv, message", [

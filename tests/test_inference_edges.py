@@ -12,15 +12,10 @@ import torch
 import data
 import run_inference
 from execution.inference.pipelines import TextGenerationPipeline
-from tests.os_faults import refuse_writes_in
-from tests.reference import TINY
-from tests.test_generation_fixtures import reference_pair
-
-
-def run_main(argv, capsys):
-    code = run_inference.main(argv)
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
+from tests.fixtures.cli import run_inference_main as run_main
+from tests.fixtures.generation import reference_pair
+from tests.fixtures.os_faults import refuse_writes_in
+from tests.fixtures.reference import TINY
 
 
 @pytest.fixture

@@ -20,7 +20,7 @@ import torch
 from execution.training import checkpoint as ckpt
 from execution.training.loop import train
 from execution.training.metrics import MetricsLogger
-from tests.test_training import small_config
+from tests.fixtures.training import small_config
 
 ROOT = Path(__file__).resolve().parents[1]
 STEPS = {"training.steps": 6}

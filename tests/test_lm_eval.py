@@ -16,8 +16,8 @@ lm_eval = pytest.importorskip("lm_eval", reason="lm-evaluation-harness is not in
 import data  # noqa: E402
 from data import bundled  # noqa: E402
 from gptj.config import ModelConfig  # noqa: E402
-from tests.reference import hf_model  # noqa: E402
-from tests.server_fixtures import tiny_server  # noqa: E402
+from tests.fixtures.reference import hf_model  # noqa: E402
+from tests.fixtures.server import tiny_server  # noqa: E402
 
 TASK = """task: mnli_local_test
 dataset_path: json

@@ -19,9 +19,9 @@ from gptj import GPTJ
 from gptj.adapter_io import PEFT_TARGET, AdapterError, load_peft_adapter
 from gptj.hf import export_hf, gather_hf_tensors
 from gptj.lora import LoraAdapters, LoraSettings
-from tests.distributed import run_distributed
-from tests.reference import TINY, hf_model, state_reader
-from tests.test_training import small_config
+from tests.fixtures.distributed import run_distributed
+from tests.fixtures.reference import TINY, hf_model, state_reader
+from tests.fixtures.training import small_config
 
 IDS = torch.tensor([[5, 17, 99, 3, 42, 8, 0, 100], [1, 2, 3, 4, 5, 6, 7, 8]])
 LABELS = torch.roll(IDS, -1, dims=1)
@@ -174,7 +174,7 @@ def test_exports_load_in_peft_and_transformers_with_equal_logits(tmp_path):
     # So does the HTTP server.
     import httpx
 
-    from tests.server_fixtures import tiny_server
+    from tests.fixtures.server import tiny_server
 
     with tiny_server("--model", str(base_dir), "--adapter", str(adapter_dir), "--tokenizer", "bundled:tiny") as server:
         body = {"prompt": "item: the red", "max_tokens": 5, "temperature": 0}
@@ -222,7 +222,7 @@ def test_an_adapter_records_its_base_warns_on_another_and_refuses_another_shape(
 def _vocab_matched():
     import data
     from execution.training.loop import model_config_for
-    from tests.test_training import SMALL_SHAPE
+    from tests.fixtures.training import SMALL_SHAPE
 
     config = small_config("unused", **{"model.shape": dict(SMALL_SHAPE)})
     return model_config_for(config, data.load_tokenizer("bundled:tiny"))

@@ -12,8 +12,8 @@ from gptj import GPTJ, ConfigError, ModelConfig, ParallelContext
 from gptj.hf import gather_hf_tensors
 from gptj.parallel import average_gradients_across_replicas
 from gptj.sharding import read_local_shard, shard_rules
-from tests.distributed import run_distributed
-from tests.reference import TINY, hf_model, max_rel_diff, state_reader
+from tests.fixtures.distributed import run_distributed
+from tests.fixtures.reference import TINY, hf_model, max_rel_diff, state_reader
 
 SHAPES = {
     "tiny": TINY,

@@ -14,8 +14,8 @@ from gptj.adapter_io import AdapterError, load_peft_adapter, save_peft_adapter
 from gptj.lora import LoraAdapters, LoraSettings
 from gptj.model import random_reader
 from gptj.multi_lora import load_adapters
-from tests.distributed import run_distributed
-from tests.reference import TINY
+from tests.fixtures.distributed import run_distributed
+from tests.fixtures.reference import TINY
 
 # Different ranks, scalings and targets, so padding and missing targets are exercised.
 SETTINGS = {

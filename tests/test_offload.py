@@ -8,7 +8,7 @@ import torch
 from execution.runtime.offload import BlockWeightStreamer
 from execution.training.optimizer import ShardedAdamW
 from gptj import GPTJ
-from tests.reference import TINY
+from tests.fixtures.reference import TINY
 
 CONFIG = TINY.replace(num_layers=3)  # three blocks, so "at most two resident" is a real limit
 

@@ -13,8 +13,8 @@ from execution.training.loss_scaling import DynamicLossScaler
 from execution.training.optimizer import ShardedAdamW
 from gptj import GPTJ, ParallelContext
 from gptj.hf import gather_hf_tensors
-from tests.distributed import run_distributed
-from tests.reference import TINY
+from tests.fixtures.distributed import run_distributed
+from tests.fixtures.reference import TINY
 
 LR = 1e-3
 STEPS = 3

@@ -7,8 +7,8 @@ import torch
 
 import data
 from execution.inference.pipelines import EntailmentPipeline, TextGenerationPipeline
-from tests.reference import TINY
-from tests.test_generation_fixtures import hf_greedy, reference_pair
+from tests.fixtures.generation import hf_greedy, reference_pair
+from tests.fixtures.reference import TINY
 
 
 @pytest.fixture(scope="module")

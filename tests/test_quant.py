@@ -17,9 +17,9 @@ from execution.runtime.distributed import init_distributed
 from gptj import ParallelContext
 from gptj.quantized_linear import CPU_KERNEL_MAX_ROWS, QuantizationError, QuantizedLinear, QuantSpec
 from gptj.quantized_model import check_layout, quantize_from_reader
-from tests.distributed import run_distributed
-from tests.reference import TINY, hf_model, state_reader
-from tests.test_generation_fixtures import PROMPTS, reference_pair
+from tests.fixtures.distributed import run_distributed
+from tests.fixtures.generation import PROMPTS, reference_pair
+from tests.fixtures.reference import TINY, hf_model, state_reader
 
 CASES = [(8, 128), (4, 32), (4, 64), (4, 128), (4, 256)]
 # (bits, group, out_features, in_features): the int4 CPU kernel takes out_features that are a

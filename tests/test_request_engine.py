@@ -8,7 +8,7 @@ import torch
 from execution.inference.generation import GenerationEngine, generate
 from execution.inference.request_engine import Request, RequestEngine
 from execution.inference.sampling import SamplingParams
-from tests.test_generation_fixtures import PROMPTS, reference_pair
+from tests.fixtures.generation import PROMPTS, reference_pair
 
 
 @pytest.fixture(scope="module")

@@ -7,8 +7,8 @@ import torch
 
 import execution.inference.scoring as scoring
 from execution.inference.request_engine import Request, RequestEngine
-from tests.reference import TINY
-from tests.test_generation_fixtures import reference_pair
+from tests.fixtures.generation import reference_pair
+from tests.fixtures.reference import TINY
 
 ROWS = [[5, 17, 300 % TINY.vocab_size, 2, 99, 41, 8], [3, 3, 7], [60, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10]]
 

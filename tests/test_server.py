@@ -15,7 +15,7 @@ import pytest
 
 import run_inference
 from execution.inference.pipelines import EntailmentPipeline, load_model_and_tokenizer
-from tests.server_fixtures import metric, tiny_server, wait_for
+from tests.fixtures.server import metric, tiny_server, wait_for
 
 PROMPTS = ["The cat sat on the", "mnli hypothesis: a cat sleeps premise: the cat is asleep target:",
            "Once upon a time", "a"]

@@ -16,7 +16,7 @@ from execution.inference.generation import generate
 from execution.inference.pipelines import load_model_and_tokenizer
 from gptj.adapter_io import save_peft_adapter
 from gptj.lora import LoraAdapters, LoraSettings
-from tests.server_fixtures import metric, tiny_config, tiny_server, wait_for
+from tests.fixtures.server import metric, tiny_config, tiny_server, wait_for
 
 PROMPT = "The quick brown fox"
 MAX_TOKENS = 6

@@ -9,7 +9,7 @@ from urllib.parse import urlsplit
 
 import pytest
 
-from tests.server_fixtures import tiny_server
+from tests.fixtures.server import tiny_server
 
 GOOD = {"prompt": "hello", "max_tokens": 2, "temperature": 0}
 

@@ -12,7 +12,7 @@ import openai
 import pytest
 
 import run_server
-from tests.server_fixtures import metric, tiny_server, wait_for
+from tests.fixtures.server import metric, tiny_server, wait_for
 
 ROOT = Path(__file__).resolve().parents[1]
 KEY = "sk-test-key"
@@ -116,7 +116,7 @@ def test_health_and_routes_say_503_until_the_model_has_loaded():
     from fastapi.testclient import TestClient
 
     from serving.app import ServerState, create_app
-    from tests.server_fixtures import tiny_config
+    from tests.fixtures.server import tiny_config
 
     state = ServerState(tiny_config(), "random:tiny")
     client = TestClient(create_app(state))  # no lifespan: nothing loads

@@ -20,9 +20,9 @@ import data
 from execution.inference.pipelines import EntailmentPipeline
 from execution.training.evaluation import likelihood_scores
 from serving.scoring import echoed_logprobs, top_logprobs_dict
-from tests.reference import TINY
-from tests.server_fixtures import tiny_server
-from tests.test_generation_fixtures import hf_greedy, reference_pair
+from tests.fixtures.generation import hf_greedy, reference_pair
+from tests.fixtures.reference import TINY
+from tests.fixtures.server import tiny_server
 
 FP32_TOLERANCE = 1e-4
 # bf16 weights and activations against the fp32 reference: measured max |d| 0.015 on these

@@ -2,33 +2,15 @@
 
 from __future__ import annotations
 
-import json
 import math
 
 import pytest
 import torch
 
 from execution.training import checkpoint as ckpt
-from execution.training.config import load_config
 from execution.training.loop import TrainingDiverged, learning_rate, train
-from tests.distributed import run_distributed
-
-SMALL_SHAPE = {"hidden_size": 64, "num_heads": 4, "rotary_dim": 8, "num_layers": 2}
-
-
-def small_config(output_dir, **updates):
-    """The tiny preset shrunk further: a few steps of a d=64 model, no export, few eval rows."""
-    values = {"output_dir": str(output_dir), "model.shape": dict(SMALL_SHAPE),
-              "training.steps": 5, "training.global_batch_size": 8, "training.micro_batch_size": 4,
-              "training.threads": 1, "eval.max_examples": 24, "eval.at_end": False,
-              "logging.progress": False, "logging.tensorboard": False,
-              "checkpoint.export_hf": False, "checkpoint.at_end": False, "checkpoint.every": 0}
-    values.update(updates)
-    return load_config("tiny", [], values)
-
-
-def read_metrics(output_dir):
-    return [json.loads(line) for line in (output_dir / "metrics.jsonl").read_text().splitlines()]
+from tests.fixtures.distributed import run_distributed
+from tests.fixtures.training import read_metrics, small_config
 
 
 def test_learning_rate_schedule_by_hand():
