@@ -74,6 +74,7 @@ def run(config, log_level: str) -> int:
     import torch
 
     from execution.distributed import init_distributed, world_size
+    from execution.memory_fit import check_model
     from serving.server import serve
 
     tp = config.model.tensor_parallel
@@ -85,6 +86,12 @@ def run(config, log_level: str) -> int:
         if config.model.device == "cuda" and device.type != "cuda":
             raise UsageError("device cuda was asked for but no CUDA GPU is available")
         device = torch.device(config.model.device) if device.type != config.model.device else device
+    m = config.model
+    # Before loading: the weights and at least one full-length row of KV cache must fit.
+    check_model(m.name_or_path or f"random:{m.preset}", precision=m.precision, quantize=m.quantize,
+                group_size=m.group_size, device=device, rows=1, tokens=config.server.max_model_len,
+                kv_cache_dtype=m.kv_cache_dtype, tensor_parallel=tp, offload_weights=m.offload_weights,
+                rows_option="--max-batch-size")
     if ctx.is_main:
         shown = dataclasses.asdict(config)
         shown.pop("prompts", None)

@@ -84,12 +84,17 @@ def _load_model_and_tokenizer(name_or_path, tokenizer, precision, device, ctx, o
     import data
     from gptj.quant import QuantSpec
 
+    from .memory_fit import check_model
+
     device = pick_device(device)
     spec = QuantSpec.parse(quantize, group_size)
     if spec is not None and offload_weights:
         raise ValueError("quantized weights are not streamed from host memory: use --quantize or --offload-weights, not both")
     load_to = torch.device("cpu") if offload_weights else device
+    fit = {"precision": precision, "quantize": quantize, "group_size": group_size, "device": device,
+           "tensor_parallel": ctx.tensor_parallel if ctx is not None else 1, "offload_weights": offload_weights}
     if name_or_path.startswith("random:"):
+        check_model(name_or_path, **fit)  # the weights must fit before any is built
         from gptj.model import random_reader
         from gptj.quantized import quantize_from_reader
 
@@ -107,6 +112,7 @@ def _load_model_and_tokenizer(name_or_path, tokenizer, precision, device, ctx, o
         from gptj.hf import load_pretrained, read_model_config, resolve_checkpoint
 
         directory = resolve_checkpoint(resolve_model_dir(name_or_path))
+        check_model(str(directory), **fit)  # the weights must fit before any is read
         dtype = _dtype_for(precision, device, read_model_config(directory), ctx)
         model, _ = load_pretrained(directory, ctx, dtype=dtype, device=load_to, quantize=spec,
                                    kernels=True)
