@@ -85,9 +85,9 @@ def write_shard(path: Path, tensors: list[tuple[str, tuple[int, ...]]], generato
     return written
 
 
-def copy_tokenizer(directory: Path, gpt2: Path = GPT2_TOKENIZER) -> str:
+def copy_tokenizer(directory: Path, gpt2: Path | None = GPT2_TOKENIZER) -> str:
     """GPT-2's vocab.json + merges.txt from `gpt2` where it has them, else the bundled tiny BPE."""
-    if (gpt2 / "vocab.json").is_file() and (gpt2 / "merges.txt").is_file():
+    if gpt2 is not None and (gpt2 / "vocab.json").is_file() and (gpt2 / "merges.txt").is_file():
         for name in ("vocab.json", "merges.txt"):
             shutil.copy2(gpt2 / name, directory / name)
         return "gpt2"
@@ -101,7 +101,7 @@ def copy_tokenizer(directory: Path, gpt2: Path = GPT2_TOKENIZER) -> str:
 
 
 def write_checkpoint(directory: Path, config: ModelConfig, seed: int = 0, shard_bytes: int = SHARD_BYTES,
-                     tokenizer: Path = GPT2_TOKENIZER, log=print) -> Path:
+                     tokenizer: Path | None = GPT2_TOKENIZER, log=print) -> Path:
     """A random checkpoint of `config` at `directory` (see the module docstring)."""
     directory = Path(directory)
     partial = directory.with_name(directory.name + ".partial")
@@ -120,7 +120,7 @@ def write_checkpoint(directory: Path, config: ModelConfig, seed: int = 0, shard_
     (partial / SAFE_INDEX).write_text(json.dumps(index, indent=2))
     values = {**config.to_hf_dict(), "torch_dtype": "bfloat16"}
     (partial / "config.json").write_text(json.dumps(values, indent=2))
-    copy_tokenizer(partial, Path(tokenizer))
+    copy_tokenizer(partial, None if tokenizer is None else Path(tokenizer))
     partial.rename(directory)
     return directory
 
