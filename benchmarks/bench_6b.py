@@ -267,7 +267,7 @@ def row_line(row: dict, bandwidth: float) -> str:
 
 def write_report(report: dict, out: Path) -> None:
     bandwidth = report.get("read_bandwidth_GBps", 0.0)
-    lines = [f"# {report['model']}", "", f"CPU: {report['cpu']}; {report['threads']} threads; read bandwidth "
+    lines = [f"# {report['model']}", "", f"CPU: {report['cpu']}; read bandwidth "
              f"{bandwidth:.1f} GB/s (sum over {report['shape']['bandwidth_MiB']} MiB); prompt "
              f"{report['shape']['prompt_tokens']} tokens, {report['shape']['new_tokens']} new, batch "
              f"{report['shape']['batch']}; MemAvailable at start {report['mem_available_GiB']:.1f} GiB", "",
