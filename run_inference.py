@@ -163,7 +163,7 @@ def run(config) -> int:
     model = config.model
     name = resolve_model_source(model.name_or_path) if model.name_or_path else f"random:{model.preset}"
     gen = config.generation
-    check_prompts_before_loading(name, model.tokenizer, prompts, gen)
+    longest = check_prompts_before_loading(name, model.tokenizer, prompts, gen)
     tp = config.model.tensor_parallel
     if world_size() % tp:
         raise UsageError(f"--tensor-parallel {tp} needs a multiple of {tp} processes: "
@@ -171,6 +171,13 @@ def run(config) -> int:
     ctx, device = init_distributed(tp)
     main = ctx.is_main
     device = chosen_device(config.model.device, device)
+    if longest is not None:  # the model as it will run, against the memory there is: before loading
+        from execution.runtime.memory_fit import check_model
+
+        check_model(name, precision=model.precision, quantize=model.quantize, group_size=model.group_size,
+                    device=device, rows=max(1, min(gen.batch_size or len(prompts), len(prompts))),
+                    tokens=longest + gen.max_new_tokens, prompt_tokens=longest, kv_cache_dtype=model.kv_cache_dtype,
+                    tensor_parallel=tp, offload_weights=model.offload_weights)
     pipe = TextGenerationPipeline.from_pretrained(
         name, tokenizer=model.tokenizer, precision=model.precision, device=device, ctx=ctx,
         offload_weights=model.offload_weights, compile_decode=model.compile,
@@ -256,9 +263,10 @@ def write_results(output: str, results: list, stats: dict) -> Path:
     return path
 
 
-def check_prompts_before_loading(name: str, tokenizer: str | None, prompts: list[str], gen) -> None:
+def check_prompts_before_loading(name: str, tokenizer: str | None, prompts: list[str], gen) -> int | None:
     """Prompt lengths against the context, with the tokenizer alone: a too-long prompt is
-    reported before the model loads. A Hub model is checked once it is downloaded."""
+    reported before the model loads. A Hub model is checked once it is downloaded (None).
+    Returns the longest prompt's tokens."""
     import data
     from execution.inference.pipelines import fit_prompts
     from gptj import ModelConfig
@@ -270,8 +278,10 @@ def check_prompts_before_loading(name: str, tokenizer: str | None, prompts: list
 
         context, tokenizer = read_model_config(Path(name)).max_positions, tokenizer or name
     else:
-        return
-    fit_prompts(data.load_tokenizer(tokenizer).encode(prompts), context, gen.max_new_tokens, gen.truncate_prompts)
+        return None
+    encoded = fit_prompts(data.load_tokenizer(tokenizer).encode(prompts), context, gen.max_new_tokens,
+                          gen.truncate_prompts)
+    return max(len(ids) for ids in encoded)
 
 
 def main(argv=None) -> int:

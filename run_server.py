@@ -76,8 +76,8 @@ def build_config(args: argparse.Namespace):
 
 
 def run(config, log_level: str) -> int:
-
     from execution.runtime.distributed import init_distributed, world_size
+    from execution.runtime.memory_fit import check_model
     from serving.server import serve
 
     tp = config.model.tensor_parallel
@@ -86,6 +86,12 @@ def run(config, log_level: str) -> int:
                          f"torchrun --nproc-per-node {tp} run_server.py ... (found {world_size()})")
     ctx, device = init_distributed(tp)
     device = chosen_device(config.model.device, device)
+    m = config.model
+    # Before loading: the weights and at least one full-length row of KV cache must fit.
+    check_model(m.name_or_path or f"random:{m.preset}", precision=m.precision, quantize=m.quantize,
+                group_size=m.group_size, device=device, rows=1, tokens=config.server.max_model_len,
+                kv_cache_dtype=m.kv_cache_dtype, tensor_parallel=tp, offload_weights=m.offload_weights,
+                rows_option="--max-batch-size")
     if ctx.is_main:
         shown = dataclasses.asdict(config)
         shown.pop("prompts", None)

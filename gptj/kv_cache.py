@@ -72,7 +72,12 @@ def kv_bytes_per_token(model, dtype: torch.dtype | None = None) -> int:
     attn = model.blocks[0].attn
     weight = model.embed.weight
     dtype = dtype or cache_dtype(weight.dtype, weight.device)
-    return 2 * len(model.blocks) * attn.local_heads * attn.head_dim * dtype.itemsize
+    return token_bytes(len(model.blocks), attn.local_heads * attn.head_dim, dtype)
+
+
+def token_bytes(num_layers: int, width: int, dtype: torch.dtype) -> int:
+    """Keys and values of one token across `num_layers` layers of `width` channels each."""
+    return 2 * num_layers * width * dtype.itemsize
 
 
 class StaticKVCache:

@@ -18,16 +18,13 @@ GIB = 1 << 30
 
 
 def available_memory(device: torch.device) -> int:
-    """Bytes this process could still take: free GPU memory, or MemAvailable on a CPU."""
-    if device.type == "cuda":
-        return torch.cuda.mem_get_info(device)[0]
-    try:
-        with open("/proc/meminfo") as meminfo:
-            for line in meminfo:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
+    """Bytes this process could still take: free GPU memory, or MemAvailable on a CPU
+    (execution.runtime.memory_fit.available_bytes, which the fit check before loading reads too)."""
+    from execution.runtime.memory_fit import available_bytes
+
+    found = available_bytes(device)
+    if found is not None:
+        return found[0]
     return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")  # free pages: a lower bound
 
 

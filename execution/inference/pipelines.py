@@ -85,9 +85,14 @@ def load_model_and_tokenizer(
 
 def _load_model_and_tokenizer(name_or_path, tokenizer, precision, device, ctx, offload_weights, init_seed,
                               quantize, group_size, adapter):
+    from execution.runtime.memory_fit import check_model
     from execution.runtime.model_loading import load_model
     from gptj.quantized_linear import QuantSpec
 
+    # The weights in their final form must fit the memory there is, before any is read or built.
+    check_model(name_or_path, precision=precision, quantize=quantize, group_size=group_size,
+                device=pick_device(device), tensor_parallel=ctx.tensor_parallel if ctx is not None else 1,
+                offload_weights=offload_weights)
     loaded = load_model(name_or_path, ctx, device=pick_device(device), precision=precision,
                         quantize=QuantSpec.parse(quantize, group_size), adapters=adapter or None,
                         offload=offload_weights, init_seed=init_seed, tokenizer=tokenizer,

@@ -1,0 +1,65 @@
+"""benchmarks/bench_6b.py runs end to end on a tiny shape (the 6B itself never runs here), and
+the random checkpoint it writes is a Hugging Face checkpoint that safetensors and our loader read."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+
+from benchmarks import bench_6b
+from benchmarks.random_checkpoint import plan_shards, write_checkpoint
+from gptj import ModelConfig
+from gptj.hf import SAFE_INDEX, load_pretrained
+from gptj.sharding import hf_shapes
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_the_random_checkpoint_is_sharded_hugging_face_layout(tmp_path):
+    config = ModelConfig.preset("tiny")
+    directory = write_checkpoint(tmp_path / "ck", config, shard_bytes=300_000, tokenizer=None, log=lambda _: None)
+    index = json.loads((directory / SAFE_INDEX).read_text())
+    shards = sorted(set(index["weight_map"].values()))
+    assert len(shards) == len(plan_shards(config, 300_000)) > 1
+    assert shards[0] == f"model-00001-of-{len(shards):05d}.safetensors"
+    seen = {}
+    for shard in shards:
+        with safe_open(str(directory / shard), "pt") as f:
+            assert f.metadata() == {"format": "pt"}
+            seen.update({name: f.get_tensor(name) for name in f.keys()})  # noqa: SIM118
+    assert {n: tuple(t.shape) for n, t in seen.items()} == hf_shapes(config)
+    assert all(t.dtype == torch.bfloat16 for t in seen.values())
+    assert abs(seen["transformer.h.0.mlp.fc_in.weight"].float().std().item() - 0.02) < 0.002
+    assert torch.equal(seen["transformer.h.1.ln_1.weight"], torch.ones(128, dtype=torch.bfloat16))
+    model, _ = load_pretrained(directory, dtype=torch.bfloat16)
+    assert torch.equal(model.lm_head.weight, seen["lm_head.weight"])
+
+
+def test_smoke_run_writes_rows_json_and_markdown(tmp_path):
+    out = tmp_path / "r.json"
+    done = subprocess.run(
+        [sys.executable, "-m", "benchmarks.bench_6b", "--smoke", "--dir", str(tmp_path / "ck"), "--out", str(out),
+         "--only", "int4-prequantized"],
+        cwd=ROOT, capture_output=True, text=True, timeout=120,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = json.loads(out.read_text())
+    assert report["read_bandwidth_GBps"] > 0 and report["cpu"]
+    (int4,) = report["rows"]
+    assert int4["row"] == "int4-prequantized" and int4["kernels"] == ["int4_cpu"], int4
+    assert int4["decode_b1_tok_s"] > 0 and int4["decode_b4_tok_s"] > 0 and int4["peak_rss"] > 0
+    assert report["checkpoint"]["prequantize"]["exit"] == 0
+    table = out.with_suffix(".md").read_text()
+    assert "| int4-prequantized | " in table and "of read bandwidth" in table and report["cpu"] in table
+
+
+@pytest.mark.skipif(importlib.util.find_spec("ctranslate2") is not None, reason="ctranslate2 is installed")
+def test_the_ctranslate2_row_says_not_installed():
+    assert bench_6b.measure_ctranslate2("unused", {}, 1) == {"error": "not installed"}
