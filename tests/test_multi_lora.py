@@ -15,6 +15,7 @@ from gptj.lora import LoraAdapters, LoraSettings
 from gptj.model import random_reader
 from gptj.multi_lora import load_adapters
 from tests.fixtures.distributed import run_distributed
+from tests.fixtures.lora import seeded_adapter_dirs
 from tests.fixtures.reference import TINY
 
 # Different ranks, scalings and targets, so padding and missing targets are exercised.
@@ -40,15 +41,7 @@ def _base(quantize: str | None = None, ctx=None) -> GPTJ:
 @pytest.fixture(scope="module")
 def adapter_dirs(tmp_path_factory):
     """Three PEFT directories with seeded non-zero factors (B = 0 would change nothing)."""
-    dirs = {}
-    for seed, (name, settings) in enumerate(SETTINGS.items()):
-        adapters = LoraAdapters(TINY, settings)
-        gen = torch.Generator().manual_seed(100 + seed)
-        with torch.no_grad():
-            for p in adapters.parameters():
-                p.copy_(torch.randn(p.shape, generator=gen) * 0.5)
-        dirs[name] = str(save_peft_adapter(adapters, tmp_path_factory.mktemp(name), None))
-    return dirs
+    return seeded_adapter_dirs(TINY, SETTINGS, 100, tmp_path_factory)
 
 
 def _alone(directory: str | None, prompt: list[int], quantize: str | None) -> list[int]:

@@ -8,6 +8,7 @@ import torch
 import data
 from execution.inference.pipelines import EntailmentPipeline, TextGenerationPipeline
 from tests.fixtures.generation import hf_greedy, reference_pair
+from tests.fixtures.lora import seeded_adapter_dirs
 from tests.fixtures.reference import TINY
 
 
@@ -101,21 +102,13 @@ def test_truncated_prompts_leave_room_for_the_new_tokens(saved):
 @pytest.fixture(scope="module")
 def adapter_dirs(saved, tmp_path_factory):
     """Two PEFT adapters for the saved model, of different ranks and targets."""
-    from gptj.adapter_io import save_peft_adapter
-    from gptj.lora import LoraAdapters, LoraSettings
+    from gptj.lora import LoraSettings
 
     run, hf, _ = saved
     config = TextGenerationPipeline.from_pretrained(str(run), precision="fp32", device="cpu").model.config
-    dirs = {}
-    for seed, (name, settings) in enumerate({"nli": LoraSettings(rank=2, alpha=4.0),
-                                             "qa": LoraSettings(rank=4, alpha=4.0, targets=("q", "fc_out"))}.items()):
-        adapters = LoraAdapters(config, settings)
-        gen = torch.Generator().manual_seed(40 + seed)
-        with torch.no_grad():
-            for p in adapters.parameters():
-                p.copy_(torch.randn(p.shape, generator=gen) * 0.5)
-        dirs[name] = str(save_peft_adapter(adapters, tmp_path_factory.mktemp(name), None))
-    return dirs
+    return seeded_adapter_dirs(config, {"nli": LoraSettings(rank=2, alpha=4.0),
+                                        "qa": LoraSettings(rank=4, alpha=4.0, targets=("q", "fc_out"))},
+                               40, tmp_path_factory)
 
 
 def test_pipelines_with_several_adapters_equal_each_adapter_merged_alone(saved, adapter_dirs):
