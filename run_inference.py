@@ -143,17 +143,12 @@ def read_prompts(args) -> list[str] | None:
 
 
 def run(config) -> int:
-    import dataclasses
 
-    import torch
 
     from execution.inference.pipelines import TextGenerationPipeline
-    from execution.inference.text_output import StreamPrinter, format_result
-    from execution.runtime.defaults import auto_choices, resolve_threads
+    from execution.inference.text_output import StreamPrinter
     from execution.runtime.distributed import init_distributed, world_size
-    from execution.runtime.hardware import detect
     from execution.runtime.preflight import check_output_file, resolve_model_source
-    from execution.training.loss_scaling import DTYPES
 
     if config.output:  # checked now, not after generating: the results must not be lost
         check_output_file(config.output)
@@ -185,17 +180,7 @@ def run(config) -> int:
         quantize=model.quantize, group_size=model.group_size, adapter=model.adapter,
         kv_cache_dtype=model.kv_cache_dtype,
     )
-    # "auto" values become what was chosen for this machine and model, as printed below.
-    asked = (model.precision, model.threads)
-    model.precision = next(k for k, v in DTYPES.items() if v == pipe.model.embed.weight.dtype)
-    chosen_threads = resolve_threads(model.threads, pipe.model.config)
-    if chosen_threads:
-        torch.set_num_threads(chosen_threads)
-    model.threads = torch.get_num_threads()
-    if main:
-        note = auto_choices(pipe.model.config, asked[0], model.precision, asked[1], model.threads)
-        print(f"machine: {detect().summary()}{note}", flush=True)
-        print("config: " + json.dumps(dataclasses.asdict(config)), flush=True)
+    settle_auto_choices(config, pipe, main)
     context = pipe.model.config.max_positions
     ids = pipe.encode_prompts(prompts, gen.truncate_prompts, gen.max_new_tokens)
     longest = max(len(i) for i in ids)
@@ -234,7 +219,41 @@ def run(config) -> int:
     stats = pipe.stats.as_dict()
     if not main:
         return 0
-    if not gen.stream:
+    print_results(config, results, stats)
+    return 0
+
+
+def settle_auto_choices(config, pipe, main: bool) -> None:
+    """"auto" precision and threads become what was chosen for this machine and model; rank 0
+    prints them with the resolved config."""
+    import dataclasses
+
+    import torch
+
+    from execution.runtime.defaults import auto_choices, resolve_threads
+    from execution.runtime.hardware import detect
+    from execution.training.loss_scaling import DTYPES
+
+    model = config.model
+    asked = (model.precision, model.threads)
+    model.precision = next(k for k, v in DTYPES.items() if v == pipe.model.embed.weight.dtype)
+    chosen_threads = resolve_threads(model.threads, pipe.model.config)
+    if chosen_threads:
+        torch.set_num_threads(chosen_threads)
+    model.threads = torch.get_num_threads()
+    if main:
+        note = auto_choices(pipe.model.config, asked[0], model.precision, asked[1], model.threads)
+        print(f"machine: {detect().summary()}{note}", flush=True)
+        print("config: " + json.dumps(dataclasses.asdict(config)), flush=True)
+
+
+def print_results(config, results: list, stats: dict) -> None:
+    """The continuations (unless streamed), the speed line and where the results were written."""
+    import dataclasses
+
+    from execution.inference.text_output import format_result
+
+    if not config.generation.stream:
         for r in results:
             if sys.stdout.isatty():  # the prompt, then its continuation in bold
                 r = dataclasses.replace(r, text=f"{r.prompt}\033[1m{r.text}\033[0m")
@@ -248,7 +267,6 @@ def run(config) -> int:
     )
     if config.output:
         print(f"wrote {len(results)} results to {write_results(config.output, results, stats)}")
-    return 0
 
 
 def write_results(output: str, results: list, stats: dict) -> Path:
