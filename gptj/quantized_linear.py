@@ -51,7 +51,11 @@ from torch import nn
 BITS = (8, 4)
 GROUP_SIZES = (32, 64, 128, 256)
 # Rows up to which the packed CPU kernels beat dequantize + bf16 matmul (measured, NOTES.md).
+# The int4 kernel's time grows with the rows at about the dequantizing path's slope only past
+# ~128 rows (4096x4096 on 2 Zen 5 cores: 32 rows 15 ms packed vs 59 ms dequantized, 128 rows
+# 55-76 vs 99 ms), so short prompts prefill through it; the int8 kernel loses from ~32 rows on.
 CPU_KERNEL_MAX_ROWS = 16
+CPU_INT4_KERNEL_MAX_ROWS = 128
 # fp32 temporaries of dequantize(): about this many elements at a time (4 MB, cache sized).
 DEQUANTIZE_ELEMENTS = 1 << 20
 # Prefill on CPU: weight elements dequantized into one reused buffer per matmul slice (16 MB bf16).
@@ -407,6 +411,7 @@ class QuantizedLinear(nn.Module):
         rows = x.numel() // self.in_features
         use_kernel = self._kernel is not None and (
             self._kernel.endswith("_cuda") or rows <= CPU_KERNEL_MAX_ROWS or x.dtype == torch.float32
+            or (self._kernel == "int4_cpu" and rows <= CPU_INT4_KERNEL_MAX_ROWS)
         )
         if use_kernel:  # the packed kernels need a contiguous 2-D input
             y = self._packed_matmul(x.reshape(rows, self.in_features).contiguous()).to(x.dtype)

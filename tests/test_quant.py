@@ -15,7 +15,13 @@ from execution.inference.pipelines import load_model_and_tokenizer
 from execution.inference.quantized_checkpoints import main as quantize_main
 from execution.runtime.distributed import init_distributed
 from gptj import ParallelContext
-from gptj.quantized_linear import CPU_KERNEL_MAX_ROWS, QuantizationError, QuantizedLinear, QuantSpec
+from gptj.quantized_linear import (
+    CPU_INT4_KERNEL_MAX_ROWS,
+    CPU_KERNEL_MAX_ROWS,
+    QuantizationError,
+    QuantizedLinear,
+    QuantSpec,
+)
 from gptj.quantized_model import check_layout, quantize_from_reader
 from tests.fixtures.distributed import run_distributed
 from tests.fixtures.generation import PROMPTS, reference_pair
@@ -26,8 +32,9 @@ CASES = [(8, 128), (4, 32), (4, 64), (4, 128), (4, 256)]
 # multiple of 16; 97 outputs (and 160 inputs for int8) are the odd shapes.
 KERNEL_SHAPES = [(8, 0, 96, 512), (8, 0, 97, 160), (4, 32, 96, 512), (4, 64, 48, 192), (4, 128, 112, 256),
                  (4, 256, 32, 512), (4, 32, 97, 96)]
-# Row counts on both sides of CPU_KERNEL_MAX_ROWS, as [rows, in] and [batch, rows, in].
-ROW_SHAPES = [(1,), (CPU_KERNEL_MAX_ROWS,), (CPU_KERNEL_MAX_ROWS + 1,), (2, 20)]
+# Row counts on both sides of CPU_KERNEL_MAX_ROWS and CPU_INT4_KERNEL_MAX_ROWS, as [rows, in]
+# and [batch, rows, in].
+ROW_SHAPES = [(1,), (CPU_KERNEL_MAX_ROWS,), (CPU_KERNEL_MAX_ROWS + 1,), (2, 20), (CPU_INT4_KERNEL_MAX_ROWS + 1,)]
 # Relative (Frobenius) error against float64: the kernels take bf16 activations and return
 # bf16, the many-row bf16 path multiplies by the weight rounded to bf16, bf16 biases; each
 # rounding is at most 2^-9 relative, measured 2.1e-3 to 3.0e-3 together. A 1% error fails.
