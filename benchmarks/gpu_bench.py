@@ -44,11 +44,8 @@ every row, so a kill keeps every row measured before it; "complete" turns true a
 from __future__ import annotations
 
 import argparse
-import gc
-import json
 import os
 import sys
-import threading
 import time
 import traceback
 from collections.abc import Callable
@@ -57,298 +54,42 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.machine import describe, measure_matmul_flops, measure_memory_bandwidth
+from benchmarks.gpu_bench_bytes import (
+    decode_step_bytes,
+    hf_decode_bytes_per_step,
+    layer_kernels,
+    model_weight_bytes,  # noqa: F401  (re-exported)
+)
+from benchmarks.gpu_bench_compile import (
+    compile_counters,  # noqa: F401  (re-exported)
+    compile_report,
+    configure_compiler,
+    decode_step_compilations,  # noqa: F401  (re-exported)
+    prepare_compiled_row,
+)
+from benchmarks.gpu_bench_machine import (
+    DATASHEET_BF16,  # noqa: F401  (re-exported)
+    datasheet_peak,  # noqa: F401  (re-exported)
+    free_memory,
+    host_meminfo,
+    random_init,
+    section_machine,
+    sync,
+    timed,
+)
+from benchmarks.gpu_bench_report import (
+    EXIT_BUDGET,  # noqa: F401  (re-exported)
+    Budget,
+    GiB,
+    Report,
+    markdown,
+    process_start_time,
+    start_watchdog,
+)
 from gptj import GPTJ, ModelConfig
 
-# Dense bf16 datasheet peaks (no sparsity), FLOP/s, by device-name fragment.
-DATASHEET_BF16 = {"H200": 989e12, "H100 SXM": 989e12, "H100 80GB HBM3": 989e12, "H100 NVL": 835e12,
-                  "H100 PCIe": 756e12, "H100": 989e12, "A100": 312e12}
-GiB = 2**30
 DEFAULT_BUDGET_S = 420.0  # 7 minutes from the process start
 SMOKE_BUDGET_S = 300.0
-EXIT_BUDGET = 3  # stopped at the deadline; the rows measured so far are on disk
-
-
-# ---- time budget -----------------------------------------------------------------------------------
-
-
-def process_start_time() -> float:
-    """Epoch seconds at which this process started (from /proc), else now."""
-    try:
-        fields = Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()
-        ticks = int(fields[19])  # field 22 of stat, counted after the ")" that ends field 2
-        uptime = float(Path("/proc/uptime").read_text().split()[0])
-        return time.time() - uptime + ticks / os.sysconf("SC_CLK_TCK")
-    except (OSError, ValueError, IndexError):
-        return time.time()
-
-
-class Budget:
-    def __init__(self, seconds: float, since: float):
-        self.seconds, self.end = seconds, since + seconds
-
-    def left(self) -> float:
-        return self.end - time.time()
-
-
-# ---- the report, on disk after every row -----------------------------------------------------------
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
-class Report:
-    """The results so far; `finish_row` adds a row and rewrites gpu_bench.json and .md."""
-
-    def __init__(self, out: Path, meta: dict):
-        self.out = out
-        self.data = {**meta, "complete": False, "machine": {}, "training": {"runs": []},
-                     "decode": {"runs": []}}
-        self.lock = threading.Lock()
-        self.in_flight: tuple[str, dict, float] | None = None
-        out.mkdir(parents=True, exist_ok=True)
-
-    def start_row(self, section: str, record: dict) -> None:
-        with self.lock:
-            self.in_flight = (section, record, time.perf_counter())
-
-    def finish_row(self, section: str, record: dict) -> None:
-        with self.lock:
-            self.in_flight = None
-            self.data[section]["runs"].append(record)
-            self._write()
-        print(f"  {section} {_brief(record)}", file=sys.stderr, flush=True)
-
-    def set(self, key: str, value) -> None:
-        with self.lock:
-            self.data[key] = value
-            self._write()
-
-    def _write(self) -> None:
-        _write_atomic(self.out / "gpu_bench.json", json.dumps(self.data, indent=1, default=str))
-        _write_atomic(self.out / "gpu_bench.md", markdown(self.data))
-
-    def stop_at_deadline(self) -> None:
-        """Watchdog: record the row in flight as stopped, write the files, end the process."""
-        got = self.lock.acquire(timeout=10)
-        try:
-            if self.in_flight is not None:
-                section, record, started = self.in_flight
-                record["error"] = (f"stopped: the time budget ran out {time.perf_counter() - started:.0f} s "
-                                   "into this row")
-                self.data[section]["runs"].append(record)
-            self.data["stopped_at_deadline"] = True
-            self._write()
-        finally:
-            if got:
-                self.lock.release()
-        print(f"time budget reached: stopped; results so far in {self.out}", file=sys.stderr, flush=True)
-        os._exit(EXIT_BUDGET)
-
-
-def _brief(record: dict) -> dict:
-    return {k: v for k, v in record.items() if k not in ("traceback", "kernels")}
-
-
-def start_watchdog(budget: Budget, report: Report) -> threading.Timer:
-    timer = threading.Timer(max(0.0, budget.left()), report.stop_at_deadline)
-    timer.daemon = True
-    timer.start()
-    return timer
-
-
-# ---- small helpers ---------------------------------------------------------------------------------
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def free_memory(device: torch.device) -> None:
-    gc.collect()
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats(device)
-
-
-def timed(fn, device: torch.device, repeats: int, budget: Budget | None = None, reserve: float = 0.0) -> list[float]:
-    """Seconds per call, with CUDA events on a GPU and perf_counter on CPU. Stops after the
-    first call once less than `reserve` seconds of the budget would be left after another."""
-    times: list[float] = []
-    for _ in range(repeats):
-        if times and budget is not None and budget.left() - max(times) < reserve:
-            break
-        sync(device)
-        if device.type == "cuda":
-            start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            stop.record()
-            torch.cuda.synchronize(device)
-            times.append(start.elapsed_time(stop) / 1000)
-        else:
-            t = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - t)
-    return times
-
-
-@torch.no_grad()
-def random_init(model: torch.nn.Module) -> torch.nn.Module:
-    """Random weights drawn on the device (speed only; values are GPT-J-like in scale)."""
-    for name, p in model.named_parameters():
-        if "ln" in name:
-            p.fill_(1.0 if name.endswith("weight") else 0.0)
-        elif name.endswith("bias"):
-            p.zero_()
-        else:
-            p.normal_(0.0, 0.02)
-    return model
-
-
-def datasheet_peak(name: str) -> float | None:
-    return next((v for k, v in DATASHEET_BF16.items() if k in name), None)
-
-
-def host_meminfo() -> dict[str, int]:
-    """/proc/meminfo in bytes (values given in kB), {} where there is none."""
-    out = {}
-    try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            key, _, rest = line.partition(":")
-            parts = rest.split()
-            if parts:
-                out[key] = int(parts[0]) * (1024 if parts[1:] == ["kB"] else 1)
-    except (OSError, ValueError):
-        pass
-    return out
-
-
-# ---- machine ---------------------------------------------------------------------------------------
-
-
-def section_machine(device: torch.device, smoke: bool) -> dict:
-    name = describe(device)
-    out = {
-        "device": name,
-        "torch": torch.__version__,
-        "cuda": torch.version.cuda,
-        "matmul_bf16_flops": measure_matmul_flops(torch.bfloat16, 256 if smoke else None, device),
-        "bandwidth": measure_memory_bandwidth(16 if smoke else None, device),
-        "datasheet_bf16_flops": datasheet_peak(name),
-        "host_meminfo": host_meminfo(),
-    }
-    if device.type == "cuda":
-        free_memory(device)  # the measurement buffers above go back before counting free memory
-        free, total = torch.cuda.mem_get_info(device)
-        out.update(device_free=free, device_total=total)
-    return out
-
-
-# ---- compile accounting ----------------------------------------------------------------------------
-
-
-def compile_counters() -> dict:
-    """dynamo's and inductor's running counters that tell what a compiled row really ran."""
-    from torch._dynamo.utils import counters
-
-    return {
-        "frames_compiled": counters["frames"]["ok"],
-        "graph_breaks": sum(counters["graph_break"].values()),
-        "cudagraph_skips": counters["inductor"]["cudagraph_skips"],
-        # inputs a recorded graph copies in on every replay (the cache must not be among them)
-        "cudagraph_copied_inputs": counters["inductor"]["cudagraph_recorded_non_static_inputs"],
-    }
-
-
-def decode_step_compilations() -> int | None:
-    """How many compiled versions dynamo holds of the decode step (None: not knowable)."""
-    from execution.inference.generation import GenerationEngine
-
-    try:
-        from torch._dynamo.eval_frame import _debug_get_cache_entry_list
-
-        return len(_debug_get_cache_entry_list(GenerationEngine._decode_forward.__code__))
-    except Exception:  # a private API: absent or changed in another torch
-        return None
-
-
-def compile_report(before: dict, graphs_asked: bool) -> tuple[dict, str | None]:
-    """Counter deltas since `before`, recompiles of the decode step, and the reason to fail the
-    row (None: it ran as asked)."""
-    after = compile_counters()
-    stats = {k: after[k] - before[k] for k in after}
-    versions = decode_step_compilations()
-    stats["recompiles"] = None if versions is None else max(0, versions - 1)
-    if stats["frames_compiled"] == 0:
-        return stats, "compiled step asked for but nothing was compiled"
-    if graphs_asked and stats["cudagraph_skips"]:
-        return stats, (f"CUDA graphs asked for but inductor skipped them ({stats['cudagraph_skips']} "
-                       "skip(s); TORCH_LOGS=cudagraphs gives the reason)")
-    return stats, None
-
-
-def prepare_compiled_row() -> dict:
-    """A fresh dynamo before each compiled configuration; the counters to diff against."""
-    import torch._dynamo
-
-    torch._dynamo.reset()
-    return compile_counters()
-
-
-def configure_compiler() -> None:
-    """Fail loudly instead of running eager: a recompile limit hit raises, and (where this
-    torch has the switch) so does a skipped CUDA graph, with inductor's reason."""
-    import torch._dynamo
-    import torch._inductor.config as inductor_config
-
-    if hasattr(torch._dynamo.config, "fail_on_recompile_limit_hit"):
-        torch._dynamo.config.fail_on_recompile_limit_hit = True
-    if hasattr(inductor_config.triton, "cudagraph_or_error"):
-        inductor_config.triton.cudagraph_or_error = True
-
-
-# ---- bytes a decode step reads ---------------------------------------------------------------------
-
-
-def hf_decode_bytes_per_step(config: ModelConfig, batch: int, slots: float, element: int = 2) -> float:
-    """Weights a decode step reads (all but the embedding table) + the KV cache slots it attends."""
-    weights = config.num_parameters() - config.vocab_size * config.hidden_size
-    kv = 2 * config.num_layers * batch * slots * config.hidden_size
-    return (weights + kv) * element
-
-
-def model_weight_bytes(model) -> int:
-    """Weight bytes one decode step reads from a model as it is held: float parameters their
-    own, quantized projections what their kernel reads (QuantizedLinear.decode_bytes)."""
-    from gptj.quantized_linear import QuantizedLinear
-
-    weights = sum(p.numel() * p.element_size() for n, p in model.named_parameters() if not n.startswith("embed."))
-    return weights + sum(m.decode_bytes() for m in model.modules() if isinstance(m, QuantizedLinear))
-
-
-def decode_step_bytes(model, batch: int, attended_slots: float, cache_element: int) -> dict:
-    """Bytes per decode step: the weights, and the keys and values of the slots attended."""
-    attn = model.blocks[0].attn
-    kv = 2 * len(model.blocks) * batch * attended_slots * attn.local_heads * attn.head_dim * cache_element
-    return {"weight_bytes": model_weight_bytes(model), "kv_bytes": kv}
-
-
-def layer_kernels(model) -> tuple[dict[str, str], dict[str, str]]:
-    """Each quantized layer's kernel, and the packings a kernel refused (with the reason)."""
-    from gptj.quantized_linear import QuantizedLinear
-
-    kernels, refused = {}, {}
-    for name, module in model.named_modules():
-        if isinstance(module, QuantizedLinear):
-            kernels[name] = module.prepare_kernel().kernel_name
-            if module.kernel_refused:
-                refused[name] = module.kernel_refused
-    return kernels, refused
 
 
 # ---- the models decode rows share ------------------------------------------------------------------
@@ -665,58 +406,6 @@ def run_row(bench: Bench, report: Report, row: Row) -> None:
         bench.models.clear()  # an out-of-memory row must not starve the next one
     record["seconds"] = time.perf_counter() - started
     report.finish_row(row.section, record)
-
-
-# ---- report ----------------------------------------------------------------------------------------
-
-
-def markdown(report: dict) -> str:
-    m = report.get("machine", {})
-    lines = [f"# GPU benchmark: {m.get('device', '?')}", ""]
-    if "matmul_bf16_flops" in m:
-        lines.append(f"measured: bf16 matmul {m['matmul_bf16_flops'] / 1e12:.0f} TFLOP/s, device copy "
-                     f"{m['bandwidth'] / 1e9:.0f} GB/s; datasheet bf16 "
-                     f"{(m['datasheet_bf16_flops'] or 0) / 1e12:.0f} TFLOP/s; torch {m['torch']}")
-    if not report.get("complete"):
-        lines.append("\n**incomplete**: " + ("stopped at the time budget" if report.get("stopped_at_deadline")
-                                             else "still running, or killed"))
-    lines += ["", "| training | blocks | params | tokens/s | MFU (measured) | MFU (datasheet) | peak GiB |",
-              "|---|---|---|---|---|---|---|"]
-    for r in report.get("training", {}).get("runs", []):
-        name = f"{r['impl']}{' + offload' if r['offload'] else ''}"
-        if "error" in r:
-            lines.append(f"| {name} | error: {r['error'][:100]} | | | | | |")
-            continue
-        ds = f"{100 * r['mfu_datasheet']:.1f}%" if r.get("mfu_datasheet") else "-"
-        pk = f"{r['peak_device_bytes'] / GiB:.1f}" if r.get("peak_device_bytes") else "-"
-        lines.append(f"| {name} | {r['blocks']} | {r['parameters'] / 1e9:.2f} B | {r['tokens_per_s']:,.0f} | "
-                     f"{100 * r['mfu']:.1f}% | {ds} | {pk} |")
-    lines += ["", "| decode | weights | batch | tokens/s | MB read per token | fraction of bandwidth | compile |",
-              "|---|---|---|---|---|---|---|"]
-    for r in report.get("decode", {}).get("runs", []):
-        lines.append(_decode_line(r))
-    if "error" in m:
-        lines.append(f"\nmachine: ERROR {m['error']}")
-    lines.append("\nBytes per token = (weights a decode step reads, embedding excluded, quantized projections as "
-                 "their kernel reads them + the KV cache slots the step attends) / batch; fraction = bytes per "
-                 "step x steps/s / measured copy bandwidth. compile: frames compiled / recompiles / graph breaks "
-                 "/ cudagraph skips.")
-    lines.append("Targets: training >= 50% MFU; bf16 batch-1 decode >= 85% of the measured bandwidth; "
-                 "int4 >= 2.5x bf16 tokens/s.")
-    return "\n".join(lines) + "\n"
-
-
-def _decode_line(r: dict) -> str:
-    mode = " (CUDA graphs)" if r.get("cuda_graphs") else " (compiled)" if r.get("compiled") else ""
-    name = r["impl"] + mode
-    refused = len(r.get("kernels_refused") or {})
-    weights = r.get("weights", "bf16") + (f", {refused} layer(s) dequantize" if refused else "")
-    c = r.get("compile")
-    compile_text = f"{c['frames_compiled']} / {c['recompiles']} / {c['graph_breaks']} / {c['cudagraph_skips']}" if c else ""
-    if "error" in r:
-        return f"| {name} | {weights} | {r.get('batch', '')} | error: {r['error'][:100]} | | | {compile_text} |"
-    return (f"| {name} | {weights} | {r['batch']} | {r['tokens_per_s']:,.1f} | {r['bytes_per_token'] / 1e6:,.1f} | "
-            f"{100 * r['bandwidth_fraction']:.1f}% | {compile_text} |")
 
 
 # ---- main ------------------------------------------------------------------------------------------
