@@ -117,9 +117,12 @@ class BlockMultiLoRA(nn.Module):
             deltas = self._dense_deltas(present, x, owner.row_mask(x.shape[0], x.dtype))
         else:
             deltas = self._gathered_deltas(present, x, rows)
-        pieces = [deltas[t] if t in deltas else y.new_zeros(*y.shape[:-1], self.widths[t]) for t in targets]
-        delta = pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=-1)
-        return y + delta
+        offset = 0  # each delta added into its target's columns of y (a fresh output): no zeros, no copies
+        for target in targets:
+            if target in deltas:
+                y[..., offset:offset + self.widths[target]] += deltas[target]
+            offset += self.widths[target]
+        return y
 
     def _dense_factors(self, present: tuple[str, ...]) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """A of every present target and adapter side by side [P n rank, in]; per target, B of
