@@ -319,6 +319,7 @@ def main(argv=None) -> int:
     p.add_argument("--adapters", type=int, default=0, metavar="K",
                    help="K LoRA adapters over one base against one merged model (benchmarks/bench_serving_adapters.py)")
     p.add_argument("--adapter-rank", type=int, default=8)
+    p.add_argument("--rounds", type=int, default=1, help="with --adapters: both servers take turns R times, best counts")
     args = p.parse_args(argv)
     if args.quick:
         args.concurrency, args.input_len, args.output_len = [1, 4], 16, 16

@@ -55,10 +55,16 @@ def _alone(directory: str | None, prompt: list[int], quantize: str | None) -> li
         return generate(model, [prompt], NEW_TOKENS, eos_token_id=-1)[0].token_ids
 
 
-def _mixed_batch(adapter_dirs, quantize: str | None, ctx=None) -> dict[str | None, list[int]]:
+# The two ways of computing the deltas (gptj/multi_lora.py), forced by the cutoff: the dense
+# path takes up to `dense_limit` adapters, the per-row gather more.
+PATHS = {"dense": 8, "gather": 0}
+
+
+def _mixed_batch(adapter_dirs, quantize: str | None, ctx=None, path: str = "dense") -> dict[str | None, list[int]]:
     model = _base(quantize, ctx)
-    engine = RequestEngine(model, max_batch_size=4, eos_token_id=None,
-                           adapters=load_adapters(adapter_dirs, model, ctx))
+    adapters = load_adapters(adapter_dirs, model, ctx)
+    adapters.dense_limit = PATHS[path]
+    engine = RequestEngine(model, max_batch_size=4, eos_token_id=None, adapters=adapters)
     # Prompts of different lengths, so rows are padded and each row's index must follow it.
     for name, prompt in PROMPTS.items():
         engine.add(Request(str(name), prompt, NEW_TOKENS, adapter=name))
@@ -82,14 +88,34 @@ def test_a_mixed_batch_gives_each_adapter_its_own_output(adapter_dirs, quantize)
         assert alone[name] != _alone(None, PROMPTS[name], quantize), name
 
 
+def test_the_dense_and_the_gather_path_give_each_adapter_its_own_output(adapter_dirs):
+    """Both paths against the same single-adapter reference (prefill and decode shapes, rows of
+    the base, padded ranks, targets some adapters leave alone), and against each other."""
+    alone = {name: _alone(adapter_dirs.get(name), prompt, None) for name, prompt in PROMPTS.items()}
+    for path in PATHS:
+        assert _mixed_batch(adapter_dirs, None, path=path) == alone, path
+    model = _base()
+    adapters = load_adapters(adapter_dirs, model)
+    ids = torch.tensor([PROMPTS["alpha"], PROMPTS["beta"][:4], PROMPTS["gamma"] * 2, PROMPTS[None] + [1]])
+    adapters.set_rows([adapters.index(name) for name in PROMPTS])
+    logits = {}
+    with torch.no_grad():
+        for path, limit in PATHS.items():
+            adapters.dense_limit = limit
+            logits[path] = model.logits(ids)
+    torch.testing.assert_close(logits["dense"], logits["gather"], rtol=1e-5, atol=1e-5)
+
+
 def _tp_worker(rank, world_size, adapter_dirs):
     ctx, _ = init_distributed(tensor_parallel=world_size)
-    return _mixed_batch(adapter_dirs, None, ctx)
+    return {path: _mixed_batch(adapter_dirs, None, ctx, path) for path in PATHS}
 
 
 def test_at_tensor_parallel_2_a_mixed_batch_gives_the_single_process_tokens(adapter_dirs):
+    """Both delta paths, the row-parallel targets' deltas joining each rank's partial sum."""
     ranks = run_distributed(_tp_worker, 2, adapter_dirs)
-    assert ranks[0] == ranks[1] == _mixed_batch(adapter_dirs, None)
+    single = _mixed_batch(adapter_dirs, None)
+    assert ranks[0] == ranks[1] == {path: single for path in PATHS}
 
 
 def test_after_a_step_other_forwards_of_the_model_see_the_base(adapter_dirs):
@@ -126,11 +152,14 @@ def _run(engine, requests) -> dict[str, list[int]]:
     return tokens
 
 
-def test_adapters_added_and_removed_between_steps_keep_every_row_on_its_own(adapter_dirs):
+@pytest.mark.parametrize("path", PATHS)
+def test_adapters_added_and_removed_between_steps_keep_every_row_on_its_own(adapter_dirs, path):
+    """Each change resizes the stacks (and the dense path's concatenated factors)."""
     from serving.adapter_slots import AdapterChangeError, AdapterSlots
 
     model = _base()
     engine = RequestEngine(model, 4, None, adapters=load_adapters({}, model))
+    engine.adapters.dense_limit = PATHS[path]
     slots = AdapterSlots(engine, None, limit=3)
     for name in SETTINGS:  # alpha (rank 2), then larger ranks: the stacks grow as they come
         assert slots.load(name, adapter_dirs[name]) == {"loaded": name}

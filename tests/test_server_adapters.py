@@ -16,7 +16,7 @@ from execution.inference.generation import generate
 from execution.inference.pipelines import load_model_and_tokenizer
 from gptj.adapter_io import save_peft_adapter
 from gptj.lora import LoraAdapters, LoraSettings
-from tests.fixtures.server import metric, tiny_config, tiny_server, wait_for
+from tests.fixtures.server import metric, tiny_config, tiny_server, tp_server_process, wait_for
 
 PROMPT = "The quick brown fox"
 MAX_TOKENS = 6
@@ -156,6 +156,35 @@ def test_unloading_lets_requests_in_flight_finish(adapter_dirs):
     parts = [json.loads(c.removeprefix("data: ")) for c in chunks if c.startswith("data: {")]
     assert all("error" not in p for p in parts)
     assert "".join(p["choices"][0]["text"] for p in parts) == _alone(adapter_dirs["mnli"], long, eos=False)
+
+
+def test_a_tensor_parallel_2_server_gives_each_adapter_its_own_tokens_in_one_batch(adapter_dirs):
+    """Two adapters over a TP-2 server (each rank stacks its shards): a long mnli request streams
+    while sst2 and the base run beside it, each output the single process's with that adapter alone."""
+    argv = ["--precision", "fp32", *[a for name, d in adapter_dirs.items() for a in ("--adapter", f"{name}={d}")]]
+    long = 160
+    with tp_server_process(*argv) as (url, _), ThreadPoolExecutor(2) as pool:
+        base = httpx.get(f"{url}/v1/models", timeout=30).json()["data"][0]["id"]
+
+        def complete(model: str, tokens: int = MAX_TOKENS, **extra):
+            body = {"model": model, "prompt": PROMPT, "max_tokens": tokens, "temperature": 0, "ignore_eos": True,
+                    **extra}
+            return httpx.post(f"{url}/v1/completions", json=body, timeout=120)
+
+        body = {"model": "mnli", "prompt": PROMPT, "max_tokens": long, "temperature": 0, "ignore_eos": True,
+                "stream": True}
+        with httpx.stream("POST", f"{url}/v1/completions", json=body, timeout=120) as stream:
+            lines = stream.iter_lines()
+            chunks = [next(line for line in lines if line.startswith("data: {"))]  # mnli is running
+            short = [r.json()["choices"][0]["text"] for r in pool.map(complete, ["sst2", base])]
+            # Both finished while mnli still held its row: the three shared decode steps.
+            assert metric(url, "gptj_requests_finished_total", 'finish_reason="length"') == 2
+            chunks += list(lines)
+    parts = [json.loads(c.removeprefix("data: ")) for c in chunks if c.startswith("data: {")]
+    assert all("error" not in p for p in parts)
+    assert "".join(p["choices"][0]["text"] for p in parts) == _alone(adapter_dirs["mnli"], long, eos=False)
+    assert short == [_alone(adapter_dirs["sst2"], eos=False), _alone(None, eos=False)]
+    assert len({*short, _alone(adapter_dirs["mnli"], eos=False)}) == 3  # the adapters really change the output
 
 
 def test_a_compiled_decode_step_with_adapters_is_refused_with_one_line(adapter_dirs, capsys):

@@ -4,10 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import signal
-import subprocess
-import sys
-import time
-from pathlib import Path
 
 import httpx
 import pytest
@@ -16,42 +12,16 @@ from execution.inference.generation import GenerationEngine
 from execution.inference.pipelines import EntailmentPipeline, load_model_and_tokenizer
 from execution.inference.sampling import SamplingParams
 from execution.inference.scoring import score_rows
-from serving.server import free_port
+from tests.fixtures.server import tp_server_process
 
-ROOT = Path(__file__).resolve().parents[1]
 PROMPTS = ["The cat sat on the", "Once upon a time", "a", "mnli hypothesis: x premise: y target:"]
 SAMPLED = dict(temperature=0.8, top_k=40, top_p=0.95, seed=7)
 
 
 @pytest.fixture(scope="module")
 def tp_server():
-    port = free_port()
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "run_server.py",
-         "--tensor-parallel", "2", "--port", str(port), "--log-level", "warning"],
-        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-    )
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 240
-    try:
-        while True:
-            try:
-                if httpx.get(f"{url}/health", timeout=5).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"TP server did not start:\n{proc.stdout.read() if proc.poll() is not None else ''}")
-            time.sleep(0.2)
+    with tp_server_process() as (url, proc):
         yield url, proc
-    finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGINT)
-            try:
-                proc.wait(60)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
 
 
 def test_tensor_parallel_server_gives_the_single_process_tokens(tp_server):
