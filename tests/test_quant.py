@@ -208,7 +208,7 @@ def test_quantized_prefill_equals_the_dequantized_reference(bits, group, monkeyp
 def test_cpu_int4_layout_is_built_byte_for_byte_as_torch_packs_it(rows, width, monkeypatch):
     """The stored bytes rearranged into the CPU kernel's layout directly (in several chunks here)
     equal torch's own converter's output on the unpacked values, full blocks and tail."""
-    import gptj.quantized_linear as quant
+    import gptj.int4_cpu_layout as quant
 
     monkeypatch.setattr(quant, "PACK_BYTES", 64 * width)  # two 64-row blocks a chunk
     qweight = torch.randint(0, 256, (rows, width // 2), dtype=torch.uint8, generator=torch.Generator().manual_seed(rows))
