@@ -10,7 +10,9 @@ loses a share s of the cores should keep about (1 - s) of its speed; a parallel 
 threads meet at a barrier after every matmul loses more: each barrier waits for the thread the
 scheduler took off its core. The table gives, per row, tokens/s and its ratio to the alone row
 of the same thread count, beside the fair share (cores / (cores + busy processes) when every
-runnable thread gets an equal slice). The machine is named in the report.
+runnable thread gets an equal slice). The machine is named in the report, with OpenMP's wait
+policy (set OMP_WAIT_POLICY=PASSIVE or ACTIVE in the environment to compare: how torch's
+threads wait at each barrier, spinning or asleep).
 """
 
 from __future__ import annotations
@@ -78,7 +80,8 @@ def main(argv=None) -> int:
     from benchmarks.machine import cpu_features, describe
 
     threads = args.threads or sorted({os.cpu_count() or 1, 1}, reverse=True)
-    print(" ".join([describe(), *cpu_features()]), f"({os.cpu_count()} cores)")
+    policy = os.environ.get("OMP_WAIT_POLICY", "unset")
+    print(" ".join([describe(), *cpu_features()]), f"({os.cpu_count()} cores), OMP_WAIT_POLICY {policy}")
     rows = measure(args.model, args.quantize, threads, args.new_tokens, args.repeats)
     print("| threads | busy processes | decode tok/s | of alone | fair share |\n|---|---|---|---|---|")
     for r in rows:
