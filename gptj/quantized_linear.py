@@ -312,8 +312,8 @@ class QuantizedLinear(nn.Module):
         for first in range(start, stop, step):
             last = min(first + step, stop)
             target = out[first - start : last - start]
-            if self.bits == 8:
-                torch.mul(self.qweight[first:last].to(dtype), self.scales[first:last, None].to(dtype), out=target)
+            if self.bits == 8:  # q * scale rounded once to dtype, written in place (no temporary)
+                target.copy_(self.qweight[first:last]).mul_(self.scales[first:last, None].to(dtype))
                 continue
             q = self._int4_values(first, last).view(last - first, -1, self.group_size).to(torch.float32)
             scales, zeros = self._int4_scales_zeros(first, last)
