@@ -244,6 +244,18 @@ print(json.dumps({"exit": code, "peak_rss": resource.getrusage(resource.RUSAGE_S
 """
 
 
+def warm_page_cache(directory: Path) -> float:
+    """Read every file of `directory` once (the page cache then holds it, memory allowing): the
+    seconds that took, the disk's part of a cold load."""
+    start = time.perf_counter()
+    for file in sorted(directory.iterdir()):
+        if file.is_file():
+            with open(file, "rb", buffering=0) as f:
+                while f.read(64 << 20):
+                    pass
+    return time.perf_counter() - start
+
+
 def model_config(args):
     from gptj import ModelConfig
 
@@ -363,6 +375,8 @@ def main(argv=None) -> int:
         model = info.get("int4_dir", "") if row == "int4-prequantized" else str(directory)
         if row == "ctranslate2-int8":
             info["ctranslate2"] = convert_ctranslate2(directory, args)
+        if row == "int4-prequantized":  # its load is measured from a warm page cache (the goal's terms)
+            info["int4_page_cache_fill_s"] = warm_page_cache(Path(model))
         result = {"row": row, **run_child(row, model, args, shape)}
         report["rows"].append(result)
         write_report(report, out)
