@@ -85,11 +85,26 @@ def write_shard(path: Path, tensors: list[tuple[str, tuple[int, ...]]], generato
     return written
 
 
-def copy_tokenizer(directory: Path, gpt2: Path | None = GPT2_TOKENIZER) -> str:
-    """GPT-2's vocab.json + merges.txt from `gpt2` where it has them, else the bundled tiny BPE."""
+def add_extra_tokens(directory: Path, vocab_size: int) -> None:
+    """GPT-J's tokenizer is GPT-2's (50257 tokens) with `<|extratoken_1|>` .. added up to the
+    embedding's 50400 rows; tools that check the vocabulary against the model (CTranslate2's
+    converter) need them. Written beside a GPT-2 vocab.json that is shorter than the model's."""
+    vocab_file, added_file = directory / "vocab.json", directory / "added_tokens.json"
+    if not vocab_file.is_file() or added_file.exists():
+        return
+    size = len(json.loads(vocab_file.read_text()))
+    if size < vocab_size:
+        extra = {f"<|extratoken_{i - size + 1}|>": i for i in range(size, vocab_size)}
+        added_file.write_text(json.dumps(extra))
+
+
+def copy_tokenizer(directory: Path, gpt2: Path | None = GPT2_TOKENIZER, vocab_size: int = 0) -> str:
+    """GPT-2's vocab.json + merges.txt from `gpt2` where it has them (with GPT-J's extra tokens up
+    to `vocab_size`), else the bundled tiny BPE."""
     if gpt2 is not None and (gpt2 / "vocab.json").is_file() and (gpt2 / "merges.txt").is_file():
         for name in ("vocab.json", "merges.txt"):
             shutil.copy2(gpt2 / name, directory / name)
+        add_extra_tokens(directory, vocab_size)
         return "gpt2"
     from data import bundled
 
@@ -120,7 +135,7 @@ def write_checkpoint(directory: Path, config: ModelConfig, seed: int = 0, shard_
     (partial / SAFE_INDEX).write_text(json.dumps(index, indent=2))
     values = {**config.to_hf_dict(), "torch_dtype": "bfloat16"}
     (partial / "config.json").write_text(json.dumps(values, indent=2))
-    copy_tokenizer(partial, None if tokenizer is None else Path(tokenizer))
+    copy_tokenizer(partial, None if tokenizer is None else Path(tokenizer), config.vocab_size)
     partial.rename(directory)
     return directory
 
@@ -137,5 +152,6 @@ def ensure_checkpoint(directory: Path, config: ModelConfig, **kwargs) -> tuple[P
         if found != config:
             raise ValueError(f"{directory} holds another model ({found}); expected {config}: "
                              "pass another --dir")
+        add_extra_tokens(directory, config.vocab_size)  # checkpoints written before they were
         return directory, False
     return write_checkpoint(directory, config, **kwargs), True

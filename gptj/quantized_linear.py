@@ -48,6 +48,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .int4_cpu_layout import CPU_INT4_BLOCK_ROWS, int4_cpu_pack, int4_cpu_unpack, unpack_int4
+
 BITS = (8, 4)
 GROUP_SIZES = (32, 64, 128, 256)
 # Rows up to which the packed CPU kernels beat dequantize + bf16 matmul (measured, NOTES.md).
@@ -60,8 +62,6 @@ CPU_INT4_KERNEL_MAX_ROWS = 128
 DEQUANTIZE_ELEMENTS = 1 << 20
 # Prefill on CPU: weight elements dequantized into one reused buffer per matmul slice (16 MB bf16).
 PREFILL_WEIGHT_ELEMENTS = 1 << 23
-# The CPU int4 kernel stores rows in blocks of this many (see int4_cpu_pack).
-CPU_INT4_BLOCK_ROWS = 64
 
 
 class QuantizationError(ValueError):
@@ -140,58 +140,6 @@ def quantize_int4(weight: torch.Tensor, group_size: int) -> tuple[torch.Tensor, 
     q = torch.round((w - zero[..., None]) / scale[..., None] + 8.0).clamp_(0, 15).to(torch.uint8)
     q = q.view(n, k)
     return (q[:, 0::2] << 4) | q[:, 1::2], scale, zero
-
-
-def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
-    """uint8 [N, K/2] -> uint8 values in [0, 15], [N, K]."""
-    return torch.stack((packed >> 4, packed & 15), dim=-1).flatten(-2)
-
-
-# ---- the CPU int4 kernel's layout ---------------------------------------------------------------
-# `torch._convert_weight_to_int4pack_for_cpu` reorders the values [N, K] for its AVX-512 kernel:
-# each block of 64 rows becomes [K, 32] bytes, row j in the low nibble and row 32 + j in the high
-# one; the rows after the last full block become [K, rest / 2] bytes, rows 2i (low) and 2i + 1
-# (high). A block's bytes depend on that block alone, so packing runs in row chunks (bounded
-# temporaries) and the values read back from any block-aligned rows. `int4_cpu_pack` checks this
-# layout on every weight it packs: a torch that packs differently keeps the stored copy instead.
-
-
-def int4_cpu_unpack(packed: torch.Tensor, start: int, stop: int) -> torch.Tensor:
-    """Values uint8 [stop - start, K] of rows [start, stop) of a CPU int4 kernel weight [N, K/2].
-
-    `start` must be a multiple of CPU_INT4_BLOCK_ROWS; `stop` too, or N."""
-    n, k = packed.shape[0], packed.shape[1] * 2
-    full = n // CPU_INT4_BLOCK_ROWS * CPU_INT4_BLOCK_ROWS
-    pieces = []
-    if start < min(stop, full):
-        end = min(stop, full)
-        v = packed[start:end].reshape(-1, k, CPU_INT4_BLOCK_ROWS // 2)
-        pieces.append(torch.stack((v & 15, v >> 4), dim=1).transpose(2, 3).reshape(end - start, k))
-    if stop > full:
-        v = packed[full:].reshape(k, (n - full) // 2)
-        tail = torch.stack((v & 15, v >> 4), dim=-1).reshape(k, n - full).t()
-        pieces.append(tail[max(start, full) - full : stop - full])
-    return pieces[0] if len(pieces) == 1 else torch.cat(pieces)
-
-
-def int4_cpu_pack(qweight: torch.Tensor) -> torch.Tensor | None:
-    """The CPU kernel's weight for stored int4 `qweight` [N, K/2], or None where the kernel does
-    not take the shape or packs in another layout than int4_cpu_unpack reads."""
-    n, k = qweight.shape[0], qweight.shape[1] * 2
-    rows = max(CPU_INT4_BLOCK_ROWS, (1 << 22) // k // CPU_INT4_BLOCK_ROWS * CPU_INT4_BLOCK_ROWS)
-    packed = torch.empty_like(qweight)
-    full = n // CPU_INT4_BLOCK_ROWS * CPU_INT4_BLOCK_ROWS
-    starts = [*range(0, full, rows), *([full] if full < n else [])]
-    try:
-        for start in starts:
-            stop = min(start + rows, full) if start < full else n
-            values = unpack_int4(qweight[start:stop])
-            packed[start:stop] = torch._convert_weight_to_int4pack_for_cpu(values.to(torch.int32), 1)
-            if (start == 0 or stop == n) and not torch.equal(int4_cpu_unpack(packed, start, stop), values):
-                return None
-    except RuntimeError:  # e.g. N not a multiple of 16
-        return None
-    return packed
 
 
 def _row_block(width: int, elements: int, align: int = CPU_INT4_BLOCK_ROWS) -> int:
@@ -364,8 +312,8 @@ class QuantizedLinear(nn.Module):
         for first in range(start, stop, step):
             last = min(first + step, stop)
             target = out[first - start : last - start]
-            if self.bits == 8:
-                torch.mul(self.qweight[first:last].to(dtype), self.scales[first:last, None].to(dtype), out=target)
+            if self.bits == 8:  # q * scale rounded once to dtype, written in place (no temporary)
+                target.copy_(self.qweight[first:last]).mul_(self.scales[first:last, None].to(dtype))
                 continue
             q = self._int4_values(first, last).view(last - first, -1, self.group_size).to(torch.float32)
             scales, zeros = self._int4_scales_zeros(first, last)

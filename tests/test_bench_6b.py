@@ -63,3 +63,16 @@ def test_smoke_run_writes_rows_json_and_markdown(tmp_path):
 @pytest.mark.skipif(importlib.util.find_spec("ctranslate2") is not None, reason="ctranslate2 is installed")
 def test_the_ctranslate2_row_says_not_installed():
     assert bench_6b.measure_ctranslate2("unused", {}, 1) == {"error": "not installed"}
+
+
+def test_a_gpt2_vocabulary_gets_gpt_j_extra_tokens_up_to_the_embedding(tmp_path):
+    """As in GPT-J's own tokenizer: GPT-2's tokens, then <|extratoken_1|>.. up to the vocab size."""
+    from benchmarks.random_checkpoint import copy_tokenizer
+
+    gpt2, out = tmp_path / "gpt2", tmp_path / "ck"
+    gpt2.mkdir(), out.mkdir()
+    (gpt2 / "vocab.json").write_text(json.dumps({"a": 0, "b": 1, "ab": 2}))
+    (gpt2 / "merges.txt").write_text("#version: 0.2\na b\n")
+    assert copy_tokenizer(out, gpt2, vocab_size=6) == "gpt2"
+    assert json.loads((out / "added_tokens.json").read_text()) == {
+        "<|extratoken_1|>": 3, "<|extratoken_2|>": 4, "<|extratoken_3|>": 5}

@@ -202,3 +202,20 @@ def test_quantized_prefill_equals_the_dequantized_reference(bits, group, monkeyp
     x = torch.randn(3, 70, 512).bfloat16()
     torch.testing.assert_close(layer(x), F.linear(x, reference_weight), rtol=1e-2, atol=1e-3)
     assert torch.equal(layer.dequantize(torch.bfloat16), reference_weight)
+
+
+@pytest.mark.parametrize("rows,width", [(3 * 64 + 32, 256), (128, 512), (64, 128)])
+def test_cpu_int4_layout_is_built_byte_for_byte_as_torch_packs_it(rows, width, monkeypatch):
+    """The stored bytes rearranged into the CPU kernel's layout directly (in several chunks here)
+    equal torch's own converter's output on the unpacked values, full blocks and tail."""
+    import gptj.int4_cpu_layout as quant
+
+    monkeypatch.setattr(quant, "PACK_BYTES", 64 * width)  # two 64-row blocks a chunk
+    qweight = torch.randint(0, 256, (rows, width // 2), dtype=torch.uint8, generator=torch.Generator().manual_seed(rows))
+    values = quant.unpack_int4(qweight)
+    expected = torch._convert_weight_to_int4pack_for_cpu(values.to(torch.int32), 1)
+    assert quant._direct_packing_matches()
+    assert torch.equal(quant.int4_cpu_pack(qweight), expected)
+    assert torch.equal(quant.int4_cpu_unpack(expected, 0, rows), values)
+    monkeypatch.setattr(quant, "_direct_packing_matches", lambda: False)  # a torch that packs otherwise
+    assert torch.equal(quant.int4_cpu_pack(qweight), expected)
