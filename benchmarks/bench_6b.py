@@ -162,12 +162,14 @@ def _token_names(model_dir: Path) -> list[str]:
 
 
 def measure_server_row(model_dir: str, shape: dict, threads: int) -> dict:
+    import httpx
+
     from benchmarks.bench_6b_server import CONCURRENCY, measure_server
 
     vocab = json.loads((Path(model_dir) / "config.json").read_text())["vocab_size"]
     try:
         return measure_server(model_dir, shape, threads, _prompts(vocab, CONCURRENCY, shape["prompt_tokens"]))
-    except RuntimeError as err:  # the server's own last line: a fit check, a bad checkpoint
+    except (RuntimeError, httpx.HTTPError) as err:  # the server's last line (a fit check), a refused request
         return {"error": str(err).splitlines()[0]}
 
 

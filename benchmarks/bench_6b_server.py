@@ -51,7 +51,7 @@ def start(model_dir: str, threads: int, max_len: int, log: Path) -> tuple[subpro
     port = free_port()
     command = [sys.executable, "run_server.py", "--model", model_dir, "--port", str(port),
                "--threads", str(threads), "--max-batch-size", str(CONCURRENCY), "--max-model-len", str(max_len),
-               "--log-level", "warning"]
+               "--request-timeout", "7200", "--log-level", "warning"]  # c16 on 6B takes minutes
     started = time.perf_counter()
     proc = subprocess.Popen(command, cwd=ROOT, stdout=log.open("w"), stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
