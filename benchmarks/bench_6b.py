@@ -12,7 +12,10 @@ process: load time, peak RSS (the child's ru_maxrss, load included), time to fir
 and 16, bytes read per decode step and the fraction of the read bandwidth measured in the same
 run (a sum over a 2 GiB tensor with the same threads). Rows: bf16, int8, int4 (quantized while
 loading), int4-prequantized (`python -m execution.inference.quantized_checkpoints` output, written once), transformers
-bf16 and CTranslate2 int8 when installed. A row that cannot fit is one line (the fit check's).
+bf16 and CTranslate2 int8 when installed. Two more rows on the int4 checkpoint have tables of
+their own: server-int4 (run_server.py under 1 and 16 concurrent requests: benchmarks/bench_6b_server.py)
+and qlora-int4 (LoRA rank 8 training steps against the planner's memory prediction:
+benchmarks/bench_6b_qlora.py). A row that cannot fit is one line (the fit check's).
 JSON and markdown are rewritten after every row.
 """
 
@@ -28,7 +31,9 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-ROWS = ("bf16", "int8", "int4", "int4-prequantized", "transformers-bf16", "ctranslate2-int8")
+ROWS = ("bf16", "int8", "int4", "int4-prequantized", "transformers-bf16", "ctranslate2-int8", "server-int4",
+        "qlora-int4")
+PREQUANTIZED = ("int4-prequantized", "server-int4", "qlora-int4")  # rows on the stored int4 checkpoint
 QUANTIZE = {"bf16": None, "int8": "int8", "int4": "int4", "int4-prequantized": None}
 DEFAULT_DIR = Path("/work/ckpt-6b")
 GiB = 2**30
@@ -182,6 +187,29 @@ def _token_names(model_dir: Path) -> list[str]:
     return [name for name, _ in sorted(vocab.items(), key=lambda item: item[1])]
 
 
+def measure_server_row(model_dir: str, shape: dict, threads: int) -> dict:
+    import httpx
+
+    from benchmarks.bench_6b_server import CONCURRENCY, measure_server
+
+    vocab = json.loads((Path(model_dir) / "config.json").read_text())["vocab_size"]
+    try:
+        return measure_server(model_dir, shape, threads, _prompts(vocab, CONCURRENCY, shape["prompt_tokens"]))
+    except (RuntimeError, httpx.HTTPError) as err:  # the server's last line (a fit check), a refused request
+        return {"error": str(err).splitlines()[0]}
+
+
+def measure_qlora_row(model_dir: str, shape: dict, threads: int) -> dict:
+    """The training row, or one line when the planner says it cannot fit in the memory free now."""
+    from benchmarks.bench_6b_qlora import measure_qlora, predicted
+
+    need = predicted(model_dir, shape, recompute=False)["predicted_peak"]
+    available = mem_available() * GiB
+    if need > available:
+        return {"error": f"QLoRA needs {need / GiB:.1f} GiB (planner) but {available / GiB:.1f} GiB is available"}
+    return measure_qlora(model_dir, shape, threads)
+
+
 def child(args) -> dict:
     import torch
 
@@ -194,6 +222,10 @@ def child(args) -> dict:
             result = measure_transformers(args.model, shape)
         elif args.child == "ctranslate2-int8":
             result = measure_ctranslate2(args.model, shape, args.threads)
+        elif args.child == "server-int4":
+            result = measure_server_row(args.model, shape, args.threads)
+        elif args.child == "qlora-int4":
+            result = measure_qlora_row(args.model, shape, args.threads)
         else:
             result = measure_ours(args.model, QUANTIZE[args.child], shape)
     except (ValueError, MemoryError) as err:  # the fit check's line, a bad checkpoint
@@ -266,9 +298,12 @@ def model_config(args):
 
 
 def shape_of(args) -> dict:
+    qlora = {"rank": 8, "group_size": 128, "seq": 32 if args.smoke else 256, "steps": args.qlora_steps}
     if args.smoke:
-        return {"prompt_tokens": 8, "new_tokens": 4, "batch": 4, "bandwidth_MiB": 64}
-    return {"prompt_tokens": 32, "new_tokens": args.new_tokens, "batch": 16, "bandwidth_MiB": 2048}
+        return {"prompt_tokens": 8, "new_tokens": 4, "batch": 4, "bandwidth_MiB": 64,
+                "server_tokens": args.server_tokens or 8, "qlora": qlora}
+    return {"prompt_tokens": 32, "new_tokens": args.new_tokens, "batch": 16, "bandwidth_MiB": 2048,
+            "server_tokens": args.server_tokens or (64 if args.layers else 256), "qlora": qlora}
 
 
 def ensure_checkpoints(args, needs_prequantized: bool) -> tuple[Path, dict]:
@@ -291,6 +326,11 @@ def ensure_checkpoints(args, needs_prequantized: bool) -> tuple[Path, dict]:
 
 def row_line(row: dict, bandwidth: float) -> str:
     """One markdown table row; bytes per token x b1 tokens/s over the measured read bandwidth."""
+    from benchmarks.bench_6b_qlora import qlora_line
+    from benchmarks.bench_6b_server import server_line
+
+    if row["row"] in OWN_TABLES:
+        return {"server-int4": server_line, "qlora-int4": qlora_line}[row["row"]](row)
     if "error" in row and "decode_b1_tok_s" not in row:
         return f"| {row['row']} | {row['error']} |||||||||"
     b16 = next((v for k, v in row.items() if k.startswith("decode_b") and k != "decode_b1_tok_s"), 0.0)
@@ -303,16 +343,37 @@ def row_line(row: dict, bandwidth: float) -> str:
             + (f"{100 * fraction:.0f}%" if fraction is not None else "") + " |")
 
 
+def _server_header() -> list[str]:
+    from benchmarks.bench_6b_server import SERVER_HEADER
+
+    return SERVER_HEADER
+
+
+def _qlora_header() -> list[str]:
+    from benchmarks.bench_6b_qlora import QLORA_HEADER
+
+    return QLORA_HEADER
+
+
+OWN_TABLES = {"server-int4": _server_header, "qlora-int4": _qlora_header}
+
+
 def write_report(report: dict, out: Path) -> None:
     bandwidth = report.get("read_bandwidth_GBps", 0.0)
     lines = [f"# {report['model']}", "", f"CPU: {report['cpu']}; read bandwidth "
              f"{bandwidth:.1f} GB/s (sum over {report['shape']['bandwidth_MiB']} MiB); prompt "
              f"{report['shape']['prompt_tokens']} tokens, {report['shape']['new_tokens']} new, batch "
-             f"{report['shape']['batch']}; MemAvailable at start {report['mem_available_GiB']:.1f} GiB", "",
-             "| row | load s | peak RSS after load GiB | peak RSS GiB | first token s | warm first token s "
-             f"| decode b1 tok/s | decode b{report['shape']['batch']} tok/s | GB read per token | of read bandwidth |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
-    lines += [row_line(row, bandwidth) for row in report["rows"]]
+             f"{report['shape']['batch']}; MemAvailable at start {report['mem_available_GiB']:.1f} GiB"]
+    decode_rows = [row for row in report["rows"] if row["row"] not in OWN_TABLES]
+    if decode_rows:
+        lines += ["", "| row | load s | peak RSS after load GiB | peak RSS GiB | first token s | warm first token s "
+                  f"| decode b1 tok/s | decode b{report['shape']['batch']} tok/s | GB read per token "
+                  "| of read bandwidth |", "|---|---|---|---|---|---|---|---|---|---|"]
+        lines += [row_line(row, bandwidth) for row in decode_rows]
+    for name, header in OWN_TABLES.items():
+        rows = [row for row in report["rows"] if row["row"] == name]
+        if rows:
+            lines += ["", *header(), *(row_line(row, bandwidth) for row in rows)]
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=2))
     out.with_suffix(".md").write_text("\n".join(lines) + "\n")
@@ -334,6 +395,9 @@ def parse_args(argv=None):
     p.add_argument("--out", help="JSON report path (markdown beside it; default benchmarks/results/bench_6b*.json)")
     p.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     p.add_argument("--new-tokens", type=int, default=32)
+    p.add_argument("--server-tokens", type=int, help="new tokens per server-int4 request (default 256; "
+                                                      "64 with --layers, 8 with --smoke)")
+    p.add_argument("--qlora-steps", type=int, default=3, help="optimizer steps of the qlora-int4 row (>= 2)")
     p.add_argument("--timeout", type=float, default=1800, help="seconds per row")
     p.add_argument("--tokenizer", help="a GPT-2 vocab.json + merges.txt directory (default ../shared/data/gpt2)")
     p.add_argument("--smoke", action="store_true", help="a tiny model and shape: proves the script runs")
@@ -348,15 +412,17 @@ def main(argv=None) -> int:
     if args.child:
         print(json.dumps(child(args)), flush=True)
         return 0
-    if args.layers is not None and args.layers < 1:
-        print(f"error: --layers must be >= 1, got {args.layers}", file=sys.stderr)
-        return 2
+    for option, value, least in (("--layers", args.layers, 1), ("--server-tokens", args.server_tokens, 1),
+                                 ("--qlora-steps", args.qlora_steps, 2)):
+        if value is not None and value < least:
+            print(f"error: {option} must be >= {least}, got {value}", file=sys.stderr)
+            return 2
     from benchmarks.machine import cpu_features, describe
 
     rows = args.only or list(ROWS)
     shape = shape_of(args)
     try:
-        directory, info = ensure_checkpoints(args, "int4-prequantized" in rows)
+        directory, info = ensure_checkpoints(args, any(row in PREQUANTIZED for row in rows))
     except ValueError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
@@ -372,7 +438,7 @@ def main(argv=None) -> int:
     report["read_bandwidth_GBps"] = bandwidth.get("read_bandwidth_GBps", 0.0)
     print(f"read bandwidth {report.get('read_bandwidth_GBps', 0):.1f} GB/s with {args.threads} threads", flush=True)
     for row in rows:
-        model = info.get("int4_dir", "") if row == "int4-prequantized" else str(directory)
+        model = info.get("int4_dir", "") if row in PREQUANTIZED else str(directory)
         if row == "ctranslate2-int8":
             info["ctranslate2"] = convert_ctranslate2(directory, args)
         if row == "int4-prequantized":  # its load is measured from a warm page cache (the goal's terms)

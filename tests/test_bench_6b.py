@@ -60,6 +60,36 @@ def test_smoke_run_writes_rows_json_and_markdown(tmp_path):
     assert "| int4-prequantized | " in table and "of read bandwidth" in table and report["cpu"] in table
 
 
+def test_smoke_server_and_qlora_rows(tmp_path):
+    out = tmp_path / "r.json"
+    done = subprocess.run(
+        [sys.executable, "-m", "benchmarks.bench_6b", "--smoke", "--dir", str(tmp_path / "ck"), "--out", str(out),
+         "--only", "server-int4", "--only", "qlora-int4"],
+        cwd=ROOT, capture_output=True, text=True, timeout=240,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    server, qlora = json.loads(out.read_text())["rows"]
+    assert server["row"] == "server-int4" and "error" not in server, server
+    # 16 rows of prompt + new tokens + 8 asked, as the server itself printed them
+    assert (server["kv_rows"], server["kv_tokens"]) == (16, 8 + 8 + 8)
+    assert server["c1_tok_s"] > 0 and server["c16_tok_s"] > 0 and server["server_peak_rss"] > 0
+    config = json.loads((tmp_path / "ck-int4" / "config.json").read_text())
+    assert server["kv_needed_bytes"] == 16 * 16 * 2 * config["n_layer"] * config["n_embd"] * 2
+    assert qlora["row"] == "qlora-int4" and "error" not in qlora, qlora
+    assert qlora["steps"] == 3 and len(qlora["step_times_s"]) == 3
+    assert qlora["step_s"] == pytest.approx(sum(qlora["step_times_s"][1:]) / 2)
+    assert qlora["runtime_rss"] < qlora["loaded_rss"] <= qlora["steps_peak_rss"]
+    # the prediction is the planner CLI's own for the same layout
+    planner = subprocess.run(
+        [sys.executable, "-m", "execution.training.planner", "--model", str(tmp_path / "ck-int4"), "--lora-rank", "8",
+         "--quantize", "int4", "--machine", "cpu-24gb", "--seq", "32", "--micro-batch", "1", "--global-batch", "1",
+         "--json"], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    layout = next(r for r in json.loads(planner.stdout)["layouts"] if r["layout"] == "tp1xr1+lora8+int4")
+    assert qlora["predicted_peak"] == layout["device_total"]
+    table = out.with_suffix(".md").read_text()
+    assert "| server-int4 | " in table and "| qlora-int4 | " in table and "c16 / c1" in table
+
+
 @pytest.mark.skipif(importlib.util.find_spec("ctranslate2") is not None, reason="ctranslate2 is installed")
 def test_the_ctranslate2_row_says_not_installed():
     assert bench_6b.measure_ctranslate2("unused", {}, 1) == {"error": "not installed"}
