@@ -53,14 +53,20 @@ def _prompts(vocab: int, rows: int, length: int) -> list[list[int]]:
     return torch.randint(0, min(vocab, 50257), (rows, length), generator=g).tolist()
 
 
-def measure_bandwidth(megabytes: int) -> dict:
-    """Read bandwidth: the best of several sums over one large fp32 tensor."""
+def measure_bandwidth(megabytes: int, matmul: bool = True) -> dict:
+    """Read bandwidth: the best of several sums over one large fp32 tensor; and the bf16 matmul
+    peak (a 2048^3 product, seconds of it: left out of the smoke run)."""
     import torch
+
+    from benchmarks.machine import measure_matmul_flops
 
     x = torch.ones(megabytes * 2**20 // 4)
     x.sum()
     best = min(_timed(x.sum) for _ in range(5))
-    return {"read_bandwidth_GBps": x.numel() * 4 / best / 1e9}
+    out = {"read_bandwidth_GBps": x.numel() * 4 / best / 1e9}
+    if matmul:
+        out["bf16_matmul_GFLOPs"] = measure_matmul_flops(torch.bfloat16, budget_s=10.0) / 1e9
+    return out
 
 
 def _timed(fn) -> float:
@@ -90,11 +96,25 @@ def measure_ours(model_dir: str, quantize: str | None, shape: dict) -> dict:
         out["decode_b1_tok_s"] = engine.stats.decode_tokens_per_second
         engine.run(prompts, new, None, batch_size=len(prompts))
         out[f"decode_b{len(prompts)}_tok_s"] = engine.stats.decode_tokens_per_second
+        long = shape.get("prefill_tokens", 0)
+        if long:  # one long prompt's first token: the prefill, at compute speed or not
+            engine.run(_prompts(model.config.vocab_size, 1, long), 1, None)
+            out["prefill_tokens"], out["prefill_s"] = long, engine.stats.time_to_first_token
+            out["prefill_GFLOPs"] = prefill_flops(model.config, long) / out["prefill_s"] / 1e9
     cache = engine.cache.layers[0].keys.element_size()
     kv = 2 * model.config.num_layers * model.config.hidden_size * cache * (shape["prompt_tokens"] + new // 2)
     out["bytes_per_token"] = weight_bytes_per_step(model) + kv
     out["kernels"] = sorted({m.kernel_name for m in model.modules() if hasattr(m, "kernel_name")})
     return out
+
+
+def prefill_flops(config, tokens: int) -> float:
+    """Matmul FLOPs of a prompt's forward: 2 x the block projections' weights per token, the
+    attention scores and values (causal: half the square), lm_head for the last token only."""
+    d, layers = config.hidden_size, config.num_layers
+    projections = layers * (4 * d * d + 2 * d * config.ffn_dim)
+    attention = layers * 2 * d * tokens * (tokens + 1) / 2
+    return 2 * (projections * tokens + attention + config.vocab_size * d)
 
 
 def measure_transformers(model_dir: str, shape: dict) -> dict:
@@ -217,7 +237,7 @@ def child(args) -> dict:
     shape = json.loads(args.shape)
     try:
         if args.child == "bandwidth":
-            result = measure_bandwidth(shape["bandwidth_MiB"])
+            result = measure_bandwidth(shape["bandwidth_MiB"], shape.get("prefill_tokens", 0) > 16)
         elif args.child == "transformers-bf16":
             result = measure_transformers(args.model, shape)
         elif args.child == "ctranslate2-int8":
@@ -300,9 +320,10 @@ def model_config(args):
 def shape_of(args) -> dict:
     qlora = {"rank": 8, "group_size": 128, "seq": 32 if args.smoke else 256, "steps": args.qlora_steps}
     if args.smoke:
-        return {"prompt_tokens": 8, "new_tokens": 4, "batch": 4, "bandwidth_MiB": 64,
+        return {"prompt_tokens": 8, "new_tokens": 4, "batch": 4, "bandwidth_MiB": 64, "prefill_tokens": 16,
                 "server_tokens": args.server_tokens or 8, "qlora": qlora}
     return {"prompt_tokens": 32, "new_tokens": args.new_tokens, "batch": 16, "bandwidth_MiB": 2048,
+            "prefill_tokens": 512,
             "server_tokens": args.server_tokens or (64 if args.layers else 256), "qlora": qlora}
 
 
@@ -370,6 +391,12 @@ def write_report(report: dict, out: Path) -> None:
                   f"| decode b1 tok/s | decode b{report['shape']['batch']} tok/s | GB read per token "
                   "| of read bandwidth |", "|---|---|---|---|---|---|---|---|---|---|"]
         lines += [row_line(row, bandwidth) for row in decode_rows]
+    peak = report.get("bf16_matmul_GFLOPs")
+    for row in decode_rows:
+        if "prefill_s" in row and peak:
+            lines.append(f"\n{row['row']}: a {row['prefill_tokens']}-token prompt's first token in {row['prefill_s']:.2f} s, "
+                         f"{row['prefill_GFLOPs']:.0f} GFLOP/s (matmul FLOPs), {100 * row['prefill_GFLOPs'] / peak:.0f}% of "
+                         f"the bf16 matmul peak measured in the same run ({peak:.0f} GFLOP/s, 2048^3)")
     for name, header in OWN_TABLES.items():
         rows = [row for row in report["rows"] if row["row"] == name]
         if rows:
@@ -436,6 +463,7 @@ def main(argv=None) -> int:
               "mem_available_GiB": mem_available(), "rows": []}
     bandwidth = run_child("bandwidth", "", args, shape)
     report["read_bandwidth_GBps"] = bandwidth.get("read_bandwidth_GBps", 0.0)
+    report["bf16_matmul_GFLOPs"] = bandwidth.get("bf16_matmul_GFLOPs")
     print(f"read bandwidth {report.get('read_bandwidth_GBps', 0):.1f} GB/s with {args.threads} threads", flush=True)
     for row in rows:
         model = info.get("int4_dir", "") if row in PREQUANTIZED else str(directory)

@@ -55,6 +55,7 @@ def test_smoke_run_writes_rows_json_and_markdown(tmp_path):
     (int4,) = report["rows"]
     assert int4["row"] == "int4-prequantized" and int4["kernels"] == ["int4_cpu"], int4
     assert int4["decode_b1_tok_s"] > 0 and int4["decode_b4_tok_s"] > 0 and int4["peak_rss"] > 0
+    assert int4["prefill_tokens"] == 16 and int4["prefill_s"] > 0
     assert report["checkpoint"]["prequantize"]["exit"] == 0
     table = out.with_suffix(".md").read_text()
     assert "| int4-prequantized | " in table and "of read bandwidth" in table and report["cpu"] in table
@@ -106,3 +107,12 @@ def test_a_gpt2_vocabulary_gets_gpt_j_extra_tokens_up_to_the_embedding(tmp_path)
     assert copy_tokenizer(out, gpt2, vocab_size=6) == "gpt2"
     assert json.loads((out / "added_tokens.json").read_text()) == {
         "<|extratoken_1|>": 3, "<|extratoken_2|>": 4, "<|extratoken_3|>": 5}
+
+
+def test_prefill_flops_count_projections_causal_attention_and_the_last_head_row():
+    from types import SimpleNamespace
+
+    config = SimpleNamespace(hidden_size=8, num_layers=2, ffn_dim=32, vocab_size=10)
+    # per token 2 x (4 x 8 x 8 + 2 x 8 x 32) x 2 layers = 3072 -> x 4 tokens; attention
+    # 2 x 2 layers x 8 x (4 x 5 / 2) = 320; head 2 x 10 x 8 = 160
+    assert bench_6b.prefill_flops(config, 4) == 3072 * 4 + 2 * 320 + 160
