@@ -11,8 +11,11 @@ import functools
 
 import torch
 
-# The CPU int4 kernel stores rows in blocks of this many (see int4_cpu_pack).
+# The CPU int4 kernel stores rows in blocks of 64 where torch built it for AVX-512 and of 32 for
+# AVX2 and the rest (kernel_block_rows tells which); row slices aligned to this multiple of both
+# are block-aligned in either layout.
 CPU_INT4_BLOCK_ROWS = 64
+BLOCK_ROWS_CANDIDATES = (64, 32)
 # Stored bytes rearranged into that layout at a time: few large steps (small ones cost more in
 # per-call overhead than they gain in cache reuse, measured at 6B shapes).
 PACK_BYTES = 1 << 24
@@ -24,27 +27,27 @@ def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
 
 
 # ---- the CPU int4 kernel's layout ---------------------------------------------------------------
-# `torch._convert_weight_to_int4pack_for_cpu` reorders the values [N, K] for its AVX-512 kernel:
-# each block of 64 rows becomes [K, 32] bytes, row j in the low nibble and row 32 + j in the high
-# one; the rows after the last full block become [K, rest / 2] bytes, rows 2i (low) and 2i + 1
-# (high). A block's bytes depend on that block alone, so the values read back from any
-# block-aligned rows. The full blocks are rearranged here from the stored bytes directly (nibble
-# masks and one byte transpose, no int32 copy of the values: ~8x faster than torch's converter,
-# which a 6B model's load would otherwise spend most of its time in); the short tail goes through
-# torch's converter. A probe checks once per process that this torch packs in that layout; where
-# it does not, every weight goes through torch's converter and is checked.
+# `torch._convert_weight_to_int4pack_for_cpu` reorders the values [N, K] for its vector width: each
+# block of B rows (B = 64 for AVX-512, 32 for AVX2) becomes [K, B / 2] bytes, row j in the low
+# nibble and row B / 2 + j in the high one; the rows after the last full block become [K, rest / 2]
+# bytes, rows 2i (low) and 2i + 1 (high). A block's bytes depend on that block alone, so the values
+# read back from any block-aligned rows. The full blocks are rearranged here from the stored bytes
+# directly (nibble masks and one byte transpose, no int32 copy of the values: ~8x faster than
+# torch's converter, which a 6B model's load would otherwise spend most of its time in); the short
+# tail goes through torch's converter. A probe finds B once per process; where neither candidate
+# reads back what torch packed, the kernel is not used.
 
 
-def _pack_full_blocks(qweight: torch.Tensor, out: torch.Tensor, chunk_blocks: int) -> None:
-    """out[:full] = the kernel layout of the full 64-row blocks of stored `qweight` [N, K/2].
+def _pack_full_blocks(qweight: torch.Tensor, out: torch.Tensor, chunk_blocks: int, block: int) -> None:
+    """out[:full] = the kernel layout of the full `block`-row blocks of stored `qweight` [N, K/2].
 
     Stored byte (n, c) holds column 2c (high nibble) and 2c + 1 (low). For a block with rows
-    lo = 0..31 and hi = 32..63, kernel byte (2c, j) = lo[j, 2c] | hi[j, 2c] << 4, and (2c + 1, j)
-    = lo[j, 2c + 1] | hi[j, 2c + 1] << 4."""
+    lo = 0..B/2-1 and hi = B/2..B-1, kernel byte (2c, j) = lo[j, 2c] | hi[j, 2c] << 4, and
+    (2c + 1, j) = lo[j, 2c + 1] | hi[j, 2c + 1] << 4."""
     half = qweight.shape[1]
-    blocks = qweight.shape[0] // CPU_INT4_BLOCK_ROWS
-    stored = qweight[: blocks * CPU_INT4_BLOCK_ROWS].view(blocks, 2, CPU_INT4_BLOCK_ROWS // 2, half)
-    kernel = out[: blocks * CPU_INT4_BLOCK_ROWS].view(blocks, half, 2, CPU_INT4_BLOCK_ROWS // 2)
+    blocks = qweight.shape[0] // block
+    stored = qweight[: blocks * block].view(blocks, 2, block // 2, half)
+    kernel = out[: blocks * block].view(blocks, half, 2, block // 2)
     for start in range(0, blocks, chunk_blocks):  # cache-sized chunks: the temporaries stay small
         lo, hi = stored[start : start + chunk_blocks, 0], stored[start : start + chunk_blocks, 1]
         even = (lo >> 4) | (hi & 0xF0)
@@ -56,19 +59,37 @@ def _pack_with_torch(values: torch.Tensor) -> torch.Tensor:
     return torch._convert_weight_to_int4pack_for_cpu(values.to(torch.int32), 1)
 
 
+def _probe_values() -> torch.Tensor:
+    """Random values [4 * 32 + 16, 256]: full blocks and a 16-row tail in either layout."""
+    return torch.randint(0, 16, (4 * 32 + 16, 256), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+
+
 @functools.cache
-def _direct_packing_matches() -> bool:
-    """Whether this torch's CPU int4 layout is the one _pack_full_blocks writes (two blocks and
-    a tail of random values)."""
-    values = torch.randint(0, 16, (2 * CPU_INT4_BLOCK_ROWS + 32, 256), dtype=torch.uint8,
-                           generator=torch.Generator().manual_seed(0))
+def kernel_block_rows() -> int | None:
+    """The rows per block of this torch's CPU int4 layout (64 or 32), or None where torch has no
+    such kernel or packs in a layout int4_cpu_unpack does not read."""
+    values = _probe_values()
     try:
         expected = _pack_with_torch(values)
     except (RuntimeError, AttributeError):
+        return None
+    for block in BLOCK_ROWS_CANDIDATES:
+        if torch.equal(_unpack(expected, 0, values.shape[0], block), values):
+            return block
+    return None
+
+
+@functools.cache
+def _direct_packing_matches() -> bool:
+    """Whether the full blocks _pack_full_blocks writes equal torch's converter's here."""
+    block = kernel_block_rows()
+    if block is None:
         return False
+    values = _probe_values()
+    expected = _pack_with_torch(values)
     packed = torch.empty_like(expected)
-    _pack_full_blocks((values[:, 0::2] << 4) | values[:, 1::2], packed, 1)
-    full = 2 * CPU_INT4_BLOCK_ROWS
+    _pack_full_blocks((values[:, 0::2] << 4) | values[:, 1::2], packed, 1, block)
+    full = values.shape[0] // block * block
     return torch.equal(packed[:full], expected[:full])
 
 
@@ -76,12 +97,19 @@ def int4_cpu_unpack(packed: torch.Tensor, start: int, stop: int) -> torch.Tensor
     """Values uint8 [stop - start, K] of rows [start, stop) of a CPU int4 kernel weight [N, K/2].
 
     `start` must be a multiple of CPU_INT4_BLOCK_ROWS; `stop` too, or N."""
+    block = kernel_block_rows()
+    if block is None:
+        raise RuntimeError("this torch has no CPU int4 layout this project reads")
+    return _unpack(packed, start, stop, block)
+
+
+def _unpack(packed: torch.Tensor, start: int, stop: int, block: int) -> torch.Tensor:
     n, k = packed.shape[0], packed.shape[1] * 2
-    full = n // CPU_INT4_BLOCK_ROWS * CPU_INT4_BLOCK_ROWS
+    full = n // block * block
     pieces = []
     if start < min(stop, full):
         end = min(stop, full)
-        v = packed[start:end].reshape(-1, k, CPU_INT4_BLOCK_ROWS // 2)
+        v = packed[start:end].reshape(-1, k, block // 2)
         pieces.append(torch.stack((v & 15, v >> 4), dim=1).transpose(2, 3).reshape(end - start, k))
     if stop > full:
         v = packed[full:].reshape(k, (n - full) // 2)
@@ -93,12 +121,15 @@ def int4_cpu_unpack(packed: torch.Tensor, start: int, stop: int) -> torch.Tensor
 def int4_cpu_pack(qweight: torch.Tensor) -> torch.Tensor | None:
     """The CPU kernel's weight for stored int4 `qweight` [N, K/2], or None where the kernel does
     not take the shape or packs in another layout than int4_cpu_unpack reads."""
+    block = kernel_block_rows()
+    if block is None:
+        return None
     n, k = qweight.shape[0], qweight.shape[1] * 2
-    full = n // CPU_INT4_BLOCK_ROWS * CPU_INT4_BLOCK_ROWS
+    full = n // block * block
     packed = torch.empty_like(qweight)
     try:
         if _direct_packing_matches():
-            _pack_full_blocks(qweight, packed, max(1, PACK_BYTES // (k * CPU_INT4_BLOCK_ROWS // 2)))
+            _pack_full_blocks(qweight, packed, max(1, PACK_BYTES // (k * block // 2)), block)
             if full < n:
                 packed[full:] = _pack_with_torch(unpack_int4(qweight[full:]))
             return packed

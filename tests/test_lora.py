@@ -210,7 +210,8 @@ def test_an_adapter_records_its_base_warns_on_another_and_refuses_another_shape(
 
     for same in ({}, {"precision": "bf16"}, {"quantize": "int8"}):  # one base, however it is loaded
         load_model_and_tokenizer(str(base_dir), tokenizer="bundled:tiny", adapter=str(adapter), **same)
-        assert "warning" not in capsys.readouterr().err, same
+        # (a CPU without native bf16 warns about the precision: only the base's warning counts)
+        assert "was trained on base model" not in capsys.readouterr().err, same
     load_model_and_tokenizer(str(other_dir), tokenizer="bundled:tiny", adapter=str(adapter))
     assert f"warning: adapter {adapter} was trained on base model '{base_dir}'" in capsys.readouterr().err
     with pytest.raises(AdapterError, match="has no place in this model"):

@@ -204,12 +204,14 @@ def test_quantized_prefill_equals_the_dequantized_reference(bits, group, monkeyp
     assert torch.equal(layer.dequantize(torch.bfloat16), reference_weight)
 
 
-@pytest.mark.parametrize("rows,width", [(3 * 64 + 32, 256), (128, 512), (64, 128)])
+@pytest.mark.parametrize("rows,width", [(3 * 64 + 32, 256), (3 * 64 + 16, 256), (128, 512), (64, 128)])
 def test_cpu_int4_layout_is_built_byte_for_byte_as_torch_packs_it(rows, width, monkeypatch):
     """The stored bytes rearranged into the CPU kernel's layout directly (in several chunks here)
-    equal torch's own converter's output on the unpacked values, full blocks and tail."""
+    equal torch's own converter's output on the unpacked values, full blocks and tail, in the
+    layout this machine's torch uses (64-row blocks for AVX-512, 32 for AVX2)."""
     import gptj.int4_cpu_layout as quant
 
+    assert quant.kernel_block_rows() in quant.BLOCK_ROWS_CANDIDATES
     monkeypatch.setattr(quant, "PACK_BYTES", 64 * width)  # two 64-row blocks a chunk
     qweight = torch.randint(0, 256, (rows, width // 2), dtype=torch.uint8, generator=torch.Generator().manual_seed(rows))
     values = quant.unpack_int4(qweight)
@@ -219,3 +221,31 @@ def test_cpu_int4_layout_is_built_byte_for_byte_as_torch_packs_it(rows, width, m
     assert torch.equal(quant.int4_cpu_unpack(expected, 0, rows), values)
     monkeypatch.setattr(quant, "_direct_packing_matches", lambda: False)  # a torch that packs otherwise
     assert torch.equal(quant.int4_cpu_pack(qweight), expected)
+
+
+@pytest.mark.parametrize("block", [64, 32])
+def test_both_cpu_int4_layouts_match_their_definition(block):
+    """Each block size's packing and reading, whichever this machine's torch uses, against the
+    layout written out byte by byte: block byte (k, j) = row j | row block/2 + j << 4, and the
+    tail's byte (k, i) = row 2i | row 2i + 1 << 4."""
+    import gptj.int4_cpu_layout as quant
+
+    rows, width = 2 * block + 16, 64
+    values = torch.randint(0, 16, (rows, width), dtype=torch.uint8, generator=torch.Generator().manual_seed(block))
+    expected = torch.empty(rows, width // 2, dtype=torch.uint8)
+    flat = expected.view(-1)
+    for b in range(2):
+        base = b * block * width // 2
+        for k in range(width):
+            for j in range(block // 2):
+                lo, hi = values[b * block + j, k], values[b * block + block // 2 + j, k]
+                flat[base + k * block // 2 + j] = lo | (hi << 4)
+    base, tail = 2 * block * width // 2, 16
+    for k in range(width):
+        for i in range(tail // 2):
+            flat[base + k * tail // 2 + i] = values[2 * block + 2 * i, k] | (values[2 * block + 2 * i + 1, k] << 4)
+    packed = torch.zeros_like(expected)
+    quant._pack_full_blocks((values[:, 0::2] << 4) | values[:, 1::2], packed, 1, block)
+    assert torch.equal(packed[: 2 * block], expected[: 2 * block])
+    assert torch.equal(quant._unpack(expected, 0, rows, block), values)
+    assert torch.equal(quant._unpack(expected, 64, rows, block), values[64:])
