@@ -35,6 +35,10 @@ ROWS = ("bf16", "int8", "int4", "int4-prequantized", "transformers-bf16", "ctran
         "qlora-int4")
 PREQUANTIZED = ("int4-prequantized", "server-int4", "qlora-int4")  # rows on the stored int4 checkpoint
 QUANTIZE = {"bf16": None, "int8": "int8", "int4": "int4", "int4-prequantized": None}
+# The bf16 row keeps its name's precision (fp32 6B would not fit 24 GB); the quantized rows run
+# in what `--precision auto` picks, as a user's would: bf16 where the CPU has native bf16
+# matmuls, fp32 where it has not (AVX2), where bf16 prefill and attention run several times slower.
+PRECISION = {"bf16": "bf16"}
 DEFAULT_DIR = Path("/work/ckpt-6b")
 GiB = 2**30
 
@@ -54,8 +58,9 @@ def _prompts(vocab: int, rows: int, length: int) -> list[list[int]]:
 
 
 def measure_bandwidth(megabytes: int, matmul: bool = True) -> dict:
-    """Read bandwidth: the best of several sums over one large fp32 tensor; and the bf16 matmul
-    peak (a 2048^3 product, seconds of it: left out of the smoke run)."""
+    """Read bandwidth: the best of several sums over one large fp32 tensor; and the bf16 and
+    fp32 matmul peaks (2048^3 products, seconds of them: left out of the smoke run), so that a
+    prefill compares with the peak of the precision it ran in."""
     import torch
 
     from benchmarks.machine import measure_matmul_flops
@@ -65,7 +70,8 @@ def measure_bandwidth(megabytes: int, matmul: bool = True) -> dict:
     best = min(_timed(x.sum) for _ in range(5))
     out = {"read_bandwidth_GBps": x.numel() * 4 / best / 1e9}
     if matmul:
-        out["bf16_matmul_GFLOPs"] = measure_matmul_flops(torch.bfloat16, budget_s=10.0) / 1e9
+        for name, dtype in (("bf16", torch.bfloat16), ("fp32", torch.float32)):
+            out[f"{name}_matmul_GFLOPs"] = measure_matmul_flops(dtype, budget_s=10.0) / 1e9
     return out
 
 
@@ -75,7 +81,7 @@ def _timed(fn) -> float:
     return time.perf_counter() - start
 
 
-def measure_ours(model_dir: str, quantize: str | None, shape: dict) -> dict:
+def measure_ours(model_dir: str, quantize: str | None, shape: dict, precision: str = "auto") -> dict:
     import torch
 
     from benchmarks.bench_generation import weight_bytes_per_step
@@ -83,8 +89,9 @@ def measure_ours(model_dir: str, quantize: str | None, shape: dict) -> dict:
     from execution.inference.pipelines import load_model_and_tokenizer
 
     start = time.perf_counter()
-    model, _ = load_model_and_tokenizer(model_dir, precision="bf16", device="cpu", quantize=quantize)
-    out = {"load_s": time.perf_counter() - start, "load_peak_rss": _peak_rss()}
+    model, _ = load_model_and_tokenizer(model_dir, precision=precision, device="cpu", quantize=quantize)
+    out = {"load_s": time.perf_counter() - start, "load_peak_rss": _peak_rss(),
+           "precision": {torch.bfloat16: "bf16", torch.float32: "fp32"}.get(model.embed.weight.dtype, "other")}
     engine = GenerationEngine(model)
     prompts = _prompts(model.config.vocab_size, shape["batch"], shape["prompt_tokens"])
     new = shape["new_tokens"]
@@ -126,7 +133,7 @@ def measure_transformers(model_dir: str, shape: dict) -> dict:
     check_model(model_dir, precision="bf16")  # one line, not an out-of-memory kill
     start = time.perf_counter()
     model = GPTJForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16).eval()
-    out = {"load_s": time.perf_counter() - start, "load_peak_rss": _peak_rss()}
+    out = {"load_s": time.perf_counter() - start, "load_peak_rss": _peak_rss(), "precision": "bf16"}
     prompts = torch.tensor(_prompts(model.config.vocab_size, shape["batch"], shape["prompt_tokens"]))
     new = shape["new_tokens"]
 
@@ -156,7 +163,7 @@ def measure_ctranslate2(model_dir: str, shape: dict, threads: int) -> dict:
         return {"error": f"{converted} was not converted (see the conversion line)"}
     start = time.perf_counter()
     generator = ctranslate2.Generator(str(converted), device="cpu", compute_type="int8", intra_threads=threads)
-    out = {"load_s": time.perf_counter() - start, "load_peak_rss": _peak_rss()}
+    out = {"load_s": time.perf_counter() - start, "load_peak_rss": _peak_rss(), "precision": "int8 compute"}
     names = _token_names(Path(model_dir))
     tokens = [[names[i] for i in p] for p in _prompts(len(names), shape["batch"], shape["prompt_tokens"])]
     new = shape["new_tokens"]
@@ -247,7 +254,7 @@ def child(args) -> dict:
         elif args.child == "qlora-int4":
             result = measure_qlora_row(args.model, shape, args.threads)
         else:
-            result = measure_ours(args.model, QUANTIZE[args.child], shape)
+            result = measure_ours(args.model, QUANTIZE[args.child], shape, PRECISION.get(args.child, "auto"))
     except (ValueError, MemoryError) as err:  # the fit check's line, a bad checkpoint
         result = {"error": str(err).splitlines()[0]}
     return {**result, "peak_rss": _peak_rss()}
@@ -353,12 +360,12 @@ def row_line(row: dict, bandwidth: float) -> str:
     if row["row"] in OWN_TABLES:
         return {"server-int4": server_line, "qlora-int4": qlora_line}[row["row"]](row)
     if "error" in row and "decode_b1_tok_s" not in row:
-        return f"| {row['row']} | {row['error']} |||||||||"
+        return f"| {row['row']} | {row['error']} ||||||||||"
     b16 = next((v for k, v in row.items() if k.startswith("decode_b") and k != "decode_b1_tok_s"), 0.0)
     fraction = row["bytes_per_token"] * row["decode_b1_tok_s"] / (bandwidth * 1e9) if "bytes_per_token" in row \
         and bandwidth else None
     row["bandwidth_fraction"] = fraction
-    return (f"| {row['row']} | {row['load_s']:.1f} | {row['load_peak_rss'] / GiB:.2f} | {row['peak_rss'] / GiB:.2f} "
+    return (f"| {row['row']} | {row.get('precision', '')} | {row['load_s']:.1f} | {row['load_peak_rss'] / GiB:.2f} | {row['peak_rss'] / GiB:.2f} "
             f"| {row['ttft_s']:.2f} | {row['ttft_warm_s']:.2f} | {row['decode_b1_tok_s']:.2f} | {b16:.1f} "
             f"| {row.get('bytes_per_token', 0) / 1e9:.2f} | "
             + (f"{100 * fraction:.0f}%" if fraction is not None else "") + " |")
@@ -387,16 +394,17 @@ def write_report(report: dict, out: Path) -> None:
              f"{report['shape']['batch']}; MemAvailable at start {report['mem_available_GiB']:.1f} GiB"]
     decode_rows = [row for row in report["rows"] if row["row"] not in OWN_TABLES]
     if decode_rows:
-        lines += ["", "| row | load s | peak RSS after load GiB | peak RSS GiB | first token s | warm first token s "
+        lines += ["", "| row | activations | load s | peak RSS after load GiB | peak RSS GiB | first token s | warm first token s "
                   f"| decode b1 tok/s | decode b{report['shape']['batch']} tok/s | GB read per token "
-                  "| of read bandwidth |", "|---|---|---|---|---|---|---|---|---|---|"]
+                  "| of read bandwidth |", "|---|---|---|---|---|---|---|---|---|---|---|"]
         lines += [row_line(row, bandwidth) for row in decode_rows]
-    peak = report.get("bf16_matmul_GFLOPs")
     for row in decode_rows:
+        precision = row.get("precision", "bf16")
+        peak = report.get(f"{precision}_matmul_GFLOPs")
         if "prefill_s" in row and peak:
             lines.append(f"\n{row['row']}: a {row['prefill_tokens']}-token prompt's first token in {row['prefill_s']:.2f} s, "
                          f"{row['prefill_GFLOPs']:.0f} GFLOP/s (matmul FLOPs), {100 * row['prefill_GFLOPs'] / peak:.0f}% of "
-                         f"the bf16 matmul peak measured in the same run ({peak:.0f} GFLOP/s, 2048^3)")
+                         f"the {precision} matmul peak measured in the same run ({peak:.0f} GFLOP/s, 2048^3)")
     for name, header in OWN_TABLES.items():
         rows = [row for row in report["rows"] if row["row"] == name]
         if rows:
@@ -463,7 +471,8 @@ def main(argv=None) -> int:
               "mem_available_GiB": mem_available(), "rows": []}
     bandwidth = run_child("bandwidth", "", args, shape)
     report["read_bandwidth_GBps"] = bandwidth.get("read_bandwidth_GBps", 0.0)
-    report["bf16_matmul_GFLOPs"] = bandwidth.get("bf16_matmul_GFLOPs")
+    for precision in ("bf16", "fp32"):
+        report[f"{precision}_matmul_GFLOPs"] = bandwidth.get(f"{precision}_matmul_GFLOPs")
     print(f"read bandwidth {report.get('read_bandwidth_GBps', 0):.1f} GB/s with {args.threads} threads", flush=True)
     for row in rows:
         model = info.get("int4_dir", "") if row in PREQUANTIZED else str(directory)

@@ -26,12 +26,21 @@ def _rss() -> dict:
             for key in ("VmRSS", "VmHWM")}
 
 
+def step_precision(model_dir: str) -> str:
+    """What `--precision auto` picks for this model here (bf16 with native bf16 matmuls, else
+    fp32): the row trains in it, and the planner predicts for it."""
+    from execution.runtime.defaults import resolve_precision
+    from execution.training.planner import load_model_config
+
+    return resolve_precision("auto", "cpu", load_model_config(model_dir))
+
+
 def finetune_argv(model_dir: str, shape: dict, threads: int, out: str) -> list[str]:
     """run_finetuning.py's command line for the row (its tokenizer: the checkpoint's own)."""
     q = shape["qlora"]
     return ["--config", "tiny", "--model", model_dir, "--lora-rank", str(q["rank"]), "--quantize", "int4",
             "--group-size", str(q["group_size"]), "--sequence-length", str(q["seq"]), "--micro-batch-size", "1",
-            "--global-batch-size", "1", "--steps", str(q["steps"]), "--precision", "bf16",
+            "--global-batch-size", "1", "--steps", str(q["steps"]), "--precision", step_precision(model_dir),
             "--threads", str(threads), "--output-dir", out, "--eval-every", "0",
             "--set", "data.layout=packed", "--set", "data.loss_mask=all", "--set", "eval.at_end=false",
             "--set", "checkpoint.at_end=false", "--set", "checkpoint.export_hf=false",
@@ -46,7 +55,7 @@ def predicted(model_dir: str, shape: dict, recompute: bool) -> dict:
     q = shape["qlora"]
     config = load_model_config(model_dir)
     row = plan_lora_layout(config, Layout(1, 1, False, False, recompute), MACHINES[MACHINE], q["seq"], 1, 1,
-                           "bf16", LoraPlan(q["rank"], base="int4", group_size=q["group_size"]))
+                           step_precision(model_dir), LoraPlan(q["rank"], base="int4", group_size=q["group_size"]))
     return {"predicted_peak": row["device_total"], "predicted_terms": row["device_bytes"]}
 
 
@@ -73,7 +82,8 @@ def measure_qlora(model_dir: str, shape: dict, threads: int) -> dict:
     times = [s["step_time_s"] for s in steps]
     out = {"steps": len(times), "step_times_s": times, "first_step_s": times[0],
            "step_s": sum(times[1:]) / len(times[1:]) if len(times) > 1 else times[0],
-           "tokens_per_step": shape["qlora"]["seq"], "runtime_rss": marks["before_train"]["VmRSS"],
+           "tokens_per_step": shape["qlora"]["seq"], "precision": step_precision(model_dir),
+           "runtime_rss": marks["before_train"]["VmRSS"],
            "loaded_rss": marks["before_first_step"]["VmRSS"], "loaded_peak_rss": marks["before_first_step"]["VmHWM"],
            "steps_peak_rss": marks["after_steps"][-1]["VmHWM"],
            **predicted(model_dir, shape, config.model.recompute_blocks)}
@@ -87,7 +97,7 @@ def qlora_line(row: dict) -> str:
     terms = row["predicted_terms"]
     base = terms["weights"] / GiB
     rest = (row["predicted_peak"] - terms["weights"] - terms["reserved"]) / GiB
-    return (f"| {row['row']} | {row['step_s']:.1f} | {row['first_step_s']:.1f} | {row['runtime_rss'] / GiB:.2f} "
+    return (f"| {row['row']} ({row.get('precision', 'bf16')}) | {row['step_s']:.1f} | {row['first_step_s']:.1f} | {row['runtime_rss'] / GiB:.2f} "
             f"| {row['loaded_rss'] / GiB:.2f} | {row['steps_peak_rss'] / GiB:.2f} | {row['predicted_peak'] / GiB:.2f} "
             f"(weights {base:.2f} + step {rest:.2f} + reserved {terms['reserved'] / GiB:.2f}) "
             f"| {row['measured_over_predicted']:.2f} |")

@@ -80,15 +80,17 @@ def test_smoke_server_and_qlora_rows(tmp_path):
     assert qlora["steps"] == 3 and len(qlora["step_times_s"]) == 3
     assert qlora["step_s"] == pytest.approx(sum(qlora["step_times_s"][1:]) / 2)
     assert qlora["runtime_rss"] < qlora["loaded_rss"] <= qlora["steps_peak_rss"]
-    # the prediction is the planner CLI's own for the same layout
+    # the prediction is the planner CLI's own for the same layout, in the precision the row ran
+    # in (what --precision auto picks: fp32 for this tiny model)
+    assert qlora["precision"] == "fp32"
     planner = subprocess.run(
         [sys.executable, "-m", "execution.training.planner", "--model", str(tmp_path / "ck-int4"), "--lora-rank", "8",
          "--quantize", "int4", "--machine", "cpu-24gb", "--seq", "32", "--micro-batch", "1", "--global-batch", "1",
-         "--json"], cwd=ROOT, capture_output=True, text=True, timeout=60)
+         "--precision", qlora["precision"], "--json"], cwd=ROOT, capture_output=True, text=True, timeout=60)
     layout = next(r for r in json.loads(planner.stdout)["layouts"] if r["layout"] == "tp1xr1+lora8+int4")
     assert qlora["predicted_peak"] == layout["device_total"]
     table = out.with_suffix(".md").read_text()
-    assert "| server-int4 | " in table and "| qlora-int4 | " in table and "c16 / c1" in table
+    assert "| server-int4 | " in table and "| qlora-int4 (fp32) | " in table and "c16 / c1" in table
 
 
 @pytest.mark.skipif(importlib.util.find_spec("ctranslate2") is not None, reason="ctranslate2 is installed")
