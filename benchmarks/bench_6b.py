@@ -39,6 +39,7 @@ QUANTIZE = {"bf16": None, "int8": "int8", "int4": "int4", "int4-prequantized": N
 # in what `--precision auto` picks, as a user's would: bf16 where the CPU has native bf16
 # matmuls, fp32 where it has not (AVX2), where bf16 prefill and attention run several times slower.
 PRECISION = {"bf16": "bf16"}
+PEAK_PRECISIONS = ("bf16", "fp32")  # matmul peaks measured beside the bandwidth
 DEFAULT_DIR = Path("/work/ckpt-6b")
 GiB = 2**30
 
@@ -64,14 +65,15 @@ def measure_bandwidth(megabytes: int, matmul: bool = True) -> dict:
     import torch
 
     from benchmarks.machine import measure_matmul_flops
+    from execution.training.loss_scaling import DTYPES
 
     x = torch.ones(megabytes * 2**20 // 4)
     x.sum()
     best = min(_timed(x.sum) for _ in range(5))
     out = {"read_bandwidth_GBps": x.numel() * 4 / best / 1e9}
     if matmul:
-        for name, dtype in (("bf16", torch.bfloat16), ("fp32", torch.float32)):
-            out[f"{name}_matmul_GFLOPs"] = measure_matmul_flops(dtype, budget_s=10.0) / 1e9
+        for name in PEAK_PRECISIONS:
+            out[f"{name}_matmul_GFLOPs"] = measure_matmul_flops(DTYPES[name], budget_s=10.0) / 1e9
     return out
 
 
@@ -87,11 +89,12 @@ def measure_ours(model_dir: str, quantize: str | None, shape: dict, precision: s
     from benchmarks.bench_generation import weight_bytes_per_step
     from execution.inference.generation import GenerationEngine
     from execution.inference.pipelines import load_model_and_tokenizer
+    from execution.training.loss_scaling import DTYPES
 
     start = time.perf_counter()
     model, _ = load_model_and_tokenizer(model_dir, precision=precision, device="cpu", quantize=quantize)
     out = {"load_s": time.perf_counter() - start, "load_peak_rss": _peak_rss(),
-           "precision": {torch.bfloat16: "bf16", torch.float32: "fp32"}.get(model.embed.weight.dtype, "other")}
+           "precision": next(n for n, d in DTYPES.items() if d == model.embed.weight.dtype)}
     engine = GenerationEngine(model)
     prompts = _prompts(model.config.vocab_size, shape["batch"], shape["prompt_tokens"])
     new = shape["new_tokens"]
@@ -471,7 +474,7 @@ def main(argv=None) -> int:
               "mem_available_GiB": mem_available(), "rows": []}
     bandwidth = run_child("bandwidth", "", args, shape)
     report["read_bandwidth_GBps"] = bandwidth.get("read_bandwidth_GBps", 0.0)
-    for precision in ("bf16", "fp32"):
+    for precision in PEAK_PRECISIONS:
         report[f"{precision}_matmul_GFLOPs"] = bandwidth.get(f"{precision}_matmul_GFLOPs")
     print(f"read bandwidth {report.get('read_bandwidth_GBps', 0):.1f} GB/s with {args.threads} threads", flush=True)
     for row in rows:
