@@ -232,11 +232,11 @@ def settle_auto_choices(config, pipe, main: bool) -> None:
 
     from execution.runtime.defaults import auto_choices, resolve_threads
     from execution.runtime.hardware import detect
-    from execution.training.loss_scaling import DTYPES
+    from execution.training.loss_scaling import dtype_name
 
     model = config.model
     asked = (model.precision, model.threads)
-    model.precision = next(k for k, v in DTYPES.items() if v == pipe.model.embed.weight.dtype)
+    model.precision = dtype_name(pipe.model.embed.weight.dtype)
     chosen_threads = resolve_threads(model.threads, pipe.model.config)
     if chosen_threads:
         torch.set_num_threads(chosen_threads)

@@ -89,12 +89,12 @@ def measure_ours(model_dir: str, quantize: str | None, shape: dict, precision: s
     from benchmarks.bench_generation import weight_bytes_per_step
     from execution.inference.generation import GenerationEngine
     from execution.inference.pipelines import load_model_and_tokenizer
-    from execution.training.loss_scaling import DTYPES
+    from execution.training.loss_scaling import dtype_name
 
     start = time.perf_counter()
     model, _ = load_model_and_tokenizer(model_dir, precision=precision, device="cpu", quantize=quantize)
     out = {"load_s": time.perf_counter() - start, "load_peak_rss": _peak_rss(),
-           "precision": next(n for n, d in DTYPES.items() if d == model.embed.weight.dtype)}
+           "precision": dtype_name(model.embed.weight.dtype)}
     engine = GenerationEngine(model)
     prompts = _prompts(model.config.vocab_size, shape["batch"], shape["prompt_tokens"])
     new = shape["new_tokens"]

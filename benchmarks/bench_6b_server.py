@@ -5,7 +5,7 @@ answers 200, the KV cache the server said it holds, one completion of N tokens (
 concurrent ones (c16), output tokens/s each (every request generates exactly N tokens:
 greedy, ignore_eos, checked against usage.completion_tokens), and the server's peak RSS
 (VmHWM, read before it stops) beside what it should need: the weights on disk + the KV cache
-those tokens use + 1.5 GiB of runtime.
+those tokens use, in the dtype the server said it caches in + 1.5 GiB of runtime.
 """
 
 from __future__ import annotations
@@ -27,9 +27,13 @@ def weight_bytes(model_dir: str) -> int:
     return sum(f.stat().st_size for f in Path(model_dir).glob("*.safetensors"))
 
 
-def kv_bytes(config: dict, rows: int, tokens: int) -> int:
-    """K and V of every layer in bf16 for `rows` requests of `tokens` positions."""
-    return 2 * config["n_layer"] * config["n_embd"] * 2 * rows * tokens
+def kv_bytes(config: dict, rows: int, tokens: int, dtype: str) -> int:
+    """K and V of every layer in `dtype` (the cache's, as the server printed it) for `rows`
+    requests of `tokens` positions. A bf16 model on a CPU caches in fp32 (gptj/kv_cache.py)."""
+    from execution.training.loss_scaling import parse_dtype
+    from gptj.kv_cache import token_bytes
+
+    return token_bytes(config["n_layer"], config["n_embd"], parse_dtype(dtype)) * rows * tokens
 
 
 def vm_hwm(pid: int) -> int | None:
@@ -92,9 +96,12 @@ def kv_printed(log: Path) -> dict:
     fit = re.search(r"(\d+) rows at full length fit", text)
     if fit:
         out["kv_full_rows_fit"] = int(fit.group(1))
-    line = next((line for line in text.splitlines() if line.startswith("KV cache:")), None)
+    line = next((line for line in text.splitlines() if line.startswith("KV cache")), None)
     if line:
         out["kv_line"] = line
+    dtype = re.search(r"^KV cache \((\w+),", text, re.MULTILINE)
+    if dtype:
+        out["kv_dtype"] = dtype.group(1)
     return out
 
 
@@ -127,7 +134,7 @@ def measure_server(model_dir: str, shape: dict, threads: int, prompts: list[list
             except subprocess.TimeoutExpired:
                 proc.kill()
     out["weights_bytes"] = weight_bytes(model_dir)
-    out["kv_needed_bytes"] = kv_bytes(config, CONCURRENCY, shape["prompt_tokens"] + tokens)
+    out["kv_needed_bytes"] = kv_bytes(config, CONCURRENCY, shape["prompt_tokens"] + tokens, out.get("kv_dtype", "bf16"))
     out["expected_rss"] = out["weights_bytes"] + out["kv_needed_bytes"] + RUNTIME_ALLOWANCE
     if out.get("server_peak_rss"):
         out["rss_over_expected"] = out["server_peak_rss"] / out["expected_rss"]
@@ -142,7 +149,7 @@ def server_line(row: dict) -> str:
     return (f"| {row['row']} | {row['ready_s']:.1f} | {row.get('kv_rows', '?')} x {row.get('kv_tokens', '?')} "
             f"| {row['c1_tok_s']:.2f} | {row['c16_tok_s']:.2f} | {row['c16_over_c1']:.1f}x "
             f"| {rss / GiB:.2f} | {row['expected_rss'] / GiB:.2f} (weights {row['weights_bytes'] / GiB:.2f} + KV "
-            f"{row['kv_needed_bytes'] / GiB:.2f} + 1.5) |")
+            f"{row['kv_needed_bytes'] / GiB:.2f} in {row.get('kv_dtype', 'bf16')} + 1.5) |")
 
 
 SERVER_HEADER = ["| row | ready s | KV rows x tokens | c1 tok/s | c16 tok/s | c16 / c1 | peak RSS GiB "

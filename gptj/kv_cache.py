@@ -66,13 +66,17 @@ def cache_dtype(activation_dtype: torch.dtype, device: torch.device) -> torch.dt
     return activation_dtype
 
 
+def model_cache_dtype(model, dtype: torch.dtype | None = None) -> torch.dtype:
+    """`dtype`, or when None `cache_dtype`'s choice for the model's activations and device."""
+    weight = model.embed.weight  # the activation dtype (projections may be quantized)
+    return dtype or cache_dtype(weight.dtype, weight.device)
+
+
 def kv_bytes_per_token(model, dtype: torch.dtype | None = None) -> int:
     """Bytes one token takes in this rank's KV cache of `model`: keys and values of every layer,
-    in `dtype` (default: `cache_dtype`'s choice for the model's activations and device)."""
+    in `model_cache_dtype(model, dtype)`."""
     attn = model.blocks[0].attn
-    weight = model.embed.weight
-    dtype = dtype or cache_dtype(weight.dtype, weight.device)
-    return token_bytes(len(model.blocks), attn.local_heads * attn.head_dim, dtype)
+    return token_bytes(len(model.blocks), attn.local_heads * attn.head_dim, model_cache_dtype(model, dtype))
 
 
 def token_bytes(num_layers: int, width: int, dtype: torch.dtype) -> int:

@@ -26,8 +26,8 @@ from execution.inference.request_engine import RequestEngine
 from execution.runtime.defaults import resolve_threads
 from execution.runtime.distributed import gather_ints
 from execution.runtime.preflight import InputError, resolve_model_source
-from execution.training.loss_scaling import DTYPES
-from gptj.kv_cache import kv_bytes_per_token
+from execution.training.loss_scaling import dtype_name
+from gptj.kv_cache import kv_bytes_per_token, model_cache_dtype
 
 from .adapter_slots import AdapterSlots, adapter_limit
 from .app import ServerState, create_app
@@ -57,7 +57,7 @@ def load(config, ctx=None, device=None):
     if threads:
         torch.set_num_threads(threads)
     m.threads = torch.get_num_threads()
-    m.precision = next(name for name, dtype in DTYPES.items() if dtype == model.embed.weight.dtype)
+    m.precision = dtype_name(model.embed.weight.dtype)
     cache_dtype = kv_cache_dtype_of(m.kv_cache_dtype)
     budget = cache_budget(model, server, cache_dtype, ctx)
     engine = RequestEngine(model, server.max_batch_size, tokenizer.eos_id, server.max_model_len,
@@ -79,9 +79,10 @@ def cache_budget(model, server, cache_dtype, ctx=None) -> CacheBudget:
         available = min(row[0] for row in gather_ints([available], "KV cache budget"))
         if device.type == "cpu":
             available //= ranks
-    budget, line = server_budget(kv_bytes_per_token(model, cache_dtype), server.max_batch_size,
+    dtype = model_cache_dtype(model, cache_dtype)
+    budget, line = server_budget(kv_bytes_per_token(model, dtype), server.max_batch_size,
                                  server.max_model_len or model.config.max_positions, available,
-                                 server.memory_utilization)
+                                 server.memory_utilization, dtype_name=dtype_name(dtype))
     if ctx is None or ctx.is_main:
         print(line, flush=True)
     return budget

@@ -193,6 +193,25 @@ def test_a_budgeted_cache_grows_as_rows_fill_stays_in_its_bytes_and_gives_the_sa
         assert tokens[request.request_id] == generate(model, [request.prompt], request.max_new_tokens, None)[0].token_ids
 
 
+def test_the_server_budget_line_names_the_dtype_the_cache_holds(bf16_model, capsys):
+    """A bf16 model on a CPU caches keys and values in fp32: the server's line says so, and its
+    budget counts 4 bytes a value (what a memory estimate from the activations' 2 would halve)."""
+    from types import SimpleNamespace
+
+    from serving.server import cache_budget
+
+    config = bf16_model.config
+    server = SimpleNamespace(max_batch_size=2, max_model_len=32, memory_utilization=0.5)
+    budget = cache_budget(bf16_model, server, None)
+    assert budget.bytes_per_token == 2 * config.num_layers * config.hidden_size * 4
+    line = capsys.readouterr().out
+    per_token = f"{budget.bytes_per_token / 1024:.2f} KiB"
+    assert line.startswith(f"KV cache (fp32, {per_token} a token): up to 2 rows x 32 tokens asked"), line
+    budget = cache_budget(bf16_model, server, torch.bfloat16)  # --kv-cache-dtype bf16
+    assert budget.bytes_per_token == 2 * config.num_layers * config.hidden_size * 2
+    assert capsys.readouterr().out.startswith("KV cache (bf16, ")
+
+
 def test_a_resized_cache_keeps_what_its_rows_hold():
     from gptj.kv_cache import StaticKVCache
 

@@ -63,10 +63,10 @@ class CacheBudget:
 
 
 def server_budget(bytes_per_token: int, max_rows: int, max_length: int, available: int,
-                  utilization: float) -> tuple[CacheBudget, str]:
+                  utilization: float, dtype_name: str = "") -> tuple[CacheBudget, str]:
     """The KV cache budget of a server whose weights are loaded (`available`: the bytes left,
-    `available_memory`), and the line that says what it holds. ValueError (one line) when
-    not even one row of `max_length` tokens fits."""
+    `available_memory`), and the line that says what it holds (its keys and values in
+    `dtype_name`). ValueError (one line) when not even one row of `max_length` tokens fits."""
     budget = CacheBudget(bytes_per_token, int(available * utilization), max_rows, max_length)
     row = budget.nbytes(1, max_length)
     full = budget.full_rows()
@@ -77,8 +77,9 @@ def server_budget(bytes_per_token: int, max_rows: int, max_length: int, availabl
             "quantize the weights (--quantize int4)", "raise --memory-utilization"]
         raise ValueError(f"KV cache: one row of {max_length} tokens needs {_size(row)} but {left}: "
                          + ", or ".join(remedies))
-    line = (f"KV cache: up to {max_rows} rows x {max_length} tokens asked, {full} rows at full length fit in "
-            f"{left}; allocated as rows fill")
+    held_as = f"{dtype_name}, " if dtype_name else ""
+    line = (f"KV cache ({held_as}{_size(bytes_per_token)} a token): up to {max_rows} rows x {max_length} tokens "
+            f"asked, {full} rows at full length fit in {left}; allocated as rows fill")
     return budget, line
 
 

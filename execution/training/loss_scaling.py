@@ -20,6 +20,11 @@ def parse_dtype(name: str) -> torch.dtype:
     return DTYPES[name]
 
 
+def dtype_name(dtype: torch.dtype) -> str:
+    """The config name of a torch dtype ("fp32" | "bf16" | "fp16")."""
+    return next(name for name, known in DTYPES.items() if known == dtype)
+
+
 class DynamicLossScaler:
     """Loss scale for fp16 training; a constant 1.0 when disabled (fp32 / bf16)."""
 
