@@ -193,6 +193,26 @@ def test_a_budgeted_cache_grows_as_rows_fill_stays_in_its_bytes_and_gives_the_sa
         assert tokens[request.request_id] == generate(model, [request.prompt], request.max_new_tokens, None)[0].token_ids
 
 
+def test_a_budget_grows_the_cache_length_by_steps_and_a_factor_and_rows_only_when_asked():
+    """Hand-computed shapes: lengths round up to 32 slots and grow at least 1.5x; rows double only
+    when more rows are asked; a shape past the budget shrinks to what is asked, or is refused."""
+    from execution.inference.kv_budget import CacheBudget
+
+    budget = CacheBudget(bytes_per_token=1, budget_bytes=4096, max_rows=16, max_length=2048)
+    assert budget.first_shape() == (1, 32)
+    assert budget.shape_for(1, 56, (1, 32)) == (1, 64)  # 56 -> 64 slots, not a whole 256-slot step
+    assert budget.shape_for(1, 130, (1, 128)) == (1, 192)  # 1.5 x 128, not 160
+    assert budget.shape_for(1, 200, (1, 96)) == (1, 224)  # past 1.5 x: the length asked, rounded
+    assert budget.shape_for(3, 50, (1, 224)) == (3, 224)  # rows: max(3, 2 x 1)
+    assert budget.shape_for(4, 50, (3, 224)) == (6, 224)  # doubled
+    assert budget.shape_for(2, 300, (6, 224)) == (6, 352)  # more length alone keeps the rows
+    assert budget.shape_for(11, 300, (6, 352)) == (11, 352)  # 12 (doubled) x 352 > 4096: the 11 asked
+    assert budget.shape_for(16, 300, (6, 352)) is None  # 16 x 320 > 4096 (the engine admits fewer)
+    assert budget.shape_for(2, 2000, (6, 352)) == (2, 2016)  # 6 x 2016 is over budget: just the rows asked
+    assert budget.shape_for(3, 2000, (2, 2016)) is None  # 3 x 2016 slots exceed the budget
+    assert budget.shape_for(1, 10, (6, 352)) == (6, 352)  # a shape that holds what is asked is kept
+
+
 def test_the_server_budget_line_names_the_dtype_the_cache_holds(bf16_model, capsys):
     """A bf16 model on a CPU caches keys and values in fp32: the server's line says so, and its
     budget counts 4 bytes a value (what a memory estimate from the activations' 2 would halve)."""

@@ -34,7 +34,8 @@ class CacheBudget:
     budget_bytes: int
     max_rows: int
     max_length: int
-    slot_step: int = 256  # the cache length grows in steps of this many slots (fewer regrowths)
+    slot_step: int = 32  # cache lengths are multiples of this many slots
+    growth: float = 1.5  # a longer cache is at least this many times the old length (few regrowths)
 
     def nbytes(self, rows: int, length: int) -> int:
         return rows * length * self.bytes_per_token
@@ -46,17 +47,23 @@ class CacheBudget:
     def first_shape(self) -> tuple[int, int]:
         return 1, min(self.max_length, self.slot_step)
 
+    def _slots(self, length: float) -> int:
+        return min(self.max_length, -(-int(length) // self.slot_step) * self.slot_step)
+
     def shape_for(self, rows: int, length: int, current: tuple[int, int]) -> tuple[int, int] | None:
         """The cache shape (rows, slots) that holds rows 0..rows-1 of `length` slots, from the
-        current shape: kept when it holds them; else grown (rows doubled when that fits, the
-        length rounded up to slot_step); else shrunk to just what is asked; None when even
+        current shape: kept when it holds them; else grown (more rows: doubled when that fits; a
+        longer length: rounded up to slot_step and at least `growth` x the old one, so a cache
+        that keeps lengthening is copied a bounded number of times while holding at most
+        `growth` x what its rows need); else shrunk to just what is asked; None when even
         that exceeds the budget."""
         have_rows, have_length = current
         if rows <= have_rows and length <= have_length:
             return current
-        length = min(self.max_length, -(-length // self.slot_step) * self.slot_step)
-        grown_length = max(length, have_length)
-        for candidate in (min(self.max_rows, max(rows, 2 * have_rows)), max(rows, have_rows), rows):
+        length = self._slots(length)
+        grown_length = max(length, self._slots(have_length * self.growth)) if length > have_length else have_length
+        grown_rows = min(self.max_rows, max(rows, 2 * have_rows)) if rows > have_rows else have_rows
+        for candidate in (grown_rows, max(rows, have_rows), rows):
             if self.nbytes(candidate, grown_length) <= self.budget_bytes:
                 return candidate, grown_length
         return (rows, length) if self.nbytes(rows, length) <= self.budget_bytes else None
