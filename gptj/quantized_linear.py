@@ -155,7 +155,8 @@ def _prefill_buffer(numel: int, dtype: torch.dtype, device: torch.device) -> tor
     buffers = _scratch.__dict__.setdefault("buffers", {})
     key = (dtype, device)
     if key not in buffers or buffers[key].numel() < numel:
-        buffers[key] = torch.empty(numel, dtype=dtype, device=device)
+        with torch.inference_mode(False):  # a normal tensor: writable in and out of inference mode
+            buffers[key] = torch.empty(numel, dtype=dtype, device=device)
     return buffers[key][:numel]
 
 

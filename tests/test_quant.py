@@ -204,6 +204,23 @@ def test_quantized_prefill_equals_the_dequantized_reference(bits, group, monkeyp
     assert torch.equal(layer.dequantize(torch.bfloat16), reference_weight)
 
 
+def test_the_reused_prefill_buffer_serves_inference_mode_and_no_grad_alike(monkeypatch):
+    """The buffer a bf16 prefill dequantizes into is made once per thread: made first under
+    inference mode (a server), it must still take writes under no_grad (an evaluation)."""
+    import threading
+
+    import gptj.quantized_linear as quant
+
+    monkeypatch.setattr(quant, "_scratch", threading.local())  # no buffer made yet
+    layer = QuantizedLinear.from_weight(torch.randn(64, 128) * 0.05, 8).prepare_kernel()
+    x = torch.randn(40, 128).bfloat16()  # past CPU_KERNEL_MAX_ROWS: the dequantizing path
+    reference = F.linear(x, layer.dequantize(torch.bfloat16))
+    with torch.inference_mode():
+        torch.testing.assert_close(layer(x), reference, rtol=1e-2, atol=1e-3)
+    with torch.no_grad():
+        torch.testing.assert_close(layer(x), reference, rtol=1e-2, atol=1e-3)
+
+
 @pytest.mark.parametrize("rows,width", [(3 * 64 + 32, 256), (3 * 64 + 16, 256), (128, 512), (64, 128)])
 def test_cpu_int4_layout_is_built_byte_for_byte_as_torch_packs_it(rows, width, monkeypatch):
     """The stored bytes rearranged into the CPU kernel's layout directly (in several chunks here)
