@@ -75,7 +75,10 @@ def test_smoke_server_and_qlora_rows(tmp_path):
     assert (server["kv_rows"], server["kv_tokens"]) == (16, 8 + 8 + 8)
     assert server["c1_tok_s"] > 0 and server["c16_tok_s"] > 0 and server["server_peak_rss"] > 0
     config = json.loads((tmp_path / "ck-int4" / "config.json").read_text())
-    assert server["kv_needed_bytes"] == 16 * 16 * 2 * config["n_layer"] * config["n_embd"] * 2
+    # the KV those tokens need, in the dtype the server said it caches in (fp32: this tiny model
+    # runs in fp32, as --precision auto picks for it)
+    assert server["kv_dtype"] == "fp32" and server["kv_line"].startswith("KV cache (fp32, ")
+    assert server["kv_needed_bytes"] == 16 * 16 * 2 * config["n_layer"] * config["n_embd"] * 4
     assert qlora["row"] == "qlora-int4" and "error" not in qlora, qlora
     assert qlora["steps"] == 3 and len(qlora["step_times_s"]) == 3
     assert qlora["step_s"] == pytest.approx(sum(qlora["step_times_s"][1:]) / 2)
