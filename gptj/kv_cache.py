@@ -21,6 +21,8 @@ slot per row per step, never rebuilt.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 
@@ -58,12 +60,26 @@ class _LayerCache:
 
 def cache_dtype(activation_dtype: torch.dtype, device: torch.device) -> torch.dtype:
     """The dtype keys and values are cached in: the activations' own, except bf16 / fp16 on a
-    CPU, cached in fp32. A one-token query over a bf16 cache with a mask is 4-7x slower in
-    torch's CPU attention than over fp32 (NOTES.md, "Serving"); the cached values are the bf16
-    ones, exactly, and the attention computes in fp32 either way. Twice the cache memory."""
-    if device.type == "cpu" and activation_dtype in (torch.bfloat16, torch.float16):
-        return torch.float32
-    return activation_dtype
+    CPU where torch's attention has no native bf16 path, cached in fp32. There a one-token query
+    over a bf16 cache with a mask is 4-7x slower than over fp32 (NOTES.md, "Serving"); the
+    cached values are the bf16 ones, exactly, and the attention computes in fp32 either way, at
+    twice the cache memory. With AMX tiles the bf16 cache is the faster one (0.4-0.9x fp32's
+    time at GPT-J 6B's and bench-small's head shapes, NOTES.md) and half the memory."""
+    if device.type != "cpu" or activation_dtype not in (torch.bfloat16, torch.float16):
+        return activation_dtype
+    if activation_dtype == torch.bfloat16 and native_bf16_attention():
+        return torch.bfloat16
+    return torch.float32
+
+
+@functools.cache
+def native_bf16_attention() -> bool:
+    """Whether torch's CPU attention runs bf16 on this CPU's AMX tiles (torch's own check)."""
+    check = getattr(torch.cpu, "_is_amx_tile_supported", None)
+    try:
+        return bool(check()) if check is not None else False
+    except (RuntimeError, AttributeError):
+        return False
 
 
 def model_cache_dtype(model, dtype: torch.dtype | None = None) -> torch.dtype:

@@ -138,9 +138,12 @@ def test_streamed_block_weights_give_the_resident_tokens():
     assert streamer.peak_resident_blocks <= 2
 
 
-def test_bf16_decode_on_cpu_caches_fp32_and_picks_the_tokens_of_a_bf16_cache(pair):
+def test_bf16_decode_on_cpu_caches_fp32_and_picks_the_tokens_of_a_bf16_cache(pair, monkeypatch):
+    import gptj.kv_cache
     from gptj import GPTJ
     from gptj.kv_cache import StaticKVCache
+
+    monkeypatch.setattr(gptj.kv_cache, "native_bf16_attention", lambda: False)  # a CPU without AMX
 
     model = GPTJ(pair[1].config, dtype=torch.bfloat16).eval()
     model.load_state_dict(pair[1].state_dict())
@@ -152,6 +155,21 @@ def test_bf16_decode_on_cpu_caches_fp32_and_picks_the_tokens_of_a_bf16_cache(pai
     plain_results = plain.run(PROMPTS, max_new_tokens=12, eos_token_id=None)
     assert plain.cache.layers[0].keys.dtype == torch.bfloat16  # the engine kept the cache it was given
     assert [r.token_ids for r in fast_results] == [r.token_ids for r in plain_results]
+
+
+@pytest.mark.parametrize("amx", [False, True])
+def test_the_cpu_cache_dtype_follows_torchs_native_bf16_attention(amx, monkeypatch):
+    """bf16 on a CPU: fp32 keys and values where torch's attention has no native bf16 path, bf16
+    where it runs on AMX tiles; fp16 always fp32 on a CPU; fp32 and every GPU dtype as they are."""
+    import gptj.kv_cache
+    from gptj.kv_cache import cache_dtype
+
+    monkeypatch.setattr(gptj.kv_cache, "native_bf16_attention", lambda: amx)
+    cpu, gpu = torch.device("cpu"), torch.device("cuda")
+    assert cache_dtype(torch.bfloat16, cpu) == (torch.bfloat16 if amx else torch.float32)
+    assert cache_dtype(torch.float16, cpu) == torch.float32
+    assert cache_dtype(torch.float32, cpu) == torch.float32
+    assert cache_dtype(torch.bfloat16, gpu) == torch.bfloat16 and cache_dtype(torch.float16, gpu) == torch.float16
 
 
 def test_compiled_cpu_decode_step_gives_the_eager_tokens():

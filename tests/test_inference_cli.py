@@ -125,9 +125,12 @@ def test_quantize_option_generates_with_the_quantized_model(capsys, tmp_path, cl
     assert got != TextGenerationPipeline.from_pretrained("random:tiny").generate(["the cat"], max_new_tokens=5)[0].token_ids
 
 
-def test_kv_cache_dtype_option_picks_the_cache_and_keeps_the_tokens(tmp_path, cli_pipelines):
+def test_kv_cache_dtype_option_picks_the_cache_and_keeps_the_tokens(tmp_path, cli_pipelines, monkeypatch):
+    import gptj.kv_cache
+
+    monkeypatch.setattr(gptj.kv_cache, "native_bf16_attention", lambda: False)  # auto: fp32 (no AMX)
     outputs = {}
-    for choice, expected in (("auto", torch.float32), ("bf16", torch.bfloat16)):  # auto on CPU: fp32
+    for choice, expected in (("auto", torch.float32), ("bf16", torch.bfloat16)):
         out = tmp_path / f"{choice}.jsonl"
         assert run_inference.main(["--precision", "bf16", "--kv-cache-dtype", choice, "--prompt", "The cat",
                                    "--max-new-tokens", "8", "--output", str(out)]) == 0

@@ -56,12 +56,18 @@ INT4 = by_hand(lambda n, k: n * k // 2 + n * (k // 32) * 2 * 2)  # packed values
 
 
 @pytest.mark.parametrize(("quantize", "expected"), [(None, PLAIN), ("int8", INT8), ("int4", INT4)])
-def test_the_estimate_equals_the_bytes_counted_by_hand_and_the_loaded_model(checkpoint, quantize, expected):
+def test_the_estimate_equals_the_bytes_counted_by_hand_and_the_loaded_model(checkpoint, quantize, expected,
+                                                                            monkeypatch):
+    import gptj.kv_cache
+
+    monkeypatch.setattr(gptj.kv_cache, "native_bf16_attention", lambda: False)  # fp32 keys and values
     spec = QuantSpec.parse(quantize, 32)
     layout = Layout(TINY, torch.bfloat16, spec, "cpu")
     est = estimate(layout, rows=3, tokens=10)
     assert est.weights == expected
     assert est.kv_cache == 3 * 10 * 2 * 2 * 128 * 4  # rows x tokens x layers x (k, v) x d x fp32 on CPU
+    monkeypatch.setattr(gptj.kv_cache, "native_bf16_attention", lambda: True)  # AMX: bf16 keys and values
+    assert estimate(layout, rows=3, tokens=10).kv_cache == 3 * 10 * 2 * 2 * 128 * 2
     model, _ = load_model_and_tokenizer(str(checkpoint), precision="bf16", device="cpu", quantize=quantize,
                                         group_size=32)
     assert resident_bytes(model) == expected

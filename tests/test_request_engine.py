@@ -18,7 +18,7 @@ def model():
 
 @pytest.fixture(scope="module")
 def bf16_model(model):
-    """The same weights in bf16 (on CPU its KV cache is fp32: gptj/kv_cache.py cache_dtype)."""
+    """The same weights in bf16 (its KV cache on a CPU: gptj/kv_cache.py cache_dtype)."""
     from gptj import GPTJ
 
     copy = GPTJ(model.config, dtype=torch.bfloat16).eval()
@@ -213,12 +213,15 @@ def test_a_budget_grows_the_cache_length_by_steps_and_a_factor_and_rows_only_whe
     assert budget.shape_for(1, 10, (6, 352)) == (6, 352)  # a shape that holds what is asked is kept
 
 
-def test_the_server_budget_line_names_the_dtype_the_cache_holds(bf16_model, capsys):
-    """A bf16 model on a CPU caches keys and values in fp32: the server's line says so, and its
-    budget counts 4 bytes a value (what a memory estimate from the activations' 2 would halve)."""
+def test_the_server_budget_line_names_the_dtype_the_cache_holds(bf16_model, capsys, monkeypatch):
+    """A bf16 model on a CPU without AMX caches keys and values in fp32: the server's line says
+    so, and its budget counts 4 bytes a value (what an estimate from the activations' 2 halves)."""
     from types import SimpleNamespace
 
+    import gptj.kv_cache
     from serving.server import cache_budget
+
+    monkeypatch.setattr(gptj.kv_cache, "native_bf16_attention", lambda: False)
 
     config = bf16_model.config
     server = SimpleNamespace(max_batch_size=2, max_model_len=32, memory_utilization=0.5)
