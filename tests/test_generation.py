@@ -144,7 +144,6 @@ def test_bf16_decode_on_cpu_caches_fp32_and_picks_the_tokens_of_a_bf16_cache(pai
     from gptj.kv_cache import StaticKVCache
 
     monkeypatch.setattr(gptj.kv_cache, "native_bf16_attention", lambda: False)  # a CPU without AMX
-
     model = GPTJ(pair[1].config, dtype=torch.bfloat16).eval()
     model.load_state_dict(pair[1].state_dict())
     fast = GenerationEngine(model)
