@@ -11,7 +11,7 @@ process: load time, peak RSS (the child's ru_maxrss, load included), time to fir
 32-token prompt (the first request after loading, and again warm), decode tokens/s at batch 1
 and 16, bytes read per decode step and the fraction of the read bandwidth measured in the same
 run (a sum over a 2 GiB tensor with the same threads). Rows: bf16, int8, int4 (quantized while
-loading), int4-prequantized (`python -m execution.inference.quantized_checkpoints` output, written once), transformers
+loading), int4-prequantized (`python -m gptj.execution.inference.quantized_checkpoints` output, written once), transformers
 bf16 and CTranslate2 int8 when installed. Two more rows on the int4 checkpoint have tables of
 their own: server-int4 (run_server.py under 1 and 16 concurrent requests: benchmarks/bench_6b_server.py)
 and qlora-int4 (LoRA rank 8 training steps against the planner's memory prediction:
@@ -65,7 +65,7 @@ def measure_bandwidth(megabytes: int, matmul: bool = True) -> dict:
     import torch
 
     from benchmarks.machine import measure_matmul_flops
-    from execution.training.loss_scaling import DTYPES
+    from gptj.execution.training.loss_scaling import DTYPES
 
     x = torch.ones(megabytes * 2**20 // 4)
     x.sum()
@@ -87,9 +87,9 @@ def measure_ours(model_dir: str, quantize: str | None, shape: dict, precision: s
     import torch
 
     from benchmarks.bench_generation import weight_bytes_per_step
-    from execution.inference.generation import GenerationEngine
-    from execution.inference.pipelines import load_model_and_tokenizer
-    from execution.training.loss_scaling import dtype_name
+    from gptj.execution.inference.generation import GenerationEngine
+    from gptj.execution.inference.pipelines import load_model_and_tokenizer
+    from gptj.execution.training.loss_scaling import dtype_name
 
     start = time.perf_counter()
     model, _ = load_model_and_tokenizer(model_dir, precision=precision, device="cpu", quantize=quantize)
@@ -131,7 +131,7 @@ def measure_transformers(model_dir: str, shape: dict) -> dict:
     import torch
     from transformers import GPTJForCausalLM
 
-    from execution.runtime.memory_fit import check_model
+    from gptj.execution.runtime.memory_fit import check_model
 
     check_model(model_dir, precision="bf16")  # one line, not an out-of-memory kill
     start = time.perf_counter()
@@ -288,7 +288,7 @@ def _run_json(command: list[str], timeout: float) -> dict:
 
 
 def prequantize(model_dir: Path, args) -> tuple[Path, dict]:
-    """The int4 checkpoint `python -m execution.inference.quantized_checkpoints` writes, written once beside the source."""
+    """The int4 checkpoint `python -m gptj.execution.inference.quantized_checkpoints` writes, written once beside the source."""
     output = model_dir.with_name(model_dir.name + "-int4")
     if output.exists():
         return output, {"reused": True}
@@ -300,7 +300,7 @@ def prequantize(model_dir: Path, args) -> tuple[Path, dict]:
 
 QUANTIZE_SCRIPT = """
 import json, resource, sys
-from execution.inference.quantized_checkpoints import main
+from gptj.execution.inference.quantized_checkpoints import main
 code = main(["--model", sys.argv[1], "--bits", "4", "--output", sys.argv[2], "--no-progress"])
 print(json.dumps({"exit": code, "peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}))
 """
@@ -319,7 +319,7 @@ def warm_page_cache(directory: Path) -> float:
 
 
 def model_config(args):
-    from gptj import ModelConfig
+    from gptj.model import ModelConfig
 
     if args.smoke:
         return ModelConfig.preset("tiny")
@@ -418,7 +418,7 @@ def write_report(report: dict, out: Path) -> None:
 
 
 def mem_available() -> float:
-    from execution.runtime.memory_fit import available_bytes
+    from gptj.execution.runtime.memory_fit import available_bytes
 
     found = available_bytes("cpu")
     return found[0] / GiB if found else float("nan")

@@ -6,7 +6,7 @@ micro-batch 1 = global batch 1, bf16, no evaluation, checkpoint or export. Repor
 time (mean of the steps after the first, which also allocates the optimizer state), the
 process's peak RSS and where it was reached (before training: interpreter + torch; before the
 first step: + the loaded base and the data; during the steps), and the planner's predicted
-device total for the same layout on `cpu-24gb` (execution/training/planner.py) with its terms.
+device total for the same layout on `cpu-24gb` (gptj/execution/training/planner.py) with its terms.
 """
 
 from __future__ import annotations
@@ -29,8 +29,8 @@ def _rss() -> dict:
 def step_precision(model_dir: str) -> str:
     """What `--precision auto` picks for this model here (bf16 with native bf16 matmuls, else
     fp32): the row trains in it, and the planner predicts for it."""
-    from execution.runtime.defaults import resolve_precision
-    from execution.training.planner import load_model_config
+    from gptj.execution.runtime.defaults import resolve_precision
+    from gptj.execution.training.planner import load_model_config
 
     return resolve_precision("auto", "cpu", load_model_config(model_dir))
 
@@ -50,7 +50,13 @@ def finetune_argv(model_dir: str, shape: dict, threads: int, out: str) -> list[s
 
 def predicted(model_dir: str, shape: dict, recompute: bool) -> dict:
     """The planner's device bytes for this run's layout (tp 1 x 1 replica) on the CPU machine."""
-    from execution.training.planner import MACHINES, Layout, LoraPlan, load_model_config, plan_lora_layout
+    from gptj.execution.training.planner import (
+        MACHINES,
+        Layout,
+        LoraPlan,
+        load_model_config,
+        plan_lora_layout,
+    )
 
     q = shape["qlora"]
     config = load_model_config(model_dir)
@@ -60,8 +66,8 @@ def predicted(model_dir: str, shape: dict, recompute: bool) -> dict:
 
 
 def measure_qlora(model_dir: str, shape: dict, threads: int) -> dict:
-    import run_finetuning
-    from execution.training import loop
+    import gptj.commands.finetune as run_finetuning
+    from gptj.execution.training import loop
 
     marks = {"before_train": _rss()}
     step = loop.Trainer.train_step

@@ -29,9 +29,9 @@ def weight_bytes(model_dir: str) -> int:
 
 def kv_bytes(config: dict, rows: int, tokens: int, dtype: str) -> int:
     """K and V of every layer in `dtype` (the cache's, as the server printed it) for `rows`
-    requests of `tokens` positions. A bf16 model on a CPU caches in fp32 (gptj/kv_cache.py)."""
-    from execution.training.loss_scaling import parse_dtype
-    from gptj.kv_cache import token_bytes
+    requests of `tokens` positions. A bf16 model on a CPU caches in fp32 (gptj/model/kv_cache.py)."""
+    from gptj.execution.training.loss_scaling import parse_dtype
+    from gptj.model.kv_cache import token_bytes
 
     return token_bytes(config["n_layer"], config["n_embd"], parse_dtype(dtype)) * rows * tokens
 
@@ -50,7 +50,7 @@ def start(model_dir: str, threads: int, max_len: int, log: Path) -> tuple[subpro
     """run_server.py in its own process; (process, url, seconds until /health said 200)."""
     import httpx
 
-    from serving.server import free_port
+    from gptj.serving.server import free_port
 
     port = free_port()
     command = [sys.executable, "run_server.py", "--model", model_dir, "--port", str(port),

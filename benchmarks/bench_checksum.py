@@ -2,7 +2,7 @@
 
 Each hash runs over the same in-memory buffer in 8 MiB chunks (as `file_checksum` reads a
 file); GB/s = buffer bytes / best of `repeats` wall times. The file figure runs
-`execution.training.checkpoint.file_checksum` over a temporary file of the same size, read back from the
+`gptj.execution.training.checkpoint.file_checksum` over a temporary file of the same size, read back from the
 page cache (a cold read is bounded by the disk instead).
 
     python benchmarks/bench_checksum.py [--mib 512] [--repeats 3] [--json]
@@ -24,7 +24,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.machine import describe  # noqa: E402
-from execution.training.checkpoint import file_checksum  # noqa: E402
+from gptj.execution.training.checkpoint import file_checksum  # noqa: E402
 
 CHUNK = 8 << 20
 

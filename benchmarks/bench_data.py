@@ -20,8 +20,8 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-import data  # noqa: E402
-from data import bundled  # noqa: E402
+import gptj.data as data  # noqa: E402
+from gptj.data import bundled  # noqa: E402
 
 SHARED = ROOT.parent / "shared" / "data"
 MNLI_FILE = SHARED / "mnli" / "validation_matched.jsonl"

@@ -22,8 +22,8 @@ import time
 
 import torch
 
-from execution.runtime.hardware import detect
-from gptj import GPTJ, ModelConfig
+from gptj.execution.runtime.hardware import detect
+from gptj.model import GPTJ, ModelConfig
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 SHAPES = {"tiny": (32, 32), "bench-small": (8, 128)}  # (train batch, seq)
@@ -42,7 +42,7 @@ def _timed(fn, repeats: int = 3) -> float:
 
 def measure(shape: str, precision: str, threads: int) -> dict:
     """One combination, in this process."""
-    from execution.inference.generation import GenerationEngine
+    from gptj.execution.inference.generation import GenerationEngine
 
     torch.set_num_threads(threads)
     config = ModelConfig.preset(shape)

@@ -37,7 +37,7 @@ import torch
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from gptj import GPTJ, ModelConfig  # noqa: E402
+from gptj.model import GPTJ, ModelConfig  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 QUANTIZED = {"int8": 8, "int4": 4}
@@ -62,8 +62,8 @@ def our_model(config: ModelConfig, precision: str, state):
         model = GPTJ(config, dtype=DTYPES[precision])
         model.load_shards(state_reader(state))
         return model.eval()
-    from gptj.quantized_linear import QuantSpec
-    from gptj.quantized_model import quantize_from_reader
+    from gptj.model.quantized_linear import QuantSpec
+    from gptj.model.quantized_model import quantize_from_reader
 
     spec = QuantSpec(QUANTIZED[precision], GROUP_SIZE)
     return quantize_from_reader(config, None, torch.float32, "cpu", spec, state_reader(state))
@@ -76,7 +76,7 @@ def build_models(config: ModelConfig, dtype: torch.dtype):
 
 
 def time_ours(model, prompts, new_tokens, repeats, time_limit=None):
-    from execution.inference.generation import GenerationEngine
+    from gptj.execution.inference.generation import GenerationEngine
 
     engine = GenerationEngine(model)
     start = time.perf_counter()
@@ -147,7 +147,7 @@ def time_hf(model, prompts, new_tokens, repeats, time_limit=None):
 def weight_bytes_per_step(model: GPTJ) -> int:
     """Bytes of weights one decode step reads: every parameter but the embedding table, and
     each quantized projection as its kernel reads it."""
-    from gptj.quantized_linear import QuantizedLinear
+    from gptj.model.quantized_linear import QuantizedLinear
 
     total = sum(p.numel() * p.element_size() for n, p in model.named_parameters() if not n.startswith("embed."))
     return total + sum(m.decode_bytes() for m in model.modules() if isinstance(m, QuantizedLinear))

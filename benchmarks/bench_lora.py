@@ -6,7 +6,7 @@ One step = forward + backward + AdamW update on a [batch, seq] batch of random t
     ours lora     frozen GPTJ + rank-8 adapters on q, k, v, out_proj, fc_in, fc_out,
                   ShardedAdamW over the adapters only
     ours qlora    the same adapters over an int4 base (groups of 128; 32 with --quick), quantized
-                  while building; every base matmul dequantizes its weight (gptj/quantized_linear.py)
+                  while building; every base matmul dequantizes its weight (gptj/model/quantized_linear.py)
     peft lora     GPTJForCausalLM (sdpa) + peft.get_peft_model(LoraConfig(r=8, same targets)) +
                   torch.optim.AdamW(fused) over the adapters; bf16 = the model in bf16 with
                   the adapters in fp32 under torch.autocast(bf16) (PEFT's usual mixed precision)
@@ -35,10 +35,10 @@ TARGETS = ("q", "k", "v", "out_proj", "fc_in", "fc_out")
 def _ours(config, precision: str, lora_rank: int, group_size: int = 0):
     import torch
 
-    from execution.runtime.model_loading import NewAdapters, load_model
-    from execution.training.optimizer import ShardedAdamW
-    from gptj.lora import LoraSettings
-    from gptj.quantized_linear import QuantSpec
+    from gptj.execution.runtime.model_loading import NewAdapters, load_model
+    from gptj.execution.training.optimizer import ShardedAdamW
+    from gptj.model.lora import LoraSettings
+    from gptj.model.quantized_linear import QuantSpec
 
     dtype = torch.bfloat16 if precision == "bf16" else torch.float32
     # As run_finetuning.py builds it: an int4 base with group_size, LoRA adapters with lora_rank.
@@ -64,7 +64,7 @@ def _peft(config, precision: str, lora_rank: int):
     import torch
     from transformers import GPTJForCausalLM
 
-    from gptj.adapter_io import PEFT_TARGET
+    from gptj.model.adapter_io import PEFT_TARGET
 
     torch.manual_seed(0)
     hf_config = config.to_hf()

@@ -1,4 +1,4 @@
-"""Per-row LoRA deltas of several adapters (gptj/multi_lora.py): the dense path against the
+"""Per-row LoRA deltas of several adapters (gptj/model/multi_lora.py): the dense path against the
 per-row gather, by number of loaded adapters, for one block's three delta calls.
 
     python -m benchmarks.bench_multi_lora            # bench-small width, rank 8, bf16, 1 thread
@@ -17,9 +17,9 @@ import time
 
 import torch
 
-from gptj.config import ModelConfig
-from gptj.lora import LoraAdapters, LoraSettings
-from gptj.multi_lora import MultiLoRA
+from gptj.model.config import ModelConfig
+from gptj.model.lora import LoraAdapters, LoraSettings
+from gptj.model.multi_lora import MultiLoRA
 
 CALLS = (("q", "k", "v", "fc_in"), ("out_proj",), ("fc_out",))
 

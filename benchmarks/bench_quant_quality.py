@@ -7,7 +7,7 @@ For every variant (fp32; int8; int4 with groups of 32, 64, 128; int8 with lm_hea
 on the task's validation split:
 greedy label accuracy, agreement of the greedy answers with fp32's, and perplexity on the
 held-out validation text (prompt + true label + EOS) with its change against fp32
-(execution/inference/quant_quality.py has the definitions).
+(gptj/execution/inference/quant_quality.py has the definitions).
 """
 
 from __future__ import annotations
@@ -26,11 +26,11 @@ VARIANTS = {"fp32": (None, 128), "int8": ("int8", 128), "int4 g32": ("int4", 32)
 
 def run(model: str, task: str = "mnli", dataset: str = "bundled:mnli_sample", split: str = "validation_matched",
         max_examples: int | None = None) -> dict:
-    import data
-    from execution.inference.pipelines import load_model_and_tokenizer
-    from execution.inference.quant_quality import compare_models
-    from execution.runtime.model_loading import load_model
-    from gptj.quantized_linear import QuantizationError, QuantSpec
+    import gptj.data as data
+    from gptj.execution.inference.pipelines import load_model_and_tokenizer
+    from gptj.execution.inference.quant_quality import compare_models
+    from gptj.execution.runtime.model_loading import load_model
+    from gptj.model.quantized_linear import QuantizationError, QuantSpec
 
     models, tok = {}, None
     for name, (quantize, group) in VARIANTS.items():

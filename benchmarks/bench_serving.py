@@ -52,7 +52,7 @@ GPT2_TOKENIZER = Path("/work/shared/data/gpt2")
 
 
 def start_server(args, extra=()) -> tuple[subprocess.Popen, str]:
-    from serving.server import free_port
+    from gptj.serving.server import free_port
 
     port = free_port()
     command = [sys.executable, "run_server.py", "--port", str(port), "--log-level", "warning",

@@ -1,7 +1,7 @@
 """`bench_serving.py --adapters K`: K LoRA adapters served over one base against one merged model.
 
 Mixed traffic (request i asks for adapter i mod K) at each --concurrency goes to one server
-holding K adapters over the unmerged base (gptj/multi_lora.py); the same traffic then goes to
+holding K adapters over the unmerged base (gptj/model/multi_lora.py); the same traffic then goes to
 a server with one adapter merged into its weights (the cost of one fine-tune served alone).
 Reported per level: output tokens/s of both and their ratio (target >= 0.8x); with --rounds R
 the two servers take turns R times and each one's best round counts. Memory: the
@@ -22,9 +22,9 @@ import torch
 
 def make_adapters(args, directory: Path) -> tuple[dict[str, str], dict]:
     """K random PEFT adapters of --adapter-rank for the server's model; (name -> dir, sizes)."""
-    from execution.inference.pipelines import load_model_and_tokenizer
-    from gptj.adapter_io import save_peft_adapter
-    from gptj.lora import LoraAdapters, LoraSettings, adapter_parameter_count
+    from gptj.execution.inference.pipelines import load_model_and_tokenizer
+    from gptj.model.adapter_io import save_peft_adapter
+    from gptj.model.lora import LoraAdapters, LoraSettings, adapter_parameter_count
 
     source = "random:tiny" if args.quick else "random:bench-small"
     tokenizer = None if args.quick or not args.gpt2_tokenizer.is_dir() else str(args.gpt2_tokenizer)

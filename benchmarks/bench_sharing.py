@@ -38,8 +38,8 @@ def _decode_rate(engine, prompt: list[int], new_tokens: int) -> float:
 def measure(model_dir: str, quantize: str | None, threads: list[int], new_tokens: int, repeats: int) -> list[dict]:
     import torch
 
-    from execution.inference.generation import GenerationEngine
-    from execution.inference.pipelines import load_model_and_tokenizer
+    from gptj.execution.inference.generation import GenerationEngine
+    from gptj.execution.inference.pipelines import load_model_and_tokenizer
 
     model, _ = load_model_and_tokenizer(model_dir, precision="bf16", device="cpu", quantize=quantize)
     engine = GenerationEngine(model)

@@ -54,7 +54,7 @@ def peak_rss() -> int:
 
 def shape(quick: bool):
     """(model config, batch, seq) of the benchmark."""
-    from gptj import ModelConfig
+    from gptj.model import ModelConfig
 
     if quick:
         return ModelConfig.preset("tiny"), 2, 32
@@ -64,13 +64,13 @@ def shape(quick: bool):
 def _our_step(config, precision: str):
     import torch
 
-    from execution.runtime.model_loading import load_model
+    from gptj.execution.runtime.model_loading import load_model
 
     dtype = torch.bfloat16 if precision == "bf16" else torch.float32
     model = load_model(config, precision=dtype, trainable=True).model  # as train() builds it
     note = ""
     try:
-        from execution.training.optimizer import ShardedAdamW
+        from gptj.execution.training.optimizer import ShardedAdamW
     except ImportError:
         ShardedAdamW = None
     if ShardedAdamW is not None:
@@ -85,7 +85,7 @@ def _our_step(config, precision: str):
     else:
         # The sharded optimizer is not in this tree yet: a plain AdamW on the parameters
         # (in bf16 this keeps bf16 state, i.e. no master weights; the memory is then lower).
-        note = "execution.training.optimizer missing: torch.optim.AdamW(fused) on the parameters"
+        note = "gptj.execution.training.optimizer missing: torch.optim.AdamW(fused) on the parameters"
         optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95), fused=True)
 
         def update():

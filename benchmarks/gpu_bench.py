@@ -24,7 +24,7 @@ weights a step reads (embedding excluded, quantized projections as their kernel 
 the KV cache slots the step attends (the whole cache for a compiled step). Quantized rows list
 each layer's kernel and any packing the kernel refused.
 
-int8 on CUDA (gptj.quantized_linear `_int8_cuda_matmul`, `F.linear(x, q.to(bf16)) * scale`) runs only at
+int8 on CUDA (gptj.model.quantized_linear `_int8_cuda_matmul`, `F.linear(x, q.to(bf16)) * scale`) runs only at
 batch 1 with CUDA graphs and inductor's coordinate-descent tuning: only there does inductor
 turn the matmul into a reduction that reads the int8 weight directly; at more rows, or eager,
 it writes a bf16 copy of the weight first (~5 bytes a weight), a detour not worth the budget.
@@ -86,7 +86,7 @@ from benchmarks.gpu_bench_report import (
     process_start_time,
     start_watchdog,
 )
-from gptj import GPTJ, ModelConfig
+from gptj.model import GPTJ, ModelConfig
 
 DEFAULT_BUDGET_S = 420.0  # 7 minutes from the process start
 SMOKE_BUDGET_S = 300.0
@@ -110,8 +110,8 @@ class Models:
         if kind == "bf16":
             return random_init(GPTJ(self.config, dtype=torch.bfloat16, device=self.device)).eval()
         if kind in ("int8", "int4"):
-            from execution.runtime.model_loading import load_model
-            from gptj.quantized_linear import QuantSpec
+            from gptj.execution.runtime.model_loading import load_model
+            from gptj.model.quantized_linear import QuantSpec
 
             return load_model(self.get("bf16"), quantize=QuantSpec(int(kind[3:]), 128)).model
         if kind == "hf":
@@ -160,7 +160,7 @@ class Bench:
 
 def decode_ours(model, prompts, new_tokens: int, compiled: bool):
     """Decode tokens/s and the engine that ran (after a warm-up run that compiles)."""
-    from execution.inference.generation import GenerationEngine
+    from gptj.execution.inference.generation import GenerationEngine
 
     engine = GenerationEngine(model, compile_decode=compiled)
     engine.run(prompts, min(new_tokens, 8), None)  # warm-up (compilation, graph recording)
@@ -228,7 +228,7 @@ def host_available() -> float:
 def choose_blocks(base: ModelConfig, seq: int, batch: int, offload: bool, device_bytes: float,
                   host_bytes: float, max_blocks: int) -> int:
     """The most blocks the planner says fit (10% margin on device and host memory)."""
-    from execution.training.planner import Layout, Machine, plan_layout
+    from gptj.execution.training.planner import Layout, Machine, plan_layout
 
     machine = Machine(name="measured", devices_per_node=1, nodes=1, device_memory=0.9 * device_bytes,
                       host_memory=0.9 * host_bytes, intra_bandwidth=0.0, inter_bandwidth=0.0,
@@ -245,7 +245,7 @@ def choose_blocks(base: ModelConfig, seq: int, batch: int, offload: bool, device
 
 
 def train_ours(config, device, batch, seq, offload: bool, steps: int, budget: Budget) -> dict:
-    from execution.training.optimizer import ShardedAdamW
+    from gptj.execution.training.optimizer import ShardedAdamW
 
     model = random_init(GPTJ(config, dtype=torch.bfloat16, device=device))
     model.train()

@@ -4,7 +4,7 @@ step attends; and which kernel each quantized layer runs."""
 
 from __future__ import annotations
 
-from gptj import ModelConfig
+from gptj.model import ModelConfig
 
 
 def hf_decode_bytes_per_step(config: ModelConfig, batch: int, slots: float, element: int = 2) -> float:
@@ -17,7 +17,7 @@ def hf_decode_bytes_per_step(config: ModelConfig, batch: int, slots: float, elem
 def model_weight_bytes(model) -> int:
     """Weight bytes one decode step reads from a model as it is held: float parameters their
     own, quantized projections what their kernel reads (QuantizedLinear.decode_bytes)."""
-    from gptj.quantized_linear import QuantizedLinear
+    from gptj.model.quantized_linear import QuantizedLinear
 
     weights = sum(p.numel() * p.element_size() for n, p in model.named_parameters() if not n.startswith("embed."))
     return weights + sum(m.decode_bytes() for m in model.modules() if isinstance(m, QuantizedLinear))
@@ -32,7 +32,7 @@ def decode_step_bytes(model, batch: int, attended_slots: float, cache_element: i
 
 def layer_kernels(model) -> tuple[dict[str, str], dict[str, str]]:
     """Each quantized layer's kernel, and the packings a kernel refused (with the reason)."""
-    from gptj.quantized_linear import QuantizedLinear
+    from gptj.model.quantized_linear import QuantizedLinear
 
     kernels, refused = {}, {}
     for name, module in model.named_modules():

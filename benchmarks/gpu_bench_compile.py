@@ -20,7 +20,7 @@ def compile_counters() -> dict:
 
 def decode_step_compilations() -> int | None:
     """How many compiled versions dynamo holds of the decode step (None: not knowable)."""
-    from execution.inference.generation import GenerationEngine
+    from gptj.execution.inference.generation import GenerationEngine
 
     try:
         from torch._dynamo.eval_frame import _debug_get_cache_entry_list

@@ -86,7 +86,7 @@ def measure_memory_bandwidth(megabytes: int | None = None, device=None) -> float
 
 def capability() -> str:
     """The CPU (and GPU) line every benchmark header carries: model, physical cores, native bf16."""
-    from execution.runtime.hardware import detect
+    from gptj.execution.runtime.hardware import detect
 
     return detect().summary()
 

@@ -19,9 +19,9 @@ from pathlib import Path
 
 import torch
 
-from gptj import ModelConfig
-from gptj.hf import SAFE_INDEX
-from gptj.sharding import hf_shapes
+from gptj.model import ModelConfig
+from gptj.model.hf import SAFE_INDEX
+from gptj.model.sharding import hf_shapes
 
 SHARD_BYTES = 2 * 10**9  # Hugging Face's own default shard size for GPT-J 6B
 GPT2_TOKENIZER = Path(__file__).resolve().parents[2] / "shared" / "data" / "gpt2"
@@ -106,7 +106,7 @@ def copy_tokenizer(directory: Path, gpt2: Path | None = GPT2_TOKENIZER, vocab_si
             shutil.copy2(gpt2 / name, directory / name)
         add_extra_tokens(directory, vocab_size)
         return "gpt2"
-    from data import bundled
+    from gptj.data import bundled
 
     source = Path(bundled.tokenizer_dir("tiny"))
     for file in source.iterdir():

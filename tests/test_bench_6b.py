@@ -15,9 +15,9 @@ from safetensors import safe_open
 
 from benchmarks import bench_6b
 from benchmarks.random_checkpoint import plan_shards, write_checkpoint
-from gptj import ModelConfig
-from gptj.hf import SAFE_INDEX, load_pretrained
-from gptj.sharding import hf_shapes
+from gptj.model import ModelConfig
+from gptj.model.hf import SAFE_INDEX, load_pretrained
+from gptj.model.sharding import hf_shapes
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -87,7 +87,7 @@ def test_smoke_server_and_qlora_rows(tmp_path):
     # in (what --precision auto picks: fp32 for this tiny model)
     assert qlora["precision"] == "fp32"
     planner = subprocess.run(
-        [sys.executable, "-m", "execution.training.planner", "--model", str(tmp_path / "ck-int4"), "--lora-rank", "8",
+        [sys.executable, "-m", "gptj.execution.training.planner", "--model", str(tmp_path / "ck-int4"), "--lora-rank", "8",
          "--quantize", "int4", "--machine", "cpu-24gb", "--seq", "32", "--micro-batch", "1", "--global-batch", "1",
          "--precision", qlora["precision"], "--json"], cwd=ROOT, capture_output=True, text=True, timeout=60)
     layout = next(r for r in json.loads(planner.stdout)["layouts"] if r["layout"] == "tp1xr1+lora8+int4")

@@ -97,8 +97,8 @@ def test_bench_lora_measures_adapters_only():
     import torch
 
     from benchmarks.bench_lora import measure_one
-    from gptj import ModelConfig
-    from gptj.lora import LoraSettings, adapter_parameter_count
+    from gptj.model import ModelConfig
+    from gptj.model.lora import LoraSettings, adapter_parameter_count
 
     threads = torch.get_num_threads()
     try:

@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 import torch
 
-from execution.training import checkpoint as ckpt
-from execution.training.config import TrainConfigError
-from execution.training.loop import train
+from gptj.execution.training import checkpoint as ckpt
+from gptj.execution.training.config import TrainConfigError
+from gptj.execution.training.loop import train
 from tests.fixtures.training import parameters_of, read_metrics, small_config
 
 
@@ -108,9 +108,9 @@ def test_rng_state_round_trip_without_pickle():
 KILLED_WRITER = """
 import os, signal, sys
 sys.path.insert(0, {root!r})
-from execution.training import checkpoint as ckpt
-from execution.training.config import TrainConfigError
-from execution.training.loop import train
+from gptj.execution.training import checkpoint as ckpt
+from gptj.execution.training.config import TrainConfigError
+from gptj.execution.training.loop import train
 from tests.fixtures.training import small_config
 
 real_fsync = ckpt._fsync

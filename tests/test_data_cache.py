@@ -7,8 +7,8 @@ import os
 import numpy as np
 import pytest
 
-import data
-from data import cache
+import gptj.data as data
+from gptj.data import cache
 from tests.fixtures.data import MNLI_ROWS, mnli_file, tiny_tokenizer
 
 

@@ -1,4 +1,4 @@
-"""`python -m data` and the rule that the data layer never imports torch."""
+"""`python -m gptj.data` and the rule that the data layer never imports torch."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from data.__main__ import main
+from gptj.data.__main__ import main
 from tests.fixtures.data import mnli_file, tiny_tokenizer_dir
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -44,7 +44,7 @@ def test_cli_error_is_short(capsys, tmp_path):
 
 
 def test_cli_subprocess_json():
-    result = subprocess.run([sys.executable, "-m", "data", "--json", "--show", "1",
+    result = subprocess.run([sys.executable, "-m", "gptj.data", "--json", "--show", "1",
                              "--split", "validation_mismatched"],
                             cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr
@@ -55,7 +55,7 @@ def test_cli_subprocess_json():
 def test_data_never_imports_torch(tmp_path):
     code = f"""
 import sys
-import data
+import gptj.data as data
 tok = data.load_tokenizer({str(tiny_tokenizer_dir())!r})
 tok.save({str(tmp_path / 'saved')!r})
 tr = data.build_train_data('mnli', None, 'bundled:tiny', 64, cache_dir={str(tmp_path)!r})
@@ -64,7 +64,7 @@ ev = data.build_eval_data('mnli', None, tok, 'validation_matched', use_cache=Fal
 next(ev.shard(2, 1).batches(4))
 s = data.TrainSampler(tr.num_rows, 8, 4)
 data.BatchLoader(tr, s).next_step()
-from data.__main__ import main
+from gptj.data.__main__ import main
 main(['--show', '1', '--json'])
 import huggingface_hub
 huggingface_hub.snapshot_download = lambda repo_id, **kw: {str(tiny_tokenizer_dir())!r}
@@ -81,7 +81,7 @@ assert not bad, bad
                     reason="GPT-2 tokenizer files not present at ../shared/data/gpt2")
 def test_gpt2_directory_does_not_import_torch():
     gpt2 = Path(__file__).resolve().parents[2] / "shared" / "data" / "gpt2"
-    code = (f"import sys, data; t = data.load_tokenizer({str(gpt2)!r}); t.encode(['a b']); "
+    code = (f"import sys; import gptj.data as data; t = data.load_tokenizer({str(gpt2)!r}); t.encode(['a b']); "
             "assert 'torch' not in sys.modules")
     result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
                             timeout=60)

@@ -1,4 +1,4 @@
-"""`python -m data` shows what the fine-tuning run of the same preset trains on: its task, data,
+"""`python -m gptj.data` shows what the fine-tuning run of the same preset trains on: its task, data,
 tokenizer and sequence length by default (`--config`), so kept / too long / truncated agree with
 the counts run_finetuning.py reports."""
 
@@ -9,7 +9,7 @@ import re
 
 import pytest
 
-from data.__main__ import main
+from gptj.data.__main__ import main
 from tests.fixtures.data import SHARED_DATA
 from tests.test_finetuning_edges import FAST, run, write_rows
 

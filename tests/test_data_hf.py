@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-import data
+import gptj.data as data
 from tests.fixtures.data import MNLI_ROWS, tiny_tokenizer, tiny_tokenizer_dir
 
 datasets = pytest.importorskip("datasets")

@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-import data
-from data.packing import TrainData
+import gptj.data as data
+from gptj.data.packing import TrainData
 from tests.fixtures.data import mnli_file, tiny_tokenizer
 
 PAD = -7

@@ -7,7 +7,7 @@ from collections import Counter
 import numpy as np
 import pytest
 
-import data
+import gptj.data as data
 
 
 def steps(sampler, n):

@@ -7,8 +7,8 @@ import json
 
 import pytest
 
-import data
-from data.sources import Source, parse_hf_name
+import gptj.data as data
+from gptj.data.sources import Source, parse_hf_name
 from tests.fixtures.data import MNLI_ROWS, SHARED_DATA, mnli_file, write_jsonl
 
 LABELS = ["entailment", "neutral", "contradiction"]
@@ -147,7 +147,7 @@ def test_hf_names():
 
 
 def test_bundled_sample_is_reproducible(tmp_path):
-    from data.bundled import HERE, make_sample
+    from gptj.data.bundled import HERE, make_sample
     splits = make_sample.make_sample()
     for name, rows in splits.items():
         make_sample.write_jsonl(rows, tmp_path / f"{name}.jsonl")

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-import data
-from data.errors import RowProblem
+import gptj.data as data
+from gptj.data.errors import RowProblem
 
 ROW = {"premise": "The red cat sleeps in the kitchen.", "hypothesis": "A cat sleeps in the kitchen.",
        "label": "entailment"}

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-import data
+import gptj.data as data
 from tests.fixtures.data import EOS, MNLI_ROWS, SHARED_DATA, mnli_file, tiny_tokenizer
 
 GPT2 = SHARED_DATA / "gpt2"

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import pytest
 
-import data
-from data.sources import Source, split_at
+import gptj.data as data
+from gptj.data.sources import Source, split_at
 from tests.fixtures.data import MNLI_ROWS, write_jsonl
 from tests.test_finetuning_edges import FAST, nli_rows, run, write_rows
 

@@ -7,10 +7,10 @@ import json
 
 import pytest
 
-import run_inference
-from execution.runtime import defaults, hardware
-from execution.training.loop import train
-from gptj import ModelConfig
+import gptj.commands.generate as run_inference
+from gptj.execution.runtime import defaults, hardware
+from gptj.execution.training.loop import train
+from gptj.model import ModelConfig
 from tests.fixtures.training import small_config
 
 BIG = ModelConfig.preset("bench-small")

@@ -11,10 +11,10 @@ import numpy as np
 import pytest
 import torch
 
-import data as datalib
-from execution.training.evaluation import evaluate_split, likelihood_scores
-from execution.training.loop import train
-from gptj import GPTJ
+import gptj.data as datalib
+from gptj.execution.training.evaluation import evaluate_split, likelihood_scores
+from gptj.execution.training.loop import train
+from gptj.model import GPTJ
 from tests.fixtures.training import small_config
 
 KEYS = {"cat": "apple", "sun": "river", "boat": "stone"}  # marker word -> label
@@ -76,7 +76,7 @@ def test_random_model_scores_near_chance(synthetic_task):
     tok = datalib.load_tokenizer("bundled:tiny")
     evals = datalib.build_eval_data(task, source, tok, "validation", progress=False)
     config = small_config("unused").model
-    from gptj import ModelConfig
+    from gptj.model import ModelConfig
 
     mc = ModelConfig.preset("tiny").replace(vocab_size=tok.vocab_size, eos_token_id=tok.eos_id,
                                             bos_token_id=tok.eos_id, **config.shape)
@@ -136,9 +136,9 @@ def test_quantized_model_keeps_the_trained_answers(trained, synthetic_task):
     real models: int8 >= 99% agreement and perplexity within 0.5%, int4 within 2 accuracy points
     and perplexity within 2%. On this 90-example split one flipped answer moves accuracy and
     agreement by 1.1%, so each of those bounds allows one flip more."""
-    from execution.inference.quant_quality import compare_models
-    from gptj.quantized_linear import QuantSpec
-    from gptj.quantized_model import quantized_copy
+    from gptj.execution.inference.quant_quality import compare_models
+    from gptj.model.quantized_linear import QuantSpec
+    from gptj.model.quantized_model import quantized_copy
 
     task, source = synthetic_task
     tok = datalib.load_tokenizer("bundled:tiny")

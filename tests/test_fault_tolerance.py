@@ -21,8 +21,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from execution.training import checkpoint as ckpt
-from execution.training.loop import train
+from gptj.execution.training import checkpoint as ckpt
+from gptj.execution.training.loop import train
 from tests.fixtures.distributed import free_port, run_distributed
 from tests.fixtures.os_faults import refuse_writes_in
 from tests.fixtures.training import parameters_of, read_metrics, small_config
@@ -218,8 +218,8 @@ def test_unwritable_directory_is_one_error(tmp_path, monkeypatch, code, name):
 
 
 def test_resume_auto_option_and_gpu_preset_defaults():
-    import run_finetuning
-    from execution.training.config import load_config
+    import gptj.commands.finetune as run_finetuning
+    from gptj.execution.training.config import load_config
 
     assert run_finetuning.build_config(run_finetuning.parse_args(["--resume", "auto"])).resume == "auto"
     assert run_finetuning.build_config(run_finetuning.parse_args(["--resume"])).resume is True
@@ -236,7 +236,7 @@ def test_resume_auto_option_and_gpu_preset_defaults():
 def _two_rank_faults(rank, world_size, output_dir):
     import torch.distributed as dist
 
-    from gptj.hf import gather_hf_tensors
+    from gptj.model.hf import gather_hf_tensors
 
     out = Path(output_dir)
     base = {"training.steps": 4, "checkpoint.every": 2, "checkpoint.keep": 5, "checkpoint.at_end": True}
@@ -383,8 +383,8 @@ def test_rank_killed_mid_training_restarts_and_ends_bit_identical(tmp_path, laun
 HANG = """
 import os, signal, sys, time
 sys.path.insert(0, {root!r})
-import execution.training.loop as training
-import run_finetuning
+import gptj.execution.training.loop as training
+import gptj.commands.finetune as run_finetuning
 
 real = training.accumulate_gradients
 calls = []

@@ -10,8 +10,8 @@ import stat
 
 import pytest
 
-from execution.inference.quantized_checkpoints import quantize_checkpoint
-from execution.training.loop import train
+from gptj.execution.inference.quantized_checkpoints import quantize_checkpoint
+from gptj.execution.training.loop import train
 from tests.fixtures.training import small_config
 
 

@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-import run_finetuning
-from execution.training import checkpoint as ckpt
+import gptj.commands.finetune as run_finetuning
+from gptj.execution.training import checkpoint as ckpt
 
 ROOT = Path(__file__).resolve().parents[1]
 SMALL = ["--set", "model.shape={hidden_size: 64, num_heads: 4, rotary_dim: 8}",
@@ -61,9 +61,9 @@ def test_default_command_end_to_end(tmp_path):
 
 def _greedy_answers_of_the_export(hf_dir, split: str) -> tuple[int, int]:
     """(correct, no label at all) of the exported model's greedy answers on a bundled split."""
-    import data
-    from execution.inference.generation import generate
-    from execution.inference.pipelines import load_model_and_tokenizer
+    import gptj.data as data
+    from gptj.execution.inference.generation import generate
+    from gptj.execution.inference.pipelines import load_model_and_tokenizer
 
     model, tok = load_model_and_tokenizer(str(hf_dir))
     evals = data.build_eval_data("mnli", "bundled:mnli_sample", tok, split, progress=False)
@@ -147,8 +147,8 @@ def test_options_and_overrides_reach_the_config():
 @pytest.mark.parametrize("preset, world", [("gptj-6b-mnli", 8), ("gptj-6b-mnli-1gpu-offload", 1),
                                            ("gptj-6b-mnli-8gpu", 8), ("gptj-6b-mnli-multinode", 32)])
 def test_gptj_presets_are_the_recipe_and_fit_their_layouts(preset, world):
-    from execution.training.config import check_layout, load_config
-    from gptj import ModelConfig
+    from gptj.execution.training.config import check_layout, load_config
+    from gptj.model import ModelConfig
 
     config = load_config(preset)
     replicas = check_layout(config, world, ModelConfig.preset("gptj-6b"))

@@ -11,9 +11,9 @@ from pathlib import Path
 
 import pytest
 
-import execution.training.loop
-import run_finetuning
-from execution.training import checkpoint as ckpt
+import gptj.commands.finetune as run_finetuning
+import gptj.execution.training.loop
+from gptj.execution.training import checkpoint as ckpt
 from tests.fixtures.os_faults import refuse_writes_in
 
 QUIET = ["--set", "logging.progress=false", "--set", "logging.tensorboard=false",
@@ -44,7 +44,7 @@ def no_training(monkeypatch):
     """Checks that must happen before any work: starting the run fails the test."""
     def refuse(*args, **kwargs):
         raise AssertionError("training started before the input was checked")
-    monkeypatch.setattr(execution.training.loop, "train", refuse)
+    monkeypatch.setattr(gptj.execution.training.loop, "train", refuse)
 
 
 @pytest.fixture(scope="module")

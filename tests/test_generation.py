@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from execution.inference.generation import GenerationEngine, generate
-from execution.inference.sampling import SamplingParams
+from gptj.execution.inference.generation import GenerationEngine, generate
+from gptj.execution.inference.sampling import SamplingParams
 from tests.fixtures.generation import PROMPTS, hf_greedy, reference_pair
 from tests.fixtures.reference import TINY, max_rel_diff
 
@@ -125,7 +125,7 @@ def test_bad_inputs_are_named(pair):
 
 
 def test_streamed_block_weights_give_the_resident_tokens():
-    from execution.runtime.offload import BlockWeightStreamer
+    from gptj.execution.runtime.offload import BlockWeightStreamer
 
     _, resident = reference_pair(seed=3)
     _, streamed = reference_pair(seed=3)
@@ -139,11 +139,11 @@ def test_streamed_block_weights_give_the_resident_tokens():
 
 
 def test_bf16_decode_on_cpu_caches_fp32_and_picks_the_tokens_of_a_bf16_cache(pair, monkeypatch):
-    import gptj.kv_cache
-    from gptj import GPTJ
-    from gptj.kv_cache import StaticKVCache
+    import gptj.model.kv_cache
+    from gptj.model import GPTJ
+    from gptj.model.kv_cache import StaticKVCache
 
-    monkeypatch.setattr(gptj.kv_cache, "native_bf16_attention", lambda: False)  # a CPU without AMX
+    monkeypatch.setattr(gptj.model.kv_cache, "native_bf16_attention", lambda: False)  # a CPU without AMX
     model = GPTJ(pair[1].config, dtype=torch.bfloat16).eval()
     model.load_state_dict(pair[1].state_dict())
     fast = GenerationEngine(model)
@@ -160,10 +160,10 @@ def test_bf16_decode_on_cpu_caches_fp32_and_picks_the_tokens_of_a_bf16_cache(pai
 def test_the_cpu_cache_dtype_follows_torchs_native_bf16_attention(amx, monkeypatch):
     """bf16 on a CPU: fp32 keys and values where torch's attention has no native bf16 path, bf16
     where it runs on AMX tiles; fp16 always fp32 on a CPU; fp32 and every GPU dtype as they are."""
-    import gptj.kv_cache
-    from gptj.kv_cache import cache_dtype
+    import gptj.model.kv_cache
+    from gptj.model.kv_cache import cache_dtype
 
-    monkeypatch.setattr(gptj.kv_cache, "native_bf16_attention", lambda: amx)
+    monkeypatch.setattr(gptj.model.kv_cache, "native_bf16_attention", lambda: amx)
     cpu, gpu = torch.device("cpu"), torch.device("cuda")
     assert cache_dtype(torch.bfloat16, cpu) == (torch.bfloat16 if amx else torch.float32)
     assert cache_dtype(torch.float16, cpu) == torch.float32
@@ -174,8 +174,8 @@ def test_the_cpu_cache_dtype_follows_torchs_native_bf16_attention(amx, monkeypat
 def test_compiled_cpu_decode_step_gives_the_eager_tokens():
     """--compile on CPU (torch.compile of the decode step, static shapes): a short greedy run
     equals the eager one."""
-    from execution.inference.generation import GenerationEngine
-    from execution.inference.pipelines import load_model_and_tokenizer
+    from gptj.execution.inference.generation import GenerationEngine
+    from gptj.execution.inference.pipelines import load_model_and_tokenizer
 
     model, tok = load_model_and_tokenizer("random:tiny")
     prompts = tok.encode(["the cat sat on", "a dog"])

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from execution.inference.generation import generate
-from execution.runtime.distributed import init_distributed
+from gptj.execution.inference.generation import generate
+from gptj.execution.runtime.distributed import init_distributed
 from tests.fixtures.distributed import run_distributed
 from tests.fixtures.generation import PROMPTS, reference_pair
 

@@ -6,8 +6,8 @@ import math
 
 import torch
 
-from execution.inference.generation import generate
-from execution.inference.sampling import SamplingParams, choose_tokens, filter_logits, prompt_generator
+from gptj.execution.inference.generation import generate
+from gptj.execution.inference.sampling import SamplingParams, choose_tokens, filter_logits, prompt_generator
 from tests.fixtures.generation import PROMPTS, reference_pair
 
 LOGITS = [2.0, 1.0, 0.5, 0.0, -1.0, 1.0]

@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from benchmarks import gpu_bench
-from gptj import GPTJ, ModelConfig
+from gptj.model import GPTJ, ModelConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -106,7 +106,7 @@ def test_a_row_that_does_not_fit_the_budget_is_recorded_as_skipped(tmp_path):
 @pytest.fixture(scope="module")
 def eager_and_compiled():
     """One tiny fp32 model decoded eagerly and with the compiled step (one compilation)."""
-    from execution.inference.generation import GenerationEngine
+    from gptj.execution.inference.generation import GenerationEngine
 
     torch.manual_seed(0)
     model = GPTJ(ModelConfig.preset("tiny")).init_weights(seed=3).eval()
@@ -208,7 +208,7 @@ def test_the_compiled_step_writes_only_static_inputs():
     # tensors marked with mark_static_address): the KV cache written by the decode step must be.
     import torch._dynamo
 
-    from execution.inference.generation import GenerationEngine
+    from gptj.execution.inference.generation import GenerationEngine
 
     written = []
 

@@ -10,9 +10,9 @@ import torch
 import transformers
 from safetensors.torch import save_file
 
-from gptj import ParallelContext
-from gptj.hf import CheckpointError, export_hf, load_pretrained
-from gptj.sharding import hf_shapes
+from gptj.model import ParallelContext
+from gptj.model.hf import CheckpointError, export_hf, load_pretrained
+from gptj.model.sharding import hf_shapes
 from tests.fixtures.distributed import run_distributed
 from tests.fixtures.reference import TINY, hf_model
 

@@ -10,14 +10,14 @@ from pathlib import Path
 import pytest
 import torch
 
-import run_inference
+import gptj.commands.generate as run_inference
 from tests.fixtures.cli import run_inference_main as run_main
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_default_run_prints_a_continuation_and_speed(tmp_path):
-    from execution.inference.pipelines import TextGenerationPipeline
+    from gptj.execution.inference.pipelines import TextGenerationPipeline
 
     out = tmp_path / "out.jsonl"
     proc = subprocess.run(
@@ -80,7 +80,7 @@ def test_too_long_requests_are_truncated_and_clamped(capsys, tmp_path):
 
 
 def test_a_model_brings_its_own_tokenizer_unless_one_is_named():
-    import run_inference
+    import gptj.commands.generate as run_inference
 
     preset_tokenizer = run_inference.build_config(run_inference.parse_args([])).model.tokenizer
     assert preset_tokenizer == "bundled:tiny"
@@ -94,7 +94,7 @@ def test_a_model_brings_its_own_tokenizer_unless_one_is_named():
 @pytest.fixture
 def cli_pipelines(monkeypatch):
     """The pipelines run_inference.py builds: the model and KV cache that answered."""
-    from execution.inference.pipelines import TextGenerationPipeline
+    from gptj.execution.inference.pipelines import TextGenerationPipeline
 
     built, original = [], TextGenerationPipeline.from_pretrained.__func__
 
@@ -107,8 +107,8 @@ def cli_pipelines(monkeypatch):
 
 
 def test_quantize_option_generates_with_the_quantized_model(capsys, tmp_path, cli_pipelines):
-    from execution.inference.pipelines import TextGenerationPipeline
-    from gptj.quantized_linear import QuantizedLinear
+    from gptj.execution.inference.pipelines import TextGenerationPipeline
+    from gptj.model.quantized_linear import QuantizedLinear
 
     out = tmp_path / "o.jsonl"
     code, _, _ = run_main(["--quantize", "int4", "--group-size", "64", "--prompt", "the cat", "--max-new-tokens", "5",
@@ -126,9 +126,9 @@ def test_quantize_option_generates_with_the_quantized_model(capsys, tmp_path, cl
 
 
 def test_kv_cache_dtype_option_picks_the_cache_and_keeps_the_tokens(tmp_path, cli_pipelines, monkeypatch):
-    import gptj.kv_cache
+    import gptj.model.kv_cache
 
-    monkeypatch.setattr(gptj.kv_cache, "native_bf16_attention", lambda: False)  # auto: fp32 (no AMX)
+    monkeypatch.setattr(gptj.model.kv_cache, "native_bf16_attention", lambda: False)  # auto: fp32 (no AMX)
     outputs = {}
     for choice, expected in (("auto", torch.float32), ("bf16", torch.bfloat16)):
         out = tmp_path / f"{choice}.jsonl"

@@ -9,9 +9,9 @@ import json
 import pytest
 import torch
 
-import data
-import run_inference
-from execution.inference.pipelines import TextGenerationPipeline
+import gptj.commands.generate as run_inference
+import gptj.data as data
+from gptj.execution.inference.pipelines import TextGenerationPipeline
 from tests.fixtures.cli import run_inference_main as run_main
 from tests.fixtures.generation import reference_pair
 from tests.fixtures.os_faults import refuse_writes_in

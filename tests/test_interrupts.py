@@ -17,9 +17,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from execution.training import checkpoint as ckpt
-from execution.training.loop import train
-from execution.training.metrics import MetricsLogger
+from gptj.execution.training import checkpoint as ckpt
+from gptj.execution.training.loop import train
+from gptj.execution.training.metrics import MetricsLogger
 from tests.fixtures.training import small_config
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -69,7 +69,7 @@ def test_sigint_after_step_k_saves_k_and_resumes_bit_identical(tmp_path, monkeyp
 
 
 def test_a_second_ctrl_c_aborts_at_once(tmp_path, monkeypatch):
-    from execution.runtime.interrupt import Aborted
+    from gptj.execution.runtime.interrupt import Aborted
 
     _signal_after_step(monkeypatch, 2, times=2)
     with pytest.raises(Aborted):
@@ -133,7 +133,7 @@ def test_command_line_second_ctrl_c_says_what_is_lost(tmp_path):
 
 
 def test_inference_ctrl_c_writes_the_results_so_far(tmp_path):
-    import run_inference
+    import gptj.commands.generate as run_inference
 
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("".join(f"prompt number {i}\n" for i in range(400)))

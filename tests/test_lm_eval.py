@@ -13,9 +13,9 @@ import pytest
 
 lm_eval = pytest.importorskip("lm_eval", reason="lm-evaluation-harness is not installed")
 
-import data  # noqa: E402
-from data import bundled  # noqa: E402
-from gptj.config import ModelConfig  # noqa: E402
+import gptj.data as data  # noqa: E402
+from gptj.data import bundled  # noqa: E402
+from gptj.model.config import ModelConfig  # noqa: E402
 from tests.fixtures.reference import hf_model  # noqa: E402
 from tests.fixtures.server import tiny_server  # noqa: E402
 

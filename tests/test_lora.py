@@ -13,12 +13,12 @@ import pytest
 import torch
 import transformers
 
-from execution.training import checkpoint as ckpt
-from execution.training.loop import train
-from gptj import GPTJ
-from gptj.adapter_io import PEFT_TARGET, AdapterError, load_peft_adapter
-from gptj.hf import export_hf, gather_hf_tensors
-from gptj.lora import LoraAdapters, LoraSettings
+from gptj.execution.training import checkpoint as ckpt
+from gptj.execution.training.loop import train
+from gptj.model import GPTJ
+from gptj.model.adapter_io import PEFT_TARGET, AdapterError, load_peft_adapter
+from gptj.model.hf import export_hf, gather_hf_tensors
+from gptj.model.lora import LoraAdapters, LoraSettings
 from tests.fixtures.distributed import run_distributed
 from tests.fixtures.reference import TINY, hf_model, state_reader
 from tests.fixtures.training import small_config
@@ -134,7 +134,7 @@ def test_two_tp_times_two_replicas_equal_one_process(tmp_path):
 
 
 def test_exports_load_in_peft_and_transformers_with_equal_logits(tmp_path):
-    from execution.inference.pipelines import load_model_and_tokenizer
+    from gptj.execution.inference.pipelines import load_model_and_tokenizer
 
     base_model = GPTJ(_vocab_matched()).init_weights(seed=3)
     base_dir = export_hf(base_model, tmp_path / "base")
@@ -160,7 +160,7 @@ def test_exports_load_in_peft_and_transformers_with_equal_logits(tmp_path):
         torch.testing.assert_close(served.logits(ids), with_adapter, rtol=0, atol=1e-5)
 
     # The command line serves base + adapter exactly as the merged export.
-    import run_inference
+    import gptj.commands.generate as run_inference
 
     outputs = {}
     for name, args in (("adapter", ["--model", str(base_dir), "--adapter", str(adapter_dir)]),
@@ -190,8 +190,8 @@ def test_exports_load_in_peft_and_transformers_with_equal_logits(tmp_path):
 def test_an_adapter_records_its_base_warns_on_another_and_refuses_another_shape(tmp_path, capsys):
     from safetensors import safe_open
 
-    from execution.inference.pipelines import load_model_and_tokenizer
-    from gptj.adapter_io import weights_fingerprint
+    from gptj.execution.inference.pipelines import load_model_and_tokenizer
+    from gptj.model.adapter_io import weights_fingerprint
 
     base_dir = export_hf(GPTJ(_vocab_matched()).init_weights(seed=3), tmp_path / "base")
     other_dir = export_hf(GPTJ(_vocab_matched()).init_weights(seed=4), tmp_path / "other")
@@ -221,8 +221,8 @@ def test_an_adapter_records_its_base_warns_on_another_and_refuses_another_shape(
 
 
 def _vocab_matched():
-    import data
-    from execution.training.loop import model_config_for
+    import gptj.data as data
+    from gptj.execution.training.loop import model_config_for
     from tests.fixtures.training import SMALL_SHAPE
 
     config = small_config("unused", **{"model.shape": dict(SMALL_SHAPE)})
@@ -260,7 +260,7 @@ def test_lora_learns_a_synthetic_task_on_a_frozen_random_base(tmp_path):
 
 
 def test_bad_lora_settings_are_one_line_errors(tmp_path):
-    from execution.training.config import TrainConfigError
+    from gptj.execution.training.config import TrainConfigError
 
     with pytest.raises(TrainConfigError, match="lora.targets \\['q', 'attn'\\]: expected a non-empty subset"):
         small_config(tmp_path, **{"lora.rank": 4, "lora.targets": ["q", "attn"]})
@@ -274,9 +274,9 @@ def test_bad_lora_settings_are_one_line_errors(tmp_path):
 
 @pytest.mark.parametrize("bits", ["int8", "int4"])
 def test_adapters_on_a_quantized_base_get_the_gradients_of_its_dequantized_weights(bits):
-    from gptj.model import random_reader
-    from gptj.quantized_linear import QuantSpec
-    from gptj.quantized_model import dequantize_model, quantize_from_reader
+    from gptj.model.model import random_reader
+    from gptj.model.quantized_linear import QuantSpec
+    from gptj.model.quantized_model import dequantize_model, quantize_from_reader
 
     spec = QuantSpec.parse(bits, 32)
     settings = LoraSettings(rank=4, alpha=6.0)
@@ -299,7 +299,7 @@ def test_adapters_on_a_quantized_base_get_the_gradients_of_its_dequantized_weigh
 
 
 def test_qlora_run_keeps_its_int4_base_and_exports_what_it_trained(tmp_path):
-    from execution.inference.pipelines import load_model_and_tokenizer
+    from gptj.execution.inference.pipelines import load_model_and_tokenizer
 
     base_dir = export_hf(GPTJ(_vocab_matched()).init_weights(seed=3), tmp_path / "base")
     updates = {**LORA, "model.name_or_path": str(base_dir), "model.shape": {}, "data.tokenizer": "bundled:tiny",

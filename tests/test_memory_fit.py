@@ -12,15 +12,15 @@ from pathlib import Path
 import pytest
 import torch
 
-import run_inference
-import run_server
-from data import bundled
-from execution.inference.pipelines import load_model_and_tokenizer
-from execution.runtime import memory_fit
-from execution.runtime.memory_fit import Layout, MemoryFitError, check_model, estimate
-from gptj import GPTJ, ModelConfig
-from gptj.hf import export_hf
-from gptj.quantized_linear import QuantSpec
+import gptj.commands.generate as run_inference
+import gptj.commands.serve as run_server
+from gptj.data import bundled
+from gptj.execution.inference.pipelines import load_model_and_tokenizer
+from gptj.execution.runtime import memory_fit
+from gptj.execution.runtime.memory_fit import Layout, MemoryFitError, check_model, estimate
+from gptj.model import GPTJ, ModelConfig
+from gptj.model.hf import export_hf
+from gptj.model.quantized_linear import QuantSpec
 
 TINY = ModelConfig.preset("tiny")  # V 2048, d 128, 2 layers, 4 heads, ffn 512, 512 positions, rotary 16
 
@@ -58,15 +58,15 @@ INT4 = by_hand(lambda n, k: n * k // 2 + n * (k // 32) * 2 * 2)  # packed values
 @pytest.mark.parametrize(("quantize", "expected"), [(None, PLAIN), ("int8", INT8), ("int4", INT4)])
 def test_the_estimate_equals_the_bytes_counted_by_hand_and_the_loaded_model(checkpoint, quantize, expected,
                                                                             monkeypatch):
-    import gptj.kv_cache
+    import gptj.model.kv_cache
 
-    monkeypatch.setattr(gptj.kv_cache, "native_bf16_attention", lambda: False)  # fp32 keys and values
+    monkeypatch.setattr(gptj.model.kv_cache, "native_bf16_attention", lambda: False)  # fp32 keys and values
     spec = QuantSpec.parse(quantize, 32)
     layout = Layout(TINY, torch.bfloat16, spec, "cpu")
     est = estimate(layout, rows=3, tokens=10)
     assert est.weights == expected
     assert est.kv_cache == 3 * 10 * 2 * 2 * 128 * 4  # rows x tokens x layers x (k, v) x d x fp32 on CPU
-    monkeypatch.setattr(gptj.kv_cache, "native_bf16_attention", lambda: True)  # AMX: bf16 keys and values
+    monkeypatch.setattr(gptj.model.kv_cache, "native_bf16_attention", lambda: True)  # AMX: bf16 keys and values
     assert estimate(layout, rows=3, tokens=10).kv_cache == 3 * 10 * 2 * 2 * 128 * 2
     model, _ = load_model_and_tokenizer(str(checkpoint), precision="bf16", device="cpu", quantize=quantize,
                                         group_size=32)
@@ -96,7 +96,7 @@ def test_a_model_that_cannot_fit_is_one_line_with_both_numbers_and_what_would_fi
 def test_run_inference_refuses_before_loading_with_exit_2(checkpoint, monkeypatch, capsys):
     monkeypatch.setenv(memory_fit.AVAILABLE_ENV, "100M")
     loads = []
-    monkeypatch.setattr("execution.inference.pipelines.TextGenerationPipeline.from_pretrained",
+    monkeypatch.setattr("gptj.execution.inference.pipelines.TextGenerationPipeline.from_pretrained",
                         lambda *a, **k: loads.append(a))
     code = run_inference.main(["--model", str(checkpoint), "--prompt", "hello", "--max-new-tokens", "4"])
     err = capsys.readouterr().err.strip()
@@ -108,7 +108,7 @@ def test_run_inference_refuses_before_loading_with_exit_2(checkpoint, monkeypatc
 def test_run_server_refuses_before_loading_with_exit_2(checkpoint, monkeypatch, capsys):
     monkeypatch.setenv(memory_fit.AVAILABLE_ENV, "100M")
     served = []
-    monkeypatch.setattr("serving.server.serve", lambda *a, **k: served.append(a) or 0)
+    monkeypatch.setattr("gptj.serving.server.serve", lambda *a, **k: served.append(a) or 0)
     code = run_server.main(["--model", str(checkpoint)])
     err = capsys.readouterr().err.strip()
     assert code == 2 and served == []

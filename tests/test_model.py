@@ -8,10 +8,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from gptj import GPTJ, ConfigError, ModelConfig, ParallelContext
-from gptj.hf import gather_hf_tensors
-from gptj.parallel import average_gradients_across_replicas
-from gptj.sharding import read_local_shard, shard_rules
+from gptj.model import GPTJ, ConfigError, ModelConfig, ParallelContext
+from gptj.model.hf import gather_hf_tensors
+from gptj.model.parallel import average_gradients_across_replicas
+from gptj.model.sharding import read_local_shard, shard_rules
 from tests.fixtures.distributed import run_distributed
 from tests.fixtures.reference import TINY, hf_model, max_rel_diff, state_reader
 

@@ -7,10 +7,10 @@ from __future__ import annotations
 
 import pytest
 
-from execution.runtime.model_files import ModelFileError, safetensors_problem
-from gptj.config import ModelConfig
-from gptj.hf import export_hf
-from gptj.model import GPTJ
+from gptj.execution.runtime.model_files import ModelFileError, safetensors_problem
+from gptj.model.config import ModelConfig
+from gptj.model.hf import export_hf
+from gptj.model.model import GPTJ
 
 
 @pytest.fixture()
@@ -24,7 +24,7 @@ def cut_model(tmp_path):
 
 
 def test_pipeline_names_the_cut_file(cut_model):
-    from execution.inference.pipelines import TextGenerationPipeline
+    from gptj.execution.inference.pipelines import TextGenerationPipeline
 
     directory, file = cut_model
     with pytest.raises(ModelFileError, match=f"damaged model file {file}: .*cut short"):

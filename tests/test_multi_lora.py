@@ -1,4 +1,4 @@
-"""Several LoRA adapters over one base in one batch (gptj/multi_lora.py) against each adapter
+"""Several LoRA adapters over one base in one batch (gptj/model/multi_lora.py) against each adapter
 alone: merged into a plain fp32 base, or attached to an int4 base."""
 
 from __future__ import annotations
@@ -6,14 +6,14 @@ from __future__ import annotations
 import pytest
 import torch
 
-from execution.inference.generation import generate
-from execution.inference.request_engine import Request, RequestEngine
-from execution.runtime.distributed import init_distributed
-from gptj import GPTJ
-from gptj.adapter_io import AdapterError, load_peft_adapter, save_peft_adapter
-from gptj.lora import LoraAdapters, LoraSettings
-from gptj.model import random_reader
-from gptj.multi_lora import load_adapters
+from gptj.execution.inference.generation import generate
+from gptj.execution.inference.request_engine import Request, RequestEngine
+from gptj.execution.runtime.distributed import init_distributed
+from gptj.model import GPTJ
+from gptj.model.adapter_io import AdapterError, load_peft_adapter, save_peft_adapter
+from gptj.model.lora import LoraAdapters, LoraSettings
+from gptj.model.model import random_reader
+from gptj.model.multi_lora import load_adapters
 from tests.fixtures.distributed import run_distributed
 from tests.fixtures.lora import seeded_adapter_dirs
 from tests.fixtures.reference import TINY
@@ -31,8 +31,8 @@ NEW_TOKENS = 8
 def _base(quantize: str | None = None, ctx=None) -> GPTJ:
     if quantize is None:
         return GPTJ(TINY, ctx).init_weights(seed=3).eval()
-    from gptj.quantized_linear import QuantSpec
-    from gptj.quantized_model import quantize_from_reader
+    from gptj.model.quantized_linear import QuantSpec
+    from gptj.model.quantized_model import quantize_from_reader
 
     return quantize_from_reader(TINY, None, torch.float32, "cpu", QuantSpec.parse(quantize, 32),
                                 random_reader(TINY, 3)).eval()
@@ -55,7 +55,7 @@ def _alone(directory: str | None, prompt: list[int], quantize: str | None) -> li
         return generate(model, [prompt], NEW_TOKENS, eos_token_id=-1)[0].token_ids
 
 
-# The two ways of computing the deltas (gptj/multi_lora.py), forced by the cutoff: the dense
+# The two ways of computing the deltas (gptj/model/multi_lora.py), forced by the cutoff: the dense
 # path takes up to `dense_limit` adapters, the per-row gather more.
 PATHS = {"dense": 8, "gather": 0}
 
@@ -155,7 +155,7 @@ def _run(engine, requests) -> dict[str, list[int]]:
 @pytest.mark.parametrize("path", PATHS)
 def test_adapters_added_and_removed_between_steps_keep_every_row_on_its_own(adapter_dirs, path):
     """Each change resizes the stacks (and the dense path's concatenated factors)."""
-    from serving.adapter_slots import AdapterChangeError, AdapterSlots
+    from gptj.serving.adapter_slots import AdapterChangeError, AdapterSlots
 
     model = _base()
     engine = RequestEngine(model, 4, None, adapters=load_adapters({}, model))

@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from execution.runtime.offload import BlockWeightStreamer
-from execution.training.optimizer import ShardedAdamW
-from gptj import GPTJ
+from gptj.execution.runtime.offload import BlockWeightStreamer
+from gptj.execution.training.optimizer import ShardedAdamW
+from gptj.model import GPTJ
 from tests.fixtures.reference import TINY
 
 CONFIG = TINY.replace(num_layers=3)  # three blocks, so "at most two resident" is a real limit
@@ -77,8 +77,8 @@ def test_stale_weight_references_would_show(monkeypatch):
 
 
 def test_offload_weights_through_the_loader_generates_the_resident_tokens():
-    from execution.inference.generation import generate
-    from execution.inference.pipelines import load_model_and_tokenizer
+    from gptj.execution.inference.generation import generate
+    from gptj.execution.inference.pipelines import load_model_and_tokenizer
 
     resident, tok = load_model_and_tokenizer("random:tiny")
     streamed, _ = load_model_and_tokenizer("random:tiny", offload_weights=True)

@@ -9,10 +9,10 @@ import safetensors.torch
 import torch
 import torch.distributed as dist
 
-from execution.training.loss_scaling import DynamicLossScaler
-from execution.training.optimizer import ShardedAdamW
-from gptj import GPTJ, ParallelContext
-from gptj.hf import gather_hf_tensors
+from gptj.execution.training.loss_scaling import DynamicLossScaler
+from gptj.execution.training.optimizer import ShardedAdamW
+from gptj.model import GPTJ, ParallelContext
+from gptj.model.hf import gather_hf_tensors
 from tests.fixtures.distributed import run_distributed
 from tests.fixtures.reference import TINY
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-import data
-from execution.inference.pipelines import EntailmentPipeline, TextGenerationPipeline
+import gptj.data as data
+from gptj.execution.inference.pipelines import EntailmentPipeline, TextGenerationPipeline
 from tests.fixtures.generation import hf_greedy, reference_pair
 from tests.fixtures.lora import seeded_adapter_dirs
 from tests.fixtures.reference import TINY
@@ -102,7 +102,7 @@ def test_truncated_prompts_leave_room_for_the_new_tokens(saved):
 @pytest.fixture(scope="module")
 def adapter_dirs(saved, tmp_path_factory):
     """Two PEFT adapters for the saved model, of different ranks and targets."""
-    from gptj.lora import LoraSettings
+    from gptj.model.lora import LoraSettings
 
     run, hf, _ = saved
     config = TextGenerationPipeline.from_pretrained(str(run), precision="fp32", device="cpu").model.config

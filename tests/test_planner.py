@@ -9,7 +9,7 @@ import textwrap
 
 import pytest
 
-from execution.training.planner import (
+from gptj.execution.training.planner import (
     MACHINES,
     OPTIMIZER_BYTES,
     Layout,
@@ -24,7 +24,7 @@ from execution.training.planner import (
     plan_layout,
     plan_lora_layout,
 )
-from gptj import ConfigError, ModelConfig
+from gptj.model import ConfigError, ModelConfig
 
 GPTJ6B = ModelConfig.preset("gptj-6b")
 
@@ -75,8 +75,8 @@ def test_bad_inputs_are_named(tmp_path, capsys):
 
 MEASURE = textwrap.dedent("""
     import json, os, resource, sys, torch
-    from gptj import GPTJ, ModelConfig
-    from execution.training.optimizer import ShardedAdamW
+    from gptj.model import GPTJ, ModelConfig
+    from gptj.execution.training.optimizer import ShardedAdamW
     config = ModelConfig(**json.loads(sys.argv[1]))
     batch, seq, steps = int(sys.argv[2]), int(sys.argv[3]), 3
     rows = torch.randint(0, config.vocab_size, (batch, seq + 1), generator=torch.Generator().manual_seed(0))
@@ -120,8 +120,8 @@ def test_predicted_memory_matches_a_measured_cpu_training_run():
     ("gptj-6b-mnli-multinode", h100_machine(4, 8)),
 ])
 def test_gpu_fine_tuning_presets_are_the_planners_choice(preset, machine):
-    """config/finetuning.yml's GPU layouts are what the planner recommends for their machine."""
-    from execution.training.config import load_config
+    """gptj/config/finetuning.yml's GPU layouts are what the planner recommends for their machine."""
+    from gptj.execution.training.config import load_config
 
     config = load_config(preset)
     result = plan(ModelConfig.preset("gptj-6b"), machine, seq=config.data.sequence_length,
@@ -172,8 +172,8 @@ def test_shapes_beyond_the_model_are_one_line_errors(argv, message, capsys):
 
 
 def test_lora_adapter_counts_match_the_adapters_for_every_tp():
-    from gptj import ParallelContext
-    from gptj.lora import LoraAdapters, LoraSettings, adapter_parameter_count
+    from gptj.model import ParallelContext
+    from gptj.model.lora import LoraAdapters, LoraSettings, adapter_parameter_count
 
     config = ModelConfig.preset("tiny")
     settings = LoraSettings(rank=4, targets=("q", "v", "fc_in", "fc_out"))
@@ -226,7 +226,7 @@ def test_gptj_6b_lora_fits_24gb_and_int4_fits_12gb_at_sequence_1024():
     ("gptj-6b-mnli-qlora", "gpu-12gb-x1"),
 ])
 def test_lora_presets_are_the_planners_choice(preset, machine):
-    from execution.training.config import load_config
+    from gptj.execution.training.config import load_config
 
     config = load_config(preset)
     lora = LoraPlan(config.lora.rank, tuple(config.lora.targets),
@@ -243,16 +243,16 @@ def test_lora_presets_are_the_planners_choice(preset, machine):
 
 MEASURE_LORA = MEASURE.replace("int(sys.argv[3]), 3", "int(sys.argv[3]), 1").replace(  # adapter state: no growth after step 1
     "opt = ShardedAdamW(model,",
-    "from gptj.lora import LoraAdapters, LoraSettings\n"
+    "from gptj.model.lora import LoraAdapters, LoraSettings\n"
     "adapters = LoraAdapters(config, LoraSettings(rank=8)).init_weights(0).attach(model)\n"
     "opt = ShardedAdamW(adapters,")
 
 
 MEASURE_QLORA = MEASURE_LORA.replace(
     "model = GPTJ(config).init_weights(seed=0)",
-    "from gptj.model import random_reader\n"
-    "from gptj.quantized_linear import QuantSpec\n"
-    "from gptj.quantized_model import quantize_from_reader, without_kernels\n"
+    "from gptj.model.model import random_reader\n"
+    "from gptj.model.quantized_linear import QuantSpec\n"
+    "from gptj.model.quantized_model import quantize_from_reader, without_kernels\n"
     "model = without_kernels(quantize_from_reader(config, None, torch.float32, 'cpu', QuantSpec(4, 128), "
     "random_reader(config, 0)))")
 

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from execution.training import planner
-from execution.training.planner_table import device_cells
+from gptj.execution.training import planner
+from gptj.execution.training.planner_table import device_cells
 
 
 def table(*argv) -> list[str]:

@@ -5,7 +5,7 @@ from typing import Literal
 
 import pytest
 
-from config import PresetError, apply_overrides, build, resolve_preset
+from gptj.config import PresetError, apply_overrides, build, resolve_preset
 
 
 @dataclass

@@ -9,20 +9,20 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import data
-from execution.inference.generation import generate
-from execution.inference.pipelines import load_model_and_tokenizer
-from execution.inference.quantized_checkpoints import main as quantize_main
-from execution.runtime.distributed import init_distributed
-from gptj import ParallelContext
-from gptj.quantized_linear import (
+import gptj.data as data
+from gptj.execution.inference.generation import generate
+from gptj.execution.inference.pipelines import load_model_and_tokenizer
+from gptj.execution.inference.quantized_checkpoints import main as quantize_main
+from gptj.execution.runtime.distributed import init_distributed
+from gptj.model import ParallelContext
+from gptj.model.quantized_linear import (
     CPU_INT4_KERNEL_MAX_ROWS,
     CPU_KERNEL_MAX_ROWS,
     QuantizationError,
     QuantizedLinear,
     QuantSpec,
 )
-from gptj.quantized_model import check_layout, quantize_from_reader
+from gptj.model.quantized_model import check_layout, quantize_from_reader
 from tests.fixtures.distributed import run_distributed
 from tests.fixtures.generation import PROMPTS, reference_pair
 from tests.fixtures.reference import TINY, hf_model, state_reader
@@ -190,7 +190,7 @@ def test_quantize_cli_rejects_bad_input(float_dir, tmp_path, capsys):
 def test_quantized_prefill_equals_the_dequantized_reference(bits, group, monkeypatch):
     """Many bf16 rows: the weight is dequantized slice by slice into a reused buffer (here four
     slices), read back from the kernel's copy for int4; the product is that of the whole weight."""
-    import gptj.quantized_linear as quant
+    import gptj.model.quantized_linear as quant
 
     monkeypatch.setattr(quant, "PREFILL_WEIGHT_ELEMENTS", 64 * 512)
     torch.manual_seed(bits + group)
@@ -209,7 +209,7 @@ def test_the_reused_prefill_buffer_serves_inference_mode_and_no_grad_alike(monke
     inference mode (a server), it must still take writes under no_grad (an evaluation)."""
     import threading
 
-    import gptj.quantized_linear as quant
+    import gptj.model.quantized_linear as quant
 
     monkeypatch.setattr(quant, "_scratch", threading.local())  # no buffer made yet
     layer = QuantizedLinear.from_weight(torch.randn(64, 128) * 0.05, 8).prepare_kernel()
@@ -227,7 +227,7 @@ def test_cpu_int4_layout_is_built_byte_for_byte_as_torch_packs_it(rows, width, m
     """The stored bytes rearranged into the CPU kernel's layout directly (in several chunks here)
     equal torch's own converter's output on the unpacked values, full blocks and tail, in the
     layout this machine's torch uses (64-row blocks for AVX-512, 32 for AVX2)."""
-    import gptj.int4_cpu_layout as quant
+    import gptj.model.int4_cpu_layout as quant
 
     assert quant.kernel_block_rows() in quant.BLOCK_ROWS_CANDIDATES
     monkeypatch.setattr(quant, "PACK_BYTES", 64 * width)  # two 64-row blocks a chunk
@@ -246,7 +246,7 @@ def test_both_cpu_int4_layouts_match_their_definition(block):
     """Each block size's packing and reading, whichever this machine's torch uses, against the
     layout written out byte by byte: block byte (k, j) = row j | row block/2 + j << 4, and the
     tail's byte (k, i) = row 2i | row 2i + 1 << 4."""
-    import gptj.int4_cpu_layout as quant
+    import gptj.model.int4_cpu_layout as quant
 
     rows, width = 2 * block + 16, 64
     values = torch.randint(0, 16, (rows, width), dtype=torch.uint8, generator=torch.Generator().manual_seed(block))

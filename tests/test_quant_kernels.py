@@ -10,9 +10,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from benchmarks.gpu_bench import layer_kernels
-from gptj import GPTJ, ModelConfig
-from gptj.quantized_linear import QuantizedLinear, QuantSpec
-from gptj.quantized_model import quantized_copy
+from gptj.model import GPTJ, ModelConfig
+from gptj.model.quantized_linear import QuantizedLinear, QuantSpec
+from gptj.model.quantized_model import quantized_copy
 
 
 @pytest.mark.parametrize("bits", [8, 4])

@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from execution.inference.generation import GenerationEngine, generate
-from execution.inference.request_engine import Request, RequestEngine
-from execution.inference.sampling import SamplingParams
+from gptj.execution.inference.generation import GenerationEngine, generate
+from gptj.execution.inference.request_engine import Request, RequestEngine
+from gptj.execution.inference.sampling import SamplingParams
 from tests.fixtures.generation import PROMPTS, reference_pair
 
 
@@ -18,8 +18,8 @@ def model():
 
 @pytest.fixture(scope="module")
 def bf16_model(model):
-    """The same weights in bf16 (its KV cache on a CPU: gptj/kv_cache.py cache_dtype)."""
-    from gptj import GPTJ
+    """The same weights in bf16 (its KV cache on a CPU: gptj/model/kv_cache.py cache_dtype)."""
+    from gptj.model import GPTJ
 
     copy = GPTJ(model.config, dtype=torch.bfloat16).eval()
     copy.load_state_dict(model.state_dict())
@@ -148,7 +148,7 @@ def test_ignore_eos_keeps_generating_past_eos(model):
 
 
 def test_a_leading_rows_view_shares_the_cache_memory():
-    from gptj.kv_cache import StaticKVCache
+    from gptj.model.kv_cache import StaticKVCache
 
     cache = StaticKVCache(num_layers=2, batch_size=4, num_heads=2, head_dim=3, max_length=8)
     view = cache.leading_rows(2)
@@ -166,8 +166,8 @@ def test_a_leading_rows_view_shares_the_cache_memory():
 
 
 def test_a_budgeted_cache_grows_as_rows_fill_stays_in_its_bytes_and_gives_the_same_tokens(model):
-    from execution.inference.kv_budget import CacheBudget
-    from gptj.kv_cache import kv_bytes_per_token
+    from gptj.execution.inference.kv_budget import CacheBudget
+    from gptj.model.kv_cache import kv_bytes_per_token
 
     per_token = kv_bytes_per_token(model)
     assert per_token == 2 * model.config.num_layers * model.config.hidden_size * 4  # fp32 keys and values
@@ -196,7 +196,7 @@ def test_a_budgeted_cache_grows_as_rows_fill_stays_in_its_bytes_and_gives_the_sa
 def test_a_budget_grows_the_cache_length_by_steps_and_a_factor_and_rows_only_when_asked():
     """Hand-computed shapes: lengths round up to 32 slots and grow at least 1.5x; rows double only
     when more rows are asked; a shape past the budget shrinks to what is asked, or is refused."""
-    from execution.inference.kv_budget import CacheBudget
+    from gptj.execution.inference.kv_budget import CacheBudget
 
     budget = CacheBudget(bytes_per_token=1, budget_bytes=4096, max_rows=16, max_length=2048)
     assert budget.first_shape() == (1, 32)
@@ -218,10 +218,10 @@ def test_the_server_budget_line_names_the_dtype_the_cache_holds(bf16_model, caps
     so, and its budget counts 4 bytes a value (what an estimate from the activations' 2 halves)."""
     from types import SimpleNamespace
 
-    import gptj.kv_cache
-    from serving.server import cache_budget
+    import gptj.model.kv_cache
+    from gptj.serving.server import cache_budget
 
-    monkeypatch.setattr(gptj.kv_cache, "native_bf16_attention", lambda: False)
+    monkeypatch.setattr(gptj.model.kv_cache, "native_bf16_attention", lambda: False)
 
     config = bf16_model.config
     server = SimpleNamespace(max_batch_size=2, max_model_len=32, memory_utilization=0.5)
@@ -236,7 +236,7 @@ def test_the_server_budget_line_names_the_dtype_the_cache_holds(bf16_model, caps
 
 
 def test_a_resized_cache_keeps_what_its_rows_hold():
-    from gptj.kv_cache import StaticKVCache
+    from gptj.model.kv_cache import StaticKVCache
 
     cache = StaticKVCache(num_layers=2, batch_size=2, num_heads=2, head_dim=3, max_length=4)
     cache.layers[1].keys.copy_(torch.arange(48.0).view(2, 2, 4, 3))

@@ -1,12 +1,12 @@
-"""execution.inference.scoring and the request engine's prompt scores against transformers' GPT-J."""
+"""gptj.execution.inference.scoring and the request engine's prompt scores against transformers' GPT-J."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-import execution.inference.scoring as scoring
-from execution.inference.request_engine import Request, RequestEngine
+import gptj.execution.inference.scoring as scoring
+from gptj.execution.inference.request_engine import Request, RequestEngine
 from tests.fixtures.generation import reference_pair
 from tests.fixtures.reference import TINY
 

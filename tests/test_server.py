@@ -13,8 +13,8 @@ import httpx
 import openai
 import pytest
 
-import run_inference
-from execution.inference.pipelines import EntailmentPipeline, load_model_and_tokenizer
+import gptj.commands.generate as run_inference
+from gptj.execution.inference.pipelines import EntailmentPipeline, load_model_and_tokenizer
 from tests.fixtures.server import metric, tiny_server, wait_for
 
 PROMPTS = ["The cat sat on the", "mnli hypothesis: a cat sleeps premise: the cat is asleep target:",
@@ -236,7 +236,7 @@ def test_other_errors_through_the_openai_client(server, client):
 
 
 def test_a_quantized_server_answers_as_quantized_run_inference(server, tmp_path):
-    from gptj.quantized_linear import QuantizedLinear
+    from gptj.model.quantized_linear import QuantizedLinear
 
     out = tmp_path / "out.jsonl"
     quant = ["--quantize", "int4", "--group-size", "32"]

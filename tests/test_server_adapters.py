@@ -11,11 +11,11 @@ import httpx
 import pytest
 import torch
 
-import run_server
-from execution.inference.generation import generate
-from execution.inference.pipelines import load_model_and_tokenizer
-from gptj.adapter_io import save_peft_adapter
-from gptj.lora import LoraAdapters, LoraSettings
+import gptj.commands.serve as run_server
+from gptj.execution.inference.generation import generate
+from gptj.execution.inference.pipelines import load_model_and_tokenizer
+from gptj.model.adapter_io import save_peft_adapter
+from gptj.model.lora import LoraAdapters, LoraSettings
 from tests.fixtures.server import metric, tiny_config, tiny_server, tp_server_process, wait_for
 
 PROMPT = "The quick brown fox"

@@ -6,8 +6,8 @@ from __future__ import annotations
 import httpx
 import pytest
 
-from execution.inference.request_engine import Request
-from serving.engine_loop import apply_commands
+from gptj.execution.inference.request_engine import Request
+from gptj.serving.engine_loop import apply_commands
 from tests.fixtures.server import tiny_server, wait_for
 
 BODY = {"model": "random:tiny", "prompt": "a", "max_tokens": 4, "temperature": 0}
@@ -54,7 +54,7 @@ def test_a_dead_engine_thread_fails_the_request_in_flight_and_503s_the_rest():
 
 
 def test_refused_and_failed_commands_are_reported_to_their_callers():
-    from execution.inference.request_engine import RequestEngine
+    from gptj.execution.inference.request_engine import RequestEngine
     from tests.fixtures.generation import reference_pair
 
     engine = RequestEngine(reference_pair(seed=0)[1], max_batch_size=1, eos_token_id=None, max_length=16)

@@ -11,7 +11,7 @@ import httpx
 import openai
 import pytest
 
-import run_server
+import gptj.commands.serve as run_server
 from tests.fixtures.server import metric, tiny_server, wait_for
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -115,7 +115,7 @@ def test_the_script_itself_exits_2_on_a_bad_preset():
 def test_health_and_routes_say_503_until_the_model_has_loaded():
     from fastapi.testclient import TestClient
 
-    from serving.app import ServerState, create_app
+    from gptj.serving.app import ServerState, create_app
     from tests.fixtures.server import tiny_config
 
     state = ServerState(tiny_config(), "random:tiny")

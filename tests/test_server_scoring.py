@@ -16,10 +16,10 @@ import httpx
 import pytest
 import torch
 
-import data
-from execution.inference.pipelines import EntailmentPipeline
-from execution.training.evaluation import likelihood_scores
-from serving.scoring import echoed_logprobs, top_logprobs_dict
+import gptj.data as data
+from gptj.execution.inference.pipelines import EntailmentPipeline
+from gptj.execution.training.evaluation import likelihood_scores
+from gptj.serving.scoring import echoed_logprobs, top_logprobs_dict
 from tests.fixtures.generation import hf_greedy, reference_pair
 from tests.fixtures.reference import TINY
 from tests.fixtures.server import tiny_server
@@ -161,7 +161,7 @@ def test_greedy_flags_as_lm_eval_computes_them(server, saved):
 
 def test_scores_equal_the_entailment_pipeline_and_evaluation(server, saved):
     """The server's echo scores, the entailment pipeline's label scores and evaluation's
-    candidate losses are one computation (execution.inference.scoring)."""
+    candidate losses are one computation (gptj.execution.inference.scoring)."""
     directory, _, tok = saved
     nli = EntailmentPipeline.from_pretrained(str(directory), precision="fp32")
     prompt = tok.encode([nli.prompt("the cat is asleep", "a cat sleeps")])[0]

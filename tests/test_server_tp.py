@@ -8,10 +8,10 @@ import signal
 import httpx
 import pytest
 
-from execution.inference.generation import GenerationEngine
-from execution.inference.pipelines import EntailmentPipeline, load_model_and_tokenizer
-from execution.inference.sampling import SamplingParams
-from execution.inference.scoring import score_rows
+from gptj.execution.inference.generation import GenerationEngine
+from gptj.execution.inference.pipelines import EntailmentPipeline, load_model_and_tokenizer
+from gptj.execution.inference.sampling import SamplingParams
+from gptj.execution.inference.scoring import score_rows
 from tests.fixtures.server import tp_server_process
 
 PROMPTS = ["The cat sat on the", "Once upon a time", "a", "mnli hypothesis: x premise: y target:"]
@@ -50,7 +50,7 @@ def test_tensor_parallel_server_gives_the_single_process_tokens(tp_server):
     want = EntailmentPipeline(model, tokenizer)(pair["premise"], pair["hypothesis"])
     assert got["label"] == want["label"] and got["scores"] == pytest.approx(want["scores"], abs=1e-4)
     # Prompt scores (echo + logprobs, as lm-eval asks) from the sharded prefill: the single
-    # process's execution.inference.scoring numbers and top token.
+    # process's gptj.execution.inference.scoring numbers and top token.
     body = {"prompt": PROMPTS, "max_tokens": 0, "logprobs": 1, "echo": True, "temperature": 0}
     choices = httpx.post(f"{url}/v1/completions", json=body, timeout=60).json()["choices"]
     reference = score_rows(model, ids, [1] * len(ids), top_k=1)

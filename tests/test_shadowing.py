@@ -16,9 +16,9 @@ ROOT = Path(__file__).resolve().parents[1]
 
 SCRIPT = """
 import json
-import serving.app  # serving alone first, then the README example
-from execution.inference.pipelines import EntailmentPipeline, TextGenerationPipeline
-import config, data
+import gptj.serving.app  # serving alone first, then the README example
+from gptj.execution.inference.pipelines import EntailmentPipeline, TextGenerationPipeline
+import gptj.config as config, gptj.data as data
 nli = EntailmentPipeline.from_pretrained("random:tiny")
 result = nli("The grey cat sits near the door.", "The grey cat sits.")
 print(json.dumps({"label": result["label"], "text": TextGenerationPipeline.from_pretrained("random:tiny")(
@@ -47,7 +47,7 @@ def test_the_api_from_a_folder_with_its_own_data_and_config(tmp_path):
 
     got = _run(user)
     assert got == reference
-    assert Path(got["data"]).parent == ROOT / "data" and Path(got["config"]).parent == ROOT / "config"
+    assert Path(got["data"]).parent == ROOT / "gptj" / "data" and Path(got["config"]).parent == ROOT / "gptj" / "config"
 
     (user / "data" / "__init__.py").write_text("NOT_THE_PROJECT = True\n")  # a regular package too
     assert _run(user) == reference

@@ -9,11 +9,11 @@ from pathlib import Path
 
 import pytest
 
-import data
-import run_finetuning
-import run_inference
-from execution.runtime.defaults import auto_choices
-from gptj import ModelConfig
+import gptj.commands.finetune as run_finetuning
+import gptj.commands.generate as run_inference
+import gptj.data as data
+from gptj.execution.runtime.defaults import auto_choices
+from gptj.model import ModelConfig
 
 README = (Path(__file__).resolve().parents[1] / "README.md").read_text()
 

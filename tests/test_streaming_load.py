@@ -17,10 +17,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from gptj import ModelConfig
-from gptj.hf import ShardedSafetensorsWriter
-from gptj.model import random_reader
-from gptj.sharding import hf_shapes
+from gptj.model import ModelConfig
+from gptj.model.hf import ShardedSafetensorsWriter
+from gptj.model.model import random_reader
+from gptj.model.sharding import hf_shapes
 
 # Large enough that the weights (~120 MB bf16) dwarf allocator noise; 6 shards.
 CONFIG = ModelConfig(vocab_size=4096, hidden_size=1024, num_layers=4, num_heads=8, rotary_dim=32,
@@ -31,8 +31,8 @@ pytestmark = pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reas
 
 LOAD_SCRIPT = r"""
 import json, sys, torch
-from gptj.hf import load_pretrained
-from gptj.quantized_linear import QuantSpec, QuantizedLinear
+from gptj.model.hf import load_pretrained
+from gptj.model.quantized_linear import QuantSpec, QuantizedLinear
 
 def status(key):
     for line in open("/proc/self/status"):
@@ -101,7 +101,7 @@ def test_plain_load_peak_is_the_model_plus_the_tensor_in_hand(checkpoint):
 def test_int4_kernel_copy_replaces_the_stored_weights(checkpoint, tmp_path):
     """Quantized on load and pre-quantized alike: after loading, every int4 layer holds only the
     CPU kernel's copy (no qweight / scales / zeros beside it)."""
-    from execution.inference.quantized_checkpoints import quantize_checkpoint
+    from gptj.execution.inference.quantized_checkpoints import quantize_checkpoint
 
     directory, _ = checkpoint
     on_load = measure_load(directory, "int4")

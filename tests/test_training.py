@@ -7,8 +7,8 @@ import math
 import pytest
 import torch
 
-from execution.training import checkpoint as ckpt
-from execution.training.loop import TrainingDiverged, learning_rate, train
+from gptj.execution.training import checkpoint as ckpt
+from gptj.execution.training.loop import TrainingDiverged, learning_rate, train
 from tests.fixtures.distributed import run_distributed
 from tests.fixtures.training import read_metrics, small_config
 
@@ -29,7 +29,7 @@ def _train_on_ranks(rank, world_size, output_dir, tensor_parallel):
 
     import torch.distributed as dist
 
-    from gptj.hf import gather_hf_tensors
+    from gptj.model.hf import gather_hf_tensors
 
     checkpoints = {"checkpoint.every": 2, "checkpoint.keep": 5, "checkpoint.at_end": True}
     config = small_config(output_dir, **{"parallel.tensor_parallel": tensor_parallel,
@@ -54,7 +54,7 @@ def _train_on_ranks(rank, world_size, output_dir, tensor_parallel):
 def test_two_replicas_times_two_tp_equal_one_process_and_resume(tmp_path):
     reference = train(small_config(tmp_path / "one", **{"eval.at_end": True}))
     results = run_distributed(_train_on_ranks, 4, str(tmp_path / "four"), 2)
-    from gptj.hf import gather_hf_tensors
+    from gptj.model.hf import gather_hf_tensors
 
     ref_weights = gather_hf_tensors(reference.model)
     assert len(reference.losses) == 5
@@ -102,7 +102,7 @@ def test_fp16_overflow_skips_step_and_backs_off(tmp_path):
 
 
 def test_nonfinite_steps_in_a_row_stop_with_checkpoint_intact(tmp_path, monkeypatch):
-    from gptj import GPTJ
+    from gptj.model import GPTJ
 
     calls = {"n": 0}
     original = GPTJ.token_losses
@@ -139,8 +139,8 @@ def test_offload_streaming_and_recompute_change_no_number(tmp_path):
 
 
 def test_eval_sources_default_to_the_task_validation_splits(tmp_path):
-    import data as datalib
-    from execution.training.loop import eval_sources
+    import gptj.data as datalib
+    from gptj.execution.training.loop import eval_sources
 
     task = datalib.load_task("mnli")
     default = small_config(tmp_path)
@@ -162,7 +162,7 @@ def test_eval_sources_default_to_the_task_validation_splits(tmp_path):
 def test_export_dtype_casts_the_exported_weights(tmp_path, export_dtype, dtype):
     from safetensors.torch import load_file
 
-    from gptj.hf import gather_hf_tensors
+    from gptj.model.hf import gather_hf_tensors
 
     result = train(small_config(tmp_path, **{"training.steps": 1, "checkpoint.export_hf": True,
                                              "checkpoint.export_dtype": export_dtype}))

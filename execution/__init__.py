@@ -1,9 +1,0 @@
-"""Where the model meets data and hardware, in three parts: `runtime/` (what both sides share:
-the one model loader, hardware and defaults, distributed setup, host offload, input checks),
-`training/` (the loop, the optimizer step, checkpoints, evaluation, LoRA runs, the planner) and
-`inference/` (the request engine where every token is chosen, its offline driver, sampling,
-scoring, the pipelines, quantized checkpoints)."""
-
-from execution.runtime.project_imports import claim_project_packages
-
-claim_project_packages()  # before any module here imports `data` or `config`

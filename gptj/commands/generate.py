@@ -1,0 +1,328 @@
+"""Generate text with GPT-J (default: the `tiny` preset, a random model, offline, on CPU).
+
+    python run_inference.py                                        # tiny preset, prints tokens/s
+    python run_inference.py --model runs/tiny --prompt "mnli hypothesis: ... target:"
+    python run_inference.py --config gptj-6b --prompt "The capital of France is" --stream
+    python run_inference.py --model runs/tiny --quantize int8           # weight-only int8
+    torchrun --nproc-per-node 2 run_inference.py --config gptj-6b-tp2 --prompts-file prompts.jsonl
+
+Presets live in gptj/config/inference.yml; options override them, --set section.field=value
+reaches any field. Reports time to first token and prefill / decode tokens per second.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+import warnings
+from pathlib import Path
+
+from gptj.execution.inference.cli import UsageError, chosen_device
+
+# Command-line option -> config field (the model's own: gptj/execution/inference/cli.py).
+OPTION_FIELDS = {
+    "max_new_tokens": "generation.max_new_tokens",
+    "temperature": "generation.temperature",
+    "top_k": "generation.top_k",
+    "top_p": "generation.top_p",
+    "seed": "generation.seed",
+    "stop": "generation.stop",
+    "batch_size": "generation.batch_size",
+    "output": "output",
+}
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    from gptj.execution.inference.cli import add_model_arguments
+
+    p = argparse.ArgumentParser(description="Generate text with GPT-J (static KV cache, continuous batching).")
+    add_model_arguments(p)
+    p.add_argument("--prompt", action="append", metavar="TEXT", help="a prompt (repeatable)")
+    p.add_argument("--prompts-file", metavar="FILE",
+                   help="one prompt per line, or JSON lines with a \"prompt\" field (UTF-8)")
+    p.add_argument("--max-new-tokens", type=int, metavar="N")
+    p.add_argument("--temperature", type=float, metavar="X", help="0 = greedy (default)")
+    p.add_argument("--top-k", type=int, metavar="N")
+    p.add_argument("--top-p", type=float, metavar="X")
+    p.add_argument("--seed", type=int, metavar="N", help="sampling seed")
+    p.add_argument("--stop", action="append", metavar="TEXT",
+                   help="stop string (repeatable); \\n, \\t, \\r and \\\\ are read as escapes")
+    p.add_argument("--batch-size", type=int, metavar="N")
+    p.add_argument("--truncate-prompts", action="store_true", help="keep the last tokens of too-long prompts")
+    p.add_argument("--output", metavar="FILE", help="write JSONL results")
+    p.add_argument("--stream", action="store_true", help="print tokens as they come (batch size 1)")
+    p.add_argument("--set", action="append", default=[], metavar="SECTION.FIELD=VALUE", help="override any field")
+    return p.parse_args(argv)
+
+
+def build_config(args: argparse.Namespace):
+    from gptj.config import apply_overrides, build, read_presets, resolve_preset
+    from gptj.execution.inference.cli import apply_model_options
+    from gptj.execution.inference.config import InferenceConfig
+
+    settings = resolve_preset(read_presets(args.preset_file), args.config, args.preset_file)
+    settings = apply_overrides(settings, args.set)
+    if args.set:
+        build(InferenceConfig, settings, "")  # a bad --set value fails even if an option replaces it
+    if args.stop:
+        args.stop = [unescape(s) for s in args.stop]
+    apply_model_options(settings, args)
+    for option, field in OPTION_FIELDS.items():
+        value = getattr(args, option)
+        if value is not None:
+            section, _, name = field.rpartition(".")
+            (settings.setdefault(section, {}) if section else settings)[name] = value
+    for flag in ("truncate_prompts", "stream"):
+        if getattr(args, flag):
+            settings.setdefault("generation", {})[flag] = True
+    prompts = read_prompts(args)
+    if prompts is not None:
+        settings["prompts"] = prompts
+    config = build(InferenceConfig, settings, "")
+    if config.generation.stream:
+        config.generation.batch_size = 1
+    return config
+
+
+ESCAPES = {"n": "\n", "t": "\t", "r": "\r", "\\": "\\"}
+
+
+def unescape(text: str) -> str:
+    """`\\n`, `\\t`, `\\r` and `\\\\` as typed in a shell become the characters they name."""
+    return re.sub(r"\\([ntr\\])", lambda m: ESCAPES[m.group(1)], text)
+
+
+def read_prompts_file(path: Path) -> list[str]:
+    """One prompt per line, or JSON lines with a "prompt" field (any file whose first line is a
+    JSON object); UTF-8, with or without a byte-order mark."""
+    if not path.is_file():
+        raise UsageError(f"prompts file {path} does not exist")
+    try:
+        lines = path.read_text(encoding="utf-8-sig").splitlines()
+    except UnicodeDecodeError as err:
+        raise UsageError(f"prompts file {path} is not UTF-8 text (byte {err.start}: {err.reason})") from None
+    numbered = [(n, line) for n, line in enumerate(lines, 1) if line.strip()]
+    as_json = path.suffix in (".jsonl", ".json") or (numbered and _is_json_object(numbered[0][1]))
+    prompts = []
+    for number, line in numbered:
+        if not as_json:
+            prompts.append(line)
+            continue
+        try:
+            record = json.loads(line)
+            prompt = record["prompt"]
+        except (json.JSONDecodeError, KeyError, TypeError):
+            raise UsageError(f"{path}:{number}: expected a JSON object with a \"prompt\" field") from None
+        if not isinstance(prompt, str):
+            raise UsageError(f"{path}:{number}: \"prompt\" must be a string")
+        prompts.append(prompt)
+    if not prompts:
+        raise UsageError(f"prompts file {path} has no prompts")
+    return prompts
+
+
+def _is_json_object(line: str) -> bool:
+    try:
+        return isinstance(json.loads(line), dict)
+    except json.JSONDecodeError:
+        return False
+
+
+def read_prompts(args) -> list[str] | None:
+    prompts = list(args.prompt or [])
+    if args.prompts_file:
+        prompts += read_prompts_file(Path(args.prompts_file))
+    if args.prompt is None and not args.prompts_file:
+        return None
+    for i, p in enumerate(prompts):
+        if not p.strip():
+            raise UsageError(f"prompt {i} is empty")
+    return prompts
+
+
+def run(config) -> int:
+
+
+    from gptj.execution.inference.pipelines import TextGenerationPipeline
+    from gptj.execution.inference.text_output import StreamPrinter
+    from gptj.execution.runtime.distributed import init_distributed, world_size
+    from gptj.execution.runtime.preflight import check_output_file, resolve_model_source
+
+    if config.output:  # checked now, not after generating: the results must not be lost
+        check_output_file(config.output)
+    prompts = config.prompts
+    if not prompts:
+        raise UsageError("no prompts: pass --prompt TEXT or --prompts-file FILE")
+    model = config.model
+    name = resolve_model_source(model.name_or_path) if model.name_or_path else f"random:{model.preset}"
+    gen = config.generation
+    longest = check_prompts_before_loading(name, model.tokenizer, prompts, gen)
+    tp = config.model.tensor_parallel
+    if world_size() % tp:
+        raise UsageError(f"--tensor-parallel {tp} needs a multiple of {tp} processes: "
+                         f"torchrun --nproc-per-node {tp} run_inference.py ... (found {world_size()})")
+    ctx, device = init_distributed(tp)
+    main = ctx.is_main
+    device = chosen_device(config.model.device, device)
+    if longest is not None:  # the model as it will run, against the memory there is: before loading
+        from gptj.execution.runtime.memory_fit import check_model
+
+        check_model(name, precision=model.precision, quantize=model.quantize, group_size=model.group_size,
+                    device=device, rows=max(1, min(gen.batch_size or len(prompts), len(prompts))),
+                    tokens=longest + gen.max_new_tokens, prompt_tokens=longest, kv_cache_dtype=model.kv_cache_dtype,
+                    tensor_parallel=tp, offload_weights=model.offload_weights)
+    pipe = TextGenerationPipeline.from_pretrained(
+        name, tokenizer=model.tokenizer, precision=model.precision, device=device, ctx=ctx,
+        offload_weights=model.offload_weights, compile_decode=model.compile,
+        batch_size=config.generation.batch_size, init_seed=model.init_seed,
+        quantize=model.quantize, group_size=model.group_size, adapter=model.adapter,
+        kv_cache_dtype=model.kv_cache_dtype,
+    )
+    settle_auto_choices(config, pipe, main)
+    context = pipe.model.config.max_positions
+    ids = pipe.encode_prompts(prompts, gen.truncate_prompts, gen.max_new_tokens)
+    longest = max(len(i) for i in ids)
+    if longest + gen.max_new_tokens > context:
+        if main:
+            print(f"warning: max_new_tokens {gen.max_new_tokens} does not fit the context of {context} "
+                  f"after a {longest}-token prompt; clamped to {context - longest}", file=sys.stderr)
+        gen.max_new_tokens = context - longest
+
+    # Stream mode runs one prompt at a time (batch size 1) and shows what the plain output would.
+    printer = StreamPrinter(prompts, pipe.tokenizer.decode, gen.stop) if gen.stream and main else None
+    finished = {}  # prompt index -> result, kept for a Ctrl-C that stops the run early
+
+    def on_finish(index, result):
+        finished[index] = result
+        if printer is not None:
+            printer.on_finish(index, result)
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the clamp above already said it
+            results = pipe.generate(
+                prompts, max_new_tokens=gen.max_new_tokens, temperature=gen.temperature, top_k=gen.top_k,
+                top_p=gen.top_p, seed=gen.seed, stop=gen.stop, batch_size=gen.batch_size,
+                truncate_prompts=gen.truncate_prompts, on_token=printer and printer.on_token,
+                on_finish=on_finish,
+            )
+    except KeyboardInterrupt:
+        if main:
+            done = [finished[i] for i in sorted(finished)]
+            where = f"; wrote them to {write_results(config.output, done, pipe.stats.as_dict())}" \
+                if config.output else ""
+            print(f"interrupted by Ctrl-C: {len(done)} of {len(prompts)} prompts finished{where}",
+                  file=sys.stderr)
+        return 130
+    stats = pipe.stats.as_dict()
+    if not main:
+        return 0
+    print_results(config, results, stats)
+    return 0
+
+
+def settle_auto_choices(config, pipe, main: bool) -> None:
+    """"auto" precision and threads become what was chosen for this machine and model; rank 0
+    prints them with the resolved config."""
+    import dataclasses
+
+    import torch
+
+    from gptj.execution.runtime.defaults import auto_choices, resolve_threads
+    from gptj.execution.runtime.hardware import detect
+    from gptj.execution.training.loss_scaling import dtype_name
+
+    model = config.model
+    asked = (model.precision, model.threads)
+    model.precision = dtype_name(pipe.model.embed.weight.dtype)
+    chosen_threads = resolve_threads(model.threads, pipe.model.config)
+    if chosen_threads:
+        torch.set_num_threads(chosen_threads)
+    model.threads = torch.get_num_threads()
+    if main:
+        note = auto_choices(pipe.model.config, asked[0], model.precision, asked[1], model.threads)
+        print(f"machine: {detect().summary()}{note}", flush=True)
+        print("config: " + json.dumps(dataclasses.asdict(config)), flush=True)
+
+
+def print_results(config, results: list, stats: dict) -> None:
+    """The continuations (unless streamed), the speed line and where the results were written."""
+    import dataclasses
+
+    from gptj.execution.inference.text_output import format_result
+
+    if not config.generation.stream:
+        for r in results:
+            if sys.stdout.isatty():  # the prompt, then its continuation in bold
+                r = dataclasses.replace(r, text=f"{r.prompt}\033[1m{r.text}\033[0m")
+            print(format_result(r), end="")
+    # A first token comes from prefill: with one token per prompt nothing was decoded.
+    decode = f"{stats['decode_tokens_per_s']:.1f} tokens/s" if stats["decode_tokens_per_s"] else "n/a"
+    print(
+        f"{stats['generated_tokens']} tokens in {stats['total_s']:.3f} s: {stats['tokens_per_s']:.1f} tokens/s | "
+        f"time to first token {stats['time_to_first_token_s'] * 1000:.1f} ms | "
+        f"prefill {stats['prefill_tokens_per_s']:.1f} tokens/s | decode {decode}"
+    )
+    if config.output:
+        print(f"wrote {len(results)} results to {write_results(config.output, results, stats)}")
+
+
+def write_results(output: str, results: list, stats: dict) -> Path:
+    """JSON lines; timings: each prompt's own, run_timings: the whole run's."""
+    path = Path(output)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w") as f:
+        for r in results:
+            f.write(json.dumps({"prompt": r.prompt, "text": r.text, "token_ids": r.token_ids,
+                                "finish_reason": r.finish_reason, "timings": r.timings(),
+                                "run_timings": stats}) + "\n")
+    return path
+
+
+def check_prompts_before_loading(name: str, tokenizer: str | None, prompts: list[str], gen) -> int | None:
+    """Prompt lengths against the context, with the tokenizer alone: a too-long prompt is
+    reported before the model loads. A Hub model is checked once it is downloaded (None).
+    Returns the longest prompt's tokens."""
+    import gptj.data as data
+    from gptj.execution.inference.pipelines import fit_prompts
+    from gptj.model import ModelConfig
+
+    if name.startswith("random:"):
+        context, tokenizer = ModelConfig.preset(name.removeprefix("random:")).max_positions, tokenizer or "bundled:tiny"
+    elif Path(name).is_dir():
+        from gptj.model.hf import read_model_config
+
+        context, tokenizer = read_model_config(Path(name)).max_positions, tokenizer or name
+    else:
+        return None
+    encoded = fit_prompts(data.load_tokenizer(tokenizer).encode(prompts), context, gen.max_new_tokens,
+                          gen.truncate_prompts)
+    return max(len(ids) for ids in encoded)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    from gptj.config import PresetError
+    from gptj.data import DataError
+    from gptj.model import ConfigError
+
+    known = (UsageError, PresetError, ConfigError, DataError, ValueError, FileNotFoundError)
+    import torch
+
+    threads = torch.get_num_threads()
+    try:
+        return run(build_config(args))
+    except known as err:  # bad input: one clear line, no stack trace
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    finally:
+        torch.set_num_threads(threads)  # main() may run inside a larger program (tests)
+        from gptj.execution.runtime.distributed import shutdown
+
+        shutdown()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,126 @@
+"""Serve GPT-J over HTTP with the OpenAI API (default: the `tiny` random model, offline, seconds).
+
+    python run_server.py                                   # tiny preset on 127.0.0.1:8000
+    python run_server.py --model EleutherAI/gpt-j-6b --precision bf16 --port 8000 --api-key KEY
+    torchrun --nproc-per-node 2 run_server.py --config gptj-6b-tp2 --tensor-parallel 2
+
+Endpoints: POST /v1/completions, /v1/chat/completions, /v1/entailment, /tokenize,
+/detokenize, /v1/load_lora_adapter, /v1/unload_lora_adapter; GET /v1/models, /tokenizer_info, /health, /metrics. Presets live in gptj/config/inference.yml (the `server:` and `generation:`
+sections); options override them and --set section.field=value reaches any field.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+
+from gptj.execution.inference.cli import UsageError, chosen_device
+
+# Command-line option -> config field (the model's own: gptj/execution/inference/cli.py).
+OPTION_FIELDS = {
+    "host": "server.host",
+    "port": "server.port",
+    "max_batch_size": "server.max_batch_size",
+    "max_queue": "server.max_queue",
+    "max_model_len": "server.max_model_len",
+    "memory_utilization": "server.memory_utilization",
+    "max_n": "server.max_n",
+    "request_timeout": "server.request_timeout",
+    "api_key": "server.api_key",
+    "served_model_name": "server.served_model_name",
+    "max_adapters": "server.max_adapters",
+}
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    from gptj.execution.inference.cli import add_model_arguments
+
+    p = argparse.ArgumentParser(description="Serve GPT-J with an OpenAI-compatible HTTP API (continuous batching).")
+    add_model_arguments(p, named_adapters=True)
+    p.add_argument("--host", metavar="ADDR", help="address to listen on (default 127.0.0.1)")
+    p.add_argument("--port", type=int, metavar="N", help="port (default 8000)")
+    p.add_argument("--max-batch-size", type=int, metavar="N", help="requests decoded together (KV cache rows)")
+    p.add_argument("--max-queue", type=int, metavar="N", help="waiting requests beyond this get 429")
+    p.add_argument("--max-model-len", type=int, metavar="N", help="KV cache length per row (default: the context)")
+    p.add_argument("--memory-utilization", type=float, metavar="F",
+                   help="fraction of the memory left after the weights the KV cache may grow to (default 0.9)")
+    p.add_argument("--max-n", type=int, metavar="N", help="most choices per request")
+    p.add_argument("--request-timeout", type=float, metavar="S", help="seconds from arrival to the last token")
+    p.add_argument("--api-key", metavar="KEY", help="require 'Authorization: Bearer KEY'")
+    p.add_argument("--served-model-name", metavar="NAME", help="the model id clients send (default: --model)")
+    p.add_argument("--max-adapters", type=int, metavar="N",
+                   help="LoRA adapters held at once, loaded at run time included (POST /v1/load_lora_adapter; "
+                        "default: as many as --adapter NAME=DIR names)")
+    p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+    p.add_argument("--set", action="append", default=[], metavar="SECTION.FIELD=VALUE", help="override any field")
+    return p.parse_args(argv)
+
+
+def build_config(args: argparse.Namespace):
+    from gptj.config import apply_overrides, build, read_presets, resolve_preset
+    from gptj.execution.inference.cli import apply_model_options, split_adapter_options
+    from gptj.execution.inference.config import InferenceConfig
+
+    settings = resolve_preset(read_presets(args.preset_file), args.config, args.preset_file)
+    settings = apply_overrides(settings, args.set)
+    split_adapter_options(settings, args)
+    apply_model_options(settings, args)
+    for option, field in OPTION_FIELDS.items():
+        value = getattr(args, option)
+        if value is not None:
+            section, _, name = field.rpartition(".")
+            settings.setdefault(section, {})[name] = value
+    return build(InferenceConfig, settings, "")
+
+
+def run(config, log_level: str) -> int:
+    from gptj.execution.runtime.distributed import init_distributed, world_size
+    from gptj.execution.runtime.memory_fit import check_model
+    from gptj.serving.server import serve
+
+    tp = config.model.tensor_parallel
+    if world_size() != tp:
+        raise UsageError(f"--tensor-parallel {tp} needs exactly {tp} processes: "
+                         f"torchrun --nproc-per-node {tp} run_server.py ... (found {world_size()})")
+    ctx, device = init_distributed(tp)
+    device = chosen_device(config.model.device, device)
+    m = config.model
+    # Before loading: the weights and at least one full-length row of KV cache must fit.
+    check_model(m.name_or_path or f"random:{m.preset}", precision=m.precision, quantize=m.quantize,
+                group_size=m.group_size, device=device, rows=1, tokens=config.server.max_model_len,
+                kv_cache_dtype=m.kv_cache_dtype, tensor_parallel=tp, offload_weights=m.offload_weights,
+                rows_option="--max-batch-size")
+    if ctx.is_main:
+        shown = dataclasses.asdict(config)
+        shown.pop("prompts", None)
+        shown.pop("output", None)
+        if shown["server"]["api_key"]:
+            shown["server"]["api_key"] = "***"
+        print("config: " + json.dumps(shown), flush=True)
+    return serve(config, ctx, device, log_level)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    from gptj.config import PresetError
+    from gptj.data import DataError
+    from gptj.model import ConfigError
+
+    known = (UsageError, PresetError, ConfigError, DataError, ValueError, FileNotFoundError)
+    try:
+        return run(build_config(args), args.log_level)
+    except known as err:  # bad input: one clear line, no stack trace
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 0
+    finally:
+        from gptj.execution.runtime.distributed import shutdown
+
+        shutdown()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

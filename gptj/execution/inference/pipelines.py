@@ -1,0 +1,336 @@
+"""Load once, call many times: text generation and MNLI-style entailment by label likelihood.
+
+    from gptj.execution.inference.pipelines import TextGenerationPipeline, EntailmentPipeline
+    generator = TextGenerationPipeline.from_pretrained("EleutherAI/gpt-j-6b", precision="bf16")
+    small = TextGenerationPipeline.from_pretrained("EleutherAI/gpt-j-6b", quantize="int4", group_size=128)
+    generator("The capital of France is", max_new_tokens=8)           # -> str
+    nli = EntailmentPipeline.from_pretrained("runs/mnli")              # run_finetuning.py output
+    nli("A man plays a guitar.", "A person makes music.")              # -> {"label", "scores"}
+
+`model_dir_or_id` is a Hugging Face directory or Hub id, the output directory of
+run_finetuning.py (its `hf/` export, which includes the tokenizer, is used), or
+`random:PRESET` for a seeded random model of a gptj.ModelConfig preset (offline tests/demos).
+`adapter=DIR` adds a PEFT LoRA adapter directory (e.g. run_finetuning.py's OUTPUT_DIR/adapter).
+`adapters={"mnli": DIR, ...}` holds several over the unmerged base (gptj/model/multi_lora.py) and a
+call's `adapter="mnli"` chooses one (None: the base):
+
+    tasks = TextGenerationPipeline.from_pretrained("runs/base", adapters={"mnli": "a/", "sst2": "b/"})
+    tasks("review: great film. sentiment:", adapter="sst2")
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+
+import torch
+
+from gptj.execution.inference.generation import GenerationEngine, GenerationStats
+from gptj.execution.inference.sampling import SamplingParams
+from gptj.execution.inference.scoring import continuation_logprobs
+from gptj.execution.runtime.preflight import resolve_model_source
+from gptj.execution.training.loss_scaling import parse_dtype
+from gptj.model import GPTJ, ParallelContext
+
+
+def resolve_model_dir(name_or_path: str) -> str:
+    """A run_finetuning.py output dir becomes its hf/ export; a Hub id is returned as is; a local
+    path that holds no model is a ValueError naming the problem."""
+    return resolve_model_source(name_or_path, option="model")
+
+
+def pick_device(device: str | torch.device | None) -> torch.device:
+    if device in (None, "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device cuda was asked for but no CUDA GPU is available")
+    return device
+
+
+def load_model_and_tokenizer(
+    name_or_path: str,
+    tokenizer: str | None = None,
+    precision: str = "auto",
+    device: str | torch.device | None = None,
+    ctx: ParallelContext | None = None,
+    offload_weights: bool = False,
+    init_seed: int = 0,
+    quantize: str | None = None,
+    group_size: int = 128,
+    *,
+    adapter: str | None = None,
+):
+    """(GPTJ in eval mode, data.Tokenizer). Raises ValueError subclasses with a clear message.
+
+    precision "auto": the fastest dtype this device runs natively for the model's size
+    (gptj.execution.runtime.defaults.resolve_precision); a dtype without native kernels here is used as
+    asked, after one warning line on stderr.
+
+    quantize: "int8" / "int4" (with `group_size`) quantizes the projections while loading,
+    tensor by tensor and per tensor-parallel rank (gptj/model/quantized_model.py); a checkpoint written by
+    `python -m gptj.execution.inference.quantized_checkpoints` loads quantized without it.
+
+    `adapter`: a PEFT LoRA adapter directory for this base model. On plain weights it is merged
+    into them, so generation costs exactly what the base model's does; on quantized weights it
+    stays attached beside them (the quantized base plus the adapters, as trained with LoRA on a
+    quantized base).
+    """
+    from gptj.execution.runtime.model_files import model_file_errors
+
+    with model_file_errors(name_or_path, adapter):  # a cut weight file: one line naming it
+        return _load_model_and_tokenizer(name_or_path, tokenizer, precision, device, ctx, offload_weights,
+                                         init_seed, quantize, group_size, adapter)
+
+
+def _load_model_and_tokenizer(name_or_path, tokenizer, precision, device, ctx, offload_weights, init_seed,
+                              quantize, group_size, adapter):
+    from gptj.execution.runtime.memory_fit import check_model
+    from gptj.execution.runtime.model_loading import load_model
+    from gptj.model.quantized_linear import QuantSpec
+
+    # The weights in their final form must fit the memory there is, before any is read or built.
+    check_model(name_or_path, precision=precision, quantize=quantize, group_size=group_size,
+                device=pick_device(device), tensor_parallel=ctx.tensor_parallel if ctx is not None else 1,
+                offload_weights=offload_weights)
+    loaded = load_model(name_or_path, ctx, device=pick_device(device), precision=precision,
+                        quantize=QuantSpec.parse(quantize, group_size), adapters=adapter or None,
+                        offload=offload_weights, init_seed=init_seed, tokenizer=tokenizer,
+                        load_tokenizer=True)
+    if loaded.streamer is not None:
+        # Streaming hooks stay attached for the model's lifetime (it holds the streamer).
+        loaded.model.weight_streamer = loaded.streamer
+    return loaded.model, loaded.tokenizer
+
+
+def kv_cache_dtype_of(name: str) -> torch.dtype | None:
+    """"auto" -> None (gptj/model/kv_cache.py decides: fp32 for bf16/fp16 models on CPU), else the dtype."""
+    return None if name == "auto" else parse_dtype(name)
+
+
+def fit_prompts(encoded: list[list[int]], context: int, max_new_tokens: int = 1,
+                truncate: bool = False) -> list[list[int]]:
+    """Check prompt lengths against the context. A prompt with no room to generate is an error;
+    with `truncate`, a prompt longer than context - max_new_tokens keeps its last that many
+    tokens (at least one), so the requested new tokens fit."""
+    keep = max(1, context - max_new_tokens)
+    for i, ids in enumerate(encoded):
+        if not ids:
+            raise ValueError(f"prompt {i} is empty")
+        if truncate and len(ids) > keep:
+            encoded[i] = ids[len(ids) - keep :]
+        elif len(ids) >= context:
+            raise ValueError(
+                f"prompt {i} has {len(ids)} tokens but the model context is {context}; "
+                "shorten it, or keep its last tokens with --truncate-prompts (truncate_prompts=True)"
+            )
+    return encoded
+
+
+def trim_at_stop(text: str, stop: list[str]) -> str:
+    """The text before the first stop string in it."""
+    cut = min((text.find(s) for s in stop if s and s in text), default=-1)
+    return text[:cut] if cut >= 0 else text
+
+
+@dataclass
+class GeneratedText:
+    prompt: str
+    text: str
+    token_ids: list[int]
+    finish_reason: str
+    prompt_tokens: int = 0
+    time_to_first_token: float = 0.0  # seconds from the start of the run (queue wait included)
+    total_seconds: float = 0.0  # seconds from the start of the run to this prompt's end
+
+    def timings(self) -> dict:
+        """This prompt's own figures (generated_tokens counts the text's tokens, EOS excluded)."""
+        return {"prompt_tokens": self.prompt_tokens, "generated_tokens": len(self.token_ids),
+                "time_to_first_token_s": round(self.time_to_first_token, 6),
+                "total_s": round(self.total_seconds, 6)}
+
+
+def attach_named_adapters(model, adapters: dict[str, str] | None, ctx=None):
+    """A gptj.model.multi_lora.MultiLoRA of the named PEFT directories attached to `model`, or None."""
+    if not adapters:
+        return None
+    from gptj.model.multi_lora import load_adapters
+
+    return load_adapters(adapters, model, ctx)
+
+
+def using_adapter(adapters, name: str | None):
+    """A context in which the model runs adapter `name` (None: the base); a ValueError naming
+    an adapter that is not held."""
+    if adapters is None:
+        if name is not None:
+            raise ValueError(f"adapter {name!r} is not loaded: this pipeline holds no adapters "
+                             "(from_pretrained(..., adapters={name: DIR}))")
+        return contextlib.nullcontext()
+    try:
+        adapters.index(name)
+    except KeyError as err:
+        raise ValueError(err.args[0]) from None
+    return adapters.use(name)
+
+
+class TextGenerationPipeline:
+    def __init__(self, model: GPTJ, tokenizer, batch_size: int = 16, compile_decode: bool = False,
+                 kv_cache_dtype: str = "auto", adapters=None):
+        if adapters is not None and compile_decode:
+            raise ValueError("a compiled decode step does not take LoRA adapters chosen per call: "
+                             "drop compile_decode")
+        self.model, self.tokenizer, self.batch_size = model, tokenizer, batch_size
+        self.adapters = adapters  # gptj.model.multi_lora.MultiLoRA: `adapter=` of a call chooses one
+        self.engine = GenerationEngine(model, compile_decode=compile_decode,
+                                       cache_dtype=kv_cache_dtype_of(kv_cache_dtype))
+
+    @classmethod
+    def from_pretrained(
+        cls, model_dir_or_id: str, tokenizer: str | None = None, precision: str = "auto",
+        device: str | None = None, ctx: ParallelContext | None = None, offload_weights: bool = False,
+        compile_decode: bool = False, batch_size: int = 16, init_seed: int = 0,
+        quantize: str | None = None, group_size: int = 128, adapter: str | None = None,
+        kv_cache_dtype: str = "auto", adapters: dict[str, str] | None = None,
+    ) -> TextGenerationPipeline:
+        model, tok = load_model_and_tokenizer(
+            model_dir_or_id, tokenizer, precision, device, ctx, offload_weights, init_seed,
+            quantize=quantize, group_size=group_size, adapter=adapter,
+        )
+        return cls(model, tok, batch_size=batch_size, compile_decode=compile_decode, kv_cache_dtype=kv_cache_dtype,
+                   adapters=attach_named_adapters(model, adapters, ctx))
+
+    @property
+    def stats(self) -> GenerationStats:
+        return self.engine.stats
+
+    def encode_prompts(self, prompts: list[str], truncate: bool = False,
+                       max_new_tokens: int = 1) -> list[list[int]]:
+        """Token ids per prompt; see fit_prompts for too-long prompts."""
+        encoded = self.tokenizer.encode(prompts)
+        return fit_prompts(encoded, self.model.config.max_positions, max_new_tokens, truncate)
+
+    def generate(
+        self, prompts: list[str], max_new_tokens: int = 32, temperature: float = 0.0, top_k: int = 0,
+        top_p: float = 1.0, seed: int = 0, stop: list[str] | None = None, batch_size: int | None = None,
+        truncate_prompts: bool = False, on_token=None, on_finish=None, adapter: str | None = None,
+    ) -> list[GeneratedText]:
+        """on_token(prompt_index, token) as tokens come; on_finish(prompt_index, GeneratedText)
+        as each prompt is done. adapter: one of the pipeline's named adapters (None: the base)."""
+        with using_adapter(self.adapters, adapter):
+            return self._generate(prompts, max_new_tokens, temperature, top_k, top_p, seed, stop, batch_size,
+                                  truncate_prompts, on_token, on_finish)
+
+    def _generate(self, prompts, max_new_tokens, temperature, top_k, top_p, seed, stop, batch_size,
+                  truncate_prompts, on_token, on_finish) -> list[GeneratedText]:
+        ids = self.encode_prompts(prompts, truncate_prompts, max_new_tokens)
+        stop = [s for s in (stop or []) if s]
+
+        def as_text(index, result) -> GeneratedText:
+            text = self.tokenizer.decode(result.token_ids)
+            if result.finish_reason == "stop":
+                text = trim_at_stop(text, stop)
+            return GeneratedText(prompts[index], text, result.token_ids, result.finish_reason,
+                                 result.prompt_length, result.time_to_first_token, result.total_seconds)
+
+        results = self.engine.run(
+            ids, max_new_tokens, self.tokenizer.eos_id,
+            SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p), seed=seed,
+            batch_size=batch_size or self.batch_size, stop_strings=stop, decode=self.tokenizer.decode,
+            on_token=on_token,
+            on_finish=None if on_finish is None else (lambda i, r: on_finish(i, as_text(i, r))),
+        )
+        return [as_text(i, result) for i, result in enumerate(results)]
+
+    def __call__(self, prompts: str | list[str], **kwargs) -> str | list[str]:
+        """Generated text (without the prompt) for one prompt, or a list for a list."""
+        single = isinstance(prompts, str)
+        texts = [g.text for g in self.generate([prompts] if single else list(prompts), **kwargs)]
+        return texts[0] if single else texts
+
+
+class EntailmentPipeline:
+    """Label by likelihood: score each label's continuation after the task prompt.
+
+    score(label) = sum of log-probabilities of the label's tokens (" entailment", ...) after
+    the prompt `mnli hypothesis: {hypothesis} premise: {premise} target:` (the data layer's
+    task template); the scores are turned into probabilities by a softmax over the labels.
+    """
+
+    def __init__(self, model: GPTJ, tokenizer, task: str = "mnli", batch_size: int = 8, adapters=None):
+        import gptj.data as data
+
+        self.model, self.tokenizer, self.batch_size = model, tokenizer, batch_size
+        self.adapters = adapters  # gptj.model.multi_lora.MultiLoRA: `adapter=` of a call chooses one
+        self.task = data.load_task(task)
+        if not self.task.labels:
+            raise ValueError(f"task {self.task.name} has no labels to score")
+        self.labels = list(self.task.labels)
+        self.label_ids = [
+            tokenizer.encode([self.task.target({self.task.label_field: label})])[0] for label in self.labels
+        ]
+
+    @classmethod
+    def from_pretrained(
+        cls, model_dir_or_id: str, tokenizer: str | None = None, precision: str = "auto",
+        device: str | None = None, ctx: ParallelContext | None = None, task: str = "mnli", init_seed: int = 0,
+        quantize: str | None = None, group_size: int = 128, adapter: str | None = None,
+        adapters: dict[str, str] | None = None,
+    ) -> EntailmentPipeline:
+        model, tok = load_model_and_tokenizer(model_dir_or_id, tokenizer, precision, device, ctx, False, init_seed,
+                                              quantize=quantize, group_size=group_size, adapter=adapter)
+        return cls(model, tok, task=task, adapters=attach_named_adapters(model, adapters, ctx))
+
+    def prompt(self, premise: str, hypothesis: str) -> str:
+        return self.task.render_prompt({"premise": premise, "hypothesis": hypothesis, self.task.label_field: ""})
+
+    def label_log_likelihoods(self, prompts: list[list[int]]) -> torch.Tensor:
+        """[N, labels] sum of label-token log-probs after each prompt (fp32, on the CPU), through
+        gptj.execution.inference.scoring: the numbers the server's echo + logprobs gives for the same tokens."""
+        pairs = [(p, c) for p in prompts for c in self.label_ids]
+        sums = continuation_logprobs(self.model, [p for p, _ in pairs], [c for _, c in pairs],
+                                     max_rows=self.batch_size * len(self.labels))
+        return sums.view(len(prompts), len(self.labels))
+
+    def __call__(self, premise, hypothesis=None, adapter: str | None = None):
+        """(premise, hypothesis) -> {"label", "scores"}; two lists (premises, hypotheses) or one
+        list of (premise, hypothesis) pairs -> a list of those. adapter: one of the pipeline's
+        named adapters (None: the base)."""
+        single, pairs = _entailment_pairs(premise, hypothesis)
+        prompts = self.tokenizer.encode([self.prompt(p, h) for p, h in pairs])
+        with using_adapter(self.adapters, adapter):
+            probs = self.label_log_likelihoods(prompts).softmax(-1)
+        out = []
+        for row in probs.tolist():
+            best = max(range(len(row)), key=row.__getitem__)
+            scores = {label: p for label, p in zip(self.labels, row)}
+            out.append({"label": self.labels[best], "scores": scores})
+        return out[0] if single else out
+
+
+def _entailment_pairs(premise, hypothesis) -> tuple[bool, list[tuple[str, str]]]:
+    """(one pair given?, the pairs); wrong shapes are a TypeError, empty texts a ValueError."""
+    usage = ("EntailmentPipeline takes (premise, hypothesis), two lists (premises, hypotheses) "
+             "or one list of (premise, hypothesis) pairs")
+    if isinstance(premise, str) and isinstance(hypothesis, str):
+        single, pairs = True, [(premise, hypothesis)]
+    elif isinstance(premise, (list, tuple)) and isinstance(hypothesis, (list, tuple)):
+        if len(premise) != len(hypothesis):
+            raise ValueError(f"{len(premise)} premises but {len(hypothesis)} hypotheses")
+        single, pairs = False, list(zip(premise, hypothesis))
+    elif isinstance(premise, (list, tuple)) and hypothesis is None:
+        if not all(isinstance(p, (list, tuple)) and len(p) == 2 for p in premise):
+            raise TypeError(f"{usage}; got a list whose items are not (premise, hypothesis) pairs")
+        single, pairs = False, [tuple(p) for p in premise]
+    else:
+        got = type(premise).__name__ + ("" if hypothesis is None else f" and {type(hypothesis).__name__}")
+        raise TypeError(f"{usage}; got {got}")
+    if not pairs:
+        raise ValueError("no (premise, hypothesis) pairs given")
+    for i, (p, h) in enumerate(pairs):
+        for name, text in (("premise", p), ("hypothesis", h)):
+            if not isinstance(text, str):
+                raise TypeError(f"{name} {i} must be a string, got {type(text).__name__}")
+            if not text.strip():
+                raise ValueError(f"{name} {i} is empty")
+    return single, pairs

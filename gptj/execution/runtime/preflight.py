@@ -1,0 +1,111 @@
+"""Checks of user input that run before any work: where results go and which model is meant.
+
+Both command lines call these first, so a bad path or model name costs one line on stderr and
+exit code 2, not a traceback after minutes of loading, training or generating (and never the
+loss of results that were already computed).
+"""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+
+
+class InputError(ValueError):
+    """A path or name from the user that cannot work, explained in one line."""
+
+
+def _nearest_existing(path: Path) -> Path:
+    for candidate in (path, *path.parents):
+        if candidate.exists():
+            return candidate
+    return Path(".")
+
+
+def _check_writable_directory(directory: Path, what: str) -> None:
+    """`directory` exists: it must be a directory in which a file can be created."""
+    if not directory.is_dir():
+        raise InputError(f"{what}: {directory} is a file, not a directory")
+    try:
+        with tempfile.NamedTemporaryFile(dir=directory, prefix=".write-check-"):
+            pass
+    except OSError as err:
+        raise InputError(f"{what}: cannot write in {directory} ({err.strerror or err})") from None
+
+
+def check_output_file(path: str | Path, option: str = "--output") -> Path:
+    """A file that can be written (created with its missing parent directories) later."""
+    path = Path(path).expanduser()
+    what = f"{option} {path}"
+    if path.is_dir():
+        raise InputError(f"{what} is a directory; name a file")
+    if path.exists():
+        try:
+            with path.open("a"):  # appending nothing leaves the file as it is
+                pass
+        except OSError as err:
+            raise InputError(f"{what}: cannot write it ({err.strerror or err})") from None
+        return path
+    _check_writable_directory(_nearest_existing(path.parent), what)
+    return path
+
+
+def check_output_dir(path: str | Path, option: str = "--output-dir") -> Path:
+    """A directory that exists and is writable, or can be created."""
+    path = Path(path).expanduser()
+    what = f"{option} {path}"
+    if path.exists() and not path.is_dir():
+        raise InputError(f"{what} is a file, not a directory")
+    _check_writable_directory(_nearest_existing(path), what)
+    return path
+
+
+def looks_local(name: str) -> bool:
+    """A name meant as a local path: Hub ids are `name` or `org/name` (unless `org` is a local
+    directory, as `runs` in `runs/tiny`)."""
+    if name.startswith(("/", ".", "~")) or name.count("/") > 1:
+        return True
+    return "/" in name and Path(name).parent.is_dir()
+
+
+def resolve_model_source(name_or_path: str, option: str = "--model") -> str:
+    """The model directory behind every accepted `--model` form.
+
+    `random:PRESET` and Hub ids (`org/name`) are returned as they are; a local directory is
+    itself when it holds config.json, or its `hf/` export when it is a run_finetuning.py output
+    directory. A local path that cannot be a model is an InputError naming what is wrong.
+    """
+    name = str(name_or_path)
+    if name.startswith("random:"):
+        return name
+    path = Path(name).expanduser()
+    if path.is_dir():
+        if (path / "config.json").is_file():
+            return str(path)
+        if (path / "hf" / "config.json").is_file():
+            return str(path / "hf")
+        if (path / "checkpoints").is_dir():
+            raise InputError(f"{option} {name}: this run directory has no hf/ export yet (it is "
+                             "written when the run finishes)")
+        raise InputError(f"{option} {name}: no config.json; expected a Hugging Face GPT-J "
+                         "directory or a run_finetuning.py output directory (with hf/)")
+    if path.exists():
+        raise InputError(f"{option} {name} is a file; pass the directory that holds config.json")
+    if looks_local(name):
+        raise InputError(f"{option} {name}: model directory does not exist")
+    return name
+
+
+def check_data_sources(config) -> None:
+    """Every training and evaluation source of a fine-tuning config can be found (files are
+    looked up, nothing is read or downloaded); raises data.DataError naming the missing one."""
+    import gptj.data as data
+    from gptj.data.pipeline import resolve_source
+    from gptj.data.sources import Source
+    from gptj.execution.training.data_loading import eval_sources
+
+    task = data.load_task(config.data.task)
+    Source(resolve_source(task, config.data.dataset), task.train_split)
+    if config.eval.at_end or config.eval.every > 0:
+        for _, source, split in eval_sources(config, task):
+            Source(resolve_source(task, source), split or task.eval_splits[0])

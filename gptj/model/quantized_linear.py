@@ -1,0 +1,431 @@
+"""Weight-only quantization of a linear layer: int8 per output channel, int4 group-wise.
+
+`QuantizedLinear(x) -> y` computes `x @ W^T (+ bias)` for x [..., in_features] with W stored as:
+
+- int8: W[n, k] ~= q[n, k] * scale[n]; q int8 in [-127, 127], one scale per output row
+  (symmetric, scale = max |W[n, :]| / 127).
+- int4: W[n, k] ~= (q[n, k] - 8) * scale[n, j] + zero[n, j] for the group j = k // group_size;
+  q in [0, 15] from the group's min and max (scale = (max - min) / 15, zero = min + 8 * scale).
+  Two values per byte: `qweight[n, k // 2]` holds column 2i in the high nibble, 2i + 1 in the low.
+
+Scales and zero points are rounded to bf16 when the weight is quantized, so the fused kernels
+(which take them in bf16) and `dequantize()` compute with exactly the same weight. The bias is
+added after the matmul, in the activation dtype.
+
+Which kernel runs (measured on CPU, benchmarks/NOTES.md "Weight-only quantization"):
+- CPU, few rows (decode), or fp32 activations: torch's `_weight_int8pack_mm` /
+  `_weight_int4pack_mm_for_cpu`, fed bf16 activations (their fp32 paths are 10-50x slower) and
+  cast back to the activation dtype. With fp32 activations they beat dequantize + fp32 matmul
+  at every row count measured (16 to 1024).
+- CPU, many rows (prefill, scoring) with bf16/fp16 activations: the weight is dequantized to
+  the activation dtype and multiplied by the ordinary matmul, which beats the packed kernels
+  once the matmul stops being bound by reading the weight (int8 in bf16: the int8 values are
+  converted and the product's rows scaled after, `_dequantized_matmul`).
+- CUDA: int4 through `_weight_int4pack_mm` (tinygemm, bf16). int8 as
+  `F.linear(x, q.to(x.dtype)) * scale` (`_int8_cuda_matmul`): run eagerly, the conversion writes
+  the whole weight in bf16 first, so a call reads and writes ~5 bytes a weight, slower than a
+  bf16 weight; only under `torch.compile` with coordinate-descent tuning and ONE row (batch-1
+  decode) does inductor turn the matmul into a reduction that reads the int8 weight directly
+  (~1 byte a weight). Nothing fuses the conversion at more rows.
+
+Every layer records the kernel it prepared (`kernel_name`); a packing the kernel refuses (a
+shape it does not take) falls back to dequantize + matmul with a warning and the reason in
+`kernel_refused`. The packed kernels take a contiguous 2-D input: `forward` makes it so (the
+last position of a [B, S, d] batch, for one, is a strided view).
+
+The persistent buffers (`qweight`, `scales`, `zeros`) are the saved format; kernel-specific
+layouts are built from them, by the loaders while loading (gptj/model/quantized_model.py) or on the first
+call. On CPU the int4 kernel's reordered copy then replaces the stored buffers (the model holds
+each weight once); `dequantize()` and `stored_components()` read the values back from it.
+"""
+
+from __future__ import annotations
+
+import threading
+import warnings
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .int4_cpu_layout import CPU_INT4_BLOCK_ROWS, int4_cpu_pack, int4_cpu_unpack, unpack_int4
+
+BITS = (8, 4)
+GROUP_SIZES = (32, 64, 128, 256)
+# Rows up to which the packed CPU kernels beat dequantize + bf16 matmul (measured, NOTES.md).
+# The int4 kernel's time grows with the rows at about the dequantizing path's slope only past
+# ~128 rows (4096x4096 on 2 Zen 5 cores: 32 rows 15 ms packed vs 59 ms dequantized, 128 rows
+# 55-76 vs 99 ms), so short prompts prefill through it; the int8 kernel loses from ~32 rows on
+# (Sapphire Rapids with AMX, 4096x4096: 32 rows 6.4 ms packed vs 3.3 ms converted + matmul).
+CPU_KERNEL_MAX_ROWS = 16
+CPU_INT4_KERNEL_MAX_ROWS = 128
+# fp32 temporaries of dequantize(): about this many elements at a time (4 MB, cache sized).
+DEQUANTIZE_ELEMENTS = 1 << 20
+# Prefill on CPU: weight elements dequantized into one reused buffer per matmul slice (16 MB bf16).
+PREFILL_WEIGHT_ELEMENTS = 1 << 23
+
+
+class QuantizationError(ValueError):
+    """A quantization setting that cannot work for this weight, explained in words."""
+
+
+@dataclass(frozen=True)
+class QuantSpec:
+    """What to quantize: `bits` 8 or 4, `group_size` (int4 only), and whether lm_head too."""
+
+    bits: int
+    group_size: int = 128
+    quantize_head: bool = True
+
+    @classmethod
+    def parse(cls, name: str | None, group_size: int = 128) -> QuantSpec | None:
+        """'int8' / 'int4' / None -> a spec (None: no quantization)."""
+        if name in (None, "", "none"):
+            return None
+        bits = {"int8": 8, "int4": 4}.get(str(name))
+        if bits is None:
+            raise QuantizationError(f"unknown quantization {name!r}; expected int8 or int4")
+        spec = cls(bits, group_size)
+        spec.check()
+        return spec
+
+    @property
+    def name(self) -> str:
+        return f"int{self.bits}"
+
+    def check(self) -> None:
+        if self.bits not in BITS:
+            raise QuantizationError(f"bits must be 8 or 4, got {self.bits}")
+        if self.bits == 4 and self.group_size not in GROUP_SIZES:
+            raise QuantizationError(
+                f"int4 group size must be one of {', '.join(map(str, GROUP_SIZES))}, got {self.group_size}"
+            )
+
+    def to_dict(self) -> dict:
+        out = {"method": "weight_only", "bits": self.bits, "quantize_head": self.quantize_head}
+        if self.bits == 4:
+            out["group_size"] = self.group_size
+        return out
+
+    @classmethod
+    def from_dict(cls, values: dict) -> QuantSpec:
+        if values.get("method") != "weight_only":
+            raise QuantizationError(f"unknown quantization method {values.get('method')!r}; expected weight_only")
+        spec = cls(int(values["bits"]), int(values.get("group_size", 128)), bool(values.get("quantize_head", True)))
+        spec.check()
+        return spec
+
+
+def _bf16_exact(t: torch.Tensor) -> torch.Tensor:
+    """fp32 values that bf16 represents exactly (what the kernels will see)."""
+    return t.to(torch.bfloat16).float()
+
+
+def quantize_int8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """[N, K] float -> (q int8 [N, K], scale fp32 [N]) with W ~= q * scale[:, None]."""
+    w = weight.float()
+    scale = _bf16_exact(w.abs().amax(dim=1) / 127.0).clamp_min(1e-12)
+    q = torch.round(w / scale[:, None]).clamp_(-127, 127).to(torch.int8)
+    return q, scale
+
+
+def quantize_int4(weight: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """[N, K] float -> (packed uint8 [N, K/2], scale fp32 [N, K/g], zero fp32 [N, K/g])."""
+    n, k = weight.shape
+    if k % group_size:
+        raise QuantizationError(f"int4 group size {group_size} does not divide the input width {k}")
+    w = weight.float().view(n, k // group_size, group_size)
+    low, high = w.amin(dim=-1), w.amax(dim=-1)
+    scale = _bf16_exact((high - low) / 15.0).clamp_min(1e-8)
+    zero = _bf16_exact(low + 8.0 * scale)
+    q = torch.round((w - zero[..., None]) / scale[..., None] + 8.0).clamp_(0, 15).to(torch.uint8)
+    q = q.view(n, k)
+    return (q[:, 0::2] << 4) | q[:, 1::2], scale, zero
+
+
+def _row_block(width: int, elements: int, align: int = CPU_INT4_BLOCK_ROWS) -> int:
+    """Rows of `width` elements to take at a time for about `elements` (a multiple of `align`)."""
+    return max(align, elements // width // align * align)
+
+
+_scratch = threading.local()
+
+
+def _prefill_buffer(numel: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """One buffer per thread, dtype and device, reused by every quantized matmul of a prefill."""
+    buffers = _scratch.__dict__.setdefault("buffers", {})
+    key = (dtype, device)
+    if key not in buffers or buffers[key].numel() < numel:
+        with torch.inference_mode(False):  # a normal tensor: writable in and out of inference mode
+            buffers[key] = torch.empty(numel, dtype=dtype, device=device)
+    return buffers[key][:numel]
+
+
+class QuantizedLinear(nn.Module):
+    """A frozen linear layer with int8 or int4 weights: `forward(x) -> x @ W^T (+ bias)`.
+
+    Build one with `QuantizedLinear.from_weight(weight, bits, group_size)` or from stored
+    components with `QuantizedLinear(bits, qweight, scales, zeros, group_size)`;
+    `dequantize()` gives W [out_features, in_features] back (e.g. to merge an adapter).
+    """
+
+    def __init__(
+        self,
+        bits: int,
+        qweight: torch.Tensor,
+        scales: torch.Tensor,
+        zeros: torch.Tensor | None = None,
+        group_size: int = 0,
+        bias: torch.Tensor | None = None,
+    ):
+        super().__init__()
+        self.bits, self.group_size = bits, group_size if bits == 4 else 0
+        self.out_features = qweight.shape[0]
+        self.in_features = qweight.shape[1] * (2 if bits == 4 else 1)
+        self.register_buffer("qweight", qweight)
+        self.register_buffer("scales", scales.float())
+        if bits == 4:
+            if zeros is None:
+                raise QuantizationError("int4 weights need zero points")
+            self.register_buffer("zeros", zeros.float())
+        self.bias = bias
+        self._kernel, self._kernel_ready = None, False  # built on first use: see prepare_kernel
+        self.kernel_refused: str | None = None  # why the device's kernel refused this weight, if it did
+        self.use_kernels = True  # False: always dequantize + matmul (a training run's frozen base)
+
+    @classmethod
+    def from_weight(
+        cls, weight: torch.Tensor, bits: int, group_size: int = 128, bias: torch.Tensor | None = None
+    ) -> QuantizedLinear:
+        """Quantize a float weight [out_features, in_features] (on its own device)."""
+        if bits == 8:
+            q, scale = quantize_int8(weight)
+            return cls(8, q, scale, bias=bias)
+        if bits == 4:
+            q, scale, zero = quantize_int4(weight, group_size)
+            return cls(4, q, scale, zero, group_size, bias=bias)
+        raise QuantizationError(f"bits must be 8 or 4, got {bits}")
+
+    # ---- kernel layouts --------------------------------------------------------------------
+    def prepare_kernel(self) -> QuantizedLinear:
+        """Build the kernel-specific operands (not saved: rebuilt from qweight/scales/zeros).
+
+        Done on the first call without gradients, or up front by the loaders (before any
+        compilation). Training a frozen base's adapters never builds them: its matmuls use the
+        dequantized weight, and the int4 kernels' packed copy would cost another half byte a weight.
+        """
+        if not self._kernel_ready:
+            self._kernel_ready = True
+            self._build_kernel()
+        return self
+
+    def _build_kernel(self) -> None:
+        device = self.qweight.device
+        if self.bits == 8 and device.type == "cuda":
+            self._build_int8_cuda_kernel()
+        elif self.bits == 8 and device.type == "cpu":
+            self._kernel = "int8_cpu"
+            self.register_buffer("_kernel_scales", self.scales.to(torch.bfloat16), persistent=False)
+        elif self.bits == 4 and device.type == "cpu":
+            self._build_int4_cpu_kernel()
+        elif self.bits == 4 and device.type == "cuda":
+            scales_and_zeros = torch.stack((self.scales.t(), self.zeros.t()), dim=-1)  # [K/g, N, 2]
+            try:
+                packed = torch._convert_weight_to_int4pack(self.qweight.contiguous(), 8)
+            except RuntimeError as error:  # shapes the kernel does not take: dequantize + matmul instead
+                self._refuse_kernel("int4_cuda", error)
+                return
+            self._kernel = "int4_cuda"
+            self.register_buffer("_kernel_weight", packed, persistent=False)
+            self.register_buffer(
+                "_kernel_scales", scales_and_zeros.to(torch.bfloat16).contiguous(), persistent=False
+            )
+
+    def _refuse_kernel(self, kernel: str, error: Exception) -> None:
+        self.kernel_refused = f"{kernel} packing refused [{self.out_features}, {self.in_features}]: {error}"
+        warnings.warn(f"{self.kernel_refused}; this layer dequantizes + multiplies instead", stacklevel=3)
+
+    def _build_int8_cuda_kernel(self) -> None:
+        self._kernel = "int8_cuda"
+        self.register_buffer("_kernel_scales", self.scales.to(torch.bfloat16), persistent=False)
+
+    @property
+    def kernel_name(self) -> str:
+        """The kernel this layer multiplies with once prepared ("dequantize": none)."""
+        return self._kernel or "dequantize"
+
+    def _build_int4_cpu_kernel(self) -> None:
+        """The CPU kernel's operands, which then replace the stored buffers: the values are read
+        back from the kernel's layout, and the scales and zeros (bf16-exact) from its bf16 copy."""
+        packed = int4_cpu_pack(self.qweight)
+        if packed is None:  # shapes or a layout the kernel does not take: dequantize + matmul
+            self._refuse_kernel("int4_cpu", RuntimeError("no int4 CPU layout for this shape"))
+            return
+        scales_and_zeros = torch.stack((self.scales.t(), self.zeros.t()), dim=-1)  # [K/g, N, 2]
+        self._kernel = "int4_cpu"
+        self.register_buffer("_kernel_weight", packed, persistent=False)
+        self.register_buffer("_kernel_scales", scales_and_zeros.to(torch.bfloat16).contiguous(), persistent=False)
+        for name in ("qweight", "scales", "zeros"):
+            del self._buffers[name]
+
+    @property
+    def holds_stored(self) -> bool:
+        """False once the CPU int4 kernel's copy has replaced qweight / scales / zeros."""
+        return "qweight" in self._buffers
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.buffers()).device
+
+    def stored_components(self) -> dict[str, torch.Tensor]:
+        """{"qweight", "scales"(, "zeros")} in the saved format, rebuilt from the kernel's copy
+        when the model no longer holds them."""
+        if self.holds_stored:
+            names = ("qweight", "scales") if self.bits == 8 else ("qweight", "scales", "zeros")
+            return {name: self._buffers[name] for name in names}
+        values = int4_cpu_unpack(self._kernel_weight, 0, self.out_features)
+        scales, zeros = self._int4_scales_zeros(0, self.out_features)
+        return {"qweight": (values[:, 0::2] << 4) | values[:, 1::2], "scales": scales, "zeros": zeros}
+
+    def _int4_values(self, start: int, stop: int) -> torch.Tensor:
+        if self.holds_stored:
+            return unpack_int4(self.qweight[start:stop])
+        return int4_cpu_unpack(self._kernel_weight, start, stop)
+
+    def _int4_scales_zeros(self, start: int, stop: int) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.holds_stored:
+            return self.scales[start:stop], self.zeros[start:stop]
+        both = self._kernel_scales[:, start:stop].float()  # [K/g, rows, 2]
+        return both[..., 0].t(), both[..., 1].t()
+
+    # ---- math --------------------------------------------------------------------------------
+    def dequantize(self, dtype: torch.dtype = torch.float32, rows: tuple[int, int] | None = None,
+                   out: torch.Tensor | None = None) -> torch.Tensor:
+        """The weight the layer multiplies by, [out_features, in_features] (or output `rows`
+        [start, stop)), in `dtype`, written into `out` when given.
+
+        Computed in blocks of about DEQUANTIZE_ELEMENTS, so that the fp32 temporaries stay
+        small beside the result (a 6B model's lm_head would otherwise need 8 bytes a weight).
+        """
+        start, stop = rows or (0, self.out_features)
+        if out is None:
+            out = torch.empty(stop - start, self.in_features, dtype=dtype, device=self.device)
+        step = _row_block(self.in_features, DEQUANTIZE_ELEMENTS)
+        for first in range(start, stop, step):
+            last = min(first + step, stop)
+            target = out[first - start : last - start]
+            if self.bits == 8:  # q * scale rounded once to dtype, written in place (no temporary)
+                target.copy_(self.qweight[first:last]).mul_(self.scales[first:last, None].to(dtype))
+                continue
+            q = self._int4_values(first, last).view(last - first, -1, self.group_size).to(torch.float32)
+            scales, zeros = self._int4_scales_zeros(first, last)
+            q.sub_(8.0).mul_(scales[:, :, None]).add_(zeros[:, :, None])  # (q - 8) * scale + zero
+            target.copy_(q.view(last - first, self.in_features))
+        return out
+
+    def _int8_cuda_matmul(self, x2d: torch.Tensor) -> torch.Tensor:
+        """(x @ q^T) * scale in x's dtype; the scale is per output row, so it can follow the
+        matmul. See the module docstring for what this reads eagerly and compiled."""
+        return F.linear(x2d, self.qweight.to(x2d.dtype)) * self._kernel_scales.to(x2d.dtype)
+
+    def _dequantized_matmul(self, x2d: torch.Tensor) -> torch.Tensor:
+        """x2d @ W^T with W dequantized slice by slice of output rows into one reused buffer:
+        the ordinary matmul's speed for many rows, without a full-size temporary per call.
+
+        int8 with bf16 activations multiplies by the int8 values themselves (exact in bf16) and
+        scales the product's rows after: one conversion pass over the weight instead of a
+        conversion and a multiply (4096 x 4096 on AMX, 32 rows: 3.3 ms against 6.0). The product is
+        rounded to bf16 before the scale, one rounding more than the dequantized weight's; fp16
+        keeps the dequantized weight, whose unscaled product could pass fp16's range."""
+        y = torch.empty(x2d.shape[0], self.out_features, dtype=x2d.dtype, device=x2d.device)
+        step = _row_block(self.in_features, PREFILL_WEIGHT_ELEMENTS)
+        buffer = _prefill_buffer(min(step, self.out_features) * self.in_features, x2d.dtype, x2d.device)
+        scale_after = self.bits == 8 and x2d.dtype == torch.bfloat16
+        for start in range(0, self.out_features, step):
+            stop = min(start + step, self.out_features)
+            weight = buffer[: (stop - start) * self.in_features].view(stop - start, self.in_features)
+            if scale_after:
+                weight.copy_(self.qweight[start:stop])
+            else:
+                self.dequantize(x2d.dtype, rows=(start, stop), out=weight)
+            torch.matmul(x2d, weight.t(), out=y[:, start:stop])
+        return y.mul_(self.scales.to(x2d.dtype)) if scale_after else y
+
+    def _packed_matmul(self, x2d: torch.Tensor) -> torch.Tensor:
+        if self._kernel == "int8_cuda":
+            return self._int8_cuda_matmul(x2d)
+        xb = x2d.to(torch.bfloat16)
+        if self._kernel == "int8_cpu":
+            return torch._weight_int8pack_mm(xb, self.qweight, self._kernel_scales)
+        if self._kernel == "int4_cpu":
+            return torch._weight_int4pack_mm_for_cpu(xb, self._kernel_weight, self.group_size, self._kernel_scales)
+        return torch._weight_int4pack_mm(xb, self._kernel_weight, self.group_size, self._kernel_scales)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x [..., in_features] -> [..., out_features] in x's dtype."""
+        if torch.is_grad_enabled():  # training a frozen base's adapters: x's dtype, both directions
+            y = _FrozenQuantizedMatmul.apply(x, self)
+            return y if self.bias is None else y + self.bias
+        if self.use_kernels:
+            self.prepare_kernel()
+        rows = x.numel() // self.in_features
+        use_kernel = self._kernel is not None and (
+            self._kernel.endswith("_cuda") or rows <= CPU_KERNEL_MAX_ROWS or x.dtype == torch.float32
+            or (self._kernel == "int4_cpu" and rows <= CPU_INT4_KERNEL_MAX_ROWS)
+        )
+        if use_kernel:  # the packed kernels need a contiguous 2-D input
+            y = self._packed_matmul(x.reshape(rows, self.in_features).contiguous()).to(x.dtype)
+            y = y.view(*x.shape[:-1], self.out_features)
+        elif x.device.type == "cpu":
+            y = self._dequantized_matmul(x.reshape(rows, self.in_features)).view(*x.shape[:-1], self.out_features)
+        else:
+            y = F.linear(x, self.dequantize(x.dtype))
+        return y if self.bias is None else y + self.bias
+
+    def extra_repr(self) -> str:
+        group = f", group_size={self.group_size}" if self.bits == 4 else ""
+        return f"int{self.bits}, in_features={self.in_features}, out_features={self.out_features}{group}"
+
+    def decode_bytes(self) -> int:
+        """Bytes one call with few rows reads: the packed kernel's operands, or the stored form."""
+        self.prepare_kernel()
+        kernel = [b for n, b in self.named_buffers() if n.startswith("_kernel")]
+        if self._kernel in ("int8_cpu", "int8_cuda"):  # read as stored (int8_cuda: compiled, one row)
+            kernel.append(self.qweight)
+        return sum(b.numel() * b.element_size() for b in kernel) if self._kernel else self.nbytes()
+
+    def nbytes(self) -> int:
+        """Bytes of the saved quantized weight (qweight + scales + zeros, as stored: fp32 scales)."""
+        n, k = self.out_features, self.in_features
+        if self.bits == 8:
+            return n * k + n * 4
+        return n * k // 2 + 2 * n * (k // self.group_size) * 4
+
+    def resident_bytes(self) -> int:
+        """Bytes this layer holds now (stored buffers and kernel copies)."""
+        return sum(b.numel() * b.element_size() for b in self.buffers())
+
+
+class _FrozenQuantizedMatmul(torch.autograd.Function):
+    """y = x @ W^T with the gradient to x only (W is frozen). The dequantized W is a temporary
+    in both directions, never saved for backward: keeping it would hold a full-precision copy
+    of every quantized weight until the backward pass, undoing the memory quantization saves.
+    Both directions compute in x's dtype with exactly the weight `dequantize()` gives."""
+
+    @staticmethod
+    def forward(ctx, x, layer):
+        ctx.layer = layer
+        return F.linear(x, layer.dequantize(x.dtype))
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad @ ctx.layer.dequantize(grad.dtype), None
+
+
+def linear(x: torch.Tensor, weight, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """x @ weight^T (+ bias), where `weight` is a tensor or a QuantizedLinear."""
+    if isinstance(weight, torch.Tensor):
+        return F.linear(x, weight, bias)
+    y = weight(x)
+    return y if bias is None else y + bias

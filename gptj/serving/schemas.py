@@ -1,0 +1,184 @@
+"""Request bodies of the OpenAI API (unknown fields are accepted and ignored) and their checks."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, field_validator
+
+from gptj.execution.inference.sampling import SamplingParams
+
+from .errors import bad_request
+
+MAX_LOGPROBS = 5
+
+
+def unencodable_text(value) -> str | None:
+    """Why `value` (or a string inside it) cannot be UTF-8 text, e.g. a lone surrogate; None when it can."""
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError as err:
+            return f"holds {value[err.start]!r} at character {err.start}, which is not valid Unicode text"
+        return None
+    parts = value.values() if isinstance(value, dict) else value if isinstance(value, (list, tuple)) else ()
+    return next((reason for reason in map(unencodable_text, parts) if reason), None)
+
+
+class _Body(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    # JSON may carry "\ud800" (a lone surrogate), which no tokenizer can encode: every text field
+    # (prompt, messages, stop, ...) is refused with a 400 naming it.
+    @field_validator("*", mode="after")
+    @classmethod
+    def _encodable_text(cls, value):
+        reason = unencodable_text(value)
+        if reason:
+            raise ValueError(reason)
+        return value
+
+
+class StreamOptions(_Body):
+    include_usage: bool = False
+
+
+class SamplingFields(_Body):
+    model: str | None = None
+    temperature: float | None = None
+    top_p: float | None = None
+    top_k: int | None = None
+    n: int = 1
+    stop: str | list[str] | None = None
+    seed: int | None = None
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    ignore_eos: bool = False  # an extension (as in vLLM): generate exactly max_tokens tokens
+
+    @property
+    def include_usage(self) -> bool:
+        return bool(self.stream_options and self.stream_options.include_usage)
+
+    def stop_strings(self) -> list[str]:
+        stops = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
+        return [s for s in stops if s]
+
+    def sampling(self, defaults) -> SamplingParams:
+        """SamplingParams from the request, fields left out from `defaults` (a GenerationSection)."""
+        temperature = defaults.temperature if self.temperature is None else self.temperature
+        top_p = defaults.top_p if self.top_p is None else self.top_p
+        top_k = defaults.top_k if self.top_k is None else self.top_k
+        if temperature < 0:
+            raise bad_request(f"temperature must be >= 0, got {temperature}", "temperature")
+        if not 0.0 < top_p <= 1.0:
+            raise bad_request(f"top_p must be in (0, 1], got {top_p}", "top_p")
+        if top_k < -1:
+            raise bad_request(f"top_k must be >= 0 (or -1 for no limit), got {top_k}", "top_k")
+        return SamplingParams(temperature=temperature, top_k=max(top_k, 0), top_p=top_p)
+
+    def check_n(self, limit: int) -> None:
+        if not 1 <= self.n <= limit:
+            raise bad_request(f"n must be in [1, {limit}], got {self.n}", "n")
+
+
+class CompletionRequest(SamplingFields):
+    prompt: str | list[str] | list[int] | list[list[int]]
+    max_tokens: int | None = 16
+    logprobs: int | None = None
+    echo: bool = False
+
+
+class ChatMessage(_Body):
+    role: str
+    content: str | list[dict[str, Any]] | None = None
+
+
+class ChatCompletionRequest(SamplingFields):
+    messages: list[ChatMessage]
+    max_tokens: int | None = None
+    max_completion_tokens: int | None = None
+    logprobs: bool = False
+    top_logprobs: int | None = None
+
+
+class EntailmentPair(_Body):
+    premise: str
+    hypothesis: str
+
+
+def check_logprobs(value: int | None, param: str) -> int | None:
+    if value is not None and not 0 <= value <= MAX_LOGPROBS:
+        raise bad_request(f"{param} must be in [0, {MAX_LOGPROBS}], got {value}", param)
+    return value
+
+
+def check_max_tokens(value: int | None, param: str) -> None:
+    if value is not None and value < 1:
+        raise bad_request(f"{param} must be >= 1, got {value}", param)
+
+
+def prompt_token_ids(prompt, encode, vocab_size: int) -> list[list[int]]:
+    """The prompt field (a string, strings, token ids, or lists of token ids) as token id lists."""
+    if isinstance(prompt, str):
+        prompts = [prompt]
+    elif prompt and all(isinstance(p, int) for p in prompt):
+        prompts = [list(prompt)]
+    else:
+        prompts = list(prompt)
+    if not prompts:
+        raise bad_request("prompt is empty", "prompt")
+    texts = [i for i, p in enumerate(prompts) if isinstance(p, str)]
+    encoded = encode([prompts[i] for i in texts]) if texts else []
+    ids = [list(p) if not isinstance(p, str) else None for p in prompts]
+    for i, tokens in zip(texts, encoded):
+        ids[i] = tokens
+    for i, tokens in enumerate(ids):
+        where = "prompt" if len(ids) == 1 else f"prompt[{i}]"
+        if not tokens:
+            raise bad_request(f"{where} is empty", "prompt")
+        bad = [t for t in tokens if not 0 <= t < vocab_size]
+        if bad:
+            raise bad_request(f"{where} holds token id {bad[0]} outside the vocabulary of {vocab_size}", "prompt")
+    return ids
+
+
+def check_context(prompt_tokens: int, max_tokens: int, context: int, where: str = "prompt") -> None:
+    total = prompt_tokens + max_tokens
+    if total > context:
+        raise bad_request(
+            f"this model's context is {context} tokens, but {where} has {prompt_tokens} tokens and "
+            f"max_tokens is {max_tokens} ({total} in total); shorten the prompt or lower max_tokens",
+            "max_tokens", "context_length_exceeded",
+        )
+
+
+class TokenizeRequest(_Body):
+    """POST /tokenize (vLLM's shape); the tokenizer adds no special tokens either way."""
+
+    model: str | None = None
+    prompt: str
+    add_special_tokens: bool = True
+    return_token_strs: bool = False
+
+
+class DetokenizeRequest(_Body):
+    model: str | None = None
+    tokens: list[int]
+
+
+class LoadAdapterRequest(_Body):
+    """POST /v1/load_lora_adapter (vLLM's shape): a PEFT adapter directory served as `lora_name`."""
+
+    lora_name: str
+    lora_path: str
+
+
+class UnloadAdapterRequest(_Body):
+    lora_name: str
+
+
+def check_completion_max_tokens(value: int | None, echo: bool) -> None:
+    """max_tokens >= 1, or 0 with echo: score the prompt without generating."""
+    if value == 0 and echo:
+        return
+    check_max_tokens(value, "max_tokens")

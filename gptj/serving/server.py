@@ -1,0 +1,259 @@
+"""Load the model, start the engine thread, run uvicorn; tensor-parallel followers.
+
+Before anything is loaded the model and adapter paths are checked and the port is bound, so a
+typo or a busy port costs one line, not a model load. Rank 0 then answers HTTP at once:
+/health says 503 while the model loads (in a background thread) and 200 when the engine runs. Other tensor-parallel ranks load their shards and follow rank
+0's steps (`serving.engine_loop.follow`) until rank 0 stops.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno
+import signal
+import socket
+import threading
+import time
+import traceback
+from pathlib import Path
+
+import torch
+
+from gptj.execution.inference.kv_budget import CacheBudget, available_memory, server_budget
+from gptj.execution.inference.pipelines import EntailmentPipeline, kv_cache_dtype_of, load_model_and_tokenizer
+from gptj.execution.inference.request_engine import RequestEngine
+from gptj.execution.runtime.defaults import resolve_threads
+from gptj.execution.runtime.distributed import gather_ints
+from gptj.execution.runtime.preflight import InputError, resolve_model_source
+from gptj.execution.training.loss_scaling import dtype_name
+from gptj.model.kv_cache import kv_bytes_per_token, model_cache_dtype
+
+from .adapter_slots import AdapterSlots, adapter_limit
+from .app import ServerState, create_app
+from .engine_loop import EngineLoop, StepSync, follow
+
+
+def model_name(config) -> str:
+    return config.server.served_model_name or config.model.name_or_path or f"random:{config.model.preset}"
+
+
+def load(config, ctx=None, device=None):
+    """(RequestEngine, tokenizer, EntailmentPipeline, AdapterSlots) for this rank, through
+    load_model_and_tokenizer."""
+    m, server = config.model, config.server
+    model, tokenizer = load_model_and_tokenizer(
+        m.name_or_path or f"random:{m.preset}", m.tokenizer, m.precision, device, ctx, m.offload_weights,
+        m.init_seed, quantize=m.quantize, group_size=m.group_size, adapter=m.adapter,
+    )
+    # "auto" settings become what was chosen for this machine and model (torch's thread count
+    # is process-wide, so the engine thread gets it too).
+    adapters = None
+    if adapter_limit(config):  # adapters by name, now or loaded later: the unmerged base serves them
+        from gptj.model.multi_lora import load_adapters
+
+        adapters = load_adapters(m.adapters, model, ctx)
+    threads = resolve_threads(m.threads, model.config)
+    if threads:
+        torch.set_num_threads(threads)
+    m.threads = torch.get_num_threads()
+    m.precision = dtype_name(model.embed.weight.dtype)
+    cache_dtype = kv_cache_dtype_of(m.kv_cache_dtype)
+    budget = cache_budget(model, server, cache_dtype, ctx)
+    engine = RequestEngine(model, server.max_batch_size, tokenizer.eos_id, server.max_model_len,
+                           decode=tokenizer.decode, compile_decode=m.compile,
+                           prefill_multiple=server.prefill_multiple,
+                           cache_dtype=cache_dtype, adapters=adapters, cache_budget=budget)
+    slots = AdapterSlots(engine, ctx, adapter_limit(config))
+    return engine, tokenizer, EntailmentPipeline(model, tokenizer, batch_size=server.max_batch_size), slots
+
+
+def cache_budget(model, server, cache_dtype, ctx=None) -> CacheBudget:
+    """The KV cache budget: `server.memory_utilization` of the memory left now that the weights
+    are loaded. Every tensor-parallel rank takes the same (the smallest rank's), so all ranks
+    admit the same requests; CPU ranks share one machine's memory, so each takes its part."""
+    device = model.embed.weight.device
+    available = available_memory(device)
+    ranks = ctx.world_size if ctx is not None else 1
+    if ranks > 1:
+        available = min(row[0] for row in gather_ints([available], "KV cache budget"))
+        if device.type == "cpu":
+            available //= ranks
+    dtype = model_cache_dtype(model, cache_dtype)
+    budget, line = server_budget(kv_bytes_per_token(model, dtype), server.max_batch_size,
+                                 server.max_model_len or model.config.max_positions, available,
+                                 server.memory_utilization, dtype_name=dtype_name(dtype))
+    if ctx is None or ctx.is_main:
+        print(line, flush=True)
+    return budget
+
+
+def build_app(config, ctx=None, device=None, on_load_error=None):
+    """(FastAPI app, ServerState): the app loads the model in the background when it starts."""
+    state = ServerState(config, model_name(config), adapters=list(config.model.adapters))
+    app = create_app(state)
+
+    def load_in_background(aloop):
+        try:
+            engine, tokenizer, entailment, slots = load(config, ctx, device)
+            loop = EngineLoop(engine, state.metrics, config.server.max_queue, entailment, StepSync(ctx), slots,
+                              state.model_name)
+            state.tokenizer, state.entailment, state.loop = tokenizer, entailment, loop
+            state.max_model_len, state.vocab_size = engine.max_length, engine.vocab_size
+            loop.start(aloop)
+            state.ready = True
+            if ctx is None or ctx.is_main:
+                print(f"ready: {state.model_name}, precision {config.model.precision}, "
+                      f"{config.model.threads} threads, {engine.max_batch_size} rows x {engine.max_length} tokens",
+                      flush=True)
+        except Exception as err:  # noqa: BLE001 - reported by /health and every route
+            state.load_error = str(err) if isinstance(err, ValueError) else f"{type(err).__name__}: {err}"
+            if not isinstance(err, ValueError):
+                traceback.print_exc()
+            if on_load_error is not None:
+                on_load_error()
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app):
+        loader = threading.Thread(target=load_in_background, args=(asyncio.get_running_loop(),),
+                                  name="model-loader", daemon=True)
+        loader.start()
+        yield
+        loader.join()
+        if state.loop is not None:
+            state.loop.stop()
+
+    app.router.lifespan_context = lifespan
+    return app, state
+
+
+def check_model_paths(config) -> None:
+    """The model and adapter paths can be found (nothing is read): an InputError otherwise."""
+    m = config.model
+    if m.name_or_path:
+        resolve_model_source(m.name_or_path, "--model")
+    named = [("--adapter", m.adapter)] if m.adapter else []
+    named += [(f"--adapter {name}=", path) for name, path in m.adapters.items()]
+    for option, path in named:
+        if not Path(path).expanduser().is_dir():
+            raise InputError(f"{option}{'' if option.endswith('=') else ' '}{path}: adapter directory does not exist")
+
+
+def listen_socket(host: str, port: int) -> socket.socket:
+    """A socket bound to host:port (port 0: a free one), or an InputError naming the address."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn does: TIME_WAIT is no obstacle
+    try:
+        sock.bind((host, port))
+    except OSError as err:
+        sock.close()
+        raise InputError(f"cannot listen on {host}:{port}: {err.strerror or err}"
+                         + (" (another server there? pick another --port)" if err.errno == errno.EADDRINUSE else "")) from None
+    return sock
+
+
+def show_request_log(log_level: str) -> None:
+    """The request log (serving.engine_loop.REQUEST_LOG) on stderr at uvicorn's --log-level."""
+    import logging
+
+    from .engine_loop import REQUEST_LOG
+
+    if REQUEST_LOG.handlers:  # already shown (a second server in this process)
+        return
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter("%(levelname)s:     %(message)s"))
+    REQUEST_LOG.addHandler(handler)
+    REQUEST_LOG.setLevel(log_level.upper())
+    REQUEST_LOG.propagate = False
+
+
+def uvicorn_server(app, host: str, port: int, log_level: str = "warning", on_started=None):
+    """A uvicorn server; `on_started()` runs once it accepts connections."""
+    import uvicorn
+
+    class Server(uvicorn.Server):
+        async def startup(self, sockets=None):
+            await super().startup(sockets)
+            if self.started and on_started is not None:
+                on_started()
+
+    return Server(uvicorn.Config(app, host=host, port=port, log_level=log_level, timeout_keep_alive=30))
+
+
+def serve(config, ctx=None, device=None, log_level: str = "info") -> int:
+    """Run until stopped (Ctrl-C / SIGTERM on rank 0)."""
+    check_model_paths(config)
+    if ctx is not None and not ctx.is_main:
+        # A follower stops when rank 0 says so (after its last step), not on the launcher's
+        # Ctrl-C / SIGTERM, which would cut rank 0's last broadcast.
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        engine, _, entailment, slots = load(config, ctx, device)
+        follow(engine, entailment, StepSync(ctx), slots)
+        return 0
+    sock = listen_socket(config.server.host, config.server.port)
+    host, port = config.server.host, sock.getsockname()[1]
+    server = None
+
+    def give_up():
+        server.should_exit = True
+
+    def announce():
+        print(f"serving on http://{host}:{port}/v1", flush=True)
+
+    show_request_log(log_level)
+    app, state = build_app(config, ctx, device, on_load_error=give_up)
+    server = uvicorn_server(app, host, port, log_level, on_started=announce)
+    try:
+        server.run(sockets=[sock])
+    finally:
+        sock.close()
+    if state.load_error:
+        raise ValueError(state.load_error)  # bad input (a missing model...) -> one line, exit 2
+    return 0
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+class ServerThread:
+    """A server in a thread of this process (tests, benchmarks): `with ServerThread(config) as s: s.url`."""
+
+    def __init__(self, config, ready_timeout: float = 120.0):
+        if config.server.port == 0:
+            config.server.port = free_port(config.server.host)
+        self.config, self.ready_timeout = config, ready_timeout
+        self.app, self.state = build_app(config)
+        self.server = uvicorn_server(self.app, config.server.host, config.server.port)
+        self.thread = threading.Thread(target=self.server.run, name="uvicorn", daemon=True)
+        self.threads = torch.get_num_threads()
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.config.server.host}:{self.config.server.port}"
+
+    def start(self) -> ServerThread:
+        self.thread.start()
+        deadline = time.monotonic() + self.ready_timeout
+        while not (self.state.ready and self.server.started):
+            if self.state.load_error:
+                raise RuntimeError(f"server failed to load: {self.state.load_error}")
+            if time.monotonic() > deadline or not self.thread.is_alive():
+                raise RuntimeError("server did not start")
+            time.sleep(0.02)
+        return self
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(30)
+        torch.set_num_threads(self.threads)
+
+    def __enter__(self) -> ServerThread:
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
