@@ -1,4 +1,10 @@
-"""Request bodies of the OpenAI API (unknown fields are accepted and ignored) and their checks."""
+"""Request bodies of the OpenAI API and their checks.
+
+Fields are read strictly: `"max_tokens": "3"` or `true` is a 400, not a 3 or a 1, and a float
+must be finite (JSON's NaN and Infinity are refused). OpenAI fields this server does not
+implement (`UNSUPPORTED`) are a 400 naming the field unless they hold their neutral value;
+fields OpenAI does not define are accepted and ignored.
+"""
 
 from __future__ import annotations
 
@@ -26,7 +32,7 @@ def unencodable_text(value) -> str | None:
 
 
 class _Body(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="ignore", strict=True, allow_inf_nan=False)
 
     # JSON may carry "\ud800" (a lone surrogate), which no tokenizer can encode: every text field
     # (prompt, messages, stop, ...) is refused with a 400 naming it.
@@ -43,6 +49,29 @@ class StreamOptions(_Body):
     include_usage: bool = False
 
 
+def _empty(value) -> bool:
+    return not value
+
+
+def _zero(value) -> bool:
+    return value == 0
+
+
+# OpenAI fields that would change the answer, and the values that do not (what "not set" means).
+UNSUPPORTED = {
+    "presence_penalty": _zero,
+    "frequency_penalty": _zero,
+    "logit_bias": _empty,
+    "tools": _empty,
+    "functions": _empty,
+    "tool_choice": lambda value: value in (None, "none", "auto"),
+    "function_call": lambda value: value in (None, "none", "auto"),
+    "response_format": lambda value: value in (None, {"type": "text"}),
+    "suffix": _empty,
+    "best_of": lambda value: value in (None, 1),
+}
+
+
 class SamplingFields(_Body):
     model: str | None = None
     temperature: float | None = None
@@ -54,6 +83,23 @@ class SamplingFields(_Body):
     stream: bool = False
     stream_options: StreamOptions | None = None
     ignore_eos: bool = False  # an extension (as in vLLM): generate exactly max_tokens tokens
+    presence_penalty: Any = None
+    frequency_penalty: Any = None
+    logit_bias: Any = None
+    tools: Any = None
+    functions: Any = None
+    tool_choice: Any = None
+    function_call: Any = None
+    response_format: Any = None
+    suffix: Any = None
+    best_of: Any = None
+
+    @field_validator(*UNSUPPORTED, mode="after")
+    @classmethod
+    def _unsupported(cls, value, info):
+        if not UNSUPPORTED[info.field_name](value):
+            raise ValueError(f"is not supported by this server (got {value!r}); leave it out")
+        return value
 
     @property
     def include_usage(self) -> bool:
