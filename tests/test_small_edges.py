@@ -1,6 +1,6 @@
 """Small things a new user meets: the printed config names the output directory used, a run of
 one token per prompt has no decode rate, error lines name the way out (the option, the columns
-there are), the machine line says what `auto` chose, and README says what the code does."""
+there are), the machine line says what `auto` chose, and the docs say what the code does."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ import gptj.data as data
 from gptj.execution.runtime.defaults import auto_choices
 from gptj.model import ModelConfig
 
-README = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+DOCS = Path(__file__).resolve().parents[1] / "docs"
 
 
 def config_of(*argv):
@@ -67,8 +67,9 @@ def test_run_inference_prints_the_choice(capsys):
     assert machine.endswith("; auto chose fp32 and 1 thread for a small model (0.5 M matmul weights, under 2 M)")
 
 
-def test_readme_benchmarks_paragraph_once_and_options_named():
-    assert README.count("The parts run alone too") == 1 and "\nbest step time." not in README
-    assert re.search(r"^\| `--group-size N` \| `model.group_size` \|", README, flags=re.M)
-    assert "eval.max_examples" in README
-    assert "With a real GPT-2 tokenizer the same preset" in README  # tiny is fp32 only with its own tokenizer
+def test_docs_benchmarks_paragraph_once_and_options_named():
+    benchmarks, fine_tuning = (DOCS / "benchmarks.md").read_text(), (DOCS / "fine-tuning.md").read_text()
+    assert benchmarks.count("The parts run alone too") == 1 and "\nbest step time." not in benchmarks
+    assert re.search(r"^\| `--group-size N` \| `model.group_size` \|", fine_tuning, flags=re.M)
+    assert "eval.max_examples" in (DOCS / "tasks.md").read_text()
+    assert "With a real GPT-2 tokenizer the same preset" in fine_tuning  # tiny is fp32 only with its own tokenizer
