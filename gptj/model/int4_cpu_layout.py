@@ -32,7 +32,7 @@ def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
 # nibble and row B / 2 + j in the high one; the rows after the last full block become [K, rest / 2]
 # bytes, rows 2i (low) and 2i + 1 (high). A block's bytes depend on that block alone, so the values
 # read back from any block-aligned rows. The full blocks are rearranged here from the stored bytes
-# directly (nibble masks and one byte transpose, no int32 copy of the values: ~8x faster than
+# directly (nibble masks and one byte transpose, no int32 copy of the values: far faster than
 # torch's converter, which a 6B model's load would otherwise spend most of its time in); the short
 # tail goes through torch's converter. A probe finds B once per process; where neither candidate
 # reads back what torch packed, the kernel is not used.

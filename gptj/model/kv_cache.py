@@ -35,8 +35,8 @@ class _LayerCache:
     def update(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         owner = self.owner
         if owner.phase == "decode":
-            # index_put_ rather than scatter_: the same write, but bf16 scatter_ is ~100x slower
-            # on CPU (measured 1 ms vs 0.01 ms for one [16, 8, 1, 64] write).
+            # index_put_ rather than scatter_: the same write, but bf16 scatter_ is far slower
+            # on CPU (NOTES.md, "Numbers behind code comments").
             index = owner.write_index  # (row, head, slot), each [B, H], shared by every layer
             self.keys.index_put_(index, k[:, :, 0].to(self.keys.dtype))
             self.values.index_put_(index, v[:, :, 0].to(self.values.dtype))
@@ -61,10 +61,10 @@ class _LayerCache:
 def cache_dtype(activation_dtype: torch.dtype, device: torch.device) -> torch.dtype:
     """The dtype keys and values are cached in: the activations' own, except bf16 / fp16 on a
     CPU where torch's attention has no native bf16 path, cached in fp32. There a one-token query
-    over a bf16 cache with a mask is 4-7x slower than over fp32 (NOTES.md, "Serving"); the
+    over a bf16 cache with a mask is several times slower than over fp32 (NOTES.md, "Serving"); the
     cached values are the bf16 ones, exactly, and the attention computes in fp32 either way, at
-    twice the cache memory. With AMX tiles the bf16 cache is the faster one (0.4-0.9x fp32's
-    time at GPT-J 6B's and bench-small's head shapes, NOTES.md) and half the memory."""
+    twice the cache memory. With AMX tiles the bf16 cache is the faster one (at GPT-J 6B's and
+    bench-small's head shapes, NOTES.md) and half the memory."""
     if device.type != "cpu" or activation_dtype not in (torch.bfloat16, torch.float16):
         return activation_dtype
     if activation_dtype == torch.bfloat16 and native_bf16_attention():

@@ -35,11 +35,11 @@ from torch import nn
 from .lora import ROW_PARALLEL, TARGETS, LoraAdapters, LoraConfigError, target_dims
 
 NO_ADAPTER = 0  # the row index of "the base alone"
-# Up to this many loaded adapters the deltas take the dense path. benchmarks/bench_multi_lora.py
-# at bench-small's width (rank 8, bf16, one thread): decoding 16 rows, dense is 3.3x faster than
-# the gather at 4 adapters, 2.7x at 8, 1.9x at 16, even at 32; a 64-token prefill breaks even at
-# 4 and runs 0.6-0.8x at 8. Decode steps are most of serving's delta time (64 per request against
-# one prefill), so 8 keeps the decode gain while the prefill loss stays small.
+# Up to this many loaded adapters the deltas take the dense path. In decode the dense path beats
+# the per-row gather up to 16 adapters and breaks even near 32, while a prefill loses a little
+# from 8 on (benchmarks/bench_multi_lora.py; numbers in NOTES.md). Decode steps are most of
+# serving's delta time (64 per request against one prefill), so 8 keeps the decode gain while the
+# prefill loss stays small.
 DENSE_MAX_ADAPTERS = 8
 
 

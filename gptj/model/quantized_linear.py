@@ -14,7 +14,7 @@ added after the matmul, in the activation dtype.
 
 Which kernel runs (measured on CPU, benchmarks/NOTES.md "Weight-only quantization"):
 - CPU, few rows (decode), or fp32 activations: torch's `_weight_int8pack_mm` /
-  `_weight_int4pack_mm_for_cpu`, fed bf16 activations (their fp32 paths are 10-50x slower) and
+  `_weight_int4pack_mm_for_cpu`, fed bf16 activations (their fp32 paths are far slower) and
   cast back to the activation dtype. With fp32 activations they beat dequantize + fp32 matmul
   at every row count measured (16 to 1024).
 - CPU, many rows (prefill, scoring) with bf16/fp16 activations: the weight is dequantized to
@@ -53,11 +53,10 @@ from .int4_cpu_layout import CPU_INT4_BLOCK_ROWS, int4_cpu_pack, int4_cpu_unpack
 
 BITS = (8, 4)
 GROUP_SIZES = (32, 64, 128, 256)
-# Rows up to which the packed CPU kernels beat dequantize + bf16 matmul (measured, NOTES.md).
-# The int4 kernel's time grows with the rows at about the dequantizing path's slope only past
-# ~128 rows (4096x4096 on 2 Zen 5 cores: 32 rows 15 ms packed vs 59 ms dequantized, 128 rows
-# 55-76 vs 99 ms), so short prompts prefill through it; the int8 kernel loses from ~32 rows on
-# (Sapphire Rapids with AMX, 4096x4096: 32 rows 6.4 ms packed vs 3.3 ms converted + matmul).
+# Rows up to which the packed CPU kernels beat dequantize + bf16 matmul (measured: NOTES.md,
+# "Numbers behind code comments"). The int4 kernel's time grows with the rows at about the
+# dequantizing path's slope only past ~128 rows, so short prompts prefill through it; the int8
+# kernel loses to converting its values + one matmul from ~32 rows on.
 CPU_KERNEL_MAX_ROWS = 16
 CPU_INT4_KERNEL_MAX_ROWS = 128
 # fp32 temporaries of dequantize(): about this many elements at a time (4 MB, cache sized).
@@ -335,7 +334,7 @@ class QuantizedLinear(nn.Module):
 
         int8 with bf16 activations multiplies by the int8 values themselves (exact in bf16) and
         scales the product's rows after: one conversion pass over the weight instead of a
-        conversion and a multiply (4096 x 4096 on AMX, 32 rows: 3.3 ms against 6.0). The product is
+        conversion and a multiply (faster from 32 rows on, NOTES.md). The product is
         rounded to bf16 before the scale, one rounding more than the dequantized weight's; fp16
         keeps the dequantized weight, whose unscaled product could pass fp16's range."""
         y = torch.empty(x2d.shape[0], self.out_features, dtype=x2d.dtype, device=x2d.device)

@@ -28,8 +28,8 @@ class ModelSection:
     tensor_parallel: int = 1
     offload_weights: bool = False  # keep block weights in host memory, stream them per block
     compile: bool = False  # torch.compile the decode step (CUDA graphs on GPU)
-    # KV cache dtype. auto: the model's, except fp32 for bf16/fp16 models on CPU (4-7x faster
-    # attention there, twice the memory: gptj/model/kv_cache.py); or fp32 / bf16 / fp16.
+    # KV cache dtype. auto: the model's, except fp32 for bf16/fp16 models on CPUs without AMX
+    # (faster attention there, twice the memory: gptj/model/kv_cache.py); or fp32 / bf16 / fp16.
     kv_cache_dtype: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     # CPU threads for torch. auto: 1 for tiny models (each op is too small to split), else the
     # physical cores shared among this machine's processes; 0: torch's default.

@@ -7,10 +7,10 @@ AVX512-BF16 (benchmarks/NOTES.md, "Machine-dependent defaults"):
 
 - models under SMALL_MODEL_MATMUL_WEIGHTS (the `tiny` preset) train and decode faster on one
   thread: each op is too small to split, and a second thread only adds a barrier per op. Larger
-  models (bench-small: d 512, 8 layers) are up to 1.9x faster on every physical core. SMT
+  models (bench-small: d 512, 8 layers) are faster on every physical core. SMT
   siblings are not counted: they share the core's matmul units.
-- bf16 matmuls run 4-5x faster than fp32 where the CPU has AMX-BF16 or AVX512-BF16; without
-  them they fall to a reference kernel ~35x slower than fp32, and fp16 matmuls have no fast
+- bf16 matmuls run several times faster than fp32 where the CPU has AMX-BF16 or AVX512-BF16;
+  without them they fall to a reference kernel far slower than fp32, and fp16 matmuls have no fast
   CPU kernel at all. Small models stay in fp32: their steps take milliseconds either way, and
   fp32 keeps their results exact and the same on every machine.
 """

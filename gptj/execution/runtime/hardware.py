@@ -16,7 +16,7 @@ import torch
 
 # CPU flags (as /proc/cpuinfo and torch.cpu.get_capabilities() spell them) whose presence means
 # oneDNN runs bf16 matmuls natively. Without one of them a bf16 matmul falls to a reference
-# kernel that is 10-100x slower than fp32.
+# kernel far slower than fp32 (NOTES.md, "Numbers behind code comments").
 BF16_FLAGS = ("amx_bf16", "avx512_bf16")
 
 

@@ -19,9 +19,9 @@ checksum meta.json records, so damaged weights are never loaded silently. Nothin
 unpickled.
 
 xxh3-128 (a non-cryptographic 128-bit hash) guards against accidents (truncation, bit rot, a
-stray write), not against tampering; it runs at memory speed (about 20 GB/s on one core,
-against 4 GB/s for zlib's crc32 and 1.9 GB/s for SHA-256), so checking a multi-GB shard costs
-about as much as reading it.
+stray write), not against tampering; it runs at memory speed (several times zlib's crc32 and
+SHA-256; benchmarks/NOTES.md, "Checkpoint checksums"), so checking a multi-GB shard costs about
+as much as reading it.
 """
 
 from __future__ import annotations
