@@ -194,7 +194,7 @@ def _summarise(rounds: list[dict], config, seq: int) -> dict:
 
 
 # Seconds one configuration may take (a fresh process: start, build, warm-up and timed steps).
-# bf16 on a CPU without AMX-BF16 / AVX512-BF16 runs ~35x slower than fp32; it is reported as
+# bf16 on a CPU without AMX-BF16 / AVX512-BF16 runs far slower than fp32 (NOTES.md); it is reported as
 # "timed out after N s" instead of holding up the whole benchmark.
 TIME_LIMIT_S = {"quick": 120.0, "full": 300.0}
 

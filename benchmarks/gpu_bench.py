@@ -360,7 +360,7 @@ def _hf_decode(batch: int, cost: float) -> Row:
 
 def plan_rows(smoke: bool, on_cuda: bool) -> list[Row]:
     """Every row in run order: the headline rows first, then the rest by value for time."""
-    if smoke:  # CPU: one compiled configuration (a cold inductor compile is ~30 s on 2 cores)
+    if smoke:  # CPU: one compiled configuration (a cold inductor compile is slow: NOTES.md, "GPU benchmark")
         return [
             _train("ours", False, 5), _decode("bf16", 1, False, 2, False), _decode("bf16", 16, False, 2, False),
             _decode("bf16", 1, True, 5, False), _decode("int4", 1, False, 2, False),
