@@ -27,7 +27,7 @@ import torch
 
 from gptj.execution.inference.generation import GenerationEngine, GenerationStats
 from gptj.execution.inference.sampling import SamplingParams
-from gptj.execution.inference.scoring import continuation_logprobs
+from gptj.execution.inference.scoring import candidate_logprobs
 from gptj.execution.runtime.preflight import resolve_model_source
 from gptj.execution.training.loss_scaling import parse_dtype
 from gptj.model import GPTJ, ParallelContext
@@ -285,12 +285,10 @@ class EntailmentPipeline:
         return self.task.render_prompt({"premise": premise, "hypothesis": hypothesis, self.task.label_field: ""})
 
     def label_log_likelihoods(self, prompts: list[list[int]]) -> torch.Tensor:
-        """[N, labels] sum of label-token log-probs after each prompt (fp32, on the CPU), through
-        gptj.execution.inference.scoring: the numbers the server's echo + logprobs gives for the same tokens."""
-        pairs = [(p, c) for p in prompts for c in self.label_ids]
-        sums = continuation_logprobs(self.model, [p for p, _ in pairs], [c for _, c in pairs],
-                                     max_rows=self.batch_size * len(self.labels))
-        return sums.view(len(prompts), len(self.labels))
+        """[N, labels] sum of label-token log-probs after each prompt (fp32, on the CPU), each
+        prompt prefilled once for all labels (gptj.execution.inference.scoring): the numbers the
+        server's echo + logprobs gives for the same tokens."""
+        return candidate_logprobs(self.model, prompts, self.label_ids, max_rows=self.batch_size)
 
     def __call__(self, premise, hypothesis=None, adapter: str | None = None):
         """(premise, hypothesis) -> {"label", "scores"}; two lists (premises, hypotheses) or one

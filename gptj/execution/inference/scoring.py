@@ -8,8 +8,26 @@ by chunk (every rank runs the same chunks) and every rank gets the same numbers.
 
     token_logprobs(model, hidden, targets, top_k)   hidden [N, d] -> log p(target) [N] (+ top-k)
     score_rows(model, rows, starts, top_k)          one forward over right-padded rows
+    score_candidates(model, prompts, candidates, top_k)
+                                                    every candidate continuation of every prompt,
+                                                    the prompt prefilled once (see below)
+    candidate_logprobs(model, prompts, candidates)  [N, K] summed log p(candidate k | prompt n)
+    choose(model, prompts, candidates)              per prompt: summed log-likelihoods, the choice
+                                                    log-probabilities and the chosen candidate
     continuation_logprobs(model, prompts, continuations)
-                                                    summed log p(continuation | prompt)
+                                                    summed log p(continuation | prompt), pairs
+
+Candidates of one prompt are scored in one forward over a single row holding the prompt and
+then every candidate, one after another: a candidate's tokens take the positions that follow
+the prompt (as if it were alone after it) and attend to the prompt and to their own earlier
+tokens only (`candidate_mask`). The prompt's keys and values are computed once for all of its
+candidates, and every candidate's numbers are those of scoring it alone after the prompt.
+
+A choice among candidates (a label, a guided choice) is decided by `choice_logprobs`: each
+candidate's probability when the model must answer with one of the candidates, token by token
+(its next-token probability renormalised over the tokens that continue some candidate there).
+The summed log-likelihood alone favours shorter candidates whenever the model spreads its
+probability: a model that puts at most 1.5% on any token loses ~4.2 nats per extra token.
 
 The server scores a prompt from the hidden states of the very prefill that fills its KV cache
 (gptj/execution/inference/request_engine.py) with `token_logprobs` too, so its numbers and these agree.
@@ -115,20 +133,166 @@ def score_rows(model, rows: list[list[int]], starts: list[int], top_k: int = 0) 
     return out
 
 
+def candidate_mask(groups: torch.Tensor) -> torch.Tensor:
+    """Bool [B, 1, S, S] over rows laid out as prompt, candidate 1, candidate 2, ..., padding.
+
+    groups [B, S]: 0 for a prompt token, k >= 1 for candidate k's tokens, -1 for padding.
+    A query sees earlier keys of its own group, and a candidate's query sees the whole prompt
+    as well; padding sees padding (never an empty softmax row) and no real token sees it."""
+    seq = groups.shape[1]
+    causal = torch.ones(seq, seq, dtype=torch.bool, device=groups.device).tril_()
+    query, key = groups.unsqueeze(2), groups.unsqueeze(1)
+    prompt_key = (key == 0) & (query > 0)
+    return (causal & ((query == key) | prompt_key)).unsqueeze(1)
+
+
+def _check_candidates(prompts: list[list[int]], candidates: list[list[list[int]]], context: int) -> None:
+    if len(prompts) != len(candidates):
+        raise ValueError(f"{len(prompts)} prompts but {len(candidates)} candidate lists")
+    for i, (prompt, cands) in enumerate(zip(prompts, candidates)):
+        if not prompt:
+            raise ValueError(f"prompt {i} is empty")
+        if not cands:
+            raise ValueError(f"prompt {i} has no candidates")
+        for k, cand in enumerate(cands):
+            if not cand:
+                raise ValueError(f"prompt {i}: candidate {k} is empty")
+            if len(prompt) + len(cand) > context:
+                raise ValueError(f"prompt {i} with candidate {k} takes {len(prompt) + len(cand)} tokens "
+                                 f"but the model context is {context}")
+
+
+@torch.inference_mode()
+def score_candidates(model, prompts: list[list[int]], candidates: list[list[list[int]]], top_k: int = 0,
+                     max_rows: int | None = None) -> list[list[TokenScores]]:
+    """Scores of the tokens of candidates[n][k] after prompts[n], for every prompt n and
+    candidate k (any number, any lengths), `max_rows` prompts per forward (None: all at once).
+    Each prompt is one row: its tokens once, then all of its candidates behind a
+    `candidate_mask`; rows are right-padded. The numbers equal `score_rows` of prompt +
+    candidate, one candidate at a time."""
+    _check_candidates(prompts, candidates, model.config.max_positions)
+    step = max_rows or max(1, len(prompts))
+    out: list[list[TokenScores]] = []
+    for start in range(0, len(prompts), step):
+        out += _score_candidate_rows(model, prompts[start:start + step], candidates[start:start + step], top_k)
+    return out
+
+
+def _score_candidate_rows(model, prompts, candidates, top_k) -> list[list[TokenScores]]:
+    device = model.embed.weight.device
+    width = max(len(p) + sum(map(len, cands)) for p, cands in zip(prompts, candidates))
+    ids = torch.zeros(len(prompts), width, dtype=torch.long)
+    positions = torch.zeros(len(prompts), width, dtype=torch.long)
+    groups = torch.full((len(prompts), width), -1, dtype=torch.long)
+    # (row, position of the hidden state that predicts it, token) of every scored token.
+    rows, at, targets = [], [], []
+    for b, (prompt, cands) in enumerate(zip(prompts, candidates)):
+        plen = len(prompt)
+        ids[b, :plen] = torch.tensor(prompt)
+        positions[b, :plen] = torch.arange(plen)
+        groups[b, :plen] = 0
+        offset = plen
+        for k, cand in enumerate(cands, start=1):
+            n = len(cand)
+            ids[b, offset:offset + n] = torch.tensor(cand)
+            positions[b, offset:offset + n] = torch.arange(plen, plen + n)  # as if alone after the prompt
+            groups[b, offset:offset + n] = k
+            # The first token is predicted by the prompt's last one, the others by their predecessor.
+            at += [plen - 1] + list(range(offset, offset + n - 1))
+            rows += [b] * n
+            targets += cand
+            offset += n
+    # Padding keeps position 0 and token 0: no real token attends to it.
+    hidden = model.hidden_states(ids.to(device), position_ids=positions.to(device),
+                                 attn_mask=candidate_mask(groups.to(device)))
+    batch_index = torch.tensor(rows, dtype=torch.long, device=device)
+    position = torch.tensor(at, dtype=torch.long, device=device)
+    scores = token_logprobs(model, hidden[batch_index, position], torch.tensor(targets), top_k)
+    out, offset = [], 0
+    for cands in candidates:
+        mine = []
+        for cand in cands:
+            part = slice(offset, offset + len(cand))
+            mine.append(TokenScores(scores.logprobs[part],
+                                    None if scores.top_ids is None else scores.top_ids[part],
+                                    None if scores.top_logprobs is None else scores.top_logprobs[part]))
+            offset += len(cand)
+        out.append(mine)
+    return out
+
+
+def candidate_logprobs(model, prompts: list[list[int]], candidates: list[list[int]],
+                       max_rows: int | None = None) -> torch.Tensor:
+    """[N, K] summed log p(candidates[k] | prompts[n]) (fp32, CPU): the same K candidates (e.g.
+    a task's labels) after every prompt, each prompt prefilled once (`score_candidates`)."""
+    scored = score_candidates(model, prompts, [candidates] * len(prompts), max_rows=max_rows)
+    if not scored:
+        return torch.zeros(0, len(candidates))
+    return torch.stack([torch.stack([s.logprobs.sum() for s in row]) for row in scored])
+
+
+def choice_logprobs(candidates: list[list[int]], scores: list[TokenScores]) -> torch.Tensor:
+    """[K] log P(candidate k | the answer is one of the candidates), from each candidate's token
+    scores after the same prompt. Candidates sharing a prefix share its conditional
+    distributions, so at every step the model's probability of the candidate's next token is
+    renormalised over the next tokens of the candidates with the same prefix (a trie walk: the
+    distribution constrained decoding samples from, summing to 1 over candidates none of
+    which is a prefix of another). Duplicates are a ValueError."""
+    if len({tuple(c) for c in candidates}) != len(candidates):
+        raise ValueError("the candidates hold the same tokens twice")
+    out = torch.zeros(len(candidates))
+    for k, cand in enumerate(candidates):
+        total = 0.0
+        for t in range(len(cand)):
+            # log p of every distinct next token among the candidates that share cand[:t].
+            allowed = {}
+            for j, other in enumerate(candidates):
+                if len(other) > t and other[:t] == cand[:t]:
+                    allowed.setdefault(other[t], scores[j].logprobs[t])
+            total += float(scores[k].logprobs[t] - torch.logsumexp(torch.stack(list(allowed.values())), 0))
+        out[k] = total
+    return out
+
+
+@dataclass
+class Choice:
+    """One prompt's candidates: summed log p(candidate | prompt) [K], log P(candidate | one of
+    them) [K] (`choice_logprobs`), and the index of the most likely by the latter."""
+
+    log_likelihoods: torch.Tensor
+    logprobs: torch.Tensor
+    best: int
+
+
+def choose(model, prompts: list[list[int]], candidates: list[list[list[int]]],
+           max_rows: int | None = None) -> list[Choice]:
+    """For every prompt, its candidates scored from one prefill (`score_candidates`) and the
+    choice among them (`choice_logprobs`; ties go to the first)."""
+    out = []
+    for cands, scores in zip(candidates, score_candidates(model, prompts, candidates, max_rows=max_rows)):
+        logprobs = choice_logprobs(cands, scores)
+        out.append(Choice(torch.stack([s.logprobs.sum() for s in scores]), logprobs, int(logprobs.argmax())))
+    return out
+
+
 def continuation_logprobs(model, prompts: list[list[int]], continuations: list[list[int]],
                           max_rows: int | None = None) -> torch.Tensor:
-    """[N] summed log p(continuations[i] | prompts[i]) (fp32, CPU), `max_rows` rows per forward
-    (None: all at once)."""
+    """[N] summed log p(continuations[i] | prompts[i]) (fp32, CPU). Pairs that share a prompt
+    are scored as that prompt's candidates (`score_candidates`, one prefill of it); `max_rows`
+    distinct prompts per forward (None: all at once)."""
     if len(prompts) != len(continuations):
         raise ValueError(f"{len(prompts)} prompts but {len(continuations)} continuations")
     for i, (p, c) in enumerate(zip(prompts, continuations)):
         if not p or not c:
             raise ValueError(f"pair {i}: the {'prompt' if not p else 'continuation'} is empty")
-    step = max_rows or max(1, len(prompts))
-    sums = []
-    for start in range(0, len(prompts), step):
-        chunk_p, chunk_c = prompts[start:start + step], continuations[start:start + step]
-        rows = [list(p) + list(c) for p, c in zip(chunk_p, chunk_c)]
-        scored = score_rows(model, rows, [len(p) for p in chunk_p])
-        sums.extend(s.logprobs.sum() for s in scored)
-    return torch.stack(sums) if sums else torch.zeros(0)
+    groups: dict[tuple, list[int]] = {}  # prompt -> the pairs that continue it, in order
+    for i, p in enumerate(prompts):
+        groups.setdefault(tuple(p), []).append(i)
+    keys = list(groups)
+    scored = score_candidates(model, [list(k) for k in keys],
+                              [[list(continuations[i]) for i in groups[k]] for k in keys], max_rows=max_rows)
+    sums = torch.zeros(len(prompts))
+    for key, row in zip(keys, scored):
+        for i, s in zip(groups[key], row):
+            sums[i] = s.logprobs.sum()
+    return sums

@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from gptj.execution.inference.scoring import continuation_logprobs
+from gptj.execution.inference.scoring import candidate_logprobs
 from gptj.model.parallel import all_reduce
 
 
@@ -28,14 +28,13 @@ def likelihood_choices(model, batch: dict, device: torch.device) -> np.ndarray:
 
 
 def likelihood_scores(model, batch: dict, device: torch.device) -> torch.Tensor:
-    """Summed token loss [B, K] of every candidate after every prompt, all in one forward
-    (gptj.execution.inference.scoring: the path the entailment pipeline and the server score with)."""
+    """Summed token loss [B, K] of every candidate after every prompt, all in one forward that
+    prefills each prompt once (gptj.execution.inference.scoring.candidate_logprobs: the path the
+    pipelines and the server score with)."""
     candidates = [list(map(int, c)) for c in batch["candidate_ids_eos"]]
     prompts, lengths = batch["prompt_ids"], batch["prompt_lengths"]
     rows = [prompts[b, :lengths[b]].tolist() for b in range(len(lengths))]
-    pairs = [(prompt, cand) for prompt in rows for cand in candidates]
-    logprobs = continuation_logprobs(model, [p for p, _ in pairs], [c for _, c in pairs])
-    return -logprobs.view(len(rows), len(candidates)).to(device)
+    return -candidate_logprobs(model, rows, candidates).to(device)
 
 
 def generated_answers(model, data, indices: np.ndarray, tokenizer, max_new_tokens: int,
