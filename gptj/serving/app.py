@@ -14,6 +14,7 @@ from fastapi import FastAPI
 from fastapi.exceptions import RequestValidationError
 
 from . import completions, health, models, scoring
+from .body_limit import BodyLimit, BodyTooLarge, body_too_large_handler
 from .errors import APIError, CatchUnexpectedErrors, api_error_handler, validation_error_handler
 from .state import ServerState
 
@@ -35,7 +36,10 @@ def create_app(state: ServerState) -> FastAPI:
     app.state.server = state
     app.add_exception_handler(APIError, counted_api_error)
     app.add_exception_handler(RequestValidationError, counted_validation_error)
+    app.add_exception_handler(BodyTooLarge, body_too_large_handler)
     app.add_middleware(CatchUnexpectedErrors)
+    app.add_middleware(BodyLimit, limit=lambda: state.max_body_bytes,
+                       on_refused=lambda: state.metrics.rejected.labels("413").inc())
     for group in (health, models, completions, scoring):
         app.include_router(group.router)
     return app

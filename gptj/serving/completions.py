@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 from fastapi import APIRouter, Depends
 from fastapi.responses import StreamingResponse
+from starlette.concurrency import run_in_threadpool
 
 from gptj.execution.inference.request_engine import Request as EngineRequest
 
@@ -93,6 +94,17 @@ def prepare(state: ServerState, body, prompts, max_tokens, stops, logprobs, prom
                     adapter or state.model_name)
 
 
+async def prompt_tokens(state: ServerState, prompt, where: str | None = None,
+                        param: str = "prompt") -> list[list[int]]:
+    """The prompt's token ids, tokenized in a worker thread: a long text would hold the event
+    loop (every other request, /health included) for as long as it takes. A text that cannot
+    fit the context is refused before it is tokenized."""
+    def check(text, named):
+        state.check_text_length(text, where or named, param)
+
+    return await run_in_threadpool(prompt_token_ids, prompt, state.tokenizer.encode, state.vocab_size, check)
+
+
 def completion_logprobs(decode, entries, offset: int) -> dict:
     """The completions API's logprobs object for (token, logprob, top) entries."""
     tokens, token_logprobs, tops, offsets = [], [], [], []
@@ -122,7 +134,7 @@ async def completions(body: CompletionRequest, state: State):
     state.require_loop()
     check_completion_max_tokens(body.max_tokens, body.echo)
     logprobs = check_logprobs(body.logprobs, "logprobs")
-    prompts = prompt_token_ids(body.prompt, state.tokenizer.encode, state.vocab_size)
+    prompts = await prompt_tokens(state, body.prompt)
     max_tokens = 16 if body.max_tokens is None else body.max_tokens
     stops = body.stop_strings()
     scored = prompt_logprobs_for(body.echo, logprobs, max_tokens)
@@ -179,7 +191,7 @@ async def chat_completions(body: ChatCompletionRequest, state: State):
     top = check_logprobs(body.top_logprobs, "top_logprobs")
     logprobs = (top or 0) if body.logprobs else None
     template = state.config.server.chat_template
-    prompts = prompt_token_ids(render_chat(body.messages, template), state.tokenizer.encode, state.vocab_size)
+    prompts = await prompt_tokens(state, render_chat(body.messages, template), "the chat prompt", "messages")
     limit = body.max_completion_tokens or body.max_tokens
     if limit is None:  # the preset's default, clamped to the room the prompt leaves
         limit = max(1, min(state.config.generation.max_new_tokens, state.max_model_len - len(prompts[0])))

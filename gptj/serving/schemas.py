@@ -163,8 +163,9 @@ def check_max_tokens(value: int | None, param: str) -> None:
         raise bad_request(f"{param} must be >= 1, got {value}", param)
 
 
-def prompt_token_ids(prompt, encode, vocab_size: int) -> list[list[int]]:
-    """The prompt field (a string, strings, token ids, or lists of token ids) as token id lists."""
+def prompt_token_ids(prompt, encode, vocab_size: int, check_length=None) -> list[list[int]]:
+    """The prompt field (a string, strings, token ids, or lists of token ids) as token id lists;
+    `check_length(text, where)` sees each text before it is tokenized (it raises for one too long)."""
     if isinstance(prompt, str):
         prompts = [prompt]
     elif prompt and all(isinstance(p, int) for p in prompt):
@@ -174,6 +175,9 @@ def prompt_token_ids(prompt, encode, vocab_size: int) -> list[list[int]]:
     if not prompts:
         raise bad_request("prompt is empty", "prompt")
     texts = [i for i, p in enumerate(prompts) if isinstance(p, str)]
+    if check_length is not None:
+        for i in texts:
+            check_length(prompts[i], "the prompt" if len(prompts) == 1 else f"prompt[{i}]")
     encoded = encode([prompts[i] for i in texts]) if texts else []
     ids = [list(p) if not isinstance(p, str) else None for p in prompts]
     for i, tokens in zip(texts, encoded):

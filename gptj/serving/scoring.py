@@ -20,6 +20,7 @@ import asyncio
 from collections.abc import Callable
 
 from fastapi import APIRouter, Depends
+from starlette.concurrency import run_in_threadpool
 
 from .errors import bad_request
 from .schemas import DetokenizeRequest, EntailmentPair, TokenizeRequest
@@ -74,7 +75,8 @@ def join_logprobs(first: dict, second: dict) -> dict:
 async def tokenize(body: TokenizeRequest, state: State):
     state.require_loop()
     state.check_model(body.model)
-    tokens = state.tokenizer.encode([body.prompt])[0] if body.prompt else []
+    # Counting tokens is its use, so a text longer than the context is tokenized too, off the event loop.
+    tokens = (await run_in_threadpool(state.tokenizer.encode, [body.prompt]))[0] if body.prompt else []
     strs = [state.tokenizer.decode([t]) for t in tokens] if body.return_token_strs else None
     return {"tokens": tokens, "count": len(tokens), "max_model_len": state.max_model_len, "token_strs": strs}
 
@@ -111,7 +113,9 @@ def check_pairs(state: ServerState, pairs: list[EntailmentPair], single: bool) -
         for name in ("premise", "hypothesis"):
             if not getattr(pair, name).strip():
                 raise bad_request(f"{where}{name} is empty", name)
-        length = len(state.tokenizer.encode([nli.prompt(pair.premise, pair.hypothesis)])[0])
+        prompt = nli.prompt(pair.premise, pair.hypothesis)
+        state.check_text_length(prompt, f"{where}premise + hypothesis", "premise")
+        length = len(state.tokenizer.encode([prompt])[0])
         if length + longest_label > state.max_model_len:
             raise bad_request(f"{where}premise + hypothesis take {length} prompt tokens; with the label that "
                               f"is beyond the context of {state.max_model_len} tokens", "premise",
@@ -123,7 +127,7 @@ async def entailment(body: EntailmentPair | list[EntailmentPair], state: State):
     loop = state.require_loop()
     single = isinstance(body, EntailmentPair)
     pairs = [body] if single else body
-    check_pairs(state, pairs, single)
+    await run_in_threadpool(check_pairs, state, pairs, single)  # tokenizes: off the event loop
     try:
         results = await asyncio.wait_for(loop.entail([(p.premise, p.hypothesis) for p in pairs]),
                                          state.config.server.request_timeout)

@@ -12,6 +12,7 @@ from typing import Annotated
 
 from fastapi import Depends, Request
 
+from .body_limit import MAX_BODY_BYTES
 from .engine_loop import EngineLoop
 from .errors import APIError
 from .metrics import ServerMetrics
@@ -32,6 +33,28 @@ class ServerState:
     ready: bool = False
     load_error: str | None = None
     adapters: list[str] = field(default_factory=list)  # LoRA adapters served over the base, by name
+    max_body_bytes: int = MAX_BODY_BYTES  # larger request bodies are a 413, unread (serving/body_limit.py)
+    _token_chars: int | None = None
+
+    def longest_token_chars(self) -> int:
+        """An upper bound on the characters one token decodes to: a text longer than the context
+        times this cannot fit, and is refused without tokenizing it."""
+        if self._token_chars is None:
+            backend = getattr(self.tokenizer, "backend", None)
+            if backend is None:
+                return 1 << 30
+            longest = max(map(len, backend.get_vocab(with_added_tokens=True)))
+            # A normalizer may turn several characters into one before the text is split.
+            self._token_chars = longest * (1 if backend.normalizer is None else 4)
+        return self._token_chars
+
+    def check_text_length(self, text: str, where: str, param: str) -> None:
+        """400 for a text that holds more tokens than the context for certain (before tokenizing it)."""
+        most = self.max_model_len * self.longest_token_chars()
+        if len(text) > most:
+            raise APIError(400, f"{where} is {len(text)} characters; at most {self.longest_token_chars()} "
+                                f"characters a token, that is more than this model's context of "
+                                f"{self.max_model_len} tokens", param, "context_length_exceeded")
 
     def require_loop(self) -> EngineLoop:
         """The engine loop, or a 503 while the model loads, after it failed, or once the engine stopped."""
