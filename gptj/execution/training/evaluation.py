@@ -4,7 +4,12 @@
   stripped, must equal the expected answer. An output that is no label at all is wrong and
   also counted as an invalid generation.
 - likelihood: each label's continuation (with its EOS, as trained) is scored after the
-  prompt by the summed token loss; the most likely label is the prediction.
+  prompt, every label from one prefill of it; the prediction is the label the model answers
+  when it must answer with a label: the most likely by `choice_logprobs`, the product over the
+  label's tokens of the next-token probability renormalised over the tokens that continue some
+  label there. (The summed loss alone favours the label with fewer tokens whenever the model
+  spreads its probability, e.g. LoRA on a random base whose frozen head caps every token at
+  ~1.5%: a 2-token label then loses by ~4 nats whatever the input.)
 
 Each replica evaluates its share of every split (`EvalData.shard`); the counts are summed over
 the replicas, so every rank returns the same result. All ranks of a tensor-parallel group run
@@ -18,23 +23,31 @@ from typing import Any
 import numpy as np
 import torch
 
-from gptj.execution.inference.scoring import candidate_logprobs
+from gptj.execution.inference.scoring import candidate_logprobs, choose
 from gptj.model.parallel import all_reduce
 
 
+def _prompts_and_labels(batch: dict) -> tuple[list[list[int]], list[list[int]]]:
+    """The batch's prompts (unpadded) and the labels' tokens with their EOS."""
+    prompts, lengths = batch["prompt_ids"], batch["prompt_lengths"]
+    rows = [prompts[b, :lengths[b]].tolist() for b in range(len(lengths))]
+    return rows, [list(map(int, c)) for c in batch["candidate_ids_eos"]]
+
+
 def likelihood_choices(model, batch: dict, device: torch.device) -> np.ndarray:
-    """Index of the most likely candidate for every prompt of the batch ([B] int)."""
-    return likelihood_scores(model, batch, device).argmin(dim=1).cpu().numpy()
+    """Index of the label chosen for every prompt of the batch ([B] int): the most likely by
+    choice probability (gptj.execution.inference.scoring.choose, the classification pipeline's
+    and the server's decision)."""
+    rows, labels = _prompts_and_labels(batch)
+    return np.array([c.best for c in choose(model, rows, [labels] * len(rows))], dtype=np.int64)
 
 
 def likelihood_scores(model, batch: dict, device: torch.device) -> torch.Tensor:
     """Summed token loss [B, K] of every candidate after every prompt, all in one forward that
     prefills each prompt once (gptj.execution.inference.scoring.candidate_logprobs: the path the
     pipelines and the server score with)."""
-    candidates = [list(map(int, c)) for c in batch["candidate_ids_eos"]]
-    prompts, lengths = batch["prompt_ids"], batch["prompt_lengths"]
-    rows = [prompts[b, :lengths[b]].tolist() for b in range(len(lengths))]
-    return -candidate_logprobs(model, rows, candidates).to(device)
+    rows, labels = _prompts_and_labels(batch)
+    return -candidate_logprobs(model, rows, labels).to(device)
 
 
 def generated_answers(model, data, indices: np.ndarray, tokenizer, max_new_tokens: int,
