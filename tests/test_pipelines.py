@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -39,21 +41,38 @@ def test_generation_pipeline_reproduces_transformers(saved):
     assert cut == texts[0][: texts[0].index(stop)]
 
 
+def hand_label_scores(hf, tok, prompt_text: str, labels: list[str]) -> tuple[list[float], list[float]]:
+    """transformers' summed log p(" label" + EOS | prompt) per label, and the choice
+    probabilities: each label's tokens renormalised, step by step, over the next tokens of the
+    labels that share its prefix."""
+    prompt = tok.encode([prompt_text])[0]
+    targets = [tok.encode([" " + label])[0] + [tok.eos_id] for label in labels]
+    per_token = []
+    for target in targets:
+        with torch.no_grad():
+            logp = hf(torch.tensor([prompt + target])).logits[0].log_softmax(-1)
+        per_token.append([logp[len(prompt) - 1 + i, t].item() for i, t in enumerate(target)])
+    choice = []
+    for target, values in zip(targets, per_token):
+        total = 0.0
+        for t, value in enumerate(values):
+            allowed = {other[t]: per_token[j][t] for j, other in enumerate(targets)
+                       if len(other) > t and other[:t] == target[:t]}
+            total += value - torch.logsumexp(torch.tensor(list(allowed.values())), 0).item()
+        choice.append(math.exp(total))
+    return [sum(v) for v in per_token], choice
+
+
 def test_entailment_scores_are_label_likelihoods(saved):
     run, hf, tok = saved
     nli = EntailmentPipeline.from_pretrained(str(run / "hf"))
     premise, hypothesis = "the cat is asleep", "a cat sleeps"
     out = nli(premise, hypothesis)
-    prompt = tok.encode([f"mnli hypothesis: {hypothesis} premise: {premise} target:"])[0]
-    by_hand = []
-    for label in ("entailment", "neutral", "contradiction"):
-        target = tok.encode([" " + label])[0]
-        with torch.no_grad():
-            logp = hf(torch.tensor([prompt + target])).logits[0].log_softmax(-1)
-        by_hand.append(sum(logp[len(prompt) - 1 + i, t].item() for i, t in enumerate(target)))
-    probs = torch.tensor(by_hand).softmax(-1).tolist()
-    assert list(out["scores"]) == ["entailment", "neutral", "contradiction"]
-    assert out["scores"] == pytest.approx(dict(zip(out["scores"], probs)), abs=1e-5)
+    labels = ["entailment", "neutral", "contradiction"]
+    sums, probs = hand_label_scores(hf, tok, f"mnli hypothesis: {hypothesis} premise: {premise} target:", labels)
+    assert list(out["scores"]) == labels
+    assert out["scores"] == pytest.approx(dict(zip(labels, probs)), abs=1e-5)
+    assert out["log_likelihoods"] == pytest.approx(dict(zip(labels, sums)), abs=1e-4)
     assert out["label"] == max(out["scores"], key=out["scores"].get)
     batch = nli([(premise, hypothesis), ("a b", "c d")])
     assert batch[0]["scores"] == pytest.approx(out["scores"], abs=1e-5)

@@ -1,4 +1,5 @@
-"""Load once, call many times: text generation and MNLI-style entailment by label likelihood.
+"""Load once, call many times: text generation and MNLI-style entailment by label likelihood
+(MNLI's instance of gptj/execution/inference/classification.py, which classifies with any task).
 
     from gptj.execution.inference.pipelines import TextGenerationPipeline, EntailmentPipeline
     generator = TextGenerationPipeline.from_pretrained("EleutherAI/gpt-j-6b", precision="bf16")
@@ -25,9 +26,9 @@ from dataclasses import dataclass
 
 import torch
 
+from gptj.execution.inference.classification import ClassificationPipeline, check_trained_task
 from gptj.execution.inference.generation import GenerationEngine, GenerationStats
 from gptj.execution.inference.sampling import SamplingParams
-from gptj.execution.inference.scoring import candidate_logprobs
 from gptj.execution.runtime.preflight import resolve_model_source
 from gptj.execution.training.loss_scaling import parse_dtype
 from gptj.model import GPTJ, ParallelContext
@@ -249,60 +250,43 @@ class TextGenerationPipeline:
         return texts[0] if single else texts
 
 
-class EntailmentPipeline:
-    """Label by likelihood: score each label's continuation after the task prompt.
-
-    score(label) = sum of log-probabilities of the label's tokens (" entailment", ...) after
-    the prompt `mnli hypothesis: {hypothesis} premise: {premise} target:` (the data layer's
-    task template); the scores are turned into probabilities by a softmax over the labels.
-    """
+class EntailmentPipeline(ClassificationPipeline):
+    """MNLI's classification pipeline (gptj/execution/inference/classification.py) called with
+    (premise, hypothesis): the label, and "scores", the labels' probabilities (as
+    "probabilities"; "log_likelihoods" beside them). `task` may name another task with premise
+    and hypothesis fields."""
 
     def __init__(self, model: GPTJ, tokenizer, task: str = "mnli", batch_size: int = 8, adapters=None):
-        import gptj.data as data
-
-        self.model, self.tokenizer, self.batch_size = model, tokenizer, batch_size
-        self.adapters = adapters  # gptj.model.multi_lora.MultiLoRA: `adapter=` of a call chooses one
-        self.task = data.load_task(task)
-        if not self.task.labels:
-            raise ValueError(f"task {self.task.name} has no labels to score")
-        self.labels = list(self.task.labels)
-        self.label_ids = [
-            tokenizer.encode([self.task.target({self.task.label_field: label})])[0] for label in self.labels
-        ]
+        super().__init__(model, tokenizer, task=task, batch_size=batch_size, adapters=adapters)
 
     @classmethod
     def from_pretrained(
         cls, model_dir_or_id: str, tokenizer: str | None = None, precision: str = "auto",
-        device: str | None = None, ctx: ParallelContext | None = None, task: str = "mnli", init_seed: int = 0,
+        device: str | None = None, ctx: ParallelContext | None = None, task: str | None = None, init_seed: int = 0,
         quantize: str | None = None, group_size: int = 128, adapter: str | None = None,
         adapters: dict[str, str] | None = None,
     ) -> EntailmentPipeline:
+        """task None: MNLI, refused for a run fine-tuned on another task (name the task to
+        classify with MNLI's labels anyway)."""
+        if task is None:
+            check_trained_task(model_dir_or_id, "mnli")
         model, tok = load_model_and_tokenizer(model_dir_or_id, tokenizer, precision, device, ctx, False, init_seed,
                                               quantize=quantize, group_size=group_size, adapter=adapter)
-        return cls(model, tok, task=task, adapters=attach_named_adapters(model, adapters, ctx))
+        return cls(model, tok, task=task or "mnli", adapters=attach_named_adapters(model, adapters, ctx))
 
-    def prompt(self, premise: str, hypothesis: str) -> str:
+    def prompt(self, premise, hypothesis: str | None = None, index: int = 0) -> str:
+        if isinstance(premise, dict):  # a row, as ClassificationPipeline passes it
+            return super().prompt(premise, index)
         return self.task.render_prompt({"premise": premise, "hypothesis": hypothesis, self.task.label_field: ""})
 
-    def label_log_likelihoods(self, prompts: list[list[int]]) -> torch.Tensor:
-        """[N, labels] sum of label-token log-probs after each prompt (fp32, on the CPU), each
-        prompt prefilled once for all labels (gptj.execution.inference.scoring): the numbers the
-        server's echo + logprobs gives for the same tokens."""
-        return candidate_logprobs(self.model, prompts, self.label_ids, max_rows=self.batch_size)
-
     def __call__(self, premise, hypothesis=None, adapter: str | None = None):
-        """(premise, hypothesis) -> {"label", "scores"}; two lists (premises, hypotheses) or one
-        list of (premise, hypothesis) pairs -> a list of those. adapter: one of the pipeline's
-        named adapters (None: the base)."""
+        """(premise, hypothesis) -> {"label", "scores", "probabilities", "log_likelihoods"}; two
+        lists (premises, hypotheses) or one list of (premise, hypothesis) pairs -> a list of
+        those. adapter: one of the pipeline's named adapters (None: the base)."""
         single, pairs = _entailment_pairs(premise, hypothesis)
-        prompts = self.tokenizer.encode([self.prompt(p, h) for p, h in pairs])
-        with using_adapter(self.adapters, adapter):
-            probs = self.label_log_likelihoods(prompts).softmax(-1)
-        out = []
-        for row in probs.tolist():
-            best = max(range(len(row)), key=row.__getitem__)
-            scores = {label: p for label, p in zip(self.labels, row)}
-            out.append({"label": self.labels[best], "scores": scores})
+        out = self.classify([{"premise": p, "hypothesis": h} for p, h in pairs], adapter=adapter)
+        for result in out:
+            result["scores"] = result["probabilities"]
         return out[0] if single else out
 
 
