@@ -96,8 +96,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def build_config(args: argparse.Namespace):
+def build_config(args: argparse.Namespace, changes: list[str] | None = None):
+    """The run's config: the preset with this command line applied; for --resume of a run
+    directory that keeps its config (OUTPUT_DIR/config.yaml), that config with this command
+    line applied, the settings it changes appended to `changes`."""
     from gptj.execution.training.config import PRESET_FILE, load_config
+    from gptj.execution.training.run_config import resumed_config
 
     updates = {field: getattr(args, option) for option, field in OPTION_FIELDS.items()
                if getattr(args, option) is not None}
@@ -107,14 +111,21 @@ def build_config(args: argparse.Namespace):
         updates["lora.targets"] = [t.strip() for t in args.lora_targets.split(",") if t.strip()]
     if args.resume:
         updates["resume"] = args.resume  # True or "auto"
-    return load_config(args.config, args.set, updates, args.preset_file or PRESET_FILE)
+    config = load_config(args.config, args.set, updates, args.preset_file or PRESET_FILE)
+    if args.resume:
+        config, changed = resumed_config(config, args.set, updates)
+        if changes is not None:
+            changes.extend(changed)
+    return config
 
 
 def check_inputs(config) -> None:
     """Output directory, model and data files, before any model is built or data is read."""
     from gptj.execution.runtime.preflight import check_data_sources, check_output_dir, resolve_model_source
+    from gptj.execution.training.run_setup import check_run_dir
 
     check_output_dir(config.out_path)
+    check_run_dir(config)  # a fresh run into a used directory: refused before any loading
     if config.model.name_or_path:
         config.model.name_or_path = resolve_model_source(config.model.name_or_path)
     check_data_sources(config)
@@ -138,7 +149,10 @@ def main(argv=None) -> int:
 
     rank = int(os.environ.get("RANK", "0"))
     try:
-        config = build_config(args)
+        changes: list[str] = []
+        config = build_config(args, changes)
+        if rank == 0 and changes:
+            print("\n".join(changes), flush=True)
         check_inputs(config)
         with model_file_errors(config.model.name_or_path):  # a cut weight file: one line naming it
             result = train(config)

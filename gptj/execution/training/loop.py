@@ -44,6 +44,7 @@ from gptj.execution.training.evaluation import evaluate
 from gptj.execution.training.export import export, export_run
 from gptj.execution.training.metrics import MetricsLogger, format_eval, peak_flops
 from gptj.execution.training.resume import select_checkpoint
+from gptj.execution.training.run_config import save_run_config
 from gptj.execution.training.run_setup import (
     base_quantization,
     check_resume,
@@ -55,6 +56,7 @@ from gptj.execution.training.run_setup import (
     load_model_for,
     model_config_for,
     prepare_checkpoint_root,
+    remove_if_empty,
 )
 from gptj.model import GPTJ, ParallelContext
 from gptj.model.parallel import all_reduce
@@ -146,8 +148,13 @@ def train(config: FinetuneConfig, ctx: ParallelContext | None = None,
     program (tests, notebooks) whose own thread setting must survive it.
     """
     threads = torch.get_num_threads()
+    created = not config.out_path.exists()
     try:
         return Trainer(config, ctx, device).run()
+    except BaseException:
+        if created and (ctx is None or ctx.is_main):
+            remove_if_empty(config.out_path)
+        raise
     finally:
         torch.set_num_threads(threads)
 
@@ -287,6 +294,8 @@ class Trainer:
             return finished
         self.start_logging()
         config, steps = self.config, self.config.training.steps
+        if self.main:  # what --resume --output-dir continues (gptj/execution/training/run_config.py)
+            save_run_config(config, self.out)
         result = TrainResult(output_dir=self.out, final_step=self.step, model=self.model, adapters=self.adapters)
         self.last_saved = self.step if config.resume and self.step > 0 else None
         with StopRequest(self._announce_stop) as stop:

@@ -115,14 +115,29 @@ def describe_adapters(mc: ModelConfig, adapters, meta: dict) -> str:
             f"base {meta['base_model']} frozen (fingerprint {meta['base_fingerprint']})")
 
 
-def prepare_checkpoint_root(config: FinetuneConfig, root: Path, main: bool, say) -> None:
-    """Refuse to mix runs; remove half-written checkpoints, and an earlier run's when starting
-    over on purpose. Collective: every rank has looked before rank 0 removes anything."""
+def check_run_dir(config: FinetuneConfig) -> list:
+    """The checkpoints in the run's directory; a TrainConfigError when a fresh run would mix
+    with them (checked before anything is loaded, and again by every rank before training)."""
+    root = ckpt.checkpoint_root(config.out_path)
     existing = ckpt.list_checkpoints(root)
     if existing and not config.resume and not config.checkpoint.overwrite:
         raise TrainConfigError(
             f"{root} already holds checkpoints (newest: step {existing[-1][0]}); pass --resume to "
             "continue that run, another --output-dir, or --set checkpoint.overwrite=true to start over")
+    return existing
+
+
+def remove_if_empty(directory: Path) -> None:
+    """Remove a run directory this run created when it holds no file (a run that failed before
+    writing anything leaves nothing behind)."""
+    if directory.is_dir() and not any(path.is_file() for path in directory.rglob("*")):
+        shutil.rmtree(directory, ignore_errors=True)
+
+
+def prepare_checkpoint_root(config: FinetuneConfig, root: Path, main: bool, say) -> None:
+    """Refuse to mix runs; remove half-written checkpoints, and an earlier run's when starting
+    over on purpose. Collective: every rank has looked before rank 0 removes anything."""
+    existing = check_run_dir(config)
     barrier("checkpoint directory check")
     if main:
         for path in ckpt.remove_partial(root):
