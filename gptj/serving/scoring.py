@@ -12,15 +12,28 @@ gptj.execution.inference.scoring). `max_tokens: 0` with `echo` scores the prompt
     POST /detokenize    {"tokens": [int]} -> {"prompt"}
     GET  /tokenizer_info                  -> the special tokens and the context length
     POST /v1/entailment {"premise", "hypothesis"} or a list of them -> the label and its scores
+    POST /v1/classify   {"task": NAME | {prompt, target, labels}, "input": {...} | "inputs": [...],
+                         "choices": optional labels} -> per input the label, probabilities and
+                         log-likelihoods (gptj.execution.inference.classification)
+
+Both classification routes run on the engine thread as one job kind: every input waiting at a
+step, from every request, is scored in one batched pass (`ServingClassifier`), each prompt
+prefilled once for all of its labels.
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
 from collections.abc import Callable
 
-from fastapi import APIRouter, Depends
+from fastapi import APIRouter, Depends, Request
 from starlette.concurrency import run_in_threadpool
+
+import gptj.data as data
+from gptj.data.tasks import _make_task, _template_fields
+from gptj.execution.inference.pipelines import EntailmentPipeline
+from gptj.execution.inference.scoring import choose
 
 from .errors import bad_request
 from .schemas import DetokenizeRequest, EntailmentPair, TokenizeRequest
@@ -136,3 +149,128 @@ async def entailment(body: EntailmentPair | list[EntailmentPair], state: State):
     except ValueError as err:  # e.g. a pair longer than the model's context
         raise bad_request(str(err)) from None
     return results[0] if single else results
+
+
+# An engine job item that classifies (the other items are (premise, hypothesis) pairs).
+CLASSIFY = "\x00classify"
+
+
+def inline_task(spec: dict):
+    """A task from a request's {"prompt", "target", "labels"}: each template field reads the
+    input's key of the same name."""
+    def fail(message):
+        raise data.DataError(message)
+
+    if not isinstance(spec, dict) or not all(isinstance(spec.get(k), str) for k in ("prompt", "target")):
+        fail("task must be a task name or an object with string 'prompt' and 'target' (and 'labels')")
+    unknown = set(spec) - {"prompt", "target", "labels", "label_field"}
+    if unknown:
+        fail(f"task has unknown keys {sorted(unknown)}; allowed: label_field, labels, prompt, target")
+    fields = _template_fields(spec["prompt"], fail) + _template_fields(spec["target"], fail)
+    return _make_task("request", {**spec, "fields": {f: f for f in fields}}, "the request")
+
+
+def request_task(spec):
+    """The task a request names (built-in name) or spells out inline; ValueError if unknown/bad."""
+    if isinstance(spec, str):
+        if spec not in data.builtin_task_names():
+            raise ValueError(f"unknown task {spec!r}; built-in tasks: {', '.join(data.builtin_task_names())}")
+        return data.load_task(spec)
+    return inline_task(spec)
+
+
+class ServingClassifier(EntailmentPipeline):
+    """The server's classifier on every rank: entailment pairs and /v1/classify items of one
+    engine step in one `choose` pass (each prompt once, with its own labels)."""
+
+    def __call__(self, items):
+        prompts, labels, names = [], [], []
+        for item in items:
+            if item[0] == CLASSIFY:
+                spec = json.loads(item[1])
+                task = request_task(spec["task"])
+                names.append(spec.get("choices") or list(task.labels))
+                texts = [task.target({task.label_field: name}) for name in names[-1]]
+                prompts.append(task.render_prompt({**spec["input"], task.label_field: ""}))
+            else:
+                names.append(self.labels)
+                texts = [self.task.target({self.task.label_field: name}) for name in self.labels]
+                prompts.append(self.prompt(item[0], item[1]))
+            labels.append([ids + [self.tokenizer.eos_id] for ids in self.tokenizer.encode(texts)])
+        picked = choose(self.model, self.tokenizer.encode(prompts), labels, max_rows=self.batch_size)
+        out = []
+        for item, label_names, c in zip(items, names, picked):
+            probabilities = dict(zip(label_names, c.logprobs.exp().tolist()))
+            result = {"label": label_names[c.best], "probabilities": probabilities,
+                      "log_likelihoods": dict(zip(label_names, c.log_likelihoods.tolist()))}
+            if item[0] != CLASSIFY:
+                result["scores"] = probabilities
+            out.append(result)
+        return out
+
+
+def classify_items(state: ServerState, body: dict) -> tuple[list, str, list[str]]:
+    """The engine items of a /v1/classify body, checked: a 400 naming the bad field."""
+    if not isinstance(body, dict):
+        raise bad_request("the body must be a JSON object")
+    if "task" not in body:
+        raise bad_request("task is missing: a task name or {prompt, target, labels}", "task")
+    try:
+        task = request_task(body["task"])
+    except (ValueError, data.DataError) as err:
+        raise bad_request(str(err), "task") from None
+    choices = body.get("choices")
+    if choices is not None:
+        if not isinstance(choices, list) or not choices or not all(isinstance(c, str) and c.strip() for c in choices):
+            raise bad_request("choices must be a non-empty list of non-empty strings", "choices")
+        if len(set(choices)) != len(choices):
+            raise bad_request("choices holds the same label twice", "choices")
+    labels = choices or list(task.labels or [])
+    if not labels:
+        raise bad_request(f"task {task.name} has no labels: give choices", "choices")
+    if ("input" in body) == ("inputs" in body):
+        raise bad_request("give exactly one of input (an object) or inputs (a list of objects)", "input")
+    single = "input" in body
+    inputs = [body["input"]] if single else body["inputs"]
+    if not isinstance(inputs, list) or not inputs:
+        raise bad_request("inputs must be a non-empty list of objects", "inputs")
+    needed = [f for f in _template_fields(task.prompt_template, ValueError) if f != task.label_field]
+    label_ids = state.tokenizer.encode([task.target({task.label_field: name}) for name in labels])
+    longest = max(map(len, label_ids)) + 1  # + EOS
+    items = []
+    for i, row in enumerate(inputs):
+        where = "input" if single else f"inputs[{i}]"
+        if not isinstance(row, dict):
+            raise bad_request(f"{where} must be an object of the task's fields {needed}", where)
+        for field in needed:
+            if not isinstance(row.get(field), str) or not row[field].strip():
+                state_of = "missing" if field not in row else "not a non-empty string"
+                raise bad_request(f"{where}.{field} is {state_of} (task {task.name} needs {', '.join(needed)})",
+                                  f"{where}.{field}")
+        length = len(state.tokenizer.encode([task.render_prompt({**row, task.label_field: ""})])[0])
+        if length + longest > state.max_model_len:
+            raise bad_request(f"{where} takes {length} prompt tokens; with its longest label ({longest} tokens) "
+                              f"that is beyond the context of {state.max_model_len} tokens", where,
+                              "context_length_exceeded")
+        spec = {"task": body["task"], "input": {f: row[f] for f in needed}, "choices": choices}
+        items.append((CLASSIFY, json.dumps(spec)))
+    return items, task.name, labels
+
+
+@router.post("/v1/classify")
+async def classify(request: Request, state: State):
+    loop = state.require_loop()
+    try:
+        body = await request.json()
+    except ValueError:
+        raise bad_request("the body is not JSON") from None
+    if isinstance(body, dict) and state.check_model(body.get("model")) is not None:
+        raise bad_request("/v1/classify runs the base model; LoRA adapters are not served here yet", "model")
+    items, name, labels = await run_in_threadpool(classify_items, state, body)  # tokenizes: off the event loop
+    try:
+        results = await asyncio.wait_for(loop.entail(items), state.config.server.request_timeout)
+    except TimeoutError:
+        raise state.timeout_error() from None
+    except ValueError as err:
+        raise bad_request(str(err)) from None
+    return {"object": "classification", "task": name, "labels": labels, "results": results}

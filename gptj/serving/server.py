@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from gptj.execution.inference.kv_budget import CacheBudget, available_memory, server_budget
-from gptj.execution.inference.pipelines import EntailmentPipeline, kv_cache_dtype_of, load_model_and_tokenizer
+from gptj.execution.inference.pipelines import kv_cache_dtype_of, load_model_and_tokenizer
 from gptj.execution.inference.request_engine import RequestEngine
 from gptj.execution.runtime.defaults import resolve_threads
 from gptj.execution.runtime.distributed import gather_ints
@@ -32,6 +32,7 @@ from gptj.model.kv_cache import kv_bytes_per_token, model_cache_dtype
 from .adapter_slots import AdapterSlots, adapter_limit
 from .app import ServerState, create_app
 from .engine_loop import EngineLoop, StepSync, follow
+from .scoring import ServingClassifier
 
 
 def model_name(config) -> str:
@@ -65,7 +66,8 @@ def load(config, ctx=None, device=None):
                            prefill_multiple=server.prefill_multiple,
                            cache_dtype=cache_dtype, adapters=adapters, cache_budget=budget)
     slots = AdapterSlots(engine, ctx, adapter_limit(config))
-    return engine, tokenizer, EntailmentPipeline(model, tokenizer, batch_size=server.max_batch_size), slots
+    # Entailment pairs and /v1/classify inputs (gptj/serving/scoring.py), batched per engine step.
+    return engine, tokenizer, ServingClassifier(model, tokenizer, batch_size=server.max_batch_size), slots
 
 
 def cache_budget(model, server, cache_dtype, ctx=None) -> CacheBudget:
