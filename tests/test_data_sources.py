@@ -177,3 +177,22 @@ def test_real_glue_tsv_counts():
         rows, summary = data.load_examples("mnli", str(path), strict=True)
         assert summary.read == 48 and len(rows) == 48
         assert {r["label"] for r in rows} <= set(LABELS)
+
+
+def test_a_csv_field_over_128_kib_is_read_like_a_jsonl_line(tmp_path):
+    """The csv module's default field limit (128 KiB) raised _csv.Error out of the loader; the
+    long row is read, and truncated or counted when tokenized, as the same row in JSONL is."""
+    long_premise = "A cat sleeps on the mat. " * 6000  # 150 000 characters
+    rows = [MNLI_ROWS[0], {**MNLI_ROWS[1], "premise": long_premise}, MNLI_ROWS[2]]
+    with open(tmp_path / "long.csv", "w", newline="", encoding="utf-8") as f:
+        w = csv.DictWriter(f, fieldnames=["premise", "hypothesis", "label"])
+        w.writeheader()
+        w.writerows(rows)
+    write_jsonl(tmp_path / "long.jsonl", rows)
+    from_csv, summary = data.load_examples("mnli", str(tmp_path / "long.csv"))
+    assert from_csv == data.load_examples("mnli", str(tmp_path / "long.jsonl"))[0]
+    assert summary.kept == 3 and from_csv[1]["premise"] == long_premise
+    assert csv.field_size_limit() == 128 * 1024  # the process-wide limit is left as it was
+    train = data.build_train_data("mnli", str(tmp_path / "long.csv"), "bundled:tiny", 32, use_cache=False,
+                                  progress=False, verbose=False)
+    assert (train.summary.kept, train.summary.truncated) == (3, 1)  # its premise cut to fit

@@ -155,7 +155,20 @@ def _jsonl_records(path: Path):
             yield where, record, None
 
 
+# The csv module refuses fields over 128 KiB by default; a JSONL line has no such limit, and a
+# long row is then truncated or counted as too_long when tokenized, whatever its file format.
+CSV_FIELD_LIMIT = 2**31 - 1
+
+
 def _delimited_records(path: Path, delimiter: str):
+    limit = csv.field_size_limit(CSV_FIELD_LIMIT)
+    try:
+        yield from _delimited_rows(path, delimiter)
+    finally:
+        csv.field_size_limit(limit)
+
+
+def _delimited_rows(path: Path, delimiter: str):
     # GLUE TSV files contain unbalanced quotes inside sentences: TSV is read without quoting.
     quoting = csv.QUOTE_NONE if delimiter == "\t" else csv.QUOTE_MINIMAL
     with open(path, encoding="utf-8", errors="surrogateescape", newline="") as f:
@@ -164,11 +177,24 @@ def _delimited_records(path: Path, delimiter: str):
             header = next(reader)
         except StopIteration:
             return
+        except csv.Error as e:
+            raise DataError(f"{path}:1: cannot read the header: {e}") from None
         if header and header[0].startswith("\ufeff"):
             header[0] = header[0][1:]
         if any(_SURROGATE.search(h) for h in header):
             raise DataError(f"{path}:1: header is not valid UTF-8")
-        for cells in reader:
+        failed_at = None
+        while True:
+            try:
+                cells = next(reader)
+            except StopIteration:
+                return
+            except csv.Error as e:  # this row is unusable, the next ones may not be
+                if reader.line_num == failed_at:  # nothing more was read: the file ends here
+                    raise DataError(f"{path}:{reader.line_num}: {e}") from None
+                failed_at = reader.line_num
+                yield f"{path}:{reader.line_num}", None, RowProblem("malformed", str(e))
+                continue
             where = f"{path}:{reader.line_num}"
             if not cells or cells == [""]:
                 continue
