@@ -65,7 +65,7 @@ def measure_bandwidth(megabytes: int, matmul: bool = True) -> dict:
     import torch
 
     from benchmarks.machine import measure_matmul_flops
-    from gptj.execution.training.loss_scaling import DTYPES
+    from gptj.execution.runtime.precision import DTYPES
 
     x = torch.ones(megabytes * 2**20 // 4)
     x.sum()
@@ -89,12 +89,12 @@ def measure_ours(model_dir: str, quantize: str | None, shape: dict, precision: s
     from benchmarks.bench_generation import weight_bytes_per_step
     from gptj.execution.inference.generation import GenerationEngine
     from gptj.execution.inference.pipelines import load_model_and_tokenizer
-    from gptj.execution.training.loss_scaling import dtype_name
+    from gptj.execution.runtime.precision import dtype_name
 
     start = time.perf_counter()
     model, _ = load_model_and_tokenizer(model_dir, precision=precision, device="cpu", quantize=quantize)
     out = {"load_s": time.perf_counter() - start, "load_peak_rss": _peak_rss(),
-           "precision": dtype_name(model.embed.weight.dtype)}
+           "precision": dtype_name(model.dtype)}
     engine = GenerationEngine(model)
     prompts = _prompts(model.config.vocab_size, shape["batch"], shape["prompt_tokens"])
     new = shape["new_tokens"]

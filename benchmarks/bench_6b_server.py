@@ -30,7 +30,7 @@ def weight_bytes(model_dir: str) -> int:
 def kv_bytes(config: dict, rows: int, tokens: int, dtype: str) -> int:
     """K and V of every layer in `dtype` (the cache's, as the server printed it) for `rows`
     requests of `tokens` positions. A bf16 model on a CPU caches in fp32 (gptj/model/kv_cache.py)."""
-    from gptj.execution.training.loss_scaling import parse_dtype
+    from gptj.execution.runtime.precision import parse_dtype
     from gptj.model.kv_cache import token_bytes
 
     return token_bytes(config["n_layer"], config["n_embd"], parse_dtype(dtype)) * rows * tokens

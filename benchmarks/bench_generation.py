@@ -156,7 +156,7 @@ def weight_bytes_per_step(model: GPTJ) -> int:
 def decode_bytes_per_step(model: GPTJ, batch: int, context: int) -> int:
     """Weights read by one decode step (embedding table excluded) + the KV cache it attends."""
     cfg = model.config
-    kv = 2 * cfg.num_layers * batch * context * cfg.hidden_size * model.embed.weight.element_size()
+    kv = 2 * cfg.num_layers * batch * context * cfg.hidden_size * model.dtype.itemsize
     return weight_bytes_per_step(model) + kv
 
 

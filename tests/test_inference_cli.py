@@ -96,13 +96,13 @@ def cli_pipelines(monkeypatch):
     """The pipelines run_inference.py builds: the model and KV cache that answered."""
     from gptj.execution.inference.pipelines import TextGenerationPipeline
 
-    built, original = [], TextGenerationPipeline.from_pretrained.__func__
+    built, original = [], TextGenerationPipeline.__init__
 
-    def recording(cls, *args, **kwargs):
-        built.append(original(cls, *args, **kwargs))
-        return built[-1]
+    def recording(self, *args, **kwargs):
+        original(self, *args, **kwargs)
+        built.append(self)
 
-    monkeypatch.setattr(TextGenerationPipeline, "from_pretrained", classmethod(recording))
+    monkeypatch.setattr(TextGenerationPipeline, "__init__", recording)
     return built
 
 
@@ -136,6 +136,6 @@ def test_kv_cache_dtype_option_picks_the_cache_and_keeps_the_tokens(tmp_path, cl
                                    "--max-new-tokens", "8", "--output", str(out)]) == 0
         outputs[choice] = json.loads(out.read_text())["token_ids"]
         engine = cli_pipelines[-1].engine  # the cache the command's engine generated with
-        assert engine.model.embed.weight.dtype == torch.bfloat16
+        assert engine.model.dtype == torch.bfloat16
         assert {t.dtype for layer in engine.cache.layers for t in (layer.keys, layer.values)} == {expected}
     assert outputs["auto"] == outputs["bf16"] and len(outputs["auto"]) == 8

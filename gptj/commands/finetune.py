@@ -46,6 +46,8 @@ OPTION_FIELDS = {
 
 def parse_args(argv=None) -> argparse.Namespace:
     from gptj.config import threads_value
+    from gptj.execution.runtime.precision import PRECISION_CHOICES
+    from gptj.model.quantized_linear import DEFAULT_GROUP_SIZE, GROUP_SIZES, QUANTIZE_MODES
 
     p = argparse.ArgumentParser(
         description="Fine-tune GPT-J (tensor parallel x replicas, sharded AdamW, host offload).",
@@ -71,7 +73,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--lr", type=float, metavar="X", help="peak learning rate")
     p.add_argument("--seed", type=int, metavar="N", help="data order seed")
     p.add_argument("--tensor-parallel", type=int, metavar="T", help="tensor-parallel ranks")
-    p.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"],
+    p.add_argument("--precision", choices=PRECISION_CHOICES,
                    help="compute precision (auto: bf16 where the GPU or CPU runs it natively and "
                         "the model is not tiny, else fp32)")
     p.add_argument("--threads", type=threads_value, metavar="N|auto",
@@ -84,10 +86,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--lora-dropout", type=float, metavar="P", help="dropout on the adapters' input")
     p.add_argument("--lora-targets", metavar="LIST",
                    help="comma-separated subset of q,k,v,out_proj,fc_in,fc_out (default: all)")
-    p.add_argument("--quantize", choices=["none", "int8", "int4"],
+    p.add_argument("--quantize", choices=("none", *QUANTIZE_MODES),
                    help="quantize the frozen base weights while loading (LoRA only)")
-    p.add_argument("--group-size", type=int, choices=[32, 64, 128, 256], metavar="N",
-                   help="int4 group size of the quantized base: 32, 64, 128 (default) or 256")
+    p.add_argument("--group-size", type=int, choices=GROUP_SIZES, metavar="N",
+                   help=f"int4 group size of the quantized base: one of {', '.join(map(str, GROUP_SIZES))} "
+                        f"(default {DEFAULT_GROUP_SIZE})")
     p.add_argument("--resume", nargs="?", const=True, choices=["auto"], default=None,
                    help="continue from the newest valid checkpoint in the output dir; `--resume auto`: "
                         "also start fresh when there is none (for torchrun --max-restarts)")
@@ -121,7 +124,8 @@ def build_config(args: argparse.Namespace, changes: list[str] | None = None):
 
 def check_inputs(config) -> None:
     """Output directory, model and data files, before any model is built or data is read."""
-    from gptj.execution.runtime.preflight import check_data_sources, check_output_dir, resolve_model_source
+    from gptj.execution.runtime.preflight import check_output_dir, resolve_model_source
+    from gptj.execution.training.data_loading import check_data_sources
     from gptj.execution.training.run_setup import check_run_dir
 
     check_output_dir(config.out_path)
@@ -137,9 +141,9 @@ def main(argv=None) -> int:
 
     from gptj.config import PresetError
     from gptj.data import DataError
+    from gptj.errors import GPTJError
     from gptj.execution.runtime.distributed import shutdown
-    from gptj.execution.runtime.model_files import ModelFileError, model_file_errors
-    from gptj.execution.runtime.preflight import InputError
+    from gptj.execution.runtime.model_files import model_file_errors
     from gptj.execution.training.checkpoint import CheckpointLoadError, CheckpointWriteError
     from gptj.execution.training.config import TrainConfigError
     from gptj.execution.training.loop import TrainingDiverged, train
@@ -163,10 +167,6 @@ def main(argv=None) -> int:
         if rank == 0:
             print(f"error: invalid configuration: {err}", file=sys.stderr)
         return 2
-    except (InputError, ModelFileError) as err:
-        if rank == 0:
-            print(f"error: {err}", file=sys.stderr)
-        return 2
     except DataError as err:  # bad or missing data: the user's input
         print(f"error{f' (rank {rank})' if rank else ''}: {err}", file=sys.stderr)
         return 2
@@ -177,6 +177,10 @@ def main(argv=None) -> int:
     except (CheckpointError, CheckpointLoadError, TrainingDiverged, CollectiveError) as err:
         print(f"error{f' (rank {rank})' if rank else ''}: {err}", file=sys.stderr)
         return 1
+    except GPTJError as err:  # any other bad input (a path, a model file): one line
+        if rank == 0:
+            print(f"error: {err}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt as err:  # Ctrl-C before training started, or a second one
         if rank == 0:
             print(interrupted_message(err, args), file=sys.stderr)

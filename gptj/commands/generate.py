@@ -13,13 +13,14 @@ reaches any field. Reports time to first token and prefill / decode tokens per s
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import re
 import sys
 import warnings
 from pathlib import Path
 
-from gptj.execution.inference.cli import UsageError, chosen_device
+from gptj.errors import UsageError
 
 # Command-line option -> config field (the model's own: gptj/execution/inference/cli.py).
 OPTION_FIELDS = {
@@ -143,47 +144,37 @@ def read_prompts(args) -> list[str] | None:
 
 
 def run(config) -> int:
-
-
     from gptj.execution.inference.pipelines import TextGenerationPipeline
+    from gptj.execution.inference.startup import plan_inference, print_machine
     from gptj.execution.inference.text_output import StreamPrinter
     from gptj.execution.runtime.distributed import init_distributed, world_size
-    from gptj.execution.runtime.preflight import check_output_file, resolve_model_source
+    from gptj.execution.runtime.precision import pick_device
+    from gptj.execution.runtime.preflight import check_output_file
 
     if config.output:  # checked now, not after generating: the results must not be lost
         check_output_file(config.output)
     prompts = config.prompts
     if not prompts:
         raise UsageError("no prompts: pass --prompt TEXT or --prompts-file FILE")
-    model = config.model
-    name = resolve_model_source(model.name_or_path) if model.name_or_path else f"random:{model.preset}"
     gen = config.generation
-    longest = check_prompts_before_loading(name, model.tokenizer, prompts, gen)
     tp = config.model.tensor_parallel
     if world_size() % tp:
         raise UsageError(f"--tensor-parallel {tp} needs a multiple of {tp} processes: "
                          f"torchrun --nproc-per-node {tp} run_inference.py ... (found {world_size()})")
-    ctx, device = init_distributed(tp)
+    ctx, _ = init_distributed(tp)
     main = ctx.is_main
-    device = chosen_device(config.model.device, device)
-    if longest is not None:  # the model as it will run, against the memory there is: before loading
-        from gptj.execution.runtime.memory_fit import check_model
-
-        check_model(name, precision=model.precision, quantize=model.quantize, group_size=model.group_size,
-                    device=device, rows=max(1, min(gen.batch_size or len(prompts), len(prompts))),
-                    tokens=longest + gen.max_new_tokens, prompt_tokens=longest, kv_cache_dtype=model.kv_cache_dtype,
-                    tensor_parallel=tp, offload_weights=model.offload_weights)
-    pipe = TextGenerationPipeline.from_pretrained(
-        name, tokenizer=model.tokenizer, precision=model.precision, device=device, ctx=ctx,
-        offload_weights=model.offload_weights, compile_decode=model.compile,
-        batch_size=config.generation.batch_size, init_seed=model.init_seed,
-        quantize=model.quantize, group_size=model.group_size, adapter=model.adapter,
-        kv_cache_dtype=model.kv_cache_dtype,
-    )
-    settle_auto_choices(config, pipe, main)
-    context = pipe.model.config.max_positions
-    ids = pipe.encode_prompts(prompts, gen.truncate_prompts, gen.max_new_tokens)
-    longest = max(len(i) for i in ids)
+    # Settle the auto choices, tokenize and check the fit once, before any weight is read.
+    plan = plan_inference(config.model, pick_device(config.model.device), prompts=prompts,
+                          max_new_tokens=gen.max_new_tokens, truncate_prompts=gen.truncate_prompts,
+                          rows=max(1, min(gen.batch_size or len(prompts), len(prompts))), main=main)
+    if main:
+        print_machine(plan)
+        print("config: " + json.dumps(dataclasses.asdict(config)), flush=True)
+    model = plan.load(ctx)
+    pipe = TextGenerationPipeline(model, plan.tokenizer, batch_size=gen.batch_size,
+                                  compile_decode=config.model.compile, kv_cache_dtype=config.model.kv_cache_dtype)
+    context = model.config.max_positions
+    longest = max(len(i) for i in plan.prompt_ids)
     if longest + gen.max_new_tokens > context:
         if main:
             print(f"warning: max_new_tokens {gen.max_new_tokens} does not fit the context of {context} "
@@ -192,12 +183,15 @@ def run(config) -> int:
 
     # Stream mode runs one prompt at a time (batch size 1) and shows what the plain output would.
     printer = StreamPrinter(prompts, pipe.tokenizer.decode, gen.stop) if gen.stream and main else None
+    progress = progress_bar(len(prompts), gen.batch_size) if main and printer is None else None
     finished = {}  # prompt index -> result, kept for a Ctrl-C that stops the run early
 
     def on_finish(index, result):
         finished[index] = result
         if printer is not None:
             printer.on_finish(index, result)
+        if progress is not None:
+            progress.update()
 
     try:
         with warnings.catch_warnings():
@@ -206,7 +200,7 @@ def run(config) -> int:
                 prompts, max_new_tokens=gen.max_new_tokens, temperature=gen.temperature, top_k=gen.top_k,
                 top_p=gen.top_p, seed=gen.seed, stop=gen.stop, batch_size=gen.batch_size,
                 truncate_prompts=gen.truncate_prompts, on_token=printer and printer.on_token,
-                on_finish=on_finish,
+                on_finish=on_finish, prompt_ids=plan.prompt_ids,
             )
     except KeyboardInterrupt:
         if main:
@@ -216,6 +210,9 @@ def run(config) -> int:
             print(f"interrupted by Ctrl-C: {len(done)} of {len(prompts)} prompts finished{where}",
                   file=sys.stderr)
         return 130
+    finally:
+        if progress is not None:
+            progress.close()
     stats = pipe.stats.as_dict()
     if not main:
         return 0
@@ -223,28 +220,14 @@ def run(config) -> int:
     return 0
 
 
-def settle_auto_choices(config, pipe, main: bool) -> None:
-    """"auto" precision and threads become what was chosen for this machine and model; rank 0
-    prints them with the resolved config."""
-    import dataclasses
+def progress_bar(prompts: int, batch_size: int):
+    """A bar of finished prompts on stderr when they take more than one batch (None otherwise):
+    a long prompts file shows how far it got instead of silence."""
+    if prompts <= batch_size:
+        return None
+    from tqdm import tqdm
 
-    import torch
-
-    from gptj.execution.runtime.defaults import auto_choices, resolve_threads
-    from gptj.execution.runtime.hardware import detect
-    from gptj.execution.training.loss_scaling import dtype_name
-
-    model = config.model
-    asked = (model.precision, model.threads)
-    model.precision = dtype_name(pipe.model.embed.weight.dtype)
-    chosen_threads = resolve_threads(model.threads, pipe.model.config)
-    if chosen_threads:
-        torch.set_num_threads(chosen_threads)
-    model.threads = torch.get_num_threads()
-    if main:
-        note = auto_choices(pipe.model.config, asked[0], model.precision, asked[1], model.threads)
-        print(f"machine: {detect().summary()}{note}", flush=True)
-        print("config: " + json.dumps(dataclasses.asdict(config)), flush=True)
+    return tqdm(total=prompts, desc="generate", unit="prompt", dynamic_ncols=True, file=sys.stderr)
 
 
 def print_results(config, results: list, stats: dict) -> None:
@@ -281,40 +264,16 @@ def write_results(output: str, results: list, stats: dict) -> Path:
     return path
 
 
-def check_prompts_before_loading(name: str, tokenizer: str | None, prompts: list[str], gen) -> int | None:
-    """Prompt lengths against the context, with the tokenizer alone: a too-long prompt is
-    reported before the model loads. A Hub model is checked once it is downloaded (None).
-    Returns the longest prompt's tokens."""
-    import gptj.data as data
-    from gptj.execution.inference.pipelines import fit_prompts
-    from gptj.model import ModelConfig
-
-    if name.startswith("random:"):
-        context, tokenizer = ModelConfig.preset(name.removeprefix("random:")).max_positions, tokenizer or "bundled:tiny"
-    elif Path(name).is_dir():
-        from gptj.model.hf import read_model_config
-
-        context, tokenizer = read_model_config(Path(name)).max_positions, tokenizer or name
-    else:
-        return None
-    encoded = fit_prompts(data.load_tokenizer(tokenizer).encode(prompts), context, gen.max_new_tokens,
-                          gen.truncate_prompts)
-    return max(len(ids) for ids in encoded)
-
-
 def main(argv=None) -> int:
     args = parse_args(argv)
-    from gptj.config import PresetError
-    from gptj.data import DataError
-    from gptj.model import ConfigError
-
-    known = (UsageError, PresetError, ConfigError, DataError, ValueError, FileNotFoundError)
     import torch
+
+    from gptj.errors import GPTJError
 
     threads = torch.get_num_threads()
     try:
         return run(build_config(args))
-    except known as err:  # bad input: one clear line, no stack trace
+    except GPTJError as err:  # bad input: one clear line, no stack trace
         print(f"error: {err}", file=sys.stderr)
         return 2
     finally:

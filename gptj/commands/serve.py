@@ -16,7 +16,7 @@ import dataclasses
 import json
 import sys
 
-from gptj.execution.inference.cli import UsageError, chosen_device
+from gptj.errors import UsageError
 
 # Command-line option -> config field (the model's own: gptj/execution/inference/cli.py).
 OPTION_FIELDS = {
@@ -77,21 +77,18 @@ def build_config(args: argparse.Namespace):
 
 def run(config, log_level: str) -> int:
     from gptj.execution.runtime.distributed import init_distributed, world_size
-    from gptj.execution.runtime.memory_fit import check_model
-    from gptj.serving.server import serve
+    from gptj.execution.runtime.precision import pick_device
+    from gptj.serving.server import plan, serve
 
     tp = config.model.tensor_parallel
     if world_size() != tp:
         raise UsageError(f"--tensor-parallel {tp} needs exactly {tp} processes: "
                          f"torchrun --nproc-per-node {tp} run_server.py ... (found {world_size()})")
-    ctx, device = init_distributed(tp)
-    device = chosen_device(config.model.device, device)
-    m = config.model
-    # Before loading: the weights and at least one full-length row of KV cache must fit.
-    check_model(m.name_or_path or f"random:{m.preset}", precision=m.precision, quantize=m.quantize,
-                group_size=m.group_size, device=device, rows=1, tokens=config.server.max_model_len,
-                kv_cache_dtype=m.kv_cache_dtype, tensor_parallel=tp, offload_weights=m.offload_weights,
-                rows_option="--max-batch-size")
+    ctx, _ = init_distributed(tp)
+    device = pick_device(config.model.device)
+    # Before the port is bound and anything loads: the model read, the auto choices settled, the
+    # weights and one full-length row of KV cache checked against the memory.
+    started = plan(config, device, ctx.is_main)
     if ctx.is_main:
         shown = dataclasses.asdict(config)
         shown.pop("prompts", None)
@@ -99,19 +96,16 @@ def run(config, log_level: str) -> int:
         if shown["server"]["api_key"]:
             shown["server"]["api_key"] = "***"
         print("config: " + json.dumps(shown), flush=True)
-    return serve(config, ctx, device, log_level)
+    return serve(config, ctx, device, log_level, started=started)
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    from gptj.config import PresetError
-    from gptj.data import DataError
-    from gptj.model import ConfigError
+    from gptj.errors import GPTJError
 
-    known = (UsageError, PresetError, ConfigError, DataError, ValueError, FileNotFoundError)
     try:
         return run(build_config(args), args.log_level)
-    except known as err:  # bad input: one clear line, no stack trace
+    except GPTJError as err:  # bad input: one clear line, no stack trace
         print(f"error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -17,11 +17,13 @@ from typing import Any, TypeVar
 
 import yaml
 
+from gptj.errors import GPTJError
+
 CONFIG_DIR = Path(__file__).resolve().parent
 T = TypeVar("T")
 
 
-class PresetError(ValueError):
+class PresetError(GPTJError, ValueError):
     """A preset or override that cannot be used, explained in words."""
 
 

@@ -6,12 +6,14 @@ import dataclasses
 import sys
 from collections import Counter
 
+from gptj.errors import GPTJError
 
-class DataError(Exception):
+
+class DataError(GPTJError):
     """A data source cannot be used: missing file, bad task file, or a bad row in strict mode."""
 
 
-class RowProblem(Exception):
+class RowProblem(GPTJError):
     """One row cannot be used; `reason` is a short key counted in the load summary."""
 
     def __init__(self, reason: str, detail: str = ""):

@@ -19,6 +19,8 @@ from pathlib import Path
 
 import torch
 
+from gptj.errors import GPTJError
+
 from .hf import replace_directory
 from .json_files import read_json
 from .lora import HF_MODULES, TARGETS, LoraAdapters, LoraSettings, peft_shapes
@@ -30,7 +32,7 @@ PREFIX = "base_model.model."
 PEFT_TARGET = {target: module.split(".")[1] for target, module in HF_MODULES.items()}
 
 
-class AdapterError(ValueError):
+class AdapterError(GPTJError, ValueError):
     """An adapter directory that cannot be used with this model, in one line."""
 
 

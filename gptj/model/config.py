@@ -6,8 +6,10 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
+from gptj.errors import GPTJError
 
-class ConfigError(ValueError):
+
+class ConfigError(GPTJError, ValueError):
     """A model shape or parallel layout that cannot work, explained in words."""
 
 

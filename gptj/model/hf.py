@@ -15,10 +15,13 @@ import json
 import os
 import shutil
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
+
+from gptj.errors import GPTJError
 
 from .config import ConfigError, ModelConfig
 from .json_files import read_json
@@ -31,7 +34,7 @@ SAFE_INDEX = "model.safetensors.index.json"
 BIN_INDEX = "pytorch_model.bin.index.json"
 
 
-class CheckpointError(ValueError):
+class CheckpointError(GPTJError, ValueError):
     """A checkpoint that does not hold the GPT-J this config describes."""
 
 
@@ -60,26 +63,69 @@ def resolve_checkpoint(name_or_path: str | os.PathLike) -> Path:
     return Path(snapshot_download(text, allow_patterns=patterns))
 
 
-def read_quantization(directory: Path) -> QuantSpec | None:
-    """The `quantization` section of a checkpoint's config.json (None: float weights)."""
-    values = json.loads((directory / "config.json").read_text()).get("quantization")
-    if values is None:
-        return None
-    try:
-        return QuantSpec.from_dict(values)
-    except (KeyError, TypeError, ValueError) as err:
-        raise CheckpointError(f"{directory / 'config.json'}: bad quantization section {values}: {err}") from err
+CONFIG_FILE = "config.json"
 
 
-def read_model_config(directory: Path) -> ModelConfig:
-    config_file = directory / "config.json"
+@dataclass(frozen=True)
+class CheckpointInfo:
+    """What a checkpoint directory's config.json says: the model's shape and, for a checkpoint
+    written quantized, its quantization (None: float weights)."""
+
+    directory: Path
+    config: ModelConfig
+    quantization: QuantSpec | None = None
+
+
+def read_config_json(directory: Path) -> dict:
+    """The values of `directory`/config.json: the one place that file is read."""
+    config_file = Path(directory) / CONFIG_FILE
     if not config_file.is_file():
         raise CheckpointError(f"{directory} has no config.json: not a Hugging Face model directory")
     values = read_json(config_file, CheckpointError)
+    if not isinstance(values, dict):
+        raise CheckpointError(f"{config_file}: expected a JSON object, found {type(values).__name__}")
+    return values
+
+
+def read_checkpoint_info(directory: Path) -> CheckpointInfo:
+    """The model config and stored quantization of a checkpoint directory, from one read."""
+    directory = Path(directory)
+    values = read_config_json(directory)
     try:
-        return ModelConfig.from_hf(values)
+        config = ModelConfig.from_hf(values)
     except ConfigError as err:
         raise CheckpointError(f"{directory}: {err}") from err
+    quantization = values.get("quantization")
+    if quantization is not None:
+        try:
+            quantization = QuantSpec.from_dict(quantization)
+        except (KeyError, TypeError, ValueError) as err:
+            raise CheckpointError(f"{directory / CONFIG_FILE}: bad quantization section {quantization}: {err}") from err
+    return CheckpointInfo(directory, config, quantization)
+
+
+def read_quantization(directory: Path) -> QuantSpec | None:
+    """The `quantization` section of a checkpoint's config.json (None: float weights)."""
+    return read_checkpoint_info(directory).quantization
+
+
+def read_model_config(directory: Path) -> ModelConfig:
+    return read_checkpoint_info(directory).config
+
+
+def read_weight_map(directory: Path) -> dict[str, Path] | None:
+    """{tensor name: file} from a sharded checkpoint's index (safetensors or .bin), or None
+    when the directory has no index: the one parser of those files."""
+    directory = Path(directory)
+    for index_name in (SAFE_INDEX, BIN_INDEX):
+        index = directory / index_name
+        if index.is_file():
+            values = read_json(index, CheckpointError)
+            weight_map = values.get("weight_map") if isinstance(values, dict) else None
+            if not isinstance(weight_map, dict):
+                raise CheckpointError(f"{index}: no \"weight_map\" object naming each tensor's file")
+            return {name: directory / file for name, file in weight_map.items()}
+    return None
 
 
 class CheckpointReader:
@@ -98,10 +144,9 @@ class CheckpointReader:
 
     def _index(self) -> dict[str, Path]:
         d = self.directory
-        for index_name in (SAFE_INDEX, BIN_INDEX):
-            if (d / index_name).is_file():
-                weight_map = json.loads((d / index_name).read_text())["weight_map"]
-                return {name: d / file for name, file in weight_map.items()}
+        indexed = read_weight_map(d)
+        if indexed is not None:
+            return indexed
         files = sorted(d.glob("*.safetensors")) or sorted(d.glob("*.bin"))
         if not files:
             raise CheckpointError(f"{d} holds no *.safetensors or *.bin weight files")
@@ -166,19 +211,21 @@ def load_pretrained(
     device: torch.device | str | None = None,
     quantize: QuantSpec | None = None,
     kernels: bool = False,
+    info: CheckpointInfo | None = None,
 ) -> tuple[GPTJ, CheckpointReader]:
     """A GPTJ holding this rank's shard of a Hugging Face checkpoint.
 
     quantize: quantize the projections while loading, one tensor at a time (gptj/model/quantized_model.py).
     A checkpoint written by `python -m gptj.execution.inference.quantized_checkpoints` loads quantized as stored; asking
     for a different quantization of it is an error. kernels: build the quantized layers'
-    kernel operands while loading (inference), not on the first call.
+    kernel operands while loading (inference), not on the first call. info: the directory's
+    config.json as already read (read_checkpoint_info), so it is not read again.
     """
     from .quantized_model import load_quantized_from_reader, quantize_from_reader, quantized_hf_shapes
 
-    directory = resolve_checkpoint(name_or_path)
-    config = read_model_config(directory)
-    stored = read_quantization(directory)
+    if info is None:
+        info = read_checkpoint_info(resolve_checkpoint(name_or_path))
+    directory, config, stored = info.directory, info.config, info.quantization
     if stored is not None:
         if quantize is not None and quantize != stored:
             raise CheckpointError(

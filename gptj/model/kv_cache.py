@@ -85,8 +85,7 @@ def native_bf16_attention() -> bool:
 def model_cache_dtype(model, dtype: torch.dtype | None = None, device=None) -> torch.dtype:
     """`dtype`, or when None `cache_dtype`'s choice for the model's activations on `device`
     (default: where the model's weights are)."""
-    weight = model.embed.weight  # the activation dtype (projections may be quantized)
-    return dtype or cache_dtype(weight.dtype, torch.device(device or weight.device))
+    return dtype or cache_dtype(model.dtype, torch.device(device or model.device))
 
 
 def kv_bytes_per_token(model, dtype: torch.dtype | None = None) -> int:
@@ -158,7 +157,7 @@ class StaticKVCache:
     def for_model(cls, model, batch_size: int, max_length: int, dtype=None, device=None) -> StaticKVCache:
         """A cache shaped for this rank's heads of `model`, in `cache_dtype` unless told."""
         attn = model.blocks[0].attn
-        device = torch.device(device or model.embed.weight.device)
+        device = torch.device(device or model.device)
         return cls(
             len(model.blocks), batch_size, attn.local_heads, attn.head_dim, max_length,
             dtype=model_cache_dtype(model, dtype, device), device=device,

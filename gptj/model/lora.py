@@ -31,6 +31,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from gptj.errors import GPTJError
+
 from .config import ModelConfig
 from .parallel import ParallelContext, all_gather
 from .sharding import ShardRule, SliceReader, slice_range
@@ -42,7 +44,7 @@ HF_MODULES = {"q": "attn.q_proj", "k": "attn.k_proj", "v": "attn.v_proj", "out_p
               "fc_in": "mlp.fc_in", "fc_out": "mlp.fc_out"}
 
 
-class LoraConfigError(ValueError):
+class LoraConfigError(GPTJError, ValueError):
     """LoRA settings that cannot work, in one line."""
 
 

@@ -171,7 +171,7 @@ class MultiLoRA(nn.Module):
         param = next(source.parameters())
         dtype, device = param.dtype, param.device
         if first is None:  # an empty set over a base: the dtype its activations have
-            dtype = base.embed.weight.dtype
+            dtype = base.dtype
         self.names: list[str] = []
         self.settings: dict[str, object] = {}  # each adapter's LoraSettings, by name
         self.register_buffer("scaling", torch.zeros(1, dtype=torch.float32, device=device))

@@ -25,6 +25,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from gptj.errors import GPTJError
+
 
 @dataclass
 class ParallelContext:
@@ -97,7 +99,7 @@ class ParallelContext:
 # ---- errors ------------------------------------------------------------------------------------
 
 
-class CollectiveError(RuntimeError):
+class CollectiveError(GPTJError, RuntimeError):
     """A collective that failed or timed out because another rank died, hung or left."""
 
 

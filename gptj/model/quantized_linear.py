@@ -49,10 +49,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from gptj.errors import GPTJError
+
 from .int4_cpu_layout import CPU_INT4_BLOCK_ROWS, int4_cpu_pack, int4_cpu_unpack, unpack_int4
 
 BITS = (8, 4)
-GROUP_SIZES = (32, 64, 128, 256)
+QUANTIZE_MODES = ("int8", "int4")  # the names options and configs use for BITS
+GROUP_SIZES = (32, 64, 128, 256)  # int4 only
+GROUP_SIZES_TEXT = ", ".join(map(str, GROUP_SIZES[:-1])) + f" or {GROUP_SIZES[-1]}"  # for messages
+DEFAULT_GROUP_SIZE = 128
 # Rows up to which the packed CPU kernels beat dequantize + bf16 matmul (measured: NOTES.md,
 # "Numbers behind code comments"). The int4 kernel's time grows with the rows at about the
 # dequantizing path's slope only past ~128 rows, so short prompts prefill through it; the int8
@@ -65,7 +70,7 @@ DEQUANTIZE_ELEMENTS = 1 << 20
 PREFILL_WEIGHT_ELEMENTS = 1 << 23
 
 
-class QuantizationError(ValueError):
+class QuantizationError(GPTJError, ValueError):
     """A quantization setting that cannot work for this weight, explained in words."""
 
 
@@ -82,9 +87,9 @@ class QuantSpec:
         """'int8' / 'int4' / None -> a spec (None: no quantization)."""
         if name in (None, "", "none"):
             return None
-        bits = {"int8": 8, "int4": 4}.get(str(name))
-        if bits is None:
-            raise QuantizationError(f"unknown quantization {name!r}; expected int8 or int4")
+        if name not in QUANTIZE_MODES:
+            raise QuantizationError(f"unknown quantization {name!r}; expected one of {', '.join(QUANTIZE_MODES)}")
+        bits = int(name.removeprefix("int"))
         spec = cls(bits, group_size)
         spec.check()
         return spec

@@ -241,9 +241,8 @@ def quantized_copy(model: GPTJ, spec: QuantSpec) -> GPTJ:
     if model.quantization is not None:
         raise QuantizationError(f"the model is already quantized ({model.quantization.name})")
     params = dict(model.named_parameters())
-    source = model.embed.weight
     return prepare_kernels(build_quantized(
-        model.config, model.ctx, source.dtype, source.device, spec, lambda name: params[name].detach()
+        model.config, model.ctx, model.dtype, model.device, spec, lambda name: params[name].detach()
     ))
 
 
@@ -269,7 +268,7 @@ def without_kernels(model: nn.Module) -> nn.Module:
 def dequantize_model(model: GPTJ) -> GPTJ:
     """Replace every quantized projection of `model` (in place) by its dequantized weight in
     the model's dtype: the same function, as plain tensors (to merge adapters, or export)."""
-    dtype = model.embed.weight.dtype
+    dtype = model.dtype
     for name in [n for n, m in model.named_modules() if isinstance(m, QuantizedLinear)]:
         module, attr = _owner(model, name)
         weight = getattr(module, attr).dequantize(dtype)

@@ -18,6 +18,8 @@ from pathlib import Path
 
 import torch
 
+from gptj.errors import GPTJError
+
 DTYPES = {
     "BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32, "F64": torch.float64,
     "I8": torch.int8, "U8": torch.uint8, "I16": torch.int16, "I32": torch.int32, "I64": torch.int64,
@@ -28,7 +30,7 @@ READ_CHUNK = 64 << 20
 HEADER_LIMIT = 100 * 2**20  # the format's own upper bound on the JSON header
 
 
-class TensorFileError(ValueError):
+class TensorFileError(GPTJError, ValueError):
     """A file that is not a readable safetensors file, named with the reason."""
 
 

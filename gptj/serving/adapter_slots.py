@@ -10,8 +10,10 @@ uses the adapter (the server stops sending new ones at once), then frees its fac
 
 from __future__ import annotations
 
+from gptj.errors import GPTJError
 
-class AdapterChangeError(Exception):
+
+class AdapterChangeError(GPTJError):
     """A refused load or unload; `status` is the HTTP status it answers with."""
 
     def __init__(self, status: int, message: str):

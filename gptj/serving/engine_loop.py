@@ -26,6 +26,7 @@ import traceback
 
 import torch.distributed as dist
 
+from gptj.errors import GPTJError
 from gptj.execution.inference.request_engine import Event, Request, RequestEngine
 from gptj.model.parallel import ParallelContext, broadcast_json
 
@@ -35,7 +36,7 @@ IDLE_HEARTBEAT_S = 1.0
 REQUEST_LOG = logging.getLogger("gptj.requests")  # one line per finished request (serve() shows it)
 
 
-class QueueFull(Exception):
+class QueueFull(GPTJError):
     pass
 
 

@@ -8,6 +8,8 @@ from fastapi import Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 
+from gptj.errors import GPTJError
+
 TYPES = {
     400: "invalid_request_error",
     401: "authentication_error",
@@ -19,7 +21,7 @@ TYPES = {
 }
 
 
-class APIError(Exception):
+class APIError(GPTJError):
     def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None,
                  headers: dict[str, str] | None = None):
         super().__init__(message)

@@ -20,13 +20,14 @@ from pathlib import Path
 
 import torch
 
+from gptj.errors import GPTJError, UsageError
 from gptj.execution.inference.kv_budget import CacheBudget, available_memory, server_budget
-from gptj.execution.inference.pipelines import kv_cache_dtype_of, load_model_and_tokenizer
+from gptj.execution.inference.pipelines import kv_cache_dtype_of
 from gptj.execution.inference.request_engine import RequestEngine
-from gptj.execution.runtime.defaults import resolve_threads
+from gptj.execution.inference.startup import InferencePlan, plan_inference
 from gptj.execution.runtime.distributed import gather_ints
+from gptj.execution.runtime.precision import dtype_name, pick_device
 from gptj.execution.runtime.preflight import InputError, resolve_model_source
-from gptj.execution.training.loss_scaling import dtype_name
 from gptj.model.kv_cache import kv_bytes_per_token, model_cache_dtype
 
 from .adapter_slots import AdapterSlots, adapter_limit
@@ -39,26 +40,27 @@ def model_name(config) -> str:
     return config.server.served_model_name or config.model.name_or_path or f"random:{config.model.preset}"
 
 
-def load(config, ctx=None, device=None):
-    """(RequestEngine, tokenizer, EntailmentPipeline, AdapterSlots) for this rank, through
-    load_model_and_tokenizer."""
+def plan(config, device=None, main: bool = True) -> InferencePlan:
+    """The server's start-up (gptj/execution/inference/startup.py): the model read, the auto
+    choices settled and the weights with one full-length row of KV cache checked against the
+    memory, before anything loads. A --max-model-len beyond the model's context is refused here."""
+    m = config.model
+    return plan_inference(m, device if device is not None else pick_device(m.device), rows=1,
+                          tokens=config.server.max_model_len, rows_option="--max-batch-size",
+                          max_length_option="--max-model-len", main=main)
+
+
+def load(config, ctx=None, device=None, started: InferencePlan | None = None):
+    """(RequestEngine, tokenizer, EntailmentPipeline, AdapterSlots) for this rank; `started`:
+    the start-up already planned (None: planned now)."""
     m, server = config.model, config.server
-    model, tokenizer = load_model_and_tokenizer(
-        m.name_or_path or f"random:{m.preset}", m.tokenizer, m.precision, device, ctx, m.offload_weights,
-        m.init_seed, quantize=m.quantize, group_size=m.group_size, adapter=m.adapter,
-    )
-    # "auto" settings become what was chosen for this machine and model (torch's thread count
-    # is process-wide, so the engine thread gets it too).
+    started = started or plan(config, device, ctx is None or ctx.is_main)
+    model, tokenizer = started.load(ctx), started.tokenizer
     adapters = None
     if adapter_limit(config):  # adapters by name, now or loaded later: the unmerged base serves them
         from gptj.model.multi_lora import load_adapters
 
         adapters = load_adapters(m.adapters, model, ctx)
-    threads = resolve_threads(m.threads, model.config)
-    if threads:
-        torch.set_num_threads(threads)
-    m.threads = torch.get_num_threads()
-    m.precision = dtype_name(model.embed.weight.dtype)
     cache_dtype = kv_cache_dtype_of(m.kv_cache_dtype)
     budget = cache_budget(model, server, cache_dtype, ctx)
     engine = RequestEngine(model, server.max_batch_size, tokenizer.eos_id, server.max_model_len,
@@ -70,11 +72,22 @@ def load(config, ctx=None, device=None):
     return engine, tokenizer, ServingClassifier(model, tokenizer, batch_size=server.max_batch_size), slots
 
 
+def ready_line(name: str, config, engine) -> str:
+    """What is being served, as it runs: the precision, the quantization of the weights (if
+    any), the threads and the KV cache's shape."""
+    spec = engine.model.quantization
+    weights = ""
+    if spec is not None:
+        weights = f", {spec.name} weights" + (f" (groups of {spec.group_size})" if spec.bits == 4 else "")
+    return (f"ready: {name}, precision {config.model.precision}{weights}, {config.model.threads} threads, "
+            f"{engine.max_batch_size} rows x {engine.max_length} tokens")
+
+
 def cache_budget(model, server, cache_dtype, ctx=None) -> CacheBudget:
     """The KV cache budget: `server.memory_utilization` of the memory left now that the weights
     are loaded. Every tensor-parallel rank takes the same (the smallest rank's), so all ranks
     admit the same requests; CPU ranks share one machine's memory, so each takes its part."""
-    device = model.embed.weight.device
+    device = model.device
     available = available_memory(device)
     ranks = ctx.world_size if ctx is not None else 1
     if ranks > 1:
@@ -90,14 +103,15 @@ def cache_budget(model, server, cache_dtype, ctx=None) -> CacheBudget:
     return budget
 
 
-def build_app(config, ctx=None, device=None, on_load_error=None):
-    """(FastAPI app, ServerState): the app loads the model in the background when it starts."""
+def build_app(config, ctx=None, device=None, on_load_error=None, started: InferencePlan | None = None):
+    """(FastAPI app, ServerState): the app loads the model in the background when it starts
+    (`started`: its start-up, already planned)."""
     state = ServerState(config, model_name(config), adapters=list(config.model.adapters))
     app = create_app(state)
 
     def load_in_background(aloop):
         try:
-            engine, tokenizer, entailment, slots = load(config, ctx, device)
+            engine, tokenizer, entailment, slots = load(config, ctx, device, started)
             loop = EngineLoop(engine, state.metrics, config.server.max_queue, entailment, StepSync(ctx), slots,
                               state.model_name)
             state.tokenizer, state.entailment, state.loop = tokenizer, entailment, loop
@@ -105,12 +119,10 @@ def build_app(config, ctx=None, device=None, on_load_error=None):
             loop.start(aloop)
             state.ready = True
             if ctx is None or ctx.is_main:
-                print(f"ready: {state.model_name}, precision {config.model.precision}, "
-                      f"{config.model.threads} threads, {engine.max_batch_size} rows x {engine.max_length} tokens",
-                      flush=True)
+                print(ready_line(state.model_name, config, engine), flush=True)
         except Exception as err:  # noqa: BLE001 - reported by /health and every route
-            state.load_error = str(err) if isinstance(err, ValueError) else f"{type(err).__name__}: {err}"
-            if not isinstance(err, ValueError):
+            state.load_error = str(err) if isinstance(err, GPTJError) else f"{type(err).__name__}: {err}"
+            if not isinstance(err, GPTJError):
                 traceback.print_exc()
             if on_load_error is not None:
                 on_load_error()
@@ -183,15 +195,17 @@ def uvicorn_server(app, host: str, port: int, log_level: str = "warning", on_sta
     return Server(uvicorn.Config(app, host=host, port=port, log_level=log_level, timeout_keep_alive=30))
 
 
-def serve(config, ctx=None, device=None, log_level: str = "info") -> int:
-    """Run until stopped (Ctrl-C / SIGTERM on rank 0)."""
+def serve(config, ctx=None, device=None, log_level: str = "info", started: InferencePlan | None = None) -> int:
+    """Run until stopped (Ctrl-C / SIGTERM on rank 0). `started`: the start-up, already planned
+    (None: planned now, before the port is bound)."""
     check_model_paths(config)
+    started = started or plan(config, device, ctx is None or ctx.is_main)
     if ctx is not None and not ctx.is_main:
         # A follower stops when rank 0 says so (after its last step), not on the launcher's
         # Ctrl-C / SIGTERM, which would cut rank 0's last broadcast.
         signal.signal(signal.SIGINT, signal.SIG_IGN)
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
-        engine, _, entailment, slots = load(config, ctx, device)
+        engine, _, entailment, slots = load(config, ctx, device, started)
         follow(engine, entailment, StepSync(ctx), slots)
         return 0
     sock = listen_socket(config.server.host, config.server.port)
@@ -205,14 +219,14 @@ def serve(config, ctx=None, device=None, log_level: str = "info") -> int:
         print(f"serving on http://{host}:{port}/v1", flush=True)
 
     show_request_log(log_level)
-    app, state = build_app(config, ctx, device, on_load_error=give_up)
+    app, state = build_app(config, ctx, device, on_load_error=give_up, started=started)
     server = uvicorn_server(app, host, port, log_level, on_started=announce)
     try:
         server.run(sockets=[sock])
     finally:
         sock.close()
     if state.load_error:
-        raise ValueError(state.load_error)  # bad input (a missing model...) -> one line, exit 2
+        raise UsageError(state.load_error)  # bad input (a missing model...) -> one line, exit 2
     return 0
 
 

@@ -6,9 +6,9 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from gptj.errors import UsageError
 
-class UsageError(Exception):
-    """Bad input from the user: reported as one line on stderr, exit code 2."""
+__all__ = ["UsageError", "add_model_arguments", "apply_model_options", "split_adapter_options"]
 
 
 PRESET_FILE = Path(__file__).resolve().parents[2] / "config" / "inference.yml"
@@ -34,6 +34,8 @@ def add_model_arguments(p: argparse.ArgumentParser, named_adapters: bool = False
     named_adapters: --adapter may repeat, as NAME=DIR (served by name) or one plain DIR
     (`split_adapter_options` sorts them)."""
     from gptj.config import threads_value
+    from gptj.execution.runtime.precision import DEVICE_CHOICES, PRECISION_CHOICES
+    from gptj.model.quantized_linear import DEFAULT_GROUP_SIZE, GROUP_SIZES, QUANTIZE_MODES
 
     p.add_argument("--config", default="tiny", metavar="PRESET", help="preset in gptj/config/inference.yml (default: tiny)")
     p.add_argument("--preset-file", default=str(PRESET_FILE), help="another preset YAML file")
@@ -48,19 +50,19 @@ def add_model_arguments(p: argparse.ArgumentParser, named_adapters: bool = False
         p.add_argument("--adapter", metavar="DIR",
                        help="a PEFT LoRA adapter directory for --model (merged into plain weights at load, "
                             "kept beside quantized ones)")
-    p.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"],
+    p.add_argument("--precision", choices=PRECISION_CHOICES,
                    help="auto (default): bf16 where the hardware runs it natively and the model is "
                         "not tiny, else fp32")
-    p.add_argument("--quantize", choices=["int8", "int4"],
+    p.add_argument("--quantize", choices=QUANTIZE_MODES,
                    help="weight-only quantization while loading (int8 per channel, int4 group-wise)")
-    p.add_argument("--group-size", type=int, choices=[32, 64, 128, 256], metavar="N",
-                   help="int4 group size: 32, 64, 128 (default) or 256")
+    p.add_argument("--group-size", type=int, choices=GROUP_SIZES, metavar="N",
+                   help=f"int4 group size: one of {', '.join(map(str, GROUP_SIZES))} (default {DEFAULT_GROUP_SIZE})")
     p.add_argument("--tensor-parallel", type=int, metavar="T", help="tensor-parallel ranks (launch with torchrun)")
-    p.add_argument("--device", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--device", choices=DEVICE_CHOICES)
     p.add_argument("--threads", type=threads_value, metavar="N|auto",
                    help="CPU threads for torch (auto, the default: 1 for tiny models, else the "
                         "physical cores; 0: torch's default)")
-    p.add_argument("--kv-cache-dtype", choices=["auto", "fp32", "bf16", "fp16"],
+    p.add_argument("--kv-cache-dtype", choices=PRECISION_CHOICES,
                    help="KV cache dtype (auto: the model's, but fp32 for bf16/fp16 models on CPU, "
                         "where attention over it is 4-7x faster, at twice the memory)")
     p.add_argument("--offload-weights", action="store_true", help="stream block weights from host memory")
@@ -72,7 +74,7 @@ def split_adapter_options(settings: dict, args: argparse.Namespace) -> None:
     values = args.adapter or []
     plain = [v for v in values if "=" not in v]
     if len(plain) > 1:
-        raise ValueError(f"--adapter DIR was given {len(plain)} times ({', '.join(plain)}): "
+        raise UsageError(f"--adapter DIR was given {len(plain)} times ({', '.join(plain)}): "
                          "name each adapter to serve several, --adapter NAME=DIR")
     args.adapter = plain[0] if plain else None
     named = settings.setdefault("model", {}).setdefault("adapters", {})
@@ -80,7 +82,7 @@ def split_adapter_options(settings: dict, args: argparse.Namespace) -> None:
         if "=" in value:
             name, _, directory = value.partition("=")
             if not name or not directory:
-                raise ValueError(f"--adapter {value!r}: expected NAME=DIR")
+                raise UsageError(f"--adapter {value!r}: expected NAME=DIR")
             named[name] = directory
 
 
@@ -97,14 +99,3 @@ def apply_model_options(settings: dict, args: argparse.Namespace) -> dict:
         if getattr(args, flag):
             model[flag] = True
     return settings
-
-
-def chosen_device(asked: str, device):
-    """The torch device of `--device` (`asked`) given the one the distributed setup picked."""
-    import torch
-
-    if asked == "auto":
-        return device
-    if asked == "cuda" and device.type != "cuda":
-        raise UsageError("device cuda was asked for but no CUDA GPU is available")
-    return torch.device(asked) if device.type != asked else device

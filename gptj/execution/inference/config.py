@@ -6,6 +6,8 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from gptj.execution.inference.sampling import SamplingParams
+from gptj.execution.runtime.precision import DEVICE_CHOICES, PRECISION_CHOICES
+from gptj.model.quantized_linear import DEFAULT_GROUP_SIZE, GROUP_SIZES, GROUP_SIZES_TEXT, QUANTIZE_MODES
 
 
 @dataclass
@@ -23,26 +25,27 @@ class ModelSection:
     adapters: dict[str, str] = field(default_factory=dict)
     # auto: bf16 where the hardware runs it natively (not for tiny models), else fp32
     # (gptj/execution/runtime/defaults.py); an explicit dtype without native kernels warns once and runs.
-    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
-    device: Literal["auto", "cpu", "cuda"] = "auto"
+    precision: Literal[PRECISION_CHOICES] = "auto"
+    device: Literal[DEVICE_CHOICES] = "auto"
     tensor_parallel: int = 1
     offload_weights: bool = False  # keep block weights in host memory, stream them per block
     compile: bool = False  # torch.compile the decode step (CUDA graphs on GPU)
     # KV cache dtype. auto: the model's, except fp32 for bf16/fp16 models on CPUs without AMX
     # (faster attention there, twice the memory: gptj/model/kv_cache.py); or fp32 / bf16 / fp16.
-    kv_cache_dtype: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    kv_cache_dtype: Literal[PRECISION_CHOICES] = "auto"
     # CPU threads for torch. auto: 1 for tiny models (each op is too small to split), else the
     # physical cores shared among this machine's processes; 0: torch's default.
     threads: int | Literal["auto"] = "auto"
 
     # Weight-only quantization of the projections while loading: int8 (per output channel) or
-    # int4 (groups of `group_size` input columns: 32, 64, 128 or 256). None: the model dtype.
-    quantize: Literal["int8", "int4"] | None = None
-    group_size: int = 128
+    # int4 (groups of `group_size` input columns, one of GROUP_SIZES). None: the model dtype.
+    quantize: Literal[QUANTIZE_MODES] | None = None
+    group_size: int = DEFAULT_GROUP_SIZE
 
     def __post_init__(self):
-        if self.group_size not in (32, 64, 128, 256):
-            raise ValueError(f"model.group_size must be 32, 64, 128 or 256, got {self.group_size}")
+        if self.group_size not in GROUP_SIZES:
+            raise ValueError(f"model.group_size must be {GROUP_SIZES_TEXT}, "
+                             f"got {self.group_size}")
         if self.quantize is not None and self.offload_weights:
             raise ValueError("model.quantize and model.offload_weights cannot be combined: quantized "
                              "weights stay on the device")

@@ -14,6 +14,8 @@ from dataclasses import dataclass
 
 import torch
 
+from gptj.errors import UsageError
+
 GIB = 1 << 30
 
 
@@ -82,7 +84,7 @@ def server_budget(bytes_per_token: int, max_rows: int, max_length: int, availabl
         fits = budget.budget_bytes // bytes_per_token
         remedies = ([f"--max-model-len {fits} would fit"] if fits >= 2 else []) + [
             "quantize the weights (--quantize int4)", "raise --memory-utilization"]
-        raise ValueError(f"KV cache: one row of {max_length} tokens needs {_size(row)} but {left}: "
+        raise UsageError(f"KV cache: one row of {max_length} tokens needs {_size(row)} but {left}: "
                          + ", or ".join(remedies))
     held_as = f"{dtype_name}, " if dtype_name else ""
     line = (f"KV cache ({held_as}{_size(bytes_per_token)} a token): up to {max_rows} rows x {max_length} tokens "

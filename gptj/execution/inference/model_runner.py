@@ -33,7 +33,7 @@ class ModelRunner:
     def __init__(self, model, compile_decode: bool = False, cache_dtype: torch.dtype | None = None):
         self.model = model
         self.config = model.config
-        self.device = model.embed.weight.device
+        self.device = model.device
         self.compile_decode = compile_decode
         self.cache_dtype = cache_dtype  # None: gptj.model.kv_cache.cache_dtype's choice
         self.cache: StaticKVCache | None = None

@@ -26,11 +26,12 @@ from dataclasses import dataclass
 
 import torch
 
+from gptj.errors import UsageError
 from gptj.execution.inference.classification import ClassificationPipeline, check_trained_task
 from gptj.execution.inference.generation import GenerationEngine, GenerationStats
 from gptj.execution.inference.sampling import SamplingParams
+from gptj.execution.runtime.precision import parse_dtype, pick_device
 from gptj.execution.runtime.preflight import resolve_model_source
-from gptj.execution.training.loss_scaling import parse_dtype
 from gptj.model import GPTJ, ParallelContext
 
 
@@ -38,15 +39,6 @@ def resolve_model_dir(name_or_path: str) -> str:
     """A run_finetuning.py output dir becomes its hf/ export; a Hub id is returned as is; a local
     path that holds no model is a ValueError naming the problem."""
     return resolve_model_source(name_or_path, option="model")
-
-
-def pick_device(device: str | torch.device | None) -> torch.device:
-    if device in (None, "auto"):
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError("device cuda was asked for but no CUDA GPU is available")
-    return device
 
 
 def load_model_and_tokenizer(
@@ -117,11 +109,11 @@ def fit_prompts(encoded: list[list[int]], context: int, max_new_tokens: int = 1,
     keep = max(1, context - max_new_tokens)
     for i, ids in enumerate(encoded):
         if not ids:
-            raise ValueError(f"prompt {i} is empty")
+            raise UsageError(f"prompt {i} is empty")
         if truncate and len(ids) > keep:
             encoded[i] = ids[len(ids) - keep :]
         elif len(ids) >= context:
-            raise ValueError(
+            raise UsageError(
                 f"prompt {i} has {len(ids)} tokens but the model context is {context}; "
                 "shorten it, or keep its last tokens with --truncate-prompts (truncate_prompts=True)"
             )
@@ -165,13 +157,13 @@ def using_adapter(adapters, name: str | None):
     an adapter that is not held."""
     if adapters is None:
         if name is not None:
-            raise ValueError(f"adapter {name!r} is not loaded: this pipeline holds no adapters "
+            raise UsageError(f"adapter {name!r} is not loaded: this pipeline holds no adapters "
                              "(from_pretrained(..., adapters={name: DIR}))")
         return contextlib.nullcontext()
     try:
         adapters.index(name)
     except KeyError as err:
-        raise ValueError(err.args[0]) from None
+        raise UsageError(err.args[0]) from None
     return adapters.use(name)
 
 
@@ -179,7 +171,7 @@ class TextGenerationPipeline:
     def __init__(self, model: GPTJ, tokenizer, batch_size: int = 16, compile_decode: bool = False,
                  kv_cache_dtype: str = "auto", adapters=None):
         if adapters is not None and compile_decode:
-            raise ValueError("a compiled decode step does not take LoRA adapters chosen per call: "
+            raise UsageError("a compiled decode step does not take LoRA adapters chosen per call: "
                              "drop compile_decode")
         self.model, self.tokenizer, self.batch_size = model, tokenizer, batch_size
         self.adapters = adapters  # gptj.model.multi_lora.MultiLoRA: `adapter=` of a call chooses one
@@ -215,16 +207,18 @@ class TextGenerationPipeline:
         self, prompts: list[str], max_new_tokens: int = 32, temperature: float = 0.0, top_k: int = 0,
         top_p: float = 1.0, seed: int = 0, stop: list[str] | None = None, batch_size: int | None = None,
         truncate_prompts: bool = False, on_token=None, on_finish=None, adapter: str | None = None,
+        prompt_ids: list[list[int]] | None = None,
     ) -> list[GeneratedText]:
         """on_token(prompt_index, token) as tokens come; on_finish(prompt_index, GeneratedText)
-        as each prompt is done. adapter: one of the pipeline's named adapters (None: the base)."""
+        as each prompt is done. adapter: one of the pipeline's named adapters (None: the base).
+        prompt_ids: the prompts already tokenized and fitted (encode_prompts), not encoded again."""
         with using_adapter(self.adapters, adapter):
             return self._generate(prompts, max_new_tokens, temperature, top_k, top_p, seed, stop, batch_size,
-                                  truncate_prompts, on_token, on_finish)
+                                  truncate_prompts, on_token, on_finish, prompt_ids)
 
     def _generate(self, prompts, max_new_tokens, temperature, top_k, top_p, seed, stop, batch_size,
-                  truncate_prompts, on_token, on_finish) -> list[GeneratedText]:
-        ids = self.encode_prompts(prompts, truncate_prompts, max_new_tokens)
+                  truncate_prompts, on_token, on_finish, prompt_ids=None) -> list[GeneratedText]:
+        ids = prompt_ids if prompt_ids is not None else self.encode_prompts(prompts, truncate_prompts, max_new_tokens)
         stop = [s for s in (stop or []) if s]
 
         def as_text(index, result) -> GeneratedText:
@@ -298,7 +292,7 @@ def _entailment_pairs(premise, hypothesis) -> tuple[bool, list[tuple[str, str]]]
         single, pairs = True, [(premise, hypothesis)]
     elif isinstance(premise, (list, tuple)) and isinstance(hypothesis, (list, tuple)):
         if len(premise) != len(hypothesis):
-            raise ValueError(f"{len(premise)} premises but {len(hypothesis)} hypotheses")
+            raise UsageError(f"{len(premise)} premises but {len(hypothesis)} hypotheses")
         single, pairs = False, list(zip(premise, hypothesis))
     elif isinstance(premise, (list, tuple)) and hypothesis is None:
         if not all(isinstance(p, (list, tuple)) and len(p) == 2 for p in premise):
@@ -308,11 +302,11 @@ def _entailment_pairs(premise, hypothesis) -> tuple[bool, list[tuple[str, str]]]
         got = type(premise).__name__ + ("" if hypothesis is None else f" and {type(hypothesis).__name__}")
         raise TypeError(f"{usage}; got {got}")
     if not pairs:
-        raise ValueError("no (premise, hypothesis) pairs given")
+        raise UsageError("no (premise, hypothesis) pairs given")
     for i, (p, h) in enumerate(pairs):
         for name, text in (("premise", p), ("hypothesis", h)):
             if not isinstance(text, str):
                 raise TypeError(f"{name} {i} must be a string, got {type(text).__name__}")
             if not text.strip():
-                raise ValueError(f"{name} {i} is empty")
+                raise UsageError(f"{name} {i} is empty")
     return single, pairs

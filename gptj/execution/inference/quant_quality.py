@@ -36,7 +36,7 @@ def heldout_rows(data) -> tuple[list[list[int]], list[int]]:
 def perplexity(model, rows: list[list[int]], starts: list[int] | None = None, batch_size: int = 32) -> float:
     """exp(mean next-token loss) over the tokens of each row from position starts[i] on
     (default 1: every token after the first)."""
-    device = model.embed.weight.device
+    device = model.device
     starts = starts or [1] * len(rows)
     total, count = 0.0, 0
     for begin in range(0, len(rows), batch_size):

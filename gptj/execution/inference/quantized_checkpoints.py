@@ -35,8 +35,8 @@ def quantize_checkpoint(
         CheckpointError,
         CheckpointReader,
         ShardedSafetensorsWriter,
-        read_model_config,
-        read_quantization,
+        read_checkpoint_info,
+        read_config_json,
         replace_directory,
         resolve_checkpoint,
     )
@@ -47,8 +47,9 @@ def quantize_checkpoint(
     spec = QuantSpec(bits, group_size, quantize_head)
     spec.check()
     directory = resolve_checkpoint(resolve_model_dir(str(source)))
-    config = read_model_config(directory)
-    if read_quantization(directory) is not None:
+    info = read_checkpoint_info(directory)
+    config = info.config
+    if info.quantization is not None:
         raise CheckpointError(f"{directory} is already quantized; quantize the float checkpoint instead")
     check_layout(config, ParallelContext.single(), spec)
     output = Path(output)
@@ -75,7 +76,7 @@ def quantize_checkpoint(
             writer.add(name, tensor)
         del tensor
     writer.close()
-    values = json.loads((directory / "config.json").read_text())
+    values = read_config_json(directory)
     values["quantization"] = spec.to_dict()
     (tmp / "config.json").write_text(json.dumps(values, indent=2))
     for file in TOKENIZER_FILES:

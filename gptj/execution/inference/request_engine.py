@@ -33,6 +33,7 @@ from collections.abc import Callable
 
 import torch
 
+from gptj.errors import UsageError
 from gptj.execution.inference.generation_stats import GenerationStats
 from gptj.execution.inference.kv_budget import CacheBudget
 from gptj.execution.inference.model_runner import ModelRunner, sync
@@ -95,19 +96,19 @@ class RequestEngine:
         isolate_failures: bool = True,
     ):
         if max_batch_size < 1:
-            raise ValueError(f"max_batch_size must be >= 1, got {max_batch_size}")
+            raise UsageError(f"max_batch_size must be >= 1, got {max_batch_size}")
         context = model.config.max_positions
         self.max_length = context if max_length is None else max_length
         if not 1 < self.max_length <= context:
-            raise ValueError(f"max_length must be in [2, {context}] (the model context), got {self.max_length}")
+            raise UsageError(f"max_length must be in [2, {context}] (the model context), got {self.max_length}")
         self.model, self.eos_token_id, self.decode = model, eos_token_id, decode
         if prefill_multiple < 1:
-            raise ValueError(f"prefill_multiple must be >= 1, got {prefill_multiple}")
+            raise UsageError(f"prefill_multiple must be >= 1, got {prefill_multiple}")
         self.prefill_multiple = prefill_multiple
         self.vocab_size = model.config.vocab_size
         self.runner = runner or ModelRunner(model, compile_decode=compile_decode, cache_dtype=cache_dtype)
         if adapters is not None and self.runner.compile_decode:
-            raise ValueError("a compiled decode step does not take per-request LoRA adapters: drop --compile")
+            raise UsageError("a compiled decode step does not take per-request LoRA adapters: drop --compile")
         self.adapters = adapters
         self.isolate_failures = isolate_failures
         self.budget = cache_budget
@@ -145,10 +146,10 @@ class RequestEngine:
         """Raise ValueError naming what is wrong with `request`."""
         scoring_only = request.max_new_tokens == 0 and request.prompt_logprobs is not None
         if request.max_new_tokens < (0 if scoring_only else 1):
-            raise ValueError(f"max_new_tokens must be >= 1 (0 only to score the prompt), got {request.max_new_tokens}")
+            raise UsageError(f"max_new_tokens must be >= 1 (0 only to score the prompt), got {request.max_new_tokens}")
         total = len(request.prompt) + request.max_new_tokens
         if total > self.max_length:
-            raise ValueError(
+            raise UsageError(
                 f"the prompt has {len(request.prompt)} tokens and max_new_tokens is {request.max_new_tokens} "
                 f"({total} in total) but the context is {self.max_length} tokens"
             )
@@ -156,14 +157,14 @@ class RequestEngine:
         # may fill its row, it needs no room to generate).
         check_prompts([request.prompt], self.max_length + 1, self.vocab_size)
         if request.stop_strings and self.decode is None:
-            raise ValueError("stop strings need a decode function (token ids -> text)")
+            raise UsageError("stop strings need a decode function (token ids -> text)")
         for name in ("logprobs", "prompt_logprobs"):
             value = getattr(request, name)
             if value is not None and not 0 <= value <= MAX_LOGPROBS:
-                raise ValueError(f"{name} must be in [0, {MAX_LOGPROBS}], got {value}")
+                raise UsageError(f"{name} must be in [0, {MAX_LOGPROBS}], got {value}")
         loaded = self.adapters.names if self.adapters is not None else []
         if request.adapter is not None and request.adapter not in loaded:
-            raise ValueError(f"adapter {request.adapter!r} is not loaded (loaded: {', '.join(loaded) or 'none'})")
+            raise UsageError(f"adapter {request.adapter!r} is not loaded (loaded: {', '.join(loaded) or 'none'})")
 
     # ---- the three calls ---------------------------------------------------------------------
     def add(self, request: Request) -> None:
@@ -445,12 +446,12 @@ class RequestEngine:
     def add_adapter(self, name: str, lora) -> None:
         """Serve `lora` (a gptj.model.lora.LoraAdapters for this model) under `name` from the next step."""
         if self.adapters is None:
-            raise ValueError("this engine was built without adapters (adapters=None)")
+            raise UsageError("this engine was built without adapters (adapters=None)")
         self.adapters.add(name, lora)
 
     def remove_adapter(self, name: str) -> None:
         if self.adapter_in_use(name):
-            raise ValueError(f"adapter {name!r} still has requests")
+            raise UsageError(f"adapter {name!r} still has requests")
         self.adapters.remove(name)
 
     def _set_adapter_rows(self, names: list[str | None]) -> None:
@@ -476,15 +477,15 @@ def check_prompts(prompts: list[list[int]], context: int, vocab_size: int) -> No
     """Raise ValueError naming the first prompt that is empty, leaves no room below `context`
     or holds a token outside the vocabulary."""
     if not prompts:
-        raise ValueError("no prompts given")
+        raise UsageError("no prompts given")
     for i, p in enumerate(prompts):
         if not p:
-            raise ValueError(f"prompt {i} is empty: at least one token is needed")
+            raise UsageError(f"prompt {i} is empty: at least one token is needed")
         if len(p) >= context:
-            raise ValueError(
+            raise UsageError(
                 f"prompt {i} has {len(p)} tokens but the model context is {context}: "
                 "no room to generate (shorten it or truncate from the left)"
             )
         bad = [t for t in p if not 0 <= t < vocab_size]
         if bad:
-            raise ValueError(f"prompt {i} holds token id {bad[0]} outside the vocabulary of {vocab_size}")
+            raise UsageError(f"prompt {i} holds token id {bad[0]} outside the vocabulary of {vocab_size}")

@@ -56,13 +56,12 @@ def init_distributed(tensor_parallel: int = 1,
 
     `timeout_s` bounds every collective of the process group created here (None: torch's default).
     """
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    from gptj.execution.runtime.precision import pick_device
+
     timeout = timedelta(seconds=timeout_s) if timeout_s is not None else None
-    if torch.cuda.is_available():
-        device = torch.device("cuda", local_rank % torch.cuda.device_count())
+    device = pick_device("auto")
+    if device.type == "cuda":
         torch.cuda.set_device(device)
-    else:
-        device = torch.device("cpu")
     if not dist.is_initialized() and env_world_size() > 1:
         backend = "nccl" if device.type == "cuda" else "gloo"
         kwargs = {"device_id": device} if device.type == "cuda" else {}

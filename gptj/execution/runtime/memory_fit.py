@@ -20,13 +20,14 @@ and exit 2 instead of being killed by the out-of-memory killer half way through 
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
 
+from gptj.errors import GPTJError
+from gptj.execution.runtime.precision import parse_dtype
 from gptj.model import ModelConfig
 from gptj.model.quantized_linear import QuantSpec
 
@@ -36,7 +37,7 @@ GIB = 2**30
 _DTYPE_BYTES = {"BF16": 2, "F16": 2, "F32": 4, "F64": 8, "I8": 1, "U8": 1, "I16": 2, "I32": 4, "I64": 8, "BOOL": 1}
 
 
-class MemoryFitError(ValueError):
+class MemoryFitError(GPTJError, ValueError):
     """The model, as asked, needs more memory than is available (one line, with the numbers)."""
 
 
@@ -120,12 +121,12 @@ def estimate(layout: Layout, rows: int = 0, tokens: int = 0, largest_tensor: int
 
 def checkpoint_tensors(directory: Path) -> dict[str, tuple[str, tuple[int, ...]]]:
     """{name: (safetensors dtype, shape)} from the headers of a checkpoint's safetensors files."""
-    from gptj.model.hf import SAFE_INDEX
+    from gptj.model.hf import read_weight_map
     from gptj.model.tensor_files import read_header
 
-    index = directory / SAFE_INDEX
-    if index.is_file():
-        files = sorted({directory / f for f in json.loads(index.read_text())["weight_map"].values()})
+    indexed = read_weight_map(directory)
+    if indexed is not None:
+        files = sorted({f for f in indexed.values() if f.suffix == ".safetensors"})
     else:
         files = sorted(directory.glob("*.safetensors"))
     out = {}
@@ -261,23 +262,38 @@ def check_model(name_or_path: str, *, precision: str = "auto", quantize: str | N
     `tokens` per row is capped at the model's context; None: the whole context."""
     from gptj.execution.runtime.defaults import resolve_precision
     from gptj.execution.runtime.preflight import resolve_model_source
-    from gptj.execution.training.loss_scaling import parse_dtype
 
-    device = torch.device(device).type
-    spec = QuantSpec.parse(quantize, group_size)
     name = resolve_model_source(name_or_path)
-    kv_dtype = None if kv_cache_dtype == "auto" else parse_dtype(kv_cache_dtype)
     if name.startswith("random:"):
-        config, largest, stored = ModelConfig.preset(name.removeprefix("random:")), 0, False
+        config, checkpoint = ModelConfig.preset(name.removeprefix("random:")), None
     elif Path(name).is_dir():
-        from gptj.model.hf import read_model_config, read_quantization
+        from gptj.model.hf import read_checkpoint_info
 
-        config, stored = read_model_config(Path(name)), read_quantization(Path(name)) is not None
-        largest = largest_stored_tensor(checkpoint_tensors(Path(name)))
-        spec = read_quantization(Path(name)) or spec
+        checkpoint = read_checkpoint_info(Path(name))
+        config = checkpoint.config
     else:
         return None
     dtype = parse_dtype(resolve_precision(precision, device, config))
+    return check_source(name, config, checkpoint, dtype=dtype, quantize=quantize, group_size=group_size,
+                        device=device, rows=rows, tokens=tokens, kv_cache_dtype=kv_cache_dtype,
+                        prompt_tokens=prompt_tokens, tensor_parallel=tensor_parallel,
+                        offload_weights=offload_weights, rows_option=rows_option)
+
+
+def check_source(name: str, config: ModelConfig, checkpoint=None, *, dtype: torch.dtype, quantize: str | None = None,
+                 group_size: int = 128, device: str | torch.device = "cpu", rows: int = 0, tokens: int | None = 0,
+                 kv_cache_dtype: str = "auto", prompt_tokens: int | None = None, tensor_parallel: int = 1,
+                 offload_weights: bool = False, rows_option: str = "--batch-size") -> Estimate:
+    """check_fits for a model whose config is already read: `checkpoint` is its directory's
+    gptj.model.hf.CheckpointInfo (None: random weights), `dtype` its resolved precision."""
+    device = torch.device(device).type
+    spec = QuantSpec.parse(quantize, group_size)
+    kv_dtype = None if kv_cache_dtype == "auto" else parse_dtype(kv_cache_dtype)
+    largest, stored = 0, False
+    if checkpoint is not None:
+        largest = largest_stored_tensor(checkpoint_tensors(checkpoint.directory))
+        stored = checkpoint.quantization is not None
+        spec = checkpoint.quantization or spec
     tokens = config.max_positions if tokens is None else min(tokens, config.max_positions)
     layout = Layout(config, dtype, spec, device, kv_dtype, tensor_parallel)
     return check_fits(layout, rows, tokens, largest, what=name, prompt_tokens=prompt_tokens, rows_option=rows_option,

@@ -12,10 +12,11 @@ import contextlib
 import json
 from pathlib import Path
 
+from gptj.errors import GPTJError
 from gptj.model.tensor_files import read_header
 
 
-class ModelFileError(ValueError):
+class ModelFileError(GPTJError, ValueError):
     """A weight file that cannot be read: cut short, or not a safetensors file at all."""
 
 

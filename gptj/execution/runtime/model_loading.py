@@ -9,7 +9,8 @@ without LoRA adapters, resident or streamed from host memory, for training or fo
 - a gptj.ModelConfig: seeded random weights of that shape (`init_seed`);
 - "random:PRESET": the same for a preset, its vocabulary taken from the tokenizer so every id
   the model emits decodes;
-- a Hugging Face directory, Hub id or run_finetuning.py output directory (its hf/ export);
+- a Hugging Face directory, Hub id or run_finetuning.py output directory (its hf/ export),
+  or a directory's config.json as already read (gptj.model.hf.CheckpointInfo);
   a checkpoint written by `python -m gptj.execution.inference.quantized_checkpoints` loads quantized as stored;
 - a loaded GPTJ: a quantized copy of it (`quantize` required) that shares every unquantized
   tensor and the LoRA adapters with it, as evaluation's quantized pass needs.
@@ -22,14 +23,17 @@ directory is merged into plain weights (kept beside quantized ones).
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
+from gptj.errors import UsageError
 from gptj.execution.runtime.defaults import resolve_precision, warn_slow_precision
-from gptj.execution.training.loss_scaling import parse_dtype
+from gptj.execution.runtime.precision import parse_dtype
 from gptj.model import GPTJ, ModelConfig, ParallelContext
+from gptj.model.hf import CheckpointInfo
 from gptj.model.lora import LoraAdapters, LoraSettings
 from gptj.model.quantized_linear import QuantSpec
 
@@ -57,7 +61,7 @@ class LoadedModel:
     streamer: Any = None  # gptj.execution.runtime.offload.BlockWeightStreamer when block weights stream
 
 
-def load_model(source: str | ModelConfig | GPTJ, ctx: ParallelContext | None = None, *,
+def load_model(source: str | ModelConfig | GPTJ | CheckpointInfo, ctx: ParallelContext | None = None, *,
                device: torch.device | str = "cpu", precision: str | torch.dtype = "auto",
                quantize: QuantSpec | None = None, adapters: str | NewAdapters | None = None,
                offload: bool = False, trainable: bool = False, init_seed: int = 0,
@@ -71,10 +75,10 @@ def load_model(source: str | ModelConfig | GPTJ, ctx: ParallelContext | None = N
     if isinstance(source, GPTJ):
         return _quantized_copy(source, quantize)
     if quantize is not None and offload:
-        raise ValueError("quantized weights are not streamed from host memory: use --quantize or "
+        raise UsageError("quantized weights are not streamed from host memory: use --quantize or "
                          "--offload-weights, not both")
     place = torch.device("cpu") if offload else device  # the streamer moves the rest
-    if isinstance(source, ModelConfig) or source.startswith("random:"):
+    if isinstance(source, ModelConfig) or (isinstance(source, str) and source.startswith("random:")):
         loaded = _random(source, ctx, device, place, precision, quantize, trainable, init_seed,
                          tokenizer, load_tokenizer)
     else:
@@ -141,34 +145,37 @@ def _random(source, ctx, device, place, precision, spec, trainable, init_seed, t
 def _pretrained(source, ctx, device, place, precision, spec, trainable, offload, tokenizer,
                 load_tokenizer) -> LoadedModel:
     from gptj.execution.runtime.preflight import resolve_model_source
-    from gptj.model.hf import load_pretrained, read_model_config, resolve_checkpoint
+    from gptj.model.hf import CheckpointInfo, load_pretrained, read_checkpoint_info, resolve_checkpoint
 
-    directory = resolve_checkpoint(resolve_model_source(source, option="model"))
-    dtype = _dtype(precision, device, read_model_config(directory), ctx)
+    info = source if isinstance(source, CheckpointInfo) else \
+        read_checkpoint_info(resolve_checkpoint(resolve_model_source(source, option="model")))
+    directory = info.directory
+    dtype = _dtype(precision, device, info.config, ctx)
     model, _ = load_pretrained(directory, ctx, dtype=dtype, device=place, quantize=spec,
-                               kernels=not trainable)
+                               kernels=not trainable, info=info)
     if offload and model.quantization is not None:
-        raise ValueError(f"{directory} holds quantized weights, which are not streamed from host memory: "
+        raise UsageError(f"{directory} holds quantized weights, which are not streamed from host memory: "
                          "drop --offload-weights")
     tok = None
     if load_tokenizer:
         tok = _tokenizer(tokenizer or directory)
         if tok.vocab_size > model.config.vocab_size:
-            raise ValueError(f"tokenizer {tokenizer or directory} has {tok.vocab_size} tokens but the "
+            raise UsageError(f"tokenizer {tokenizer or directory} has {tok.vocab_size} tokens but the "
                              f"model's vocabulary is {model.config.vocab_size}")
     return LoadedModel(model, model.config, dtype, model.quantization, str(directory), tokenizer=tok)
 
 
-def _tokenizer(name):
+def _tokenizer(spec):
+    """The tokenizer of `spec`: a name or directory is loaded; a loaded one is used as it is."""
     import gptj.data as data
 
-    return data.load_tokenizer(name)
+    return data.load_tokenizer(spec) if isinstance(spec, (str, os.PathLike)) else spec
 
 
 def _add_adapters(loaded: LoadedModel, adapters: str | NewAdapters, ctx, trainable: bool) -> None:
     model = loaded.model
     if isinstance(adapters, NewAdapters):
-        device = model.embed.weight.device
+        device = model.device
         new = LoraAdapters(model.config, adapters.settings, model.ctx, loaded.dtype, device)
         new.init_weights(seed=adapters.init_seed).attach(model)  # the base weights frozen
         if trainable:
@@ -190,8 +197,8 @@ def _quantized_copy(model: GPTJ, spec: QuantSpec | None) -> LoadedModel:
     from gptj.model.quantized_model import quantized_copy
 
     if spec is None:
-        raise ValueError("a copy of a loaded model is a quantized copy: name the quantization")
+        raise UsageError("a copy of a loaded model is a quantized copy: name the quantization")
     copy = quantized_copy(model, spec)  # shares every unquantized tensor with `model`
     for plain, block in zip(model.blocks, copy.blocks):
         block.lora = plain.lora  # the same adapters (if any) over the quantized weights
-    return LoadedModel(copy, copy.config, model.embed.weight.dtype, spec, "copy")
+    return LoadedModel(copy, copy.config, model.dtype, spec, "copy")

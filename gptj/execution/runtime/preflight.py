@@ -10,8 +10,10 @@ from __future__ import annotations
 import tempfile
 from pathlib import Path
 
+from gptj.errors import UsageError
 
-class InputError(ValueError):
+
+class InputError(UsageError):
     """A path or name from the user that cannot work, explained in one line."""
 
 
@@ -94,18 +96,3 @@ def resolve_model_source(name_or_path: str, option: str = "--model") -> str:
     if looks_local(name):
         raise InputError(f"{option} {name}: model directory does not exist")
     return name
-
-
-def check_data_sources(config) -> None:
-    """Every training and evaluation source of a fine-tuning config can be found (files are
-    looked up, nothing is read or downloaded); raises data.DataError naming the missing one."""
-    import gptj.data as data
-    from gptj.data.pipeline import resolve_source
-    from gptj.data.sources import Source
-    from gptj.execution.training.data_loading import eval_sources
-
-    task = data.load_task(config.data.task)
-    Source(resolve_source(task, config.data.dataset), task.train_split)
-    if config.eval.at_end or config.eval.every > 0:
-        for _, source, split in eval_sources(config, task):
-            Source(resolve_source(task, source), split or task.eval_splits[0])

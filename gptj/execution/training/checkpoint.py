@@ -40,6 +40,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from gptj.errors import GPTJError
 from gptj.execution.runtime.distributed import gather_ints
 from gptj.model.json_files import read_json
 
@@ -51,7 +52,7 @@ READABLE_VERSIONS = (1, 2)  # 1: written before shard sizes and checksums were r
 CHECKSUM = "xxh3_128"
 
 
-class CheckpointLoadError(RuntimeError):
+class CheckpointLoadError(GPTJError, RuntimeError):
     """A checkpoint that cannot be read or does not fit this run."""
 
 
@@ -59,7 +60,7 @@ class CheckpointDamagedError(CheckpointLoadError):
     """A checkpoint whose meta.json is unreadable or whose files do not match what it records."""
 
 
-class CheckpointWriteError(RuntimeError):
+class CheckpointWriteError(GPTJError, RuntimeError):
     """A checkpoint that could not be written; every rank raises the same message."""
 
 

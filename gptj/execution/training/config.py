@@ -14,12 +14,15 @@ from pathlib import Path
 from typing import Any, Literal
 
 from gptj.config import CONFIG_DIR, PresetError, apply_overrides, build, read_presets, resolve_preset
+from gptj.errors import GPTJError
+from gptj.execution.runtime.precision import PRECISION_CHOICES, PRECISIONS
+from gptj.model.quantized_linear import DEFAULT_GROUP_SIZE, GROUP_SIZES, GROUP_SIZES_TEXT, QUANTIZE_MODES
 
 PRESET_FILE = CONFIG_DIR / "finetuning.yml"
 DEFAULT_PRESET = "tiny"
 
 
-class TrainConfigError(ValueError):
+class TrainConfigError(GPTJError, ValueError):
     """A configuration value that cannot work, explained in one line."""
 
 
@@ -34,8 +37,8 @@ class ModelSection:
     stream_block_weights: bool = False  # keep block weights on the host, stream them in
     # Frozen base weights quantized while loading (int8 per channel, int4 in groups of
     # `group_size` input columns), for LoRA only; see gptj/model/quantized_linear.py.
-    quantize: Literal["none", "int8", "int4"] = "none"
-    group_size: int = 128
+    quantize: Literal[("none", *QUANTIZE_MODES)] = "none"
+    group_size: int = DEFAULT_GROUP_SIZE
 
 
 @dataclass
@@ -104,7 +107,7 @@ class TrainingSection:
     seed: int = 0
     # auto: bf16 where the hardware runs it natively (a GPU with bf16; a CPU with AMX-BF16 or
     # AVX512-BF16, for models that are not tiny), else fp32 (gptj/execution/runtime/defaults.py)
-    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    precision: Literal[PRECISION_CHOICES] = "auto"
     loss_scale: LossScaleSection = field(default_factory=LossScaleSection)
     max_bad_steps: int = 5  # this many non-finite steps in a row stop the run
     # CPU threads per process. auto: 1 for tiny models, else the physical cores shared among
@@ -127,7 +130,7 @@ class CheckpointSection:
     overwrite: bool = False  # a fresh run may delete the checkpoints of an earlier run in its dir
     at_end: bool = True
     export_hf: bool = True  # write OUTPUT_DIR/hf at the end
-    export_dtype: Literal["model", "fp32", "bf16", "fp16"] = "model"
+    export_dtype: Literal[("model", *PRECISIONS)] = "model"
     on_error: Literal["stop", "continue"] = "stop"  # a failed write (disk full, ...): stop or go on
 
 
@@ -142,8 +145,8 @@ class EvalSection:
     max_new_tokens: int | None = None  # None: the longest label + 2
     # Also evaluate a weight-only quantized copy of the model ("int8", or "int4" with groups of
     # `group_size`); its results are reported under "SPLIT@int8" / "SPLIT@int4".
-    quantize: Literal["int8", "int4"] | None = None
-    group_size: int = 128
+    quantize: Literal[QUANTIZE_MODES] | None = None
+    group_size: int = DEFAULT_GROUP_SIZE
 
 
 @dataclass
@@ -263,8 +266,9 @@ def check_values(config: FinetuneConfig) -> None:
     if config.model.stream_block_weights and not config.optimizer.offload:
         raise TrainConfigError("model.stream_block_weights needs optimizer.offload: true (the "
                                "streamed blocks' gradients are kept on the host)")
-    if config.eval.group_size not in (32, 64, 128, 256):
-        raise TrainConfigError(f"eval.group_size must be 32, 64, 128 or 256, got {config.eval.group_size}")
+    if config.eval.group_size not in GROUP_SIZES:
+        raise TrainConfigError(f"eval.group_size must be {GROUP_SIZES_TEXT}, "
+                               f"got {config.eval.group_size}")
     check_lora(config)
     if config.model.name_or_path is None and config.data.tokenizer is None:
         raise TrainConfigError("data.tokenizer is required when model.name_or_path is not set")
@@ -292,8 +296,9 @@ def check_lora(config: FinetuneConfig) -> None:
         lora.settings()
     except LoraConfigError as err:
         raise TrainConfigError(str(err)) from None
-    if config.model.group_size not in (32, 64, 128, 256):
-        raise TrainConfigError(f"model.group_size must be 32, 64, 128 or 256, got {config.model.group_size}")
+    if config.model.group_size not in GROUP_SIZES:
+        raise TrainConfigError(f"model.group_size must be {GROUP_SIZES_TEXT}, "
+                               f"got {config.model.group_size}")
     if config.eval.quantize and config.model.quantize != "none":
         raise TrainConfigError(f"eval.quantize {config.eval.quantize} with model.quantize {config.model.quantize}: "
                                "the quantized base is already what evaluation sees")

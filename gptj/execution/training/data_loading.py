@@ -50,6 +50,19 @@ def eval_sources(config: FinetuneConfig, task) -> list[tuple[str, str, str | Non
     return out
 
 
+def check_data_sources(config: FinetuneConfig) -> None:
+    """Every training and evaluation source of a fine-tuning config can be found (files are
+    looked up, nothing is read or downloaded); raises data.DataError naming the missing one."""
+    from gptj.data.pipeline import resolve_source
+    from gptj.data.sources import Source
+
+    task = datalib.load_task(config.data.task)
+    Source(resolve_source(task, config.data.dataset), task.train_split)
+    if config.eval.at_end or config.eval.every > 0:
+        for _, source, split in eval_sources(config, task):
+            Source(resolve_source(task, source), split or task.eval_splits[0])
+
+
 def evaluated_on_training_rows(config: FinetuneConfig, task) -> list[str]:
     """Names of the evaluation splits that read the very file the model trains on."""
     if not wants_eval(config):

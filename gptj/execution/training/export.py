@@ -11,7 +11,7 @@ from gptj.model import GPTJ
 
 def export(model: GPTJ, out_dir: Path, tokenizer, export_dtype: str = "model") -> Path | None:
     """HF-format directory (config, safetensors, tokenizer); collective over the TP group."""
-    from gptj.execution.training.loss_scaling import DTYPES
+    from gptj.execution.runtime.precision import DTYPES
     from gptj.model.hf import export_hf
 
     dtype = None if export_dtype == "model" else DTYPES[export_dtype]
@@ -23,9 +23,9 @@ def export_run(config: FinetuneConfig, model: GPTJ, adapters, out: Path, tokeniz
     """(adapter directory, hf directory) of the run's export; `log` gets the line naming them.
     With LoRA the adapters are merged into `model` (see gptj.execution.training.lora_runs.export)."""
     if adapters is not None:
+        from gptj.execution.runtime.precision import DTYPES
         from gptj.execution.training.lora_runs import base_source
         from gptj.execution.training.lora_runs import export as export_adapters
-        from gptj.execution.training.loss_scaling import DTYPES
 
         export_dtype = config.checkpoint.export_dtype
         adapter_dir, hf_dir = export_adapters(

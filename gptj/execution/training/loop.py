@@ -29,6 +29,7 @@ import numpy as np
 import torch
 
 import gptj.data as datalib
+from gptj.errors import GPTJError
 from gptj.execution.runtime.defaults import resolve_threads
 from gptj.execution.runtime.distributed import all_reduce_max_int, init_distributed, world_size
 from gptj.execution.runtime.interrupt import EXIT_CODE, NAMES, StopRequest
@@ -67,7 +68,7 @@ __all__ = ["TrainResult", "TrainingDiverged", "accumulate_gradients", "base_quan
            "model_config_for", "to_device", "train"]
 
 
-class TrainingDiverged(RuntimeError):
+class TrainingDiverged(GPTJError, RuntimeError):
     """Too many optimizer steps in a row had a non-finite loss or gradient."""
 
 

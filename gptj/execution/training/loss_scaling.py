@@ -1,4 +1,4 @@
-"""Model dtypes and the dynamic loss scale used with fp16 weights.
+"""The dynamic loss scale used with fp16 weights.
 
 bf16 and fp32 have the exponent range of fp32, so their gradients need no scaling: the scaler is
 then disabled (scale 1.0, `update` does nothing). fp16 gradients underflow without scaling, so
@@ -9,20 +9,6 @@ scale adapts: halve it when a step overflows, double it after `growth_interval` 
 from __future__ import annotations
 
 import torch
-
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-
-
-def parse_dtype(name: str) -> torch.dtype:
-    """The torch dtype for a config name ("fp32" | "bf16" | "fp16")."""
-    if name not in DTYPES:
-        raise ValueError(f"unknown precision {name!r}; expected one of {', '.join(DTYPES)}")
-    return DTYPES[name]
-
-
-def dtype_name(dtype: torch.dtype) -> str:
-    """The config name of a torch dtype ("fp32" | "bf16" | "fp16")."""
-    return next(name for name, known in DTYPES.items() if known == dtype)
 
 
 class DynamicLossScaler:

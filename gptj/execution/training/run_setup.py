@@ -54,7 +54,7 @@ def eval_quantization(config: FinetuneConfig):
 
 def compute_dtype(precision: str, device: torch.device, mc: ModelConfig) -> tuple[str, torch.dtype]:
     """The precision name and dtype of the run ("auto" resolved for this device and model)."""
-    from gptj.execution.training.loss_scaling import DTYPES
+    from gptj.execution.runtime.precision import DTYPES
 
     precision = resolve_precision(precision, device, mc)
     return precision, DTYPES[precision]
