@@ -62,6 +62,12 @@ def test_a_run_classifies_with_its_own_task(runs):
     assert ClassificationPipeline.from_pretrained(str(made["user"] / "hf"), precision="fp32").task.name == "sentiment"
     sst2 = ClassificationPipeline.from_pretrained(str(made["sst2"]), precision="fp32")
     assert sst2.task.name == "sst2" and sst2({"sentence": "fine"})["label"] in ("negative", "positive")
+    # A run that keeps its resolved config (config.yaml) is read from it first.
+    (made["sst2"] / "config.yaml").write_text("data:\n  task: mnli\n")
+    try:
+        assert ClassificationPipeline.from_pretrained(str(made["sst2"]), precision="fp32").task.name == "mnli"
+    finally:
+        (made["sst2"] / "config.yaml").unlink()
 
 
 def test_bad_rows_and_choices_are_refused_naming_the_field(runs):

@@ -23,6 +23,7 @@ import json
 from pathlib import Path
 
 import torch
+import yaml
 
 from gptj.execution.inference.scoring import candidate_logprobs, choose
 
@@ -32,19 +33,20 @@ def run_directory(model_or_run: str) -> Path | None:
     adapter/ export), or None when the path is not part of a run."""
     path = Path(str(model_or_run)).expanduser()
     for candidate in (path, path.parent):
-        if (candidate / "checkpoints").is_dir():
+        if (candidate / "config.yaml").is_file() or (candidate / "checkpoints").is_dir():
             return candidate
     return None
 
 
 def trained_task_spec(run: Path) -> str | None:
-    """The task (a built-in name or a task file) the run's newest checkpoint was trained on."""
-    metas = sorted((run / "checkpoints").glob("*/meta.json"))
-    if not metas:
-        return None
+    """The task (a built-in name or a task file) the run was trained on: from the config the run
+    keeps (config.yaml), else from its newest checkpoint's."""
     try:
-        return json.loads(metas[-1].read_text())["config"]["data"]["task"]
-    except (OSError, ValueError, KeyError, TypeError):
+        if (run / "config.yaml").is_file():
+            return yaml.safe_load((run / "config.yaml").read_text())["data"]["task"]
+        metas = sorted((run / "checkpoints").glob("*/meta.json"))
+        return json.loads(metas[-1].read_text())["config"]["data"]["task"] if metas else None
+    except (OSError, ValueError, KeyError, TypeError, yaml.YAMLError):
         return None
 
 
