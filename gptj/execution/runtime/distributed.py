@@ -15,6 +15,10 @@ processes published and fail to connect. Each attempt therefore uses its own key
 by the agent's restart count. That count is per agent, so on several nodes it can differ;
 there TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 gives every attempt a fresh store instead (and this
 prefix is not used).
+
+On several nodes the ranks first check in with each other through that store (reachability.py),
+with a short limit: an address the other nodes cannot reach, restart counts that differ or a
+rank that never arrives end the job in one line instead of a hang.
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
+from gptj.execution.runtime import reachability
 from gptj.model import ParallelContext
 from gptj.model.parallel import collective_error
 
@@ -39,14 +44,27 @@ def world_size() -> int:
     return env_world_size()
 
 
-def _store_of_this_attempt(timeout: timedelta | None):
-    """torchrun's agent store, seen through a prefix unique to this restart attempt (None when
-    not launched by torchrun with an agent store: torch's own rendezvous then applies)."""
-    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
+# How long the ranks wait for each other before the first collective. They start within seconds
+# of each other once torchrun's rendezvous is complete; this leaves room for slow imports.
+CHECK_IN_LIMIT_S = 120.0
+
+
+def _store_of_this_attempt(timeout: timedelta | None, backend: str):
+    """The job's key-value store, seen through a prefix unique to this restart attempt, once every
+    rank has checked in (None without MASTER_ADDR/MASTER_PORT: torch's own rendezvous applies).
+
+    torchrun's agent hosts the store when TORCHELASTIC_USE_AGENT_STORE is True; otherwise rank 0
+    hosts it, as torch's env:// rendezvous would."""
+    if "MASTER_ADDR" not in os.environ or "MASTER_PORT" not in os.environ:
         return None
-    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
-    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False,
-                          timeout=timeout or timedelta(minutes=30))
+    shared = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
+    rank, size = int(os.environ["RANK"]), env_world_size()
+    limit = min(CHECK_IN_LIMIT_S, timeout.total_seconds()) if timeout is not None else CHECK_IN_LIMIT_S
+    store = reachability.connect_store(is_master=not shared and rank == 0, world_size=size, limit_s=limit)
+    if reachability.several_nodes():
+        reachability.check_in(store, rank, size, backend, shared_store=shared, limit_s=limit)
+    store.set_timeout(timeout or timedelta(minutes=30))
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") if shared else "fresh"
     return dist.PrefixStore(f"gptj/attempt-{attempt}", store)
 
 
@@ -70,7 +88,7 @@ def init_distributed(tensor_parallel: int = 1,
         if backend == "nccl":
             # A timed-out NCCL collective ends this process (its watchdog), not a silent hang.
             os.environ.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "3")
-        store = _store_of_this_attempt(timeout)
+        store = _store_of_this_attempt(timeout, backend)
         if store is not None:
             kwargs.update(store=store, rank=int(os.environ["RANK"]), world_size=env_world_size())
         dist.init_process_group(backend, **kwargs)
