@@ -38,6 +38,8 @@ class AdapterSlots:
 
     def load(self, name: str, path: str) -> dict:
         """Read and stack adapter `name` from PEFT directory `path`: {"loaded": name} or the error."""
+        from gptj.execution.runtime.preflight import InputError
+        from gptj.execution.runtime.run_dirs import resolve_adapter_dir
         from gptj.model.multi_lora import read_adapter
 
         held = self.held
@@ -49,8 +51,9 @@ class AdapterSlots:
                                            f"(--max-adapters {self.limit}): unload one first or start the "
                                            f"server with a larger --max-adapters")
         try:
-            self.engine.add_adapter(name, read_adapter(name, path, self.engine.model, self.ctx))
-        except (ValueError, OSError) as err:  # AdapterError and LoraConfigError are ValueErrors
+            directory = resolve_adapter_dir(path, "lora_path")  # an adapter or a LoRA run's directory
+            self.engine.add_adapter(name, read_adapter(name, directory, self.engine.model, self.ctx))
+        except (InputError, ValueError, OSError) as err:  # AdapterError and LoraConfigError are ValueErrors
             return AdapterChangeError(400, str(err))
         return {"loaded": name}
 

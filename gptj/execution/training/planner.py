@@ -52,10 +52,17 @@ class Layout:
 
 
 def load_model_config(spec: str) -> ModelConfig:
-    """A preset name or the path of a Hugging Face config.json (or its directory)."""
+    """A preset name, the path of a Hugging Face config.json, its directory, or a fine-tuning run
+    directory (its hf/ export)."""
     path = Path(spec)
-    if path.is_dir():
-        path = path / "config.json"
+    if path.suffix != ".json" and (path.is_dir() or "/" in spec):  # presets have no "/"
+        from gptj.execution.runtime.preflight import InputError
+        from gptj.execution.runtime.run_dirs import resolve_model_dir
+
+        try:
+            path = Path(resolve_model_dir(spec)) / "config.json"
+        except InputError as err:
+            raise ConfigError(str(err)) from None
     if path.suffix == ".json":
         if not path.is_file():
             raise ConfigError(f"{path}: no such config.json")
