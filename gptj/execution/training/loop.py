@@ -17,6 +17,7 @@ lives in gptj/execution/training/run_setup.py and gptj/execution/training/data_l
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import sys
@@ -60,7 +61,7 @@ from gptj.execution.training.run_setup import (
     remove_if_empty,
 )
 from gptj.model import GPTJ, ParallelContext
-from gptj.model.parallel import all_reduce
+from gptj.model.parallel import CollectiveError, all_reduce
 
 # Kept importable from here: the names the run's callers and tests use.
 __all__ = ["TrainResult", "TrainingDiverged", "accumulate_gradients", "base_quantization",
@@ -299,7 +300,7 @@ class Trainer:
             save_run_config(config, self.out)
         result = TrainResult(output_dir=self.out, final_step=self.step, model=self.model, adapters=self.adapters)
         self.last_saved = self.step if config.resume and self.step > 0 else None
-        with StopRequest(self._announce_stop) as stop:
+        with StopRequest(self._announce_stop) as stop, self._error_on_its_own_line():
             while self.step < steps:
                 signum = all_reduce_max_int(stop.signum, self.device)  # every rank stops at the same step
                 if signum:
@@ -319,6 +320,20 @@ class Trainer:
                 if config.eval.every and self.step % config.eval.every == 0 and self.step < steps:
                     self.evaluate(self.step)
         return self.finish(result)
+
+    @contextlib.contextmanager
+    def _error_on_its_own_line(self):
+        """A rank that dies mid-step leaves the others a CollectiveError to print: end the progress
+        bar first (and, on ranks without one, the line another rank's bar leaves on a shared
+        terminal), so that the error is a line of its own."""
+        try:
+            yield
+        except CollectiveError:
+            if self.logger.bar is not None:
+                self.logger.end_progress()
+            elif self.config.logging.progress and sys.stderr.isatty():
+                print(file=sys.stderr, flush=True)
+            raise
 
     def _announce_stop(self, name: str) -> None:
         if self.main:
