@@ -154,3 +154,20 @@ def test_target_masks_on_real_mnli_agree_with_offsets():
         n = sum(1 for _, end in enc.offsets if end > len(prompt))
         flags = train.is_target[train.offsets[i]:train.offsets[i + 1]]
         assert flags.sum() == n + 1 and flags[-(n + 1):].all()
+
+
+def test_a_warning_names_the_sequence_length_when_most_examples_are_cut(tmp_path, capsys):
+    tok = tiny_tokenizer()
+    long_premise = "The old dog runs in the park and the cat sleeps in the kitchen " * 3
+    rows = [{"premise": f"{long_premise} {i}", "hypothesis": "The dog runs.", "label": 0} for i in range(3)]
+    path = mnli_file(tmp_path, [*rows, MNLI_ROWS[1]])
+    train = data.build_train_data("mnli", str(path), tok, sequence_length=40, layout="padded", use_cache=False,
+                                  progress=False)
+    assert (train.summary.truncated, train.summary.kept) == (3, 4)
+    err = capsys.readouterr().err
+    assert ("warning: 3 of 4 examples are longer than the sequence length 40 and lost the end of their "
+            "'premise' field; raise --sequence-length") in err
+    # Half or fewer cut: the counts in the data line say it, no warning.
+    data.build_train_data("mnli", str(mnli_file(tmp_path, [rows[0], *MNLI_ROWS[1:3]])), tok, sequence_length=40,
+                          layout="padded", use_cache=False, progress=False)
+    assert "warning:" not in capsys.readouterr().err

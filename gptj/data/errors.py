@@ -92,6 +92,22 @@ class LoadSummary:
     def report(self) -> None:
         print(self.line(), file=sys.stderr, flush=True)
 
+    def cut_warning(self, sequence_length: int, field: str | None) -> str | None:
+        """A warning when most examples did not fit the sequence (truncated, or dropped as
+        too_long): the model would train on cut text without anyone noticing."""
+        cut = self.truncated + self.skipped.get("too_long", 0)
+        examples = self.kept + self.skipped.get("too_long", 0)
+        if not examples or cut * 2 <= examples:
+            return None
+        if field is None:
+            what = "were dropped"
+        else:
+            what = f"lost the end of their {field!r} field"
+            if self.skipped.get("too_long"):
+                what += f" ({self.skipped['too_long']} dropped, too long even so)"
+        return (f"warning: {cut} of {examples} examples are longer than the sequence length {sequence_length} "
+                f"and {what}; raise --sequence-length (data.sequence_length) to train on them whole")
+
 
 def _ordered(skipped: Counter) -> list[str]:
     known = [r for r in SKIP_REASONS if skipped.get(r)]

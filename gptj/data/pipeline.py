@@ -86,6 +86,12 @@ def tokenize_examples(task: Task, src: Source, tokenizer: Tokenizer, sequence_le
     return rows, enc, summary
 
 
+def warn_if_mostly_cut(summary: LoadSummary, sequence_length: int, task: Task) -> None:
+    warning = summary.cut_warning(sequence_length, task.truncate)
+    if warning:
+        print(warning, file=sys.stderr, flush=True)
+
+
 def build_train_data(task, source, tokenizer, sequence_length: int, layout: str = "packed",
                      loss_mask: str = "all", keep_boundaries: bool = False, split: str = "train",
                      strict: bool = False, cache_dir=None, progress: bool = True,
@@ -114,6 +120,7 @@ def build_train_data(task, source, tokenizer, sequence_length: int, layout: str 
                 summary.cached = True
                 if verbose:
                     summary.report()
+                    warn_if_mostly_cut(summary, sequence_length, task)
                 require_rows(summary, "training")
                 return TrainData(arrays["tokens"], arrays["offsets"], arrays["is_target"],
                                  sequence_length, tokenizer.pad_id, layout, loss_mask,
@@ -124,6 +131,7 @@ def build_train_data(task, source, tokenizer, sequence_length: int, layout: str 
                           "summary": cache.pack_json(summary.to_dict())})
     if verbose:
         summary.report()
+        warn_if_mostly_cut(summary, sequence_length, task)
     require_rows(summary, "training")
     return TrainData(enc.tokens, enc.offsets, enc.is_target, sequence_length, tokenizer.pad_id,
                      layout, loss_mask, keep_boundaries, summary)
