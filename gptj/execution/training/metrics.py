@@ -38,6 +38,11 @@ def _json_safe(value: Any) -> Any:
     return value
 
 
+def tensorboard_missing(err: ImportError) -> str:
+    missing = getattr(err, "name", None) or "tensorboard"
+    return f"its package is not installed ({missing})"
+
+
 class MetricsLogger:
     def __init__(self, output_dir: str | os.PathLike | None, enabled: bool = True,
                  total_steps: int = 0, initial_step: int = 0, progress: bool = True,
@@ -58,8 +63,11 @@ class MetricsLogger:
             try:
                 from torch.utils.tensorboard import SummaryWriter
                 self.writer = SummaryWriter(str(out / "tensorboard"), purge_step=initial_step + 1)
-            except ImportError:  # tensorboard is optional
+            except ImportError as err:  # tensorboard is optional, but asked for: say it is off
                 self.writer = None
+                print(f"tensorboard: off, {tensorboard_missing(err)}; every step is in {self.path} "
+                      "(pip install tensorboard, or --set logging.tensorboard=false to silence this)",
+                      file=sys.stderr, flush=True)
         if progress:
             from tqdm import tqdm
             self.bar = tqdm(total=total_steps, initial=initial_step, desc="train", unit="step",
