@@ -11,7 +11,7 @@ process: load time, peak RSS (the child's ru_maxrss, load included), time to fir
 32-token prompt (the first request after loading, and again warm), decode tokens/s at batch 1
 and 16, bytes read per decode step and the fraction of the read bandwidth measured in the same
 run (a sum over a 2 GiB tensor with the same threads). Rows: bf16, int8, int4 (quantized while
-loading), int4-prequantized (`python -m gptj.execution.inference.quantized_checkpoints` output, written once), transformers
+loading), int4-prequantized (`gptj-quantize` output, written once), transformers
 bf16 and CTranslate2 int8 when installed. Two more rows on the int4 checkpoint have tables of
 their own: server-int4 (run_server.py under 1 and 16 concurrent requests: benchmarks/bench_6b_server.py)
 and qlora-int4 (LoRA rank 8 training steps against the planner's memory prediction:
@@ -288,7 +288,7 @@ def _run_json(command: list[str], timeout: float) -> dict:
 
 
 def prequantize(model_dir: Path, args) -> tuple[Path, dict]:
-    """The int4 checkpoint `python -m gptj.execution.inference.quantized_checkpoints` writes, written once beside the source."""
+    """The int4 checkpoint `gptj-quantize` writes, written once beside the source."""
     output = model_dir.with_name(model_dir.name + "-int4")
     if output.exists():
         return output, {"reused": True}
@@ -300,8 +300,8 @@ def prequantize(model_dir: Path, args) -> tuple[Path, dict]:
 
 QUANTIZE_SCRIPT = """
 import json, resource, sys
-from gptj.execution.inference.quantized_checkpoints import main
-code = main(["--model", sys.argv[1], "--bits", "4", "--output", sys.argv[2], "--no-progress"])
+from gptj.commands.quantize import main
+code = main(["--model", sys.argv[1], "--quantize", "int4", "--output", sys.argv[2], "--no-progress"])
 print(json.dumps({"exit": code, "peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}))
 """
 

@@ -48,14 +48,16 @@ def test_wheel_holds_the_packages_presets_and_bundled_files(installed):
                  "gptj/config/presets.py", "gptj/config/finetuning.yml", "gptj/config/inference.yml",
                  "gptj/config/tasks.yml", "gptj/data/bundled/tokenizer/tokenizer.json",
                  "gptj/data/bundled/mnli_sample/train.jsonl", "gptj/commands/finetune.py",
-                 "gptj/commands/generate.py", "gptj/serving/app.py", "gptj/commands/serve.py"):
+                 "gptj/commands/generate.py", "gptj/serving/app.py", "gptj/commands/serve.py",
+                 "gptj/commands/quantize.py"):
         assert name in names, name
     # One top-level package: nothing else lands in site-packages beside the wheel's metadata.
     assert {n.split("/")[0] for n in names if not n.split("/")[0].endswith(".dist-info")} == {"gptj"}
     (entry_points,) = site.glob("*.dist-info/entry_points.txt")
     text = entry_points.read_text()
     for script in ("gptj-finetune = gptj.commands.finetune:main", "gptj-generate = gptj.commands.generate:main",
-                   "gptj-plan = gptj.execution.training.planner:main", "gptj-serve = gptj.commands.serve:main"):
+                   "gptj-plan = gptj.execution.training.planner:main", "gptj-serve = gptj.commands.serve:main",
+                   "gptj-quantize = gptj.commands.quantize:main"):
         assert script in text
 
 

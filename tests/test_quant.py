@@ -10,9 +10,9 @@ import torch
 import torch.nn.functional as F
 
 import gptj.data as data
+from gptj.commands.quantize import main as quantize_main
 from gptj.execution.inference.generation import generate
 from gptj.execution.inference.pipelines import load_model_and_tokenizer
-from gptj.execution.inference.quantized_checkpoints import main as quantize_main
 from gptj.execution.runtime.distributed import init_distributed
 from gptj.model import ParallelContext
 from gptj.model.quantized_linear import (
@@ -157,7 +157,7 @@ def float_dir(tmp_path_factory):
 @pytest.mark.parametrize("bits,group", [(8, 128), (4, 32)])
 def test_saved_quantized_checkpoint_loads_identical(float_dir, tmp_path, bits, group):
     out = tmp_path / f"int{bits}"
-    args = ["--model", str(float_dir), "--bits", str(bits), "--group-size", str(group), "--output", str(out),
+    args = ["--model", str(float_dir), "--quantize", f"int{bits}", "--group-size", str(group), "--output", str(out),
             "--no-progress"]
     assert quantize_main(args) == 0
     loaded, tok = load_model_and_tokenizer(str(out))  # the quantization section says how
@@ -177,10 +177,10 @@ def test_saved_quantized_checkpoint_loads_identical(float_dir, tmp_path, bits, g
 
 
 def test_quantize_cli_rejects_bad_input(float_dir, tmp_path, capsys):
-    assert quantize_main(["--model", str(tmp_path / "missing"), "--bits", "8", "--output", str(tmp_path / "o"),
+    assert quantize_main(["--model", str(tmp_path / "missing"), "--quantize", "int8", "--output", str(tmp_path / "o"),
                           "--no-progress"]) == 2
     assert "does not exist" in capsys.readouterr().err
-    assert quantize_main(["--model", str(float_dir), "--bits", "4", "--group-size", "128", "--output",
+    assert quantize_main(["--model", str(float_dir), "--quantize", "int4", "--group-size", "128", "--output",
                           str(tmp_path / "o"), "--no-progress"]) == 2  # d = 64 < 128
     assert "group size 128 does not divide the input width 64" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()

@@ -36,24 +36,35 @@ OPTION_FIELDS = {
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    from gptj.execution.inference.cli import add_model_arguments
+    from gptj.execution.inference.cli import DEFAULTS_NOTE, add_model_arguments, default_text, preset_defaults
 
-    p = argparse.ArgumentParser(description="Generate text with GPT-J (static KV cache, continuous batching).")
-    add_model_arguments(p)
-    p.add_argument("--prompt", action="append", metavar="TEXT", help="a prompt (repeatable)")
-    p.add_argument("--prompts-file", metavar="FILE",
-                   help="one prompt per line, or JSON lines with a \"prompt\" field (UTF-8)")
-    p.add_argument("--max-new-tokens", type=int, metavar="N")
-    p.add_argument("--temperature", type=float, metavar="X", help="0 = greedy (default)")
-    p.add_argument("--top-k", type=int, metavar="N")
-    p.add_argument("--top-p", type=float, metavar="X")
-    p.add_argument("--seed", type=int, metavar="N", help="sampling seed")
-    p.add_argument("--stop", action="append", metavar="TEXT",
-                   help="stop string (repeatable); \\n, \\t, \\r and \\\\ are read as escapes")
-    p.add_argument("--batch-size", type=int, metavar="N")
-    p.add_argument("--truncate-prompts", action="store_true", help="keep the last tokens of too-long prompts")
-    p.add_argument("--output", metavar="FILE", help="write JSONL results")
-    p.add_argument("--stream", action="store_true", help="print tokens as they come (batch size 1)")
+    defaults = preset_defaults()
+
+    def d(field: str) -> str:
+        return default_text(defaults, field)
+
+    p = argparse.ArgumentParser(prog="gptj-generate", epilog=DEFAULTS_NOTE,
+                                description="Generate text with GPT-J (static KV cache, continuous batching).")
+    add_model_arguments(p, defaults=defaults)
+    prompts = p.add_argument_group("prompts")
+    prompts.add_argument("--prompt", action="append", metavar="TEXT",
+                         help="a prompt (repeatable; default: the preset's example prompt)")
+    prompts.add_argument("--prompts-file", metavar="FILE",
+                         help="one prompt per line, or JSON lines with a \"prompt\" field (UTF-8)")
+    prompts.add_argument("--truncate-prompts", action="store_true", help="keep the last tokens of too-long prompts")
+    prompts.add_argument("--batch-size", type=int, metavar="N",
+                         help="prompts generated together" + d("generation.batch_size"))
+    sampling = p.add_argument_group("generation")
+    sampling.add_argument("--max-new-tokens", type=int, metavar="N", help="tokens per prompt" + d("generation.max_new_tokens"))
+    sampling.add_argument("--temperature", type=float, metavar="X", help="0: greedy" + d("generation.temperature"))
+    sampling.add_argument("--top-k", type=int, metavar="N", help="0: all tokens" + d("generation.top_k"))
+    sampling.add_argument("--top-p", type=float, metavar="X", help="nucleus mass" + d("generation.top_p"))
+    sampling.add_argument("--seed", type=int, metavar="N", help="sampling seed" + d("generation.seed"))
+    sampling.add_argument("--stop", action="append", metavar="TEXT",
+                          help="stop string (repeatable); \\n, \\t, \\r and \\\\ are read as escapes")
+    output = p.add_argument_group("output")
+    output.add_argument("--output", metavar="FILE", help="write JSONL results")
+    output.add_argument("--stream", action="store_true", help="print tokens as they come (batch size 1)")
     p.add_argument("--set", action="append", default=[], metavar="SECTION.FIELD=VALUE", help="override any field")
     return p.parse_args(argv)
 

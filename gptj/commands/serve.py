@@ -35,25 +35,39 @@ OPTION_FIELDS = {
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    from gptj.execution.inference.cli import add_model_arguments
+    from gptj.execution.inference.cli import DEFAULTS_NOTE, add_model_arguments, default_text, preset_defaults
 
-    p = argparse.ArgumentParser(description="Serve GPT-J with an OpenAI-compatible HTTP API (continuous batching).")
-    add_model_arguments(p, named_adapters=True)
-    p.add_argument("--host", metavar="ADDR", help="address to listen on (default 127.0.0.1)")
-    p.add_argument("--port", type=int, metavar="N", help="port (default 8000)")
-    p.add_argument("--max-batch-size", type=int, metavar="N", help="requests decoded together (KV cache rows)")
-    p.add_argument("--max-queue", type=int, metavar="N", help="waiting requests beyond this get 429")
-    p.add_argument("--max-model-len", type=int, metavar="N", help="KV cache length per row (default: the context)")
-    p.add_argument("--memory-utilization", type=float, metavar="F",
-                   help="fraction of the memory left after the weights the KV cache may grow to (default 0.9)")
-    p.add_argument("--max-n", type=int, metavar="N", help="most choices per request")
-    p.add_argument("--request-timeout", type=float, metavar="S", help="seconds from arrival to the last token")
-    p.add_argument("--api-key", metavar="KEY", help="require 'Authorization: Bearer KEY'")
-    p.add_argument("--served-model-name", metavar="NAME", help="the model id clients send (default: --model)")
-    p.add_argument("--max-adapters", type=int, metavar="N",
-                   help="LoRA adapters held at once, loaded at run time included (POST /v1/load_lora_adapter; "
-                        "default: as many as --adapter NAME=DIR names)")
-    p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+    defaults = preset_defaults()
+
+    def d(field: str) -> str:
+        return default_text(defaults, field)
+
+    p = argparse.ArgumentParser(prog="gptj-serve", epilog=DEFAULTS_NOTE,
+                                description="Serve GPT-J with an OpenAI-compatible HTTP API (continuous batching).")
+    add_model_arguments(p, named_adapters=True, defaults=defaults)
+    server = p.add_argument_group("server")
+    server.add_argument("--host", metavar="ADDR", help="address to listen on" + d("server.host"))
+    server.add_argument("--port", type=int, metavar="N", help="port (0: a free one)" + d("server.port"))
+    server.add_argument("--api-key", metavar="KEY", help="require 'Authorization: Bearer KEY' (default: none)")
+    server.add_argument("--served-model-name", metavar="NAME", help="the model id clients send (default: --model)")
+    server.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"],
+                        help="uvicorn's and the request log's level (default: info)")
+    limits = p.add_argument_group("limits")
+    limits.add_argument("--max-batch-size", type=int, metavar="N",
+                        help="requests decoded together (KV cache rows)" + d("server.max_batch_size"))
+    limits.add_argument("--max-queue", type=int, metavar="N",
+                        help="waiting requests beyond this get 429" + d("server.max_queue"))
+    limits.add_argument("--max-model-len", type=int, metavar="N",
+                        help="KV cache length per row, at most the model's context (default: the context)")
+    limits.add_argument("--memory-utilization", type=float, metavar="F",
+                        help="fraction of the memory left after the weights the KV cache may grow to"
+                             + d("server.memory_utilization"))
+    limits.add_argument("--max-n", type=int, metavar="N", help="most choices per request" + d("server.max_n"))
+    limits.add_argument("--request-timeout", type=float, metavar="S",
+                        help="seconds from arrival to the last token" + d("server.request_timeout"))
+    limits.add_argument("--max-adapters", type=int, metavar="N",
+                        help="LoRA adapters held at once, loaded at run time included (POST /v1/load_lora_adapter; "
+                             "default: as many as --adapter NAME=DIR names)")
     p.add_argument("--set", action="append", default=[], metavar="SECTION.FIELD=VALUE", help="override any field")
     return p.parse_args(argv)
 

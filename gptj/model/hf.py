@@ -216,7 +216,7 @@ def load_pretrained(
     """A GPTJ holding this rank's shard of a Hugging Face checkpoint.
 
     quantize: quantize the projections while loading, one tensor at a time (gptj/model/quantized_model.py).
-    A checkpoint written by `python -m gptj.execution.inference.quantized_checkpoints` loads quantized as stored; asking
+    A checkpoint written by `gptj-quantize` loads quantized as stored; asking
     for a different quantization of it is an error. kernels: build the quantized layers'
     kernel operands while loading (inference), not on the first call. info: the directory's
     config.json as already read (read_checkpoint_info), so it is not read again.
@@ -325,7 +325,7 @@ def export_hf(
     """
     if model.quantization is not None:
         raise ValueError("a quantized model cannot be exported as float Hugging Face weights; "
-                         "export the float model, or write a quantized checkpoint with gptj.execution.inference.quantized_checkpoints")
+                         "export the float model, or write a quantized checkpoint with gptj-quantize")
     ctx = model.ctx
     writes = ctx.rank == 0
     out_dir = Path(out_dir)

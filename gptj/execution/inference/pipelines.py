@@ -62,7 +62,7 @@ def load_model_and_tokenizer(
 
     quantize: "int8" / "int4" (with `group_size`) quantizes the projections while loading,
     tensor by tensor and per tensor-parallel rank (gptj/model/quantized_model.py); a checkpoint written by
-    `python -m gptj.execution.inference.quantized_checkpoints` loads quantized without it.
+    `gptj-quantize` loads quantized without it.
 
     `adapter`: a PEFT LoRA adapter directory for this base model. On plain weights it is merged
     into them, so generation costs exactly what the base model's does; on quantized weights it

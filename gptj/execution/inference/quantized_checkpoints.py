@@ -1,7 +1,9 @@
 """Write a weight-only quantized copy of a GPT-J checkpoint, one tensor at a time.
 
-    python -m gptj.execution.inference.quantized_checkpoints --model runs/tiny --bits 8 --output runs/tiny-int8
-    python -m gptj.execution.inference.quantized_checkpoints --model EleutherAI/gpt-j-6b --bits 4 --group-size 128 --output gptj-int4
+    gptj-quantize --model runs/tiny --quantize int8 --output runs/tiny-int8
+    gptj-quantize --model EleutherAI/gpt-j-6b --quantize int4 --group-size 128 --output gptj-int4
+
+(the command line: gptj/commands/quantize.py)
 
 The output holds safetensors with the Hugging Face tensor names (a quantized weight `X.weight`
 becomes `X.weight.qweight`, `X.weight.scales` and, for int4, `X.weight.zeros`), the source's
@@ -12,7 +14,6 @@ int4 groups tile. The directory is written under a temporary name and renamed wh
 
 from __future__ import annotations
 
-import argparse
 import json
 import shutil
 import sys
@@ -84,33 +85,3 @@ def quantize_checkpoint(
             shutil.copy2(directory / file, tmp / file)
     replace_directory(tmp, output)
     return output
-
-
-def main(argv=None) -> int:
-    p = argparse.ArgumentParser(
-        prog="python -m gptj.execution.inference.quantized_checkpoints",
-        description="Write a weight-only int8 / int4 quantized copy of a GPT-J checkpoint.",
-    )
-    p.add_argument("--model", required=True, metavar="HF_ID_OR_DIR",
-                   help="float checkpoint: HF directory or Hub id, or a run_finetuning.py output dir")
-    p.add_argument("--bits", type=int, required=True, choices=[8, 4])
-    p.add_argument("--group-size", type=int, default=128, choices=[32, 64, 128, 256],
-                   help="int4: input columns sharing one scale and zero point (default 128)")
-    p.add_argument("--output", required=True, metavar="DIR")
-    p.add_argument("--keep-head-float", action="store_true", help="leave lm_head in the checkpoint's dtype")
-    p.add_argument("--overwrite", action="store_true", help="replace a non-empty --output")
-    p.add_argument("--no-progress", action="store_true")
-    args = p.parse_args(argv)
-    try:
-        out = quantize_checkpoint(args.model, args.output, args.bits, args.group_size,
-                                  quantize_head=not args.keep_head_float, overwrite=args.overwrite,
-                                  progress=not args.no_progress)
-    except (ValueError, FileNotFoundError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    print(f"wrote {out}")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -11,7 +11,7 @@ without LoRA adapters, resident or streamed from host memory, for training or fo
   the model emits decodes;
 - a Hugging Face directory, Hub id or run_finetuning.py output directory (its hf/ export),
   or a directory's config.json as already read (gptj.model.hf.CheckpointInfo);
-  a checkpoint written by `python -m gptj.execution.inference.quantized_checkpoints` loads quantized as stored;
+  a checkpoint written by `gptj-quantize` loads quantized as stored;
 - a loaded GPTJ: a quantized copy of it (`quantize` required) that shares every unquantized
   tensor and the LoRA adapters with it, as evaluation's quantized pass needs.
 
