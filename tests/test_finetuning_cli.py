@@ -30,7 +30,8 @@ def test_default_command_end_to_end(tmp_path):
     out = tmp_path / "run"
     proc = _run(["--output-dir", str(out)])
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "resolved config" in proc.stdout and "final evaluation" in proc.stdout
+    assert proc.stdout.startswith("run: full fine-tuning") and proc.stdout.count("final evaluation") == 1
+    assert (out / "config.yaml").is_file() and "resolved config" not in proc.stdout
 
     metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     steps = run_finetuning.build_config(run_finetuning.parse_args([])).training.steps

@@ -94,6 +94,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--resume", nargs="?", const=True, choices=["auto"], default=None,
                    help="continue from the newest valid checkpoint in the output dir; `--resume auto`: "
                         "also start fresh when there is none (for torchrun --max-restarts)")
+    p.add_argument("--show-config", action="store_true",
+                   help="print the full resolved config at the start (it is always written to OUTPUT_DIR/config.yaml)")
     p.add_argument("--set", action="append", default=[], metavar="SECTION.FIELD=VALUE",
                    help="override any config field, e.g. --set schedule.warmup_steps=10")
     return p.parse_args(argv)
@@ -114,6 +116,8 @@ def build_config(args: argparse.Namespace, changes: list[str] | None = None):
         updates["lora.targets"] = [t.strip() for t in args.lora_targets.split(",") if t.strip()]
     if args.resume:
         updates["resume"] = args.resume  # True or "auto"
+    if args.show_config:
+        updates["logging.show_config"] = True
     config = load_config(args.config, args.set, updates, args.preset_file or PRESET_FILE)
     if args.resume:
         config, changed = resumed_config(config, args.set, updates)

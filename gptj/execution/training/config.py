@@ -153,6 +153,7 @@ class EvalSection:
 class LoggingSection:
     progress: bool = True
     tensorboard: bool = True  # when the tensorboard package is installed
+    show_config: bool = False  # print the full resolved config at the start (it is always in OUTPUT_DIR/config.yaml)
     peak_flops_per_device: float | None = None  # for MFU; None: a table of known devices
 
 

@@ -415,7 +415,7 @@ class Trainer:
         self.logger.write(f"checkpoint saved: {path}")
         return path
 
-    def evaluate(self, at_step: int) -> dict:
+    def evaluate(self, at_step: int, show: bool = True) -> dict:
         """Every evaluation split (and again on the quantized model when eval.quantize is set);
         logged and appended to eval_history.jsonl."""
         e = self.config.eval
@@ -432,7 +432,7 @@ class Trainer:
                                          **options).items():
                 results[f"{name}@{self.quantized_eval.name}"] = result
             del quantized
-        self.logger.log_eval(at_step, results)
+        self.logger.log_eval(at_step, results, show)
         if self.main:
             with open(self.out / "eval_history.jsonl", "a") as f:
                 f.write(json.dumps({"step": at_step, "splits": results}) + "\n")
@@ -449,7 +449,7 @@ class Trainer:
             if config.checkpoint.at_end and self.last_saved != step:
                 result.checkpoint = self.save_checkpoint(step) or result.checkpoint
             if config.eval.at_end and self.eval_splits:
-                result.eval = self.evaluate(step)
+                result.eval = self.evaluate(step, show=False)  # shown once, as the last line
                 if self.main:
                     (self.out / "eval.json").write_text(json.dumps({"step": step, "splits": result.eval},
                                                                    indent=2) + "\n")

@@ -39,8 +39,8 @@ def _json_safe(value: Any) -> Any:
 
 
 def tensorboard_missing(err: ImportError) -> str:
-    missing = getattr(err, "name", None) or "tensorboard"
-    return f"its package is not installed ({missing})"
+    missing = getattr(err, "name", None)
+    return "its package is not installed" + (f" ({missing})" if missing and missing != "tensorboard" else "")
 
 
 class MetricsLogger:
@@ -66,8 +66,7 @@ class MetricsLogger:
             except ImportError as err:  # tensorboard is optional, but asked for: say it is off
                 self.writer = None
                 print(f"tensorboard: off, {tensorboard_missing(err)}; every step is in {self.path} "
-                      "(pip install tensorboard, or --set logging.tensorboard=false to silence this)",
-                      file=sys.stderr, flush=True)
+                      "(pip install tensorboard, or --set logging.tensorboard=false)", file=sys.stderr, flush=True)
         if progress:
             from tqdm import tqdm
             self.bar = tqdm(total=total_steps, initial=initial_step, desc="train", unit="step",
@@ -99,7 +98,7 @@ class MetricsLogger:
             self.bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}",
                                  tok_s=f"{record['tokens_per_s']:.0f}", refresh=False)
 
-    def log_eval(self, step: int, results: dict[str, Any]) -> None:
+    def log_eval(self, step: int, results: dict[str, Any], show: bool = True) -> None:
         if not self.enabled:
             return
         if self.writer is not None:
@@ -107,7 +106,8 @@ class MetricsLogger:
                 for key in ("accuracy_generate", "accuracy_likelihood"):
                     if res.get(key) is not None:
                         self.writer.add_scalar(f"eval/{split}/{key}", res[key], step)
-        self.write(f"eval at step {step}: " + format_eval(results))
+        if show:
+            self.write(f"eval at step {step}: " + format_eval(results))
 
     def write(self, text: str) -> None:
         """Print a line without breaking the progress bar."""

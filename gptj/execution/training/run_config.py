@@ -29,7 +29,7 @@ FIXED_ON_RESUME = ("name", "model.preset", "model.name_or_path", "model.shape", 
                    "data.sequence_length", "data.layout", "data.loss_mask", "data.keep_boundaries",
                    "training.global_batch_size", "training.seed", "parallel.tensor_parallel")
 # Where the run is and how it was started, not what it is.
-NOT_COMPARED = ("output_dir", "resume")
+NOT_COMPARED = ("output_dir", "resume", "logging.show_config")
 
 
 def save_run_config(config: FinetuneConfig, out: Path) -> Path:

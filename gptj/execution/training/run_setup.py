@@ -77,10 +77,30 @@ def check_run(config: FinetuneConfig, mc: ModelConfig, ctx: ParallelContext, tok
                                f"the model only {mc.vocab_size}")
 
 
+def run_summary(config: FinetuneConfig) -> str:
+    """What is trained on what, for how long: the settings a user chose or should know."""
+    t, s, d = config.training, config.schedule, config.data
+    kind = "full fine-tuning"
+    if config.lora.enabled:
+        kind = f"LoRA rank {config.lora.rank}" + (f" on an {config.model.quantize} base"
+                                                  if config.model.quantize != "none" else "")
+    model = config.model.name_or_path or f"random {config.model.preset}"
+    schedule = s.decay + (f", warmup {s.warmup_steps}" if s.warmup_steps else "")
+    data = d.dataset or "its bundled sample"
+    from gptj.execution.training.run_config import RUN_CONFIG_FILE
+
+    return (f"run: {kind} of {model}, task {d.task} on {data}; {t.steps} steps x {t.global_batch_size} rows "
+            f"x {d.sequence_length} tokens, lr {config.optimizer.lr:g} ({schedule}); full config: "
+            f"{config.out_path / RUN_CONFIG_FILE} (--show-config prints it)")
+
+
 def describe_run(config: FinetuneConfig, mc: ModelConfig, ctx: ParallelContext, device: torch.device,
                  precision: str) -> None:
-    """The resolved config, machine, layout and model, printed by rank 0 before any work."""
-    print("resolved config:\n" + yaml.safe_dump(config.to_dict(), sort_keys=False).rstrip())
+    """The run in one line (the full resolved config with logging.show_config), machine,
+    layout and model, printed by rank 0 before any work."""
+    if config.logging.show_config:
+        print("resolved config:\n" + yaml.safe_dump(config.to_dict(), sort_keys=False).rstrip())
+    print(run_summary(config))
     print(f"machine: {hardware.detect().summary()}" + auto_choices(
         mc, config.training.precision, precision, config.training.threads, torch.get_num_threads()))
     print(f"layout: world {ctx.world_size} = tensor_parallel {ctx.tensor_parallel} x "
