@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import main_grad
 from .config import ModelConfig
 from .parallel import ParallelContext, copy_to_tensor_parallel, reduce_from_tensor_parallel
 from .quantized_linear import linear
@@ -124,10 +125,10 @@ class VocabParallelEmbedding(nn.Module):
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         if self.ctx.tp_group is None:
-            return F.embedding(input_ids, self.weight)
+            return main_grad.embedding(input_ids, self.weight)
         local = input_ids - self.vocab_start
         outside = (local < 0) | (local >= self.rows)
-        out = F.embedding(local.masked_fill(outside, 0), self.weight)
+        out = main_grad.embedding(local.masked_fill(outside, 0), self.weight)
         out = out.masked_fill(outside.unsqueeze(-1), 0.0)
         return reduce_from_tensor_parallel(out, self.ctx)
 
@@ -241,6 +242,7 @@ class VocabParallelHead(nn.Module):
         """Local fp32 logits [..., rows]; entries past the real vocab are -inf."""
         h = copy_to_tensor_parallel(h, self.ctx)
         logits = linear(h, self.weight, self.bias).float()
-        if self.real_rows < self.rows:
-            logits[..., self.real_rows :] = -math.inf
+        if self.real_rows < self.rows:  # in place on the whole tensor, not on a slice view of it
+            padded = torch.arange(self.rows, device=logits.device) >= self.real_rows
+            logits = logits.masked_fill_(padded, -math.inf)
         return logits

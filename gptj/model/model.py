@@ -20,6 +20,7 @@ from torch.utils.checkpoint import checkpoint
 
 from .config import ModelConfig
 from .layers import Block, RotaryTables, VocabParallelEmbedding, VocabParallelHead
+from .main_grad import main_grad_of
 from .parallel import ParallelContext, gather_from_tensor_parallel, vocab_parallel_cross_entropy
 from .sharding import hf_shapes, read_local_shard, shard_rules
 
@@ -89,6 +90,7 @@ class _HeadCrossEntropy(torch.autograd.Function):
                 block.copy_(work)
         ctx.save_for_backward(flat, weight if ctx.quantized is None else None, grad_logits)
         ctx.hidden_shape = hidden.shape
+        ctx.main_weight, ctx.main_bias = main_grad_of(weight), main_grad_of(bias)
         return losses.view(ctx.hidden_shape[:-1])
 
     @staticmethod
@@ -101,15 +103,20 @@ class _HeadCrossEntropy(torch.autograd.Function):
         if ctx.needs_input_grad[0]:
             grad_hidden = (grad_logits @ weight).float().mul_(scale).to(flat.dtype)
             grad_hidden = grad_hidden.view(ctx.hidden_shape)
-        if ctx.needs_input_grad[1] or ctx.needs_input_grad[2]:
-            # One pass over grad_logits for both: the bias gradient is the weight gradient of an
-            # extra input column holding the scale (padded to 16 columns for the matmul kernel).
-            width = flat.shape[-1]
-            columns = torch.zeros(flat.shape[0], width + 16, dtype=flat.dtype, device=flat.device)
-            columns[:, :width] = flat.float() * scale
-            columns[:, width] = scale.squeeze(-1)
-            both = grad_logits.t() @ columns
-            grad_weight, grad_bias = both[:, :width], both[:, width]
+        # The weight gradient is grad_logits^T @ (hidden * scale), the bias gradient
+        # grad_logits^T @ scale; each goes into the optimizer's buffer when the parameter has
+        # one (gptj/model/main_grad.py), so no [V, d] result is allocated.
+        if ctx.needs_input_grad[1]:
+            scaled = (flat.float() * scale).to(flat.dtype)
+            if ctx.main_weight is not None:
+                ctx.main_weight.addmm_(grad_logits.t(), scaled)
+            else:
+                grad_weight = grad_logits.t() @ scaled
+        if ctx.needs_input_grad[2]:
+            grad_bias = (grad_logits.t() @ scale.to(grad_logits.dtype)).squeeze(-1)
+            if ctx.main_bias is not None:
+                ctx.main_bias.add_(grad_bias)
+                grad_bias = None
         return grad_hidden, grad_weight, grad_bias, None
 
 
@@ -154,16 +161,6 @@ class GPTJ(nn.Module):
         self.rotary = RotaryTables(config.rotary_dim, config.max_positions, device=device)
         self.recompute_blocks = False  # activation recomputation, set by the training engine
         self.quantization = None  # a gptj.model.quantized_linear.QuantSpec once projections are quantized
-
-    @property
-    def dtype(self) -> torch.dtype:
-        """The activation dtype (the embedding's: projections may be quantized)."""
-        return self.embed.weight.dtype
-
-    @property
-    def device(self) -> torch.device:
-        """Where the model computes (the embedding stays there when block weights stream)."""
-        return self.embed.weight.device
 
     # ---- weights -----------------------------------------------------------------------------
     @torch.no_grad()

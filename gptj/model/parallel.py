@@ -298,7 +298,10 @@ def reduce_scatter_flat(flat: torch.Tensor, group: Any, rank_in_group: int) -> t
 
 
 def all_gather_flat(shard: torch.Tensor, out: torch.Tensor, group: Any) -> torch.Tensor:
-    """Fill 1-D `out` with every rank's `shard`, in rank order (`out` = size x shard)."""
+    """Fill 1-D `out` with every rank's `shard`, in rank order (`out` = size x shard).
+
+    `shard` may be this rank's own slice of `out` (gathering in place): NCCL takes that as it
+    is, and gloo gathers into a buffer of its own before copying into `out`."""
     if group is None:
         return out.copy_(shard)
     try:

@@ -143,6 +143,9 @@ class BlockWeightStreamer:
             self.handles.append(block.register_forward_pre_hook(self._before_forward(i)))
             self.handles.append(block.register_forward_hook(self._after_forward(i)))
             for p in self.params[i]:
+                # Its gradient must reach autograd's hooks below (which move it to the host), so no
+                # layer may add it straight into an optimizer buffer (gptj/model/main_grad.py).
+                p.gradient_via_hooks = True
                 self.handles.append(p.register_hook(self._before_accumulate(p)))
                 self.handles.append(p.register_post_accumulate_grad_hook(self._after_accumulate(i)))
 
@@ -150,6 +153,9 @@ class BlockWeightStreamer:
         for handle in self.handles:
             handle.remove()
         self.handles = []
+        for params in self.params:
+            for p in params:
+                p.__dict__.pop("gradient_via_hooks", None)
         for i in list(self.on_device):
             self._release(i, poison=False)
 

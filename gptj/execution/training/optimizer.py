@@ -1,49 +1,58 @@
-"""AdamW on fp32 master weights, partitioned across data-parallel replicas (ZeRO-1/2).
+"""AdamW with fp32 state, partitioned across data-parallel replicas (ZeRO-1/2).
 
 Contract with the training loop
 -------------------------------
-Before `step`, the `.grad` of every model parameter (in the model's dtype) must hold
+Before `step`, the gradient of every model parameter (in the model's dtype) must hold
 
     d(loss_sum_of_this_replica / global_token_count) / d(param)  x  loss_scale
 
 i.e. each replica divides its summed token loss by the token count of the WHOLE global batch
 (all micro-batches of all replicas), so that SUMMING the gradients over replicas gives exactly
-the gradient of the global-batch mean loss. Accumulating several micro-batches simply adds into
-`.grad`. With fp16, multiply the loss by `DynamicLossScaler.scale` before backward and pass the
-same number as `loss_scale`; then call `scaler.update(result.skipped)`.
+the gradient of the global-batch mean loss. Accumulating several micro-batches simply adds.
+With fp16, multiply the loss by `DynamicLossScaler.scale` before backward and pass the same
+number as `loss_scale`; then call `scaler.update(result.skipped)`.
+
+Where the gradients live: every parameter's gradient is a view into one flat buffer per AdamW
+param group (`.grad` points there, and so does `.main_grad`, into which the model's matmuls and
+embedding add their weight gradients directly: gptj/model/main_grad.py).
 
 What `step(lr, loss_scale)` does, on every rank of the world (it is collective):
-1. gradients are laid end to end in flat buffers (one per AdamW param group, padded to a
-   multiple of the replica count) and reduce-scattered (summed) over the replica group, so each
-   replica holds the summed gradient of its 1/r slice of every buffer;
-2. that slice is converted to fp32 and divided by `loss_scale`; one scalar all-reduce over the
-   tensor-parallel and replica groups (together: the whole world) gives the global squared norm,
-   which also detects inf/NaN anywhere: then the step is skipped on every rank (weights
-   unchanged, gradients zeroed) and `StepResult.reason` is "nan" or "overflow";
+1. each flat gradient buffer (padded to a multiple of the replica count) is reduce-scattered
+   (summed) over the replica group, so each replica holds the summed gradient of its 1/r slice;
+2. the global squared norm of that slice (fp32 sums of 4096-element rows, added in fp64) is
+   all-reduced over the tensor-parallel and replica groups (together: the whole world); inf/NaN
+   anywhere skips the step on every rank (weights unchanged, gradients zeroed) and
+   `StepResult.reason` is "nan" or "overflow";
 3. the norm counts each element of the full model once: tensor-parallel shards are summed over
    the TP group, replicated parameters (LayerNorms, fc_out bias) are counted on TP rank 0 only,
    replica slices are summed over the replica group; gradients are clipped to `max_grad_norm`
-   exactly as `torch.nn.utils.clip_grad_norm_` does;
-4. `torch.optim.AdamW` updates this replica's fp32 master slice (two param groups: decoupled
+   as `torch.nn.utils.clip_grad_norm_` does. Unscaling and clipping are one factor the fused
+   AdamW kernel divides each gradient by as it reads it: no pass of their own;
+4. torch's fused AdamW updates this replica's fp32 master slice (two param groups: decoupled
    weight decay for weights, none for biases and LayerNorm parameters);
-5. the updated slice is cast to the model dtype and all-gathered over the replicas into the
-   model parameters, so every replica again holds the full weights;
+5. the updated slice reaches every replica (all-gather) and the model parameters;
 6. gradients are zeroed.
 
-Memory: the model's gradients are views into the flat buffers (no second copy), so per
-parameter a replica holds weights + gradients in the model dtype, and 1/r of the fp32 master
-(4 B), fp32 gradient slice (4 B) and Adam moments (8 B). This is ZeRO-1 with a reduce-scatter:
-the full-size gradient buffer stays, only fp32 state is partitioned.
+Memory (the formula the planner uses), per parameter, with r replicas:
+
+    weights + gradients in the model dtype  +  fp32 state / r
+    fp32 state = Adam moments (8 B) + the fp32 master copy (4 B) unless the weights are fp32
+
+- fp32 weights: the master IS the weights. The parameters are views into one flat fp32
+  buffer whose slice AdamW updates in place; the gradient slice is read where it lies. So
+  4 + 4 + 8 / r bytes (16 B at r = 1, as torch.optim.AdamW on the model itself).
+- bf16 / fp16 weights: a separate fp32 master slice; the gradient slice is converted to fp32
+  in chunks of `CHUNK` elements through one reused buffer, never as a whole. So 2 + 2 + 12 / r.
 
 The trained module is the model itself (full fine-tuning) or `gptj.model.lora.LoraAdapters` (only the
 adapters; the frozen base has no gradients and no optimizer state). Adapters whose factor is
 replicated over the TP group get a partial gradient on each rank; those are summed over the
 TP group in step 1 (the tail range of replicated elements, one all-reduce per flat buffer).
 
-With `offload=True` the master slice, its fp32 gradient and the Adam moments live in host
-memory and AdamW runs on the host; the reduced gradient slice crosses device -> host and the
-updated weights host -> device through pinned staging buffers (pinned only when the model is on
-CUDA; the master and moments never cross the bus, so they stay in ordinary host memory).
+With `offload=True` the master slice and the Adam moments live in host memory and AdamW runs on
+the host; the reduced gradient slice crosses device -> host and the updated weights host ->
+device through pinned staging buffers (pinned only when the model is on CUDA). Without replicas
+the flat gradient buffer itself stays on the host.
 """
 
 from __future__ import annotations
@@ -53,12 +62,15 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
+from torch.optim.adamw import adamw
 
 from gptj.model import GPTJ
 from gptj.model.parallel import all_gather_flat, all_reduce, reduce_scatter_flat
 from gptj.model.sharding import shard_rules
 
 HOST = torch.device("cpu")
+CHUNK = 1 << 24  # elements of a low-precision gradient slice converted to fp32 at a time
+NORM_ROW = 1 << 12  # elements summed in fp32 before the fp64 total (relative error ~1e-7)
 
 
 @dataclass
@@ -82,14 +94,26 @@ def _buffer(numel: int, dtype: torch.dtype, device: torch.device, pin: bool) -> 
     return torch.zeros(numel, dtype=dtype, device=device, pin_memory=pin and device.type == "cpu")
 
 
+def sum_of_squares(flat: torch.Tensor) -> torch.Tensor:
+    """fp64 sum of squares of a 1-D tensor of any float dtype, at about the cost of reading it:
+    fp32 norms of 4096-element rows (one kernel), their squares added in fp64."""
+    whole = flat.numel() - flat.numel() % NORM_ROW
+    rows = [flat[:whole].view(-1, NORM_ROW), flat[whole:].view(1, -1)]
+    return sum(torch.linalg.vector_norm(r, dim=1, dtype=torch.float32).double().square().sum()
+               for r in rows if r.numel())
+
+
 class _FlatGroup:
     """The parameters of one AdamW param group, laid end to end, and this replica's slice.
 
     Order: tensor-parallel-split parameters first, then replicated ones, so the elements that
     every TP rank holds identically form one tail range [rep_start, used) of the buffer.
+    `in_place`: fp32 parameters where the optimizer runs (and no offload asked), which become
+    views into one flat buffer whose slice is the master (see the module docstring).
     """
 
-    def __init__(self, key, named, replicated, replicas, replica_rank, grad_device, opt_device, pin):
+    def __init__(self, key, named, replicated, replicas, replica_rank, grad_device, opt_device, pin,
+                 offload):
         named = [item for item in named if not replicated[item[0]]] + [
             item for item in named if replicated[item[0]]
         ]
@@ -104,17 +128,30 @@ class _FlatGroup:
         self.total = -(-used // replicas) * replicas
         self.shard = self.total // replicas
         self.lo = replica_rank * self.shard
-        dtype = self.params[0].dtype
+        dtype = self.dtype = self.params[0].dtype
         self.grad_flat = _buffer(self.total, dtype, grad_device, pin)
-        self.grad_views = [
-            self.grad_flat.narrow(0, off, n).view_as(p)
-            for p, off, n in zip(self.params, self.offsets, self.numels)
-        ]
-        self.master = _buffer(self.shard, torch.float32, opt_device, False)
-        self.master.grad = torch.zeros_like(self.master)
+        self.grad_views = self._views(self.grad_flat)
         crosses = opt_device != grad_device
+        self.in_place = (not offload and not crosses
+                         and all(p.dtype == torch.float32 and p.device == opt_device for p in self.params))
+        if self.in_place:
+            self.param_flat = _buffer(self.total, torch.float32, opt_device, False)
+            with torch.no_grad():
+                for p, view in zip(self.params, self._views(self.param_flat)):
+                    view.copy_(p)
+                    p.data = view  # the parameter now lives in the flat buffer
+            self.master = self.param_flat.narrow(0, self.lo, self.shard)
+        else:
+            self.master = _buffer(self.shard, torch.float32, opt_device, False)
+            self.load_master_from_params()
+        self.exp_avg = torch.zeros_like(self.master)
+        self.exp_avg_sq = torch.zeros_like(self.master)
+        self.step_count = torch.zeros((), dtype=torch.float32, device=opt_device)
         self.grad_staging = _buffer(self.shard, dtype, opt_device, pin) if crosses else None
         self.weight_staging = _buffer(self.shard, dtype, opt_device, pin) if crosses else None
+
+    def _views(self, flat: torch.Tensor) -> list[torch.Tensor]:
+        return [flat.narrow(0, off, n).view_as(p) for p, off, n in zip(self.params, self.offsets, self.numels)]
 
     def pieces(self):
         """(param, flat_start, flat_stop) for the parts of parameters inside this slice."""
@@ -126,6 +163,8 @@ class _FlatGroup:
 
     @torch.no_grad()
     def load_master_from_params(self) -> None:
+        if self.in_place:
+            return  # the master is a slice of the parameters themselves
         self.master.zero_()
         for p, off, start, stop in self.pieces():
             src = p.detach().reshape(-1)[start - off : stop - off]
@@ -135,20 +174,22 @@ class _FlatGroup:
     def collect_grads(self) -> None:
         """Make the flat buffer hold every parameter's gradient (most already point into it)."""
         for p, view in zip(self.params, self.grad_views):
-            if p.grad is None:
-                view.zero_()
-            elif p.grad.data_ptr() != view.data_ptr():
+            if p.grad is not None and p.grad.data_ptr() != view.data_ptr():
                 _copy(view, p.grad)
 
     @torch.no_grad()
     def zero_grads(self) -> None:
-        """Zero the buffer and point each .grad back into it where device and dtype allow."""
+        """Zero the buffer and point each .grad (and .main_grad) back into it where device and
+        dtype allow."""
         self.grad_flat.zero_()
         for p, view in zip(self.params, self.grad_views):
-            if p.grad is not None and p.grad.data_ptr() == view.data_ptr():
-                continue
             if p.device == view.device and p.dtype == view.dtype:
-                p.grad = view
+                if getattr(p, "gradient_via_hooks", False):  # the block streamer's own
+                    p.__dict__.pop("main_grad", None)
+                else:
+                    p.main_grad = view
+                if p.grad is None or p.grad.data_ptr() != view.data_ptr():
+                    p.grad = view
             elif p.grad is not None:
                 p.grad.zero_()  # e.g. a host-side gradient owned by the block streamer
 
@@ -157,9 +198,34 @@ class _FlatGroup:
         stop = self.shard if counts_replicated else min(max(self.rep_start - self.lo, 0), self.shard)
         return 0, stop
 
+    def adamw(self, grad: torch.Tensor, scratch: torch.Tensor | None, grad_scale: float, lr: float,
+              options: dict) -> None:
+        """One AdamW update of the master slice from its (scaled) gradient slice `grad`, which
+        the fused kernel divides by `grad_scale` as it reads it."""
+        scale = None if grad_scale == 1.0 else torch.tensor(grad_scale, dtype=torch.float32,
+                                                            device=self.master.device)
+        if grad.dtype == torch.float32:
+            pieces = [(0, self.shard)]
+        else:  # converted chunk by chunk through one reused fp32 buffer
+            pieces = [(a, min(a + CHUNK, self.shard)) for a in range(0, self.shard, CHUNK)]
+        for start, stop in pieces:
+            fp32 = grad if len(pieces) == 1 and grad.dtype == torch.float32 else (
+                scratch[: stop - start].copy_(grad[start:stop]))
+            # The kernel adds one to the step counter it is given: with several chunks each gets
+            # a copy of the count, and the group's own counter moves once, below.
+            counter = self.step_count if len(pieces) == 1 else self.step_count.clone()
+            adamw([self.master[start:stop]], [fp32], [self.exp_avg[start:stop]], [self.exp_avg_sq[start:stop]],
+                  [], [counter], fused=True, grad_scale=scale, amsgrad=False, maximize=False, lr=lr, **options)
+        if len(pieces) > 1:
+            self.step_count.add_(1)
+
     @torch.no_grad()
     def write_back(self, group) -> None:
-        """Cast the master slice to the model dtype, all-gather it, copy into the parameters."""
+        """Bring the updated master slice to every replica and into the parameters."""
+        if self.in_place:
+            if group is not None:  # the parameters are views of param_flat: gather into it
+                all_gather_flat(self.master, self.param_flat, group)
+            return
         if self.weight_staging is not None:
             self.weight_staging.copy_(self.master)
             shard = _copy(torch.empty_like(self.weight_staging, device=self.grad_flat.device),
@@ -180,10 +246,11 @@ def _replicated(model) -> dict[str, bool]:
 
 
 class ShardedAdamW:
-    """AdamW on fp32 master weights, partitioned across replicas (ZeRO-1/2).
+    """AdamW with fp32 state, partitioned across replicas (ZeRO-1/2).
 
-    See the module docstring for what the gradients must hold before `step` and what a step does.
-    `step`, `load_state_dict` and the constructor are collective over the whole world.
+    See the module docstring for what the gradients must hold before `step`, what a step does
+    and what it holds in memory. `step`, `load_state_dict` and the constructor are collective
+    over the whole world.
     """
 
     def __init__(
@@ -198,13 +265,16 @@ class ShardedAdamW:
     ):
         self.model = model
         self.ctx = model.ctx
+        self.lr = lr
         self.max_grad_norm = max_grad_norm
         self.offload = offload
+        self.options = {"beta1": betas[0], "beta2": betas[1], "eps": eps}
+        self.weight_decay = weight_decay
         # The device of the resident parameters (the block streamer keeps the embedding there).
         self.device = model.embed.weight.device if isinstance(model, GPTJ) else next(model.parameters()).device
         # Replicated parameters whose gradient is a per-rank partial sum (LoRA's whole factors).
         self.sum_replicated_over_tp = bool(getattr(model, "REPLICATED_GRADS_ARE_PARTIAL", False))
-        replicas = self.ctx.replicas if self.ctx.replica_group is not None else 1
+        replicas = self._replicas()
         # Without replicas no collective touches the gradient buffer, so offload keeps it on the host.
         self.grads_on_host = offload and replicas == 1
         grad_device = HOST if self.grads_on_host else self.device
@@ -218,31 +288,16 @@ class ShardedAdamW:
         decay, plain = [], []
         for name, p in model.named_parameters():
             (plain if name.endswith("bias") or id(p) in no_decay else decay).append((name, p))
-        args = (replicated, replicas, self.ctx.replica_rank if replicas > 1 else 0, grad_device, opt_device, pin)
+        args = (replicated, replicas, self.ctx.replica_rank if replicas > 1 else 0, grad_device, opt_device, pin,
+                offload)
         # Adapters have no biases: an empty group gets no buffer at all.
         self.groups = [_FlatGroup(key, named, *args)
                        for key, named in (("decay", decay), ("no_decay", plain)) if named]
         for g in self.groups:
-            g.load_master_from_params()
             g.zero_grads()
-
-        self.adam = torch.optim.AdamW(
-            [{"params": [g.master], "weight_decay": weight_decay if g.key == "decay" else 0.0}
-             for g in self.groups],
-            lr=lr, betas=betas, eps=eps,
-            # One fused kernel per tensor instead of a dozen elementwise passes: 1.5x faster on
-            # CPU (bench-small: 0.73 s -> 0.49 s per step) and no master-sized temporaries.
-            fused=True,
-        )
-        # Create the moments now, as torch would on the first step, so that memory is visible
-        # up front and a state dict exists before any step. The fused kernel keeps its step
-        # counter on the parameters' device.
-        for g in self.groups:
-            self.adam.state[g.master] = {
-                "step": torch.tensor(0.0, dtype=torch.float32, device=g.master.device),
-                "exp_avg": torch.zeros_like(g.master),
-                "exp_avg_sq": torch.zeros_like(g.master),
-            }
+        # One fp32 buffer for every low-precision gradient chunk (none when all groups are fp32).
+        low = [min(g.shard, CHUNK) for g in self.groups if g.dtype != torch.float32]
+        self.scratch = torch.empty(max(low), dtype=torch.float32, device=opt_device) if low else None
 
     # ---- the step ------------------------------------------------------------------------------
     @torch.no_grad()
@@ -259,40 +314,34 @@ class ShardedAdamW:
                 shard = _copy(g.grad_staging, shard)  # device -> pinned host, asynchronous
             shards.append(shard)
         _sync(self.device)
-        for g, shard in zip(self.groups, shards):
-            g.master.grad.copy_(shard)  # to fp32
-            if loss_scale != 1.0:
-                g.master.grad.div_(loss_scale)
 
-        norm = self._global_norm()
+        norm = self._global_norm(shards) / loss_scale
         if not math.isfinite(norm):
             self.zero_grad()
             return StepResult(norm, True, "nan" if norm != norm else "overflow")
+        grad_scale = loss_scale
         if self.max_grad_norm is not None and self.max_grad_norm > 0:
             coef = self.max_grad_norm / (norm + 1e-6)
             if coef < 1.0:
-                for g in self.groups:
-                    g.master.grad.mul_(coef)
+                grad_scale = loss_scale / coef
 
-        for group in self.adam.param_groups:
-            group["lr"] = lr
-        self.adam.step()
+        self.lr = lr
+        for g, shard in zip(self.groups, shards):
+            options = {**self.options, "weight_decay": self.weight_decay if g.key == "decay" else 0.0}
+            g.adamw(shard, self.scratch, grad_scale, lr, options)
         for g in self.groups:
             g.write_back(replica_group)
         _sync(self.device)
         self.zero_grad()
         return StepResult(norm, False, None)
 
-    def _global_norm(self) -> float:
-        """sqrt of the sum of squares of the full model's gradient, each element once."""
+    def _global_norm(self, shards: list[torch.Tensor]) -> float:
+        """sqrt of the sum of squares of the full model's (scaled) gradient, each element once."""
         counts_replicated = self.ctx.tp_rank == 0
-        squares = torch.zeros((), dtype=torch.float64, device=self.groups[0].master.device)
-        for g in self.groups:
+        squares = torch.zeros((), dtype=torch.float64, device=shards[0].device)
+        for g, shard in zip(self.groups, shards):
             start, stop = g.counted_norm_range(counts_replicated)
-            # fp64 accumulation: an fp32 norm over millions of elements drifts by ~1e-6; chunks
-            # bound the temporary fp64 copy.
-            for chunk in g.master.grad[start:stop].split(1 << 24):
-                squares += torch.linalg.vector_norm(chunk, dtype=torch.float64).square()
+            squares += sum_of_squares(shard[start:stop])
         squares = squares.to(self.device)
         all_reduce(squares, self.ctx.tp_group, name="gradient norm (tensor parallel)")
         all_reduce(squares, self.ctx.replica_group, name="gradient norm (replicas)")
@@ -310,12 +359,11 @@ class ShardedAdamW:
             "layout.replicas": torch.tensor([self._replicas(), self.ctx.replica_rank], dtype=torch.int64)
         }
         for g in self.groups:
-            state = self.adam.state[g.master]
             out[f"{g.key}.numels"] = torch.tensor(g.numels, dtype=torch.int64)
             out[f"{g.key}.master"] = g.master.detach().to(HOST, copy=True).contiguous()
-            out[f"{g.key}.exp_avg"] = state["exp_avg"].to(HOST, copy=True).contiguous()
-            out[f"{g.key}.exp_avg_sq"] = state["exp_avg_sq"].to(HOST, copy=True).contiguous()
-            out[f"{g.key}.step"] = state["step"].detach().to(HOST, torch.float32, copy=True).reshape(1)
+            out[f"{g.key}.exp_avg"] = g.exp_avg.to(HOST, copy=True).contiguous()
+            out[f"{g.key}.exp_avg_sq"] = g.exp_avg_sq.to(HOST, copy=True).contiguous()
+            out[f"{g.key}.step"] = g.step_count.to(HOST, torch.float32, copy=True).reshape(1)
         return out
 
     def load_state_dict(self, state: dict[str, torch.Tensor], sync_model: bool = True) -> None:
@@ -348,11 +396,10 @@ class ShardedAdamW:
                     )
         with torch.no_grad():
             for g in self.groups:
-                adam_state = self.adam.state[g.master]
                 g.master.copy_(state[f"{g.key}.master"])
-                adam_state["exp_avg"].copy_(state[f"{g.key}.exp_avg"])
-                adam_state["exp_avg_sq"].copy_(state[f"{g.key}.exp_avg_sq"])
-                adam_state["step"].copy_(state[f"{g.key}.step"].reshape(adam_state["step"].shape))
+                g.exp_avg.copy_(state[f"{g.key}.exp_avg"])
+                g.exp_avg_sq.copy_(state[f"{g.key}.exp_avg_sq"])
+                g.step_count.copy_(state[f"{g.key}.step"].reshape(()))
             if sync_model:
                 for g in self.groups:
                     g.write_back(self.ctx.replica_group)
@@ -378,12 +425,11 @@ class ShardedAdamW:
             "model_params_location": "device",
             "grads_bytes": sum(size(g.grad_flat) + size(g.grad_staging) for g in self.groups),
             "grads_location": where(self.grads_on_host),
-            "master_bytes": sum(size(g.master) + size(g.master.grad) + size(g.weight_staging) for g in self.groups),
+            # fp32 weights are their own master: nothing held beside them.
+            "master_bytes": sum(0 if g.in_place else size(g.master) + size(g.weight_staging) for g in self.groups)
+            + size(self.scratch),
             "master_location": where(self.offload),
-            "optimizer_state_bytes": sum(
-                size(self.adam.state[g.master]["exp_avg"]) + size(self.adam.state[g.master]["exp_avg_sq"])
-                for g in self.groups
-            ),
+            "optimizer_state_bytes": sum(size(g.exp_avg) + size(g.exp_avg_sq) for g in self.groups),
             "optimizer_state_location": where(self.offload),
         }
 

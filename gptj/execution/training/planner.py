@@ -31,7 +31,14 @@ from gptj.model.lora import ROW_PARALLEL, lora_flops_per_token, target_dims
 from gptj.model.lora import TARGETS as LORA_TARGETS
 
 PRECISION_BYTES = {"bf16": 2, "fp16": 2, "fp32": 4}
-OPTIMIZER_BYTES = 16  # fp32 master + fp32 gradient slice + Adam m + Adam v, per parameter
+ADAM_MOMENT_BYTES = 8  # fp32 m and v, per parameter
+
+
+def fp32_state_bytes(precision: str, offload: bool) -> int:
+    """ShardedAdamW's fp32 state per parameter, before dividing by the replicas (its docstring
+    has the formula): the moments, and a master copy unless the weights are fp32 and stay on
+    the device (then the weights are their own master)."""
+    return ADAM_MOMENT_BYTES + (0 if precision == "fp32" and not offload else 4)
 STEP_TRANSIENT_BYTES = 8  # unfused AdamW's sqrt(v) and sqrt(v)/bias_correction temporaries, fp32
 ASSUMED_MFU = 0.5  # for the rough step-time estimate used to rank layouts
 
@@ -126,14 +133,16 @@ def plan_layout(config, layout: Layout, machine: Machine, seq: int, micro_batch:
     device = {
         "weights": resident_params * pb,
         "gradients": resident_params * pb,
-        "optimizer": 0 if layout.offload else OPTIMIZER_BYTES * p_local / r,
+        "optimizer": 0 if layout.offload else fp32_state_bytes(precision, False) * p_local / r,
     }
     act = activation_bytes(config, t, tokens, seq, pb, layout.recompute)
     device["activations"] = act["blocks"] + act["mask"]
     device["logits"] = act["logits"]
-    # Backward also holds the dense [V/t, d] gradients of the embedding and of lm_head before
-    # they are added into the flat gradient buffer.
-    device["backward_transient"] = 2 * (config.padded_vocab_size(t) // t) * config.hidden_size * pb
+    # The embedding's and lm_head's gradients go straight into the optimizer's flat buffer
+    # (gptj/model/main_grad.py) unless that buffer is on the host (offload without replicas):
+    # then backward holds them dense, [V/t, d] each, before they are copied there.
+    grads_on_host = layout.offload and r == 1
+    device["backward_transient"] = 2 * (config.padded_vocab_size(t) // t) * config.hidden_size * pb * grads_on_host
     # The unfused torch.optim.AdamW makes two fp32 temporaries the size of the flat master slice
     # (the fused kernel none). The step runs after backward has freed the activations, so the
     # peak is the larger of the two phases.
@@ -146,7 +155,7 @@ def plan_layout(config, layout: Layout, machine: Machine, seq: int, micro_batch:
 
     host = 0.0
     if layout.offload:  # fp32 state + staging buffers for the slice crossing the bus
-        host += (OPTIMIZER_BYTES * p_local + step_transient * r) / r + 2 * pb * p_local / r
+        host += (fp32_state_bytes(precision, True) * p_local + step_transient * r) / r + 2 * pb * p_local / r
         if r == 1:  # without replicas the optimizer keeps the flat gradient buffer on the host
             host += pb * p_local
     if layout.streaming:  # the block weights and their gradients live on the host
@@ -284,8 +293,8 @@ def quantized_weight_counts(config: ModelConfig, tp: int) -> tuple[int, int]:
 def plan_lora_layout(config, layout: Layout, machine: Machine, seq: int, micro_batch: int,
                      global_batch: int, precision: str, lora: LoraPlan) -> dict:
     """plan_layout's counts for LoRA. The frozen base has no gradients and no optimizer state;
-    the adapters have weights + gradients in the model dtype and 16 B of fp32 state per element
-    over the replicas (ShardedAdamW). Backward keeps the same activations as full fine-tuning
+    the adapters have weights + gradients in the model dtype and the fp32 state of
+    `fp32_state_bytes` over the replicas (ShardedAdamW). Backward keeps the same activations as full fine-tuning
     (each frozen matmul's input is still the input of a LoRA A, or of the next op's backward),
     plus each adapter's rank-r intermediate; backward builds no dense embedding / lm_head
     gradients but holds one block's activation gradients at a time.
@@ -298,7 +307,7 @@ def plan_lora_layout(config, layout: Layout, machine: Machine, seq: int, micro_b
     device = {
         "weights": frozen_base_bytes(config, t, pb, lora) + a_local * pb,
         "gradients": a_local * pb,
-        "optimizer": OPTIMIZER_BYTES * a_local / r,
+        "optimizer": fp32_state_bytes(precision, False) * a_local / r,
     }
     act = activation_bytes(config, t, tokens, seq, pb, layout.recompute)
     per_block_lora = len(lora.targets) * lora.rank * pb * tokens
