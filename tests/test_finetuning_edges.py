@@ -109,7 +109,7 @@ def test_every_model_form_works_as_in_inference(finished, tmp_path):
     code, stdout, err = run(["--model", str(out), "--dataset", str(train), "--output-dir", str(tmp_path / "again"),
                              "--set", "eval.at_end=false", "--set", "checkpoint.export_hf=false", *QUIET])
     assert code == 0, err
-    assert f"name_or_path: {out / 'hf'}" in stdout
+    assert f"run: full fine-tuning of {out / 'hf'}, " in stdout
 
 
 @pytest.mark.parametrize("argv, message", [
