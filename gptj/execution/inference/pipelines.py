@@ -237,11 +237,83 @@ class TextGenerationPipeline:
         )
         return [as_text(i, result) for i, result in enumerate(results)]
 
-    def __call__(self, prompts: str | list[str], **kwargs) -> str | list[str]:
-        """Generated text (without the prompt) for one prompt, or a list for a list."""
+    def __call__(
+        self, prompts: str | list[str], max_new_tokens: int = 32, temperature: float = 0.0, top_k: int = 0,
+        top_p: float = 1.0, seed: int = 0, stop: list[str] | None = None, batch_size: int | None = None,
+        truncate_prompts: bool = False, adapter: str | None = None, stream: bool = False,
+    ):
+        """Generated text (without the prompt) for one prompt, or a list for a list.
+
+        stream=True: an iterator of text pieces as they are generated instead, for one prompt
+        (str pieces) or a list ((prompt index, piece) pairs); a prompt's pieces join to the text
+        the same call without streaming returns (stop strings included: text that may still turn
+        out to start one is held back until it does not)."""
+        options = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+                       seed=seed, stop=stop, batch_size=batch_size, truncate_prompts=truncate_prompts,
+                       adapter=adapter)
         single = isinstance(prompts, str)
-        texts = [g.text for g in self.generate([prompts] if single else list(prompts), **kwargs)]
+        prompts = [prompts] if single else list(prompts)
+        if stream:
+            pieces = self._stream(prompts, options)
+            return (piece for _, piece in pieces) if single else pieces
+        texts = [g.text for g in self.generate(prompts, **options)]
         return texts[0] if single else texts
+
+    def stream(self, prompt: str, **options):
+        """The text pieces of one prompt's continuation as they come: self(prompt, stream=True, ...)."""
+        return self(prompt, stream=True, **options)
+
+    def _stream(self, prompts: list[str], options: dict):
+        """(prompt index, text piece) pairs as tokens come: generation runs in a worker thread
+        and hands its tokens over a queue; closing the iterator early stops it."""
+        import queue
+        import threading
+
+        incomplete = "\ufffd"  # a character cut in the middle: wait for its other bytes
+        stops = [s for s in options["stop"] or [] if s]
+        hold = max(map(len, stops), default=1) - 1  # the start of a stop string the next token may complete
+        events, stopped, finished = queue.Queue(), threading.Event(), object()
+
+        class Stopped(Exception):
+            pass
+
+        def on_token(index, token):
+            if stopped.is_set():
+                raise Stopped
+            events.put((index, token))
+
+        def work():
+            try:
+                events.put((finished, self.generate(prompts, on_token=on_token, **options)))
+            except BaseException as err:  # noqa: BLE001 - raised again by the reader
+                events.put((finished, err))
+
+        worker = threading.Thread(target=work, name="text-generation-stream", daemon=True)
+        worker.start()
+        tokens, sent = [[] for _ in prompts], [0] * len(prompts)
+        try:
+            while True:
+                index, item = events.get()
+                if index is finished:
+                    if isinstance(item, Stopped):
+                        return
+                    if isinstance(item, BaseException):
+                        raise item
+                    for i, generated in enumerate(item):  # the rest, cut at the first stop string
+                        if len(generated.text) > sent[i]:
+                            yield i, generated.text[sent[i]:]
+                    return
+                tokens[index].append(item)
+                text = self.tokenizer.decode(tokens[index])
+                safe = min(len(text) - hold, len(trim_at_stop(text, stops)))
+                while safe > sent[index] and text[safe - 1] == incomplete:
+                    safe -= 1
+                if safe > sent[index]:
+                    yield index, text[sent[index]:safe]
+                    sent[index] = safe
+        finally:
+            stopped.set()
+            worker.join()
 
 
 class EntailmentPipeline(ClassificationPipeline):
