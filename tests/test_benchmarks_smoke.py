@@ -50,7 +50,7 @@ def test_a_configuration_past_its_time_limit_is_reported_not_waited_for(monkeypa
         "timed out after 1 s"
     calls = []
 
-    def never_finishes(impl, precision, quick=False, timeout=None):
+    def never_finishes(impl, precision, quick=False, timeout=None, shape_args=()):
         calls.append((impl, precision))
         return {"impl": impl, "precision": precision, "error": "timed out after 120 s"}
 
@@ -107,3 +107,17 @@ def test_bench_lora_measures_adapters_only():
         torch.set_num_threads(threads)  # quick mode runs on one thread
     assert result["trainable_params"] == adapter_parameter_count(ModelConfig.preset("tiny"), LoraSettings(rank=4))
     assert len(result["step_times"]) >= 2 and result["peak_memory_bytes"] > 0
+
+
+def test_training_rows_of_the_full_width_run_at_the_tiny_shape():
+    """The 6b-width run's extra rows (2 replicas, tensor parallel 2, QLoRA) at the tiny shape."""
+    from benchmarks import bench_training
+
+    for impl, precision in bench_training.WIDE_CONFIGS[len(bench_training.CONFIGS):]:
+        result = bench_training.measure_in_subprocess(impl, precision, quick=True)
+        assert "error" not in result, result
+        assert len(result["step_times"]) == 2 and result["last_loss"] > 0
+        if impl in bench_training.PARALLEL:
+            assert len(result["peak_memory_per_process"]) == 2
+        else:
+            assert 0 < result["frozen_backward"]["fraction_of_float"]
