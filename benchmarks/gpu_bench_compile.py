@@ -20,12 +20,12 @@ def compile_counters() -> dict:
 
 def decode_step_compilations() -> int | None:
     """How many compiled versions dynamo holds of the decode step (None: not knowable)."""
-    from gptj.execution.inference.generation import GenerationEngine
+    from gptj.execution.inference.model_runner import ModelRunner
 
     try:
         from torch._dynamo.eval_frame import _debug_get_cache_entry_list
 
-        return len(_debug_get_cache_entry_list(GenerationEngine._decode_forward.__code__))
+        return len(_debug_get_cache_entry_list(ModelRunner._decode_forward.__code__))
     except Exception:  # a private API: absent or changed in another torch
         return None
 

@@ -46,14 +46,14 @@ def test_cached_decode_logits_equal_full_recomputation(pair):
     _, ours = pair
     engine = GenerationEngine(ours)
     seen = []
-    forward = engine._decode_fn
+    forward = engine.runner._decode_fn
 
     def recording(tokens, positions, mask):
         logits = forward(tokens, positions, mask)
         seen.append((positions.clone(), logits.clone()))
         return logits
 
-    engine._decode_fn = recording
+    engine.runner._decode_fn = recording
     prompts = PROMPTS[:3]
     results = engine.run(prompts, max_new_tokens=8, eos_token_id=None)
     assert len(seen) == 7  # first token from prefill, then 7 decode steps
@@ -183,3 +183,29 @@ def test_compiled_cpu_decode_step_gives_the_eager_tokens():
     compiled = GenerationEngine(model, compile_decode=True).run(prompts, 4, None)
     assert [r.token_ids for r in compiled] == [r.token_ids for r in eager]
     assert all(len(r.token_ids) == 4 for r in eager)
+
+
+def test_generate_over_a_kept_runner_reuses_its_cache_and_matches_transformers(pair):
+    """Offline generation is the plain `generate` over the request engine; a ModelRunner passed
+    in keeps its KV cache from one call to the next, and the engine class only holds one."""
+    import ast
+    import inspect
+
+    import gptj.execution.inference.request_engine as request_engine
+    from gptj.execution.inference.generation import GenerationStats
+    from gptj.execution.inference.model_runner import ModelRunner
+
+    hf, ours = pair
+    expected = hf_greedy(hf, PROMPTS, max_new_tokens=6)
+    runner, stats = ModelRunner(ours), GenerationStats()
+    assert [r.token_ids for r in generate(ours, PROMPTS, 6, None, runner=runner, stats=stats)] == expected
+    cache = runner.cache
+    assert stats.generated_tokens == 6 * len(PROMPTS) and stats.total_seconds > 0
+    assert [r.token_ids for r in generate(ours, PROMPTS, 6, None, runner=runner)] == expected
+    assert runner.cache is cache  # large enough: kept
+    assert not issubclass(GenerationEngine, ModelRunner)
+    # The request engine calls the runner's public prefill and decode only.
+    tree = ast.parse(inspect.getsource(request_engine))
+    private = {node.attr for node in ast.walk(tree) if isinstance(node, ast.Attribute)
+               and isinstance(node.value, ast.Attribute) and node.value.attr == "runner" and node.attr.startswith("_")}
+    assert private == set()

@@ -105,13 +105,13 @@ def test_a_large_admission_is_prefilled_in_groups_within_the_token_budget(pair, 
         engine = RequestEngine(ours, max_batch_size=5, eos_token_id=None)
         engine.prefill_token_budget = budget
         widths = []
-        prefill = engine.runner._prefill_hidden
+        prefill = engine.runner.prefill
 
         def counting(cache, rows, batch, multiple):
             widths.append(len(rows) * max(len(p) for p in batch))
             return prefill(cache, rows, batch, multiple)
 
-        monkeypatch.setattr(engine.runner, "_prefill_hidden", counting)
+        monkeypatch.setattr(engine.runner, "prefill", counting)
         for i, p in enumerate(prompts):
             engine.add(Request(f"r{i}", p, max_new_tokens=3, prompt_logprobs=1))
         events = []

@@ -1,5 +1,12 @@
 """The model calls of generation: a static KV cache, batched prefill, one-token decode steps.
 
+    runner = ModelRunner(model)
+    hidden, lengths = runner.prefill(cache, rows, prompts)      # prompts into cache rows
+    logits = runner.decode(cache, tokens, positions, window)    # one token per row
+
+The request engine (request_engine.py) is the one caller that schedules them; offline
+generation (generation.py) and the server drive that engine.
+
 Prefill: prompts are right-padded into one batch, each row's keys written into slots
 0..L-1 of its own cache row at positions 0..L-1, so no row sees another's padding.
 Decode: one token per row at that row's own position; the cache mask [B,1,1,T] gains one
@@ -54,8 +61,8 @@ class ModelRunner:
                 cache.mark_static_addresses()
         return cache
 
-    def _prefill_hidden(self, cache: StaticKVCache, rows: list[int], prompts: list[list[int]],
-                        pad_multiple: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    def prefill(self, cache: StaticKVCache, rows: list[int], prompts: list[list[int]],
+                pad_multiple: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
         """Write `prompts` into cache `rows`; return the final hidden states of every position
         [n, S, d] (padding after each prompt's end) and the prompt lengths [n].
 
@@ -79,8 +86,8 @@ class ModelRunner:
         hidden = self.model.hidden_states(ids, position_ids=positions, attn_mask=mask, kv_cache=cache)
         return hidden, lengths
 
-    def decode_logits(self, cache: StaticKVCache, tokens: torch.Tensor, positions: torch.Tensor,
-                      window: int) -> torch.Tensor:
+    def decode(self, cache: StaticKVCache, tokens: torch.Tensor, positions: torch.Tensor,
+               window: int) -> torch.Tensor:
         """Logits [B, V] of one decode step over `cache` (the runner's cache, or its leading
         rows when eager): tokens [B, 1] written at slots `positions` [B], attending slots
         below `window`. A CUDA-graph step's output is overwritten by the next replay: use it

@@ -1,7 +1,7 @@
 """Continuous batching driven one step at a time: the engine behind the HTTP server.
 
 This is the one decode loop: the server drives it request by request, and
-`GenerationEngine.run` (gptj/execution/inference/generation.py) drives it over a fixed list of prompts, so
+`generate` (gptj/execution/inference/generation.py) drives it over a fixed list of prompts, so
 stopping (EOS, stop sequences, stop strings, length) and sampling live here alone. The model
 calls and the static KV cache are a `ModelRunner`'s (gptj/execution/inference/model_runner.py). Three calls:
 
@@ -275,8 +275,7 @@ class RequestEngine:
         """One batched prefill; its prompt scores in one `gptj.execution.inference.scoring.token_logprobs` pass
         over the prefill's hidden states."""
         self._set_adapter_rows([r.adapter for r in requests])
-        hidden, lengths = self.runner._prefill_hidden(self.cache, rows, [r.prompt for r in requests],
-                                                      self.prefill_multiple)
+        hidden, lengths = self.runner.prefill(self.cache, rows, [r.prompt for r in requests], self.prefill_multiple)
         device = hidden.device
         logits = self.model.logits_from_hidden(hidden[torch.arange(len(rows), device=device), lengths - 1])
         scored = [i for i, r in enumerate(requests) if r.prompt_logprobs is not None and len(r.prompt) > 1]
@@ -343,7 +342,7 @@ class RequestEngine:
         try:
             cache = self.cache if static else (self._views.get(rows)
                                                or self._views.setdefault(rows, self.cache.leading_rows(rows)))
-            logits = self.runner.decode_logits(cache, tokens, positions, window)
+            logits = self.runner.decode(cache, tokens, positions, window)
         except Exception as err:  # noqa: BLE001 - fail the requests in this step, keep serving
             if not self.isolate_failures:
                 raise
