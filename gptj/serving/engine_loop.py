@@ -157,6 +157,11 @@ class EngineLoop:
     def alive(self) -> bool:
         return self._thread is not None and self._thread.is_alive()
 
+    @property
+    def in_flight(self) -> int:
+        """Requests submitted and not finished yet (read from any thread)."""
+        return len(self._timings)
+
     # ---- called from the event loop ----------------------------------------------------------
     def submit(self, requests: list[Request]) -> asyncio.Queue:
         """Queue requests (all or none); their Events arrive on the returned asyncio queue."""
