@@ -3,8 +3,8 @@
 process, as a user with two machines would start it.
 
 References: the final weights (fp32 Hugging Face export) of the same layout, seed and global batch
-on one machine: a single process for replicas, torchrun on loopback for tensor parallel, and the
-uninterrupted two-host run for the run whose worker on one host is SIGKILLed. The setups that
+on one machine (torchrun with 2 processes on loopback), for replicas, for tensor parallel and for
+the run whose worker on one host is SIGKILLed. The setups that
 used to hang (a hostname resolving to loopback, restart counts that differ between the nodes)
 must end within seconds with the one line that names cause and fix.
 """
@@ -47,13 +47,8 @@ def _assert_equal_weights(want: Path, got: Path, what: str) -> None:
         assert torch.equal(value, b[key]), (what, key)
 
 
-def _single_process(out: Path, args: list[str]) -> None:
-    proc = subprocess.run([sys.executable, "run_finetuning.py", *args, "--output-dir", str(out)], cwd=ROOT,
-                          capture_output=True, text=True, timeout=LIMIT_S)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-
-
 def _one_machine_torchrun(tmp_path: Path, out: Path, args: list[str]) -> None:
+    """The same job as 2 processes of one torchrun on this machine's loopback."""
     proc = _torchrun("run_finetuning.py", [*args, "--output-dir", str(out)], tmp_path / "log-one", 0)
     try:
         code = proc.wait(timeout=LIMIT_S)
@@ -113,15 +108,16 @@ def _run(hosts, log_dir: Path, args: list[str], **options) -> tuple[list[int], s
 
 
 @pytest.fixture(scope="module")
-def single_process(tmp_path_factory):
-    out = tmp_path_factory.mktemp("single") / "run"
-    _single_process(out, [*RUN, *EXPORT])
-    return out
+def one_machine_replicas(tmp_path_factory):
+    """2 replicas on one machine: the reference of every replicas run here."""
+    where = tmp_path_factory.mktemp("one-machine")
+    _one_machine_torchrun(where, where / "run", [*RUN, *EXPORT])
+    return where / "run"
 
 
-def test_replicas_on_two_hosts_named_vm_match_one_process(single_process, tmp_path):
+def test_replicas_on_two_hosts_named_vm_match_one_machine(one_machine_replicas, tmp_path):
     """Both hosts called vm, resolving to 127.0.0.1 (as 127.0.1.1 does on many machines): with the
-    three settings the loopback checks ask for, the job runs and ends with the single process's
+    three settings the loopback checks ask for, the job runs and ends with the one-machine run's
     weights, bit for bit."""
     out = tmp_path / "run"
     with two_hosts(("vm", "vm"), LOOPBACK_HOSTS) as hosts:
@@ -129,7 +125,7 @@ def test_replicas_on_two_hosts_named_vm_match_one_process(single_process, tmp_pa
                            is_host=True, env={"GLOO_SOCKET_IFNAME": "{interface}"})
     assert codes == [0, 0], logs[-4000:]
     assert "world 2 = tensor_parallel 1 x replicas 2" in logs
-    _assert_equal_weights(single_process, out, "2 replicas on two hosts vs one process")
+    _assert_equal_weights(one_machine_replicas, out, "2 replicas on two hosts vs one machine")
 
 
 def test_tensor_parallel_across_two_hosts_matches_one_machine(tmp_path):
@@ -142,30 +138,34 @@ def test_tensor_parallel_across_two_hosts_matches_one_machine(tmp_path):
     _assert_equal_weights(tmp_path / "one", tmp_path / "two", "TP 2 across two hosts vs one machine")
 
 
-def _kill_worker_on(run: TwoHostRun, host_index: int, out: Path, at_step: int) -> int:
-    """SIGKILL the first-attempt worker under the agent of host `host_index` once the metrics
-    show `at_step`; returns the step the metrics showed."""
+def _worker_of(run: TwoHostRun, host_index: int) -> int:
+    """The first-attempt worker under the agent of host `host_index`."""
     agent = run.procs[host_index].pid  # `ip netns exec` and `unshare` exec: the agent keeps the pid
+    victim = _worker_pid(agent, 0) or _worker_pid(agent, 1)
+    assert victim is not None, "no worker found under the agent"
+    return victim
+
+
+def _wait_for_step(run: TwoHostRun, out: Path, at_step: int) -> int:
+    """Wait until the metrics show `at_step`; returns the step they show."""
     deadline = time.time() + LIMIT_S
     while time.time() < deadline and all(p.poll() is None for p in run.procs):
         seen = _last_step(out / "metrics.jsonl")
         if seen >= at_step:
-            victim = _worker_pid(agent, 0) or _worker_pid(agent, 1)
-            assert victim is not None, "no worker found under the agent"
-            os.kill(victim, signal.SIGKILL)
             return seen
         time.sleep(0.02)
     raise AssertionError(f"the run never reached step {at_step}:\n{run.logs()[-3000:]}")
 
 
-def test_worker_killed_on_one_host_heals_bit_identical(single_process, tmp_path):
+def test_worker_killed_on_one_host_heals_bit_identical(one_machine_replicas, tmp_path):
     out = tmp_path / "run"
     args = [*RUN, *EXPORT, "--output-dir", str(out)]
     with two_hosts() as hosts:
         run = TwoHostRun(hosts, tmp_path / "log", args, max_restarts=2,
                          env={"TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"})
         try:
-            seen = _kill_worker_on(run, 1, out, at_step=4)  # after the checkpoint of step 3
+            seen = _wait_for_step(run, out, at_step=4)  # after the checkpoint of step 3
+            os.kill(_worker_of(run, 1), signal.SIGKILL)
             codes = run.wait()
         finally:
             run.stop()
@@ -173,19 +173,32 @@ def test_worker_killed_on_one_host_heals_bit_identical(single_process, tmp_path)
     assert seen < 12, seen  # killed while training
     assert codes == [0, 0], logs[-4000:]
     assert "resumed from" in logs
-    _assert_equal_weights(single_process, out, f"worker on the second host killed at step {seen}")
+    _assert_equal_weights(one_machine_replicas, out, f"worker on the second host killed at step {seen}")
 
 
 def test_restart_counts_that_differ_end_with_the_store_variable_named(tmp_path):
     """Without TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 the restarted workers used to wait for each
-    other under different keys until the 30-minute store timeout."""
+    other under different keys until the 30-minute store timeout.
+
+    The counts differ when the other host's agent restarts its workers because a node rejoined,
+    not because its own worker failed (only a failure counts). Its worker is frozen while the
+    first host's worker is killed, so that it cannot fail first, and thawed once its agent is
+    stopping it."""
     out = tmp_path / "run"
     args = [*RUN, "--set", "parallel.timeout_s=20", "--output-dir", str(out)]
     started = time.time()
     with two_hosts() as hosts:
         run = TwoHostRun(hosts, tmp_path / "log", args, max_restarts=1)
         try:
-            _kill_worker_on(run, 1, out, at_step=4)
+            _wait_for_step(run, out, at_step=4)
+            survivor = _worker_of(run, 0)
+            os.kill(survivor, signal.SIGSTOP)
+            os.kill(_worker_of(run, 1), signal.SIGKILL)
+            stopping = f"Sending process {survivor} closing signal SIGTERM"
+            deadline = time.time() + LIMIT_S
+            while stopping not in run.logs() and time.time() < deadline:
+                time.sleep(0.05)
+            os.kill(survivor, signal.SIGCONT)
             codes = run.wait()
         finally:
             run.stop()
