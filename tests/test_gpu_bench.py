@@ -224,7 +224,7 @@ def test_the_compiled_step_writes_only_static_inputs():
     model = GPTJ(ModelConfig.preset("tiny")).init_weights(seed=0).eval()
     engine = GenerationEngine(model, compile_decode=True)
     torch._dynamo.reset()
-    engine._decode_fn = torch.compile(engine._decode_forward, backend=inspect, dynamic=False)
+    engine.runner._decode_fn = torch.compile(engine.runner._decode_forward, backend=inspect, dynamic=False)
     engine.run([[1, 2, 3]], 3, None)
     cache = engine.cache
     assert len(written) == 2 * model.config.num_layers  # keys and values of every layer

@@ -214,6 +214,8 @@ def run(config) -> int:
                 on_finish=on_finish, prompt_ids=plan.prompt_ids,
             )
     except KeyboardInterrupt:
+        if progress is not None:
+            progress.close()  # the bar's line ends before the message below
         if main:
             done = [finished[i] for i in sorted(finished)]
             where = f"; wrote them to {write_results(config.output, done, pipe.stats.as_dict())}" \
