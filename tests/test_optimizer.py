@@ -339,7 +339,7 @@ def test_low_precision_gradients_convert_chunk_by_chunk(monkeypatch):
     from gptj.execution.training import optimizer as optim
 
     results = []
-    for chunk in (optim.CHUNK, 1000):
+    for chunk in (optim.CHUNK, 3 * optim.NORM_ROW):  # one chunk, and several
         monkeypatch.setattr(optim, "CHUNK", chunk)
         model = GPTJ(TINY, dtype=torch.bfloat16).init_weights(seed=1)
         opt = optim.ShardedAdamW(model, lr=LR, weight_decay=0.1, max_grad_norm=0.05)

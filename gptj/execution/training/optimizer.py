@@ -42,7 +42,8 @@ Memory (the formula the planner uses), per parameter, with r replicas:
   buffer whose slice AdamW updates in place; the gradient slice is read where it lies. So
   4 + 4 + 8 / r bytes (16 B at r = 1, as torch.optim.AdamW on the model itself).
 - bf16 / fp16 weights: a separate fp32 master slice; the gradient slice is converted to fp32
-  in chunks of `CHUNK` elements through one reused buffer, never as a whole. So 2 + 2 + 12 / r.
+  in chunks of `CHUNK` elements through one reused 4 MiB buffer, never as a whole, and each
+  updated chunk is written back into the (flat) parameters while in cache. So 2 + 2 + 12 / r.
 
 The trained module is the model itself (full fine-tuning) or `gptj.model.lora.LoraAdapters` (only the
 adapters; the frozen base has no gradients and no optimizer state). Adapters whose factor is
@@ -69,7 +70,9 @@ from gptj.model.parallel import all_gather_flat, all_reduce, reduce_scatter_flat
 from gptj.model.sharding import shard_rules
 
 HOST = torch.device("cpu")
-CHUNK = 1 << 24  # elements of a low-precision gradient slice converted to fp32 at a time
+# Elements of a low-precision gradient slice converted to fp32 at a time (4 MiB: cache-sized; a
+# multiple of NORM_ROW, so the norm's rows do not depend on it).
+CHUNK = 1 << 20
 NORM_ROW = 1 << 12  # elements summed in fp32 before the fp64 total (relative error ~1e-7)
 
 
@@ -94,13 +97,20 @@ def _buffer(numel: int, dtype: torch.dtype, device: torch.device, pin: bool) -> 
     return torch.zeros(numel, dtype=dtype, device=device, pin_memory=pin and device.type == "cpu")
 
 
-def sum_of_squares(flat: torch.Tensor) -> torch.Tensor:
-    """fp64 sum of squares of a 1-D tensor of any float dtype, at about the cost of reading it:
-    fp32 norms of 4096-element rows (one kernel), their squares added in fp64."""
-    whole = flat.numel() - flat.numel() % NORM_ROW
-    rows = [flat[:whole].view(-1, NORM_ROW), flat[whole:].view(1, -1)]
-    return sum(torch.linalg.vector_norm(r, dim=1, dtype=torch.float32).double().square().sum()
-               for r in rows if r.numel())
+def sum_of_squares(flat: torch.Tensor, scratch: torch.Tensor | None = None) -> torch.Tensor:
+    """fp64 sum of squares of a 1-D tensor, at about the cost of reading it: fp32 norms of
+    4096-element rows, their squares added in fp64. A low-precision tensor is converted to fp32
+    a chunk at a time through `scratch` (never as a whole); the rows, and so the result, are
+    the same for any chunk size that is a multiple of the row."""
+    norms = []
+    for start in range(0, flat.numel(), CHUNK if flat.dtype != torch.float32 else max(flat.numel(), 1)):
+        part = flat[start : start + CHUNK] if flat.dtype != torch.float32 else flat
+        if part.dtype != torch.float32:
+            part = scratch[: part.numel()].copy_(part)
+        whole = part.numel() - part.numel() % NORM_ROW
+        norms += [torch.linalg.vector_norm(rows, dim=1) for rows in
+                  (part[:whole].view(-1, NORM_ROW), part[whole:].view(1, -1)) if rows.numel()]
+    return torch.cat(norms).double().square().sum() if norms else torch.zeros((), dtype=torch.float64)
 
 
 class _FlatGroup:
@@ -108,8 +118,9 @@ class _FlatGroup:
 
     Order: tensor-parallel-split parameters first, then replicated ones, so the elements that
     every TP rank holds identically form one tail range [rep_start, used) of the buffer.
-    `in_place`: fp32 parameters where the optimizer runs (and no offload asked), which become
-    views into one flat buffer whose slice is the master (see the module docstring).
+    `flat_params`: parameters on the optimizer's device (no offload asked) become views into
+    one flat buffer, so the updated slice is written (or gathered) there once. `in_place`: when
+    those are fp32, that slice IS the master (see the module docstring).
     """
 
     def __init__(self, key, named, replicated, replicas, replica_rank, grad_device, opt_device, pin,
@@ -132,15 +143,18 @@ class _FlatGroup:
         self.grad_flat = _buffer(self.total, dtype, grad_device, pin)
         self.grad_views = self._views(self.grad_flat)
         crosses = opt_device != grad_device
-        self.in_place = (not offload and not crosses
-                         and all(p.dtype == torch.float32 and p.device == opt_device for p in self.params))
-        if self.in_place:
-            self.param_flat = _buffer(self.total, torch.float32, opt_device, False)
+        self.flat_params = not offload and not crosses and all(
+            p.dtype == dtype and p.device == opt_device for p in self.params)
+        self.in_place = self.flat_params and dtype == torch.float32
+        if self.flat_params:
+            self.param_flat = _buffer(self.total, dtype, opt_device, False)
             with torch.no_grad():
                 for p, view in zip(self.params, self._views(self.param_flat)):
                     view.copy_(p)
                     p.data = view  # the parameter now lives in the flat buffer
-            self.master = self.param_flat.narrow(0, self.lo, self.shard)
+            self.param_slice = self.param_flat.narrow(0, self.lo, self.shard)
+        if self.in_place:
+            self.master = self.param_slice
         else:
             self.master = _buffer(self.shard, torch.float32, opt_device, False)
             self.load_master_from_params()
@@ -208,6 +222,7 @@ class _FlatGroup:
             pieces = [(0, self.shard)]
         else:  # converted chunk by chunk through one reused fp32 buffer
             pieces = [(a, min(a + CHUNK, self.shard)) for a in range(0, self.shard, CHUNK)]
+        cast_back = self.flat_params and not self.in_place
         for start, stop in pieces:
             fp32 = grad if len(pieces) == 1 and grad.dtype == torch.float32 else (
                 scratch[: stop - start].copy_(grad[start:stop]))
@@ -216,15 +231,20 @@ class _FlatGroup:
             counter = self.step_count if len(pieces) == 1 else self.step_count.clone()
             adamw([self.master[start:stop]], [fp32], [self.exp_avg[start:stop]], [self.exp_avg_sq[start:stop]],
                   [], [counter], fused=True, grad_scale=scale, amsgrad=False, maximize=False, lr=lr, **options)
+            if cast_back:  # while the chunk is in cache: the updated weights in the model dtype
+                self.param_slice[start:stop].copy_(self.master[start:stop])
         if len(pieces) > 1:
             self.step_count.add_(1)
 
     @torch.no_grad()
-    def write_back(self, group) -> None:
-        """Bring the updated master slice to every replica and into the parameters."""
-        if self.in_place:
+    def write_back(self, group, cast: bool = True) -> None:
+        """Bring the updated master slice to every replica and into the parameters (`cast`:
+        write the slice in the model dtype first; `adamw` already has)."""
+        if self.flat_params:
+            if cast and not self.in_place:
+                self.param_slice.copy_(self.master)
             if group is not None:  # the parameters are views of param_flat: gather into it
-                all_gather_flat(self.master, self.param_flat, group)
+                all_gather_flat(self.param_slice, self.param_flat, group)
             return
         if self.weight_staging is not None:
             self.weight_staging.copy_(self.master)
@@ -330,7 +350,7 @@ class ShardedAdamW:
             options = {**self.options, "weight_decay": self.weight_decay if g.key == "decay" else 0.0}
             g.adamw(shard, self.scratch, grad_scale, lr, options)
         for g in self.groups:
-            g.write_back(replica_group)
+            g.write_back(replica_group, cast=False)
         _sync(self.device)
         self.zero_grad()
         return StepResult(norm, False, None)
@@ -341,7 +361,7 @@ class ShardedAdamW:
         squares = torch.zeros((), dtype=torch.float64, device=shards[0].device)
         for g, shard in zip(self.groups, shards):
             start, stop = g.counted_norm_range(counts_replicated)
-            squares += sum_of_squares(shard[start:stop])
+            squares += sum_of_squares(shard[start:stop], self.scratch)
         squares = squares.to(self.device)
         all_reduce(squares, self.ctx.tp_group, name="gradient norm (tensor parallel)")
         all_reduce(squares, self.ctx.replica_group, name="gradient norm (replicas)")
