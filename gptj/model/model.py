@@ -162,6 +162,16 @@ class GPTJ(nn.Module):
         self.recompute_blocks = False  # activation recomputation, set by the training engine
         self.quantization = None  # a gptj.model.quantized_linear.QuantSpec once projections are quantized
 
+    @property
+    def dtype(self) -> torch.dtype:
+        """The activation dtype (the embedding's: projections may be quantized)."""
+        return self.embed.weight.dtype
+
+    @property
+    def device(self) -> torch.device:
+        """Where the model computes (the embedding stays there when block weights stream)."""
+        return self.embed.weight.device
+
     # ---- weights -----------------------------------------------------------------------------
     @torch.no_grad()
     def init_weights(self, seed: int = 0, std: float = 0.02) -> GPTJ:
