@@ -421,11 +421,20 @@ class _FrozenQuantizedMatmul(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, layer):
         ctx.layer = layer
-        return F.linear(x, layer.dequantize(x.dtype))
+        return F.linear(x, _reused_dequantized(layer, x.dtype))
 
     @staticmethod
     def backward(ctx, grad):
-        return grad @ ctx.layer.dequantize(grad.dtype), None
+        return grad @ _reused_dequantized(ctx.layer, grad.dtype), None
+
+
+def _reused_dequantized(layer: QuantizedLinear, dtype: torch.dtype) -> torch.Tensor:
+    """The layer's weight dequantized into the thread's reused buffer: one weight-sized
+    temporary at a time (what the planner counts), not a fresh allocation per matmul, whose
+    pages the system would map anew on every call."""
+    shape = (layer.out_features, layer.in_features)
+    buffer = _prefill_buffer(shape[0] * shape[1], dtype, layer.device)
+    return layer.dequantize(dtype, out=buffer.view(shape))
 
 
 def linear(x: torch.Tensor, weight, bias: torch.Tensor | None = None) -> torch.Tensor:
