@@ -261,6 +261,15 @@ def _measure_parallel(impl: str, config, batch: int, seq: int, steps: int, max_s
 
     tp, replicas = PARALLEL[impl]
     world = tp * replicas
+    # Each replica holds the whole fp32 model and its gradients: refuse, saying so, a row whose
+    # processes cannot fit together (instead of the kernel killing one of them).
+    per_process = config.num_parameters() / tp * (4 + 4 + 8 / replicas)
+    available = _available_memory()
+    if available and world * per_process > 0.85 * available:
+        return {"impl": impl, "precision": "fp32", "error": (
+            f"does not fit: {world} processes x {per_process / 2**30:.1f} GiB (fp32 weights + gradients + "
+            f"1/{replicas} of the Adam moments, before activations) > 85% of the {available / 2**30:.1f} GiB "
+            f"available; try fewer --layers")}
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -279,6 +288,18 @@ def _measure_parallel(impl: str, config, batch: int, seq: int, steps: int, max_s
         "last_loss": ranks[0]["last_loss"], "threads": sum(r["threads"] for r in ranks),
         "load_average": os.getloadavg()[0],
     }
+
+
+def _available_memory() -> int:
+    """MemAvailable of /proc/meminfo in bytes (0 where there is none)."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
 
 
 def _qlora_step(config, seq: int, batch: int):
