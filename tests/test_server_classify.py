@@ -96,3 +96,23 @@ def test_bad_requests_are_a_4xx_naming_the_field(server, body, param, message):
     assert 400 <= resp.status_code < 500, resp.text
     error = resp.json()["error"]
     assert error["param"] == param and message in error["message"]
+
+
+def test_a_text_too_long_for_the_context_is_refused_before_it_is_tokenized(server, monkeypatch):
+    state = server.state
+    limit = state.max_model_len * state.longest_token_chars()  # more characters cannot fit
+    seen = []
+    encode = state.tokenizer.encode
+
+    def recording(texts):
+        seen.extend(len(t) for t in texts)
+        return encode(texts)
+
+    monkeypatch.setattr(state.tokenizer, "encode", recording)
+    resp = post(server, {"task": "sst2", "inputs": [{"sentence": "ok"}, {"sentence": "x" * (limit + 1)}]})
+    assert resp.status_code == 400, resp.text
+    error = resp.json()["error"]
+    assert error["param"] == "inputs[1]" and "characters a token" in error["message"]
+    resp = post(server, {"task": "sst2", "input": {"sentence": "ok"}, "choices": ["bad", "y" * (limit + 1)]})
+    assert resp.status_code == 400 and resp.json()["error"]["param"] == "choices", resp.text
+    assert seen and max(seen) <= limit  # the short texts were tokenized, the long ones never

@@ -13,12 +13,14 @@ gptj.execution.inference.scoring). `max_tokens: 0` with `echo` scores the prompt
     GET  /tokenizer_info                  -> the special tokens and the context length
     POST /v1/entailment {"premise", "hypothesis"} or a list of them -> the label and its scores
     POST /v1/classify   {"task": NAME | {prompt, target, labels}, "input": {...} | "inputs": [...],
-                         "choices": optional labels} -> per input the label, probabilities and
-                         log-likelihoods (gptj.execution.inference.classification)
+                         "choices": optional labels, "model": optional LoRA adapter} -> per input
+                         the label, probabilities and log-likelihoods
+                         (gptj.execution.inference.classification)
 
-Both classification routes run on the engine thread as one job kind: every input waiting at a
-step, from every request, is scored in one batched pass (`ServingClassifier`), each prompt
-prefilled once for all of its labels.
+Both classification routes and the guided choices of completions (serving/guided.py) run on
+the engine thread as one job kind: every item waiting at a step, from every request, is scored
+in one batched pass per adapter (`ServingClassifier`), each prompt prefilled once for all of
+its candidates.
 """
 
 from __future__ import annotations
@@ -26,16 +28,17 @@ from __future__ import annotations
 import asyncio
 import json
 from collections.abc import Callable
+from dataclasses import dataclass
 
 from fastapi import APIRouter, Depends, Request
 from starlette.concurrency import run_in_threadpool
 
 import gptj.data as data
 from gptj.data.tasks import _make_task, _template_fields
-from gptj.execution.inference.pipelines import EntailmentPipeline
+from gptj.execution.inference.pipelines import EntailmentPipeline, using_adapter
 from gptj.execution.inference.scoring import choose
 
-from .errors import bad_request
+from .errors import APIError, bad_request
 from .schemas import DetokenizeRequest, EntailmentPair, TokenizeRequest
 from .state import ServerState, State, authorized
 
@@ -151,8 +154,10 @@ async def entailment(body: EntailmentPair | list[EntailmentPair], state: State):
     return results[0] if single else results
 
 
-# An engine job item that classifies (the other items are (premise, hypothesis) pairs).
+# Engine job items besides (premise, hypothesis) pairs: (CLASSIFY, JSON) of /v1/classify and
+# (GUIDED, JSON) of a guided choice (serving/guided.py).
 CLASSIFY = "\x00classify"
+GUIDED = "\x00guided"
 
 
 def inline_task(spec: dict):
@@ -179,40 +184,95 @@ def request_task(spec):
     return inline_task(spec)
 
 
+@dataclass
+class _Scoring:
+    """One engine item: a prompt (text, tokenized with the others of the step, or token ids)
+    and its candidates' tokens; `names` for a classification (None: a guided choice)."""
+
+    prompt: str | list[int]
+    candidates: list[list[int]]
+    names: list[str] | None
+    adapter: str | None = None
+    top_k: int = 0
+    entailment: bool = False
+
+    def result(self, c) -> dict:
+        if self.names is None:  # guided: every choice's probability and its tokens' scores (EOS left out)
+            return {"logprobs": c.logprobs.tolist(),
+                    "tokens": [[(value, top[:self.top_k]) for value, top in s.entries()[:-1]] for s in c.scores]}
+        probabilities = dict(zip(self.names, c.logprobs.exp().tolist()))
+        out = {"label": self.names[c.best], "probabilities": probabilities,
+               "log_likelihoods": dict(zip(self.names, c.log_likelihoods.tolist()))}
+        if self.entailment:
+            out["scores"] = probabilities
+        return out
+
+
 class ServingClassifier(EntailmentPipeline):
-    """The server's classifier on every rank: entailment pairs and /v1/classify items of one
-    engine step in one `choose` pass (each prompt once, with its own labels)."""
+    """The server's scorer on every rank: the entailment pairs, /v1/classify inputs and guided
+    choices of one engine step in one `choose` pass per adapter (each prompt once, with its
+    own candidates)."""
+
+    def _scoring(self, item) -> _Scoring:
+        eos = self.tokenizer.eos_id
+        if item[0] == GUIDED:
+            spec = json.loads(item[1])
+            return _Scoring(spec["prompt"], [ids + [eos] for ids in spec["choices"]], None, spec.get("adapter"),
+                            spec.get("top_k", 0))
+        if item[0] == CLASSIFY:
+            spec = json.loads(item[1])
+            task = request_task(spec["task"])
+            names = spec.get("choices") or list(task.labels)
+            prompt = task.render_prompt({**spec["input"], task.label_field: ""})
+            adapter = spec.get("adapter")
+        else:
+            task, names, prompt, adapter = self.task, self.labels, self.prompt(item[0], item[1]), None
+        texts = [task.target({task.label_field: name}) for name in names]
+        candidates = [ids + [eos] for ids in self.tokenizer.encode(texts)]
+        return _Scoring(prompt, candidates, names, adapter, entailment=item[0] not in (CLASSIFY, GUIDED))
 
     def __call__(self, items):
-        prompts, labels, names = [], [], []
-        for item in items:
-            if item[0] == CLASSIFY:
-                spec = json.loads(item[1])
-                task = request_task(spec["task"])
-                names.append(spec.get("choices") or list(task.labels))
-                texts = [task.target({task.label_field: name}) for name in names[-1]]
-                prompts.append(task.render_prompt({**spec["input"], task.label_field: ""}))
-            else:
-                names.append(self.labels)
-                texts = [self.task.target({self.task.label_field: name}) for name in self.labels]
-                prompts.append(self.prompt(item[0], item[1]))
-            labels.append([ids + [self.tokenizer.eos_id] for ids in self.tokenizer.encode(texts)])
-        picked = choose(self.model, self.tokenizer.encode(prompts), labels, max_rows=self.batch_size)
-        out = []
-        for item, label_names, c in zip(items, names, picked):
-            probabilities = dict(zip(label_names, c.logprobs.exp().tolist()))
-            result = {"label": label_names[c.best], "probabilities": probabilities,
-                      "log_likelihoods": dict(zip(label_names, c.log_likelihoods.tolist()))}
-            if item[0] != CLASSIFY:
-                result["scores"] = probabilities
-            out.append(result)
+        work = [self._scoring(item) for item in items]
+        texts = iter(self.tokenizer.encode([w.prompt for w in work if isinstance(w.prompt, str)]))
+        prompts = [next(texts) if isinstance(w.prompt, str) else w.prompt for w in work]
+        by_adapter: dict[str | None, list[int]] = {}
+        for i, w in enumerate(work):
+            by_adapter.setdefault(w.adapter, []).append(i)
+        out: list = [None] * len(items)
+        for adapter, which in by_adapter.items():
+            try:
+                running = using_adapter(self.adapters, adapter)
+            except ValueError as err:  # unloaded since its request was checked: only its items fail
+                for i in which:
+                    out[i] = {"error": str(err)}
+                continue
+            with running:
+                picked = choose(self.model, [prompts[i] for i in which], [work[i].candidates for i in which],
+                                max_rows=self.batch_size, top_k=max(work[i].top_k for i in which))
+            for i, c in zip(which, picked):
+                out[i] = work[i].result(c)
         return out
+
+
+def classify_adapter(state: ServerState, body: dict) -> str | None:
+    """The LoRA adapter a /v1/classify body's "model" names (None: the base); 400 otherwise."""
+    name = body.get("model")
+    if name is None:
+        return None
+    if not isinstance(name, str):
+        raise bad_request(f"model must be a string (the served model or a loaded adapter), got "
+                          f"{type(name).__name__}", "model")
+    try:
+        return state.check_model(name)
+    except APIError as err:
+        raise bad_request(err.message, "model") from None
 
 
 def classify_items(state: ServerState, body: dict) -> tuple[list, str, list[str]]:
     """The engine items of a /v1/classify body, checked: a 400 naming the bad field."""
     if not isinstance(body, dict):
         raise bad_request("the body must be a JSON object")
+    adapter = classify_adapter(state, body)
     if "task" not in body:
         raise bad_request("task is missing: a task name or {prompt, target, labels}", "task")
     try:
@@ -228,6 +288,8 @@ def classify_items(state: ServerState, body: dict) -> tuple[list, str, list[str]
     labels = choices or list(task.labels or [])
     if not labels:
         raise bad_request(f"task {task.name} has no labels: give choices", "choices")
+    for k, name in enumerate(choices or []):
+        state.check_text_length(name, f"choices[{k}]", "choices")
     if ("input" in body) == ("inputs" in body):
         raise bad_request("give exactly one of input (an object) or inputs (a list of objects)", "input")
     single = "input" in body
@@ -247,12 +309,14 @@ def classify_items(state: ServerState, body: dict) -> tuple[list, str, list[str]
                 state_of = "missing" if field not in row else "not a non-empty string"
                 raise bad_request(f"{where}.{field} is {state_of} (task {task.name} needs {', '.join(needed)})",
                                   f"{where}.{field}")
-        length = len(state.tokenizer.encode([task.render_prompt({**row, task.label_field: ""})])[0])
+        prompt = task.render_prompt({**row, task.label_field: ""})
+        state.check_text_length(prompt, f"{where}'s prompt", where)  # before tokenizing it
+        length = len(state.tokenizer.encode([prompt])[0])
         if length + longest > state.max_model_len:
             raise bad_request(f"{where} takes {length} prompt tokens; with its longest label ({longest} tokens) "
                               f"that is beyond the context of {state.max_model_len} tokens", where,
                               "context_length_exceeded")
-        spec = {"task": body["task"], "input": {f: row[f] for f in needed}, "choices": choices}
+        spec = {"task": body["task"], "input": {f: row[f] for f in needed}, "choices": choices, "adapter": adapter}
         items.append((CLASSIFY, json.dumps(spec)))
     return items, task.name, labels
 
@@ -264,13 +328,21 @@ async def classify(request: Request, state: State):
         body = await request.json()
     except ValueError:
         raise bad_request("the body is not JSON") from None
-    if isinstance(body, dict) and state.check_model(body.get("model")) is not None:
-        raise bad_request("/v1/classify runs the base model; LoRA adapters are not served here yet", "model")
     items, name, labels = await run_in_threadpool(classify_items, state, body)  # tokenizes: off the event loop
+    results = await score_items(state, loop, items)
+    return {"object": "classification", "task": name, "labels": labels, "results": results}
+
+
+async def score_items(state: ServerState, loop, items: list) -> list[dict]:
+    """The scorer's results for `items`, run by the engine thread with every other scoring
+    item of its step: a 504 past the request timeout, a 400 for input the scorer refused."""
     try:
         results = await asyncio.wait_for(loop.entail(items), state.config.server.request_timeout)
     except TimeoutError:
         raise state.timeout_error() from None
     except ValueError as err:
         raise bad_request(str(err)) from None
-    return {"object": "classification", "task": name, "labels": labels, "results": results}
+    failed = next((r["error"] for r in results if "error" in r), None)
+    if failed is not None:
+        raise bad_request(failed, "model")
+    return results

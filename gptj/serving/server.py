@@ -69,7 +69,9 @@ def load(config, ctx=None, device=None, started: InferencePlan | None = None):
                            cache_dtype=cache_dtype, adapters=adapters, cache_budget=budget)
     slots = AdapterSlots(engine, ctx, adapter_limit(config))
     # Entailment pairs and /v1/classify inputs (gptj/serving/scoring.py), batched per engine step.
-    return engine, tokenizer, ServingClassifier(model, tokenizer, batch_size=server.max_batch_size), slots
+    # The scorer runs the engine's adapters too: "model" of /v1/classify and of a guided choice.
+    return engine, tokenizer, ServingClassifier(model, tokenizer, batch_size=server.max_batch_size,
+                                                adapters=adapters), slots
 
 
 def ready_line(name: str, config, engine) -> str:

@@ -257,21 +257,24 @@ def choice_logprobs(candidates: list[list[int]], scores: list[TokenScores]) -> t
 @dataclass
 class Choice:
     """One prompt's candidates: summed log p(candidate | prompt) [K], log P(candidate | one of
-    them) [K] (`choice_logprobs`), and the index of the most likely by the latter."""
+    them) [K] (`choice_logprobs`), the index of the most likely by the latter, and every
+    candidate's token scores (with the top_k tokens at each position when asked for)."""
 
     log_likelihoods: torch.Tensor
     logprobs: torch.Tensor
     best: int
+    scores: list[TokenScores] | None = None
 
 
 def choose(model, prompts: list[list[int]], candidates: list[list[list[int]]],
-           max_rows: int | None = None) -> list[Choice]:
+           max_rows: int | None = None, top_k: int = 0) -> list[Choice]:
     """For every prompt, its candidates scored from one prefill (`score_candidates`) and the
     choice among them (`choice_logprobs`; ties go to the first)."""
     out = []
-    for cands, scores in zip(candidates, score_candidates(model, prompts, candidates, max_rows=max_rows)):
+    scored = score_candidates(model, prompts, candidates, top_k=top_k, max_rows=max_rows)
+    for cands, scores in zip(candidates, scored):
         logprobs = choice_logprobs(cands, scores)
-        out.append(Choice(torch.stack([s.logprobs.sum() for s in scores]), logprobs, int(logprobs.argmax())))
+        out.append(Choice(torch.stack([s.logprobs.sum() for s in scores]), logprobs, int(logprobs.argmax()), scores))
     return out
 
 
