@@ -2,7 +2,8 @@
 
 Handlers check the request (every bad input is a 400 naming the field, never a 500), turn it
 into engine requests (one per choice, `prepare`), hand them to the engine loop and turn the
-events that come back into one JSON body or server-sent events (serving/responses.py).
+events that come back into one JSON body or server-sent events (serving/responses.py). A
+request with `guided_choice` is answered by scoring its choices instead (serving/guided.py).
 """
 
 from __future__ import annotations
@@ -18,7 +19,8 @@ from starlette.concurrency import run_in_threadpool
 
 from gptj.execution.inference.request_engine import Request as EngineRequest
 
-from .responses import FINISH_REASONS, Choice, collect, event_stream, submit, usage
+from .guided import GuidedChoice, answer, check_fits, guided_choice
+from .responses import FINISH_REASONS, Choice, collect, event_stream, known_stream, submit, usage
 from .schemas import (
     ChatCompletionRequest,
     CompletionRequest,
@@ -129,11 +131,67 @@ def chat_logprobs(decode, entries) -> dict:
     return {"content": content}
 
 
+def set_limit(body, field: str) -> int | None:
+    """A token limit the client set (None when left out: the default does not bound a choice)."""
+    return getattr(body, field) if field in body.model_fields_set else None
+
+
+async def guided_answers(state: ServerState, body, guided: GuidedChoice, prompts, top_k: int, param: str):
+    """(what the response's `model` says, the answers) of a guided choice (serving/guided.py)."""
+    loop = state.require_loop()
+    adapter = state.check_model(body.model)
+    body.check_n(state.config.server.max_n)
+    temperature = body.sampling(state.config.generation).temperature
+    check_fits(state, guided, prompts, param)
+    answers = await answer(state, loop, guided, prompts, body.n, temperature, body.seed, top_k, adapter)
+    return adapter or state.model_name, answers
+
+
+async def guided_completion(state: ServerState, body: CompletionRequest, guided: GuidedChoice, prompts, logprobs):
+    """A completion that is one of the body's choices; streamed, each choice is one chunk."""
+    model, answers = await guided_answers(state, body, guided, prompts, logprobs or 0, "prompt")
+    decode = state.tokenizer.decode
+    head = {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": int(time.time()),
+            "model": model}
+    choices = [{"index": a.index, "text": a.text, "finish_reason": "stop",
+                "logprobs": completion_logprobs(decode, a.entries, 0) if logprobs is not None else None}
+               for a in answers]
+    counted = usage([len(p) for p in prompts], answers)
+    if not body.stream:
+        return {**head, "choices": choices, "usage": counted}
+    return known_stream([{**head, "choices": [c]} for c in choices]
+                        + ([{**head, "choices": [], "usage": counted}] if body.include_usage else []))
+
+
+async def guided_chat(state: ServerState, body: ChatCompletionRequest, guided: GuidedChoice, prompts, logprobs):
+    """A chat answer that is one of the body's choices; streamed, each choice is one chunk."""
+    model, answers = await guided_answers(state, body, guided, prompts, logprobs or 0, "messages")
+    decode = state.tokenizer.decode
+    head = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": model}
+
+    def choice(a, key: str) -> dict:
+        return {"index": a.index, key: {"role": "assistant", "content": a.text}, "finish_reason": "stop",
+                "logprobs": chat_logprobs(decode, a.entries) if logprobs is not None else None}
+
+    counted = usage([len(p) for p in prompts], answers)
+    if not body.stream:
+        return {**head, "object": "chat.completion", "choices": [choice(a, "message") for a in answers],
+                "usage": counted}
+    chunk = {**head, "object": "chat.completion.chunk"}
+    return known_stream([{**chunk, "choices": [choice(a, "delta")]} for a in answers]
+                        + ([{**chunk, "choices": [], "usage": counted}] if body.include_usage else []))
+
+
 @router.post("/v1/completions")
 async def completions(body: CompletionRequest, state: State):
     state.require_loop()
     check_completion_max_tokens(body.max_tokens, body.echo)
     logprobs = check_logprobs(body.logprobs, "logprobs")
+    given = body.choice_texts()
+    if given is not None:  # tokenizes the choices: off the event loop
+        guided = await run_in_threadpool(guided_choice, state, body, given,
+                                         {"max_tokens": set_limit(body, "max_tokens")}, body.echo)
+        return await guided_completion(state, body, guided, await prompt_tokens(state, body.prompt), logprobs)
     prompts = await prompt_tokens(state, body.prompt)
     max_tokens = 16 if body.max_tokens is None else body.max_tokens
     stops = body.stop_strings()
@@ -191,7 +249,14 @@ async def chat_completions(body: ChatCompletionRequest, state: State):
     top = check_logprobs(body.top_logprobs, "top_logprobs")
     logprobs = (top or 0) if body.logprobs else None
     template = state.config.server.chat_template
+    given = body.choice_texts()
+    guided = None
+    if given is not None:
+        limits = {field: set_limit(body, field) for field in ("max_tokens", "max_completion_tokens")}
+        guided = await run_in_threadpool(guided_choice, state, body, given, limits)
     prompts = await prompt_tokens(state, render_chat(body.messages, template), "the chat prompt", "messages")
+    if guided is not None:
+        return await guided_chat(state, body, guided, prompts, logprobs)
     limit = body.max_completion_tokens or body.max_tokens
     if limit is None:  # the preset's default, clamped to the room the prompt leaves
         limit = max(1, min(state.config.generation.max_new_tokens, state.max_model_len - len(prompts[0])))

@@ -11,6 +11,8 @@ import asyncio
 import json
 import time
 
+from fastapi.responses import StreamingResponse
+
 from .engine_loop import EngineLoop, QueueFull
 from .errors import APIError, error_body
 from .state import ServerState
@@ -94,6 +96,16 @@ async def collect(state: ServerState, loop, queue, choices, deadline) -> None:
 
 def sse(payload) -> str:
     return f"data: {json.dumps(payload, separators=(',', ':'))}\n\n"
+
+
+def known_stream(payloads: list) -> StreamingResponse:
+    """Server-sent events of chunks all known at once (a guided choice's): each, then [DONE]."""
+    async def events():
+        for payload in payloads:
+            yield sse(payload)
+        yield "data: [DONE]\n\n"
+
+    return StreamingResponse(events(), media_type="text/event-stream")
 
 
 def usage(prompt_lengths, choices) -> dict:

@@ -69,6 +69,10 @@ UNSUPPORTED = {
     "response_format": lambda value: value in (None, {"type": "text"}),
     "suffix": _empty,
     "best_of": lambda value: value in (None, 1),
+    # vLLM's other guided decodings: only guided_choice (and structured_outputs.choice) is served.
+    "guided_json": _empty,
+    "guided_regex": _empty,
+    "guided_grammar": _empty,
 }
 
 
@@ -93,6 +97,12 @@ class SamplingFields(_Body):
     response_format: Any = None
     suffix: Any = None
     best_of: Any = None
+    guided_json: Any = None
+    guided_regex: Any = None
+    guided_grammar: Any = None
+    # An extension (as in vLLM): the answer is exactly one of these texts (serving/guided.py).
+    guided_choice: list[str] | None = None
+    structured_outputs: dict[str, Any] | None = None  # newer vLLM's spelling: {"choice": [...]}
 
     @field_validator(*UNSUPPORTED, mode="after")
     @classmethod
@@ -121,6 +131,37 @@ class SamplingFields(_Body):
         if top_k < -1:
             raise bad_request(f"top_k must be >= 0 (or -1 for no limit), got {top_k}", "top_k")
         return SamplingParams(temperature=temperature, top_k=max(top_k, 0), top_p=top_p)
+
+    def choice_texts(self) -> tuple[list[str], str] | None:
+        """(the texts the answer must be one of, the field that gave them), None when the request
+        gives none. Empty or repeated choices, both spellings at once, or another kind of
+        structured output are a 400 naming the field."""
+        given = [("guided_choice", self.guided_choice)] if self.guided_choice is not None else []
+        if self.structured_outputs is not None:
+            # Keys left at a neutral value (null, false) do not change the answer.
+            other = sorted(k for k, v in self.structured_outputs.items() if k != "choice" and v not in (None, False))
+            if other:
+                raise bad_request(f"structured_outputs.{other[0]} is not supported by this server; only "
+                                  "structured_outputs.choice is", f"structured_outputs.{other[0]}")
+            if self.structured_outputs.get("choice") is not None:
+                given.append(("structured_outputs.choice", self.structured_outputs["choice"]))
+        if not given:
+            return None
+        if len(given) == 2:
+            raise bad_request("give guided_choice or structured_outputs.choice, not both", "structured_outputs.choice")
+        param, choices = given[0]
+        if not isinstance(choices, list) or not choices:
+            raise bad_request(f"{param} must be a non-empty list of strings", param)
+        first: dict[str, int] = {}
+        for k, choice in enumerate(choices):
+            if not isinstance(choice, str):
+                raise bad_request(f"{param}[{k}] must be a string, got {type(choice).__name__}", param)
+            if not choice:
+                raise bad_request(f"{param}[{k}] is empty", param)
+            if choice in first:
+                raise bad_request(f"{param} holds {choice!r} twice ([{first[choice]}] and [{k}])", param)
+            first[choice] = k
+        return choices, param
 
     def check_n(self, limit: int) -> None:
         if not 1 <= self.n <= limit:
