@@ -1,4 +1,4 @@
-"""Weight-only quantization of a linear layer: int8 per output channel, int4 group-wise.
+"""Quantization of a linear layer: int8 per output channel, int4 group-wise, and W8A8.
 
 `QuantizedLinear(x) -> y` computes `x @ W^T (+ bias)` for x [..., in_features] with W stored as:
 
@@ -8,11 +8,19 @@
   q in [0, 15] from the group's min and max (scale = (max - min) / 15, zero = min + 8 * scale).
   Two values per byte: `qweight[n, k // 2]` holds column 2i in the high nibble, 2i + 1 in the low.
 
+- w8a8: the int8 weight above, and on CPU the activations quantized per token (row) as they
+  come: x[m, k] ~= a[m, k] * s[m], a int8 in [-127, 127], s = max |x[m, :]| / 127 (symmetric,
+  nothing saturates). `torch._int_mm` sums a @ q^T in int32 (oneDNN's VNNI / AMX kernels), and
+  y = (acc * s[m]) * scale[n] in fp32, cast to x's dtype (`_int8_activation_matmul`).
+
 Scales and zero points are rounded to bf16 when the weight is quantized, so the fused kernels
 (which take them in bf16) and `dequantize()` compute with exactly the same weight. The bias is
 added after the matmul, in the activation dtype.
 
-Which kernel runs (measured on CPU, benchmarks/NOTES.md "Weight-only quantization"):
+Which path a CPU call takes is measured on the machine (gptj/model/matmul_probe.py): the packed
+kernel, the dequantizing path in fp32 or bf16, or (w8a8 only, where the CPU has VNNI or AMX)
+int8 x int8; the cutoffs below are the fallback when probing is off. What they were set from
+(measured on CPU, benchmarks/NOTES.md "Weight-only quantization"):
 - CPU, few rows (decode), or fp32 activations: torch's `_weight_int8pack_mm` /
   `_weight_int4pack_mm_for_cpu`, fed bf16 activations (their fp32 paths are far slower) and
   cast back to the activation dtype. With fp32 activations they beat dequantize + fp32 matmul
@@ -41,6 +49,7 @@ each weight once); `dequantize()` and `stored_components()` read the values back
 
 from __future__ import annotations
 
+import functools
 import threading
 import warnings
 from dataclasses import dataclass
@@ -51,11 +60,12 @@ from torch import nn
 
 from gptj.errors import GPTJError
 
-from . import main_grad
+from . import main_grad, matmul_probe
 from .int4_cpu_layout import CPU_INT4_BLOCK_ROWS, int4_cpu_pack, int4_cpu_unpack, unpack_int4
 
 BITS = (8, 4)
-QUANTIZE_MODES = ("int8", "int4")  # the names options and configs use for BITS
+# The names options and configs use: int8 / int4 weight-only, w8a8 (int8 weights and activations).
+QUANTIZE_MODES = ("int8", "int4", "w8a8")
 GROUP_SIZES = (32, 64, 128, 256)  # int4 only
 GROUP_SIZES_TEXT = ", ".join(map(str, GROUP_SIZES[:-1])) + f" or {GROUP_SIZES[-1]}"  # for messages
 DEFAULT_GROUP_SIZE = 128
@@ -65,6 +75,15 @@ DEFAULT_GROUP_SIZE = 128
 # kernel loses to converting its values + one matmul from ~32 rows on.
 CPU_KERNEL_MAX_ROWS = 16
 CPU_INT4_KERNEL_MAX_ROWS = 128
+# w8a8 without probing: int8 x int8 from this many rows on where the CPU has int8 dot products,
+# the packed int8 kernel below (decode reads the weight either way). torch's CPU _int_mm takes
+# any row count and widths (its CUDA one wants > 16 rows and widths that are multiples of 8).
+W8A8_MIN_ROWS = 17
+# The paths of a CPU call, by the names the probe logs and caches.
+PACKED = "packed"
+INT8_ACTIVATIONS = "int8xint8"
+DEQUANTIZE_PATHS = {"dequantize+fp32": torch.float32, "dequantize+bf16": torch.bfloat16,
+                    "dequantize+fp16": torch.float16, "dequantize+fp64": torch.float64}
 # fp32 temporaries of dequantize(): about this many elements at a time (4 MB, cache sized).
 DEQUANTIZE_ELEMENTS = 1 << 20
 # Prefill on CPU: weight elements dequantized into one reused buffer per matmul slice (16 MB bf16).
@@ -77,47 +96,57 @@ class QuantizationError(GPTJError, ValueError):
 
 @dataclass(frozen=True)
 class QuantSpec:
-    """What to quantize: `bits` 8 or 4, `group_size` (int4 only), and whether lm_head too."""
+    """What to quantize: `bits` 8 or 4, `group_size` (int4 only), whether lm_head too, and
+    whether the activations too (`int8_activations`: w8a8, 8 bits only)."""
 
     bits: int
     group_size: int = 128
     quantize_head: bool = True
+    int8_activations: bool = False
 
     @classmethod
     def parse(cls, name: str | None, group_size: int = 128) -> QuantSpec | None:
-        """'int8' / 'int4' / None -> a spec (None: no quantization)."""
+        """'int8' / 'int4' / 'w8a8' / None -> a spec (None: no quantization). w8a8 keeps lm_head
+        in float: its logits are what sampling and label scores read."""
         if name in (None, "", "none"):
             return None
         if name not in QUANTIZE_MODES:
             raise QuantizationError(f"unknown quantization {name!r}; expected one of {', '.join(QUANTIZE_MODES)}")
-        bits = int(name.removeprefix("int"))
-        spec = cls(bits, group_size)
+        if name == "w8a8":
+            spec = cls(8, group_size, quantize_head=False, int8_activations=True)
+        else:
+            spec = cls(int(name.removeprefix("int")), group_size)
         spec.check()
         return spec
 
     @property
     def name(self) -> str:
-        return f"int{self.bits}"
+        return "w8a8" if self.int8_activations else f"int{self.bits}"
 
     def check(self) -> None:
         if self.bits not in BITS:
             raise QuantizationError(f"bits must be 8 or 4, got {self.bits}")
+        if self.int8_activations and self.bits != 8:
+            raise QuantizationError(f"int8 activations (w8a8) need 8-bit weights, got {self.bits} bits")
         if self.bits == 4 and self.group_size not in GROUP_SIZES:
             raise QuantizationError(
                 f"int4 group size must be one of {', '.join(map(str, GROUP_SIZES))}, got {self.group_size}"
             )
 
     def to_dict(self) -> dict:
-        out = {"method": "weight_only", "bits": self.bits, "quantize_head": self.quantize_head}
+        method = "w8a8" if self.int8_activations else "weight_only"
+        out = {"method": method, "bits": self.bits, "quantize_head": self.quantize_head}
         if self.bits == 4:
             out["group_size"] = self.group_size
         return out
 
     @classmethod
     def from_dict(cls, values: dict) -> QuantSpec:
-        if values.get("method") != "weight_only":
-            raise QuantizationError(f"unknown quantization method {values.get('method')!r}; expected weight_only")
-        spec = cls(int(values["bits"]), int(values.get("group_size", 128)), bool(values.get("quantize_head", True)))
+        method = values.get("method")
+        if method not in ("weight_only", "w8a8"):
+            raise QuantizationError(f"unknown quantization method {method!r}; expected weight_only or w8a8")
+        spec = cls(int(values["bits"]), int(values.get("group_size", 128)), bool(values.get("quantize_head", True)),
+                   int8_activations=method == "w8a8")
         spec.check()
         return spec
 
@@ -149,12 +178,24 @@ def quantize_int4(weight: torch.Tensor, group_size: int) -> tuple[torch.Tensor, 
     return (q[:, 0::2] << 4) | q[:, 1::2], scale, zero
 
 
+def quantize_activations(x2d: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """[M, K] float -> (a int8 [M, K], s fp32 [M]) with x ~= a * s[:, None], per row (token),
+    symmetric: s = max |x[m, :]| / 127, so the largest value maps to +-127 and none is clipped.
+    An all-zero row gets s = 1 (a = 0)."""
+    x = x2d.float()
+    largest = torch.linalg.vector_norm(x, ord=float("inf"), dim=1)
+    scale = torch.where(largest > 0, largest / 127.0, torch.ones_like(largest))
+    a = torch.div(x, scale[:, None]).round_().clamp_(-127, 127).to(torch.int8)
+    return a, scale
+
+
 def _row_block(width: int, elements: int, align: int = CPU_INT4_BLOCK_ROWS) -> int:
     """Rows of `width` elements to take at a time for about `elements` (a multiple of `align`)."""
     return max(align, elements // width // align * align)
 
 
 _scratch = threading.local()
+_said_no_int8_dots: list[bool] = []  # the w8a8 fallback is said once per process
 
 
 def _prefill_buffer(numel: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
@@ -183,9 +224,13 @@ class QuantizedLinear(nn.Module):
         zeros: torch.Tensor | None = None,
         group_size: int = 0,
         bias: torch.Tensor | None = None,
+        int8_activations: bool = False,
     ):
         super().__init__()
+        if int8_activations and bits != 8:
+            raise QuantizationError(f"int8 activations (w8a8) need 8-bit weights, got {bits} bits")
         self.bits, self.group_size = bits, group_size if bits == 4 else 0
+        self.int8_activations = int8_activations  # w8a8: int8 x int8 where the probe finds it fastest
         self.out_features = qweight.shape[0]
         self.in_features = qweight.shape[1] * (2 if bits == 4 else 1)
         self.register_buffer("qweight", qweight)
@@ -198,15 +243,20 @@ class QuantizedLinear(nn.Module):
         self._kernel, self._kernel_ready = None, False  # built on first use: see prepare_kernel
         self.kernel_refused: str | None = None  # why the device's kernel refused this weight, if it did
         self.use_kernels = True  # False: always dequantize + matmul (a training run's frozen base)
+        self.forced_path: str | None = None  # a CPU path to take always (tests, quality benchmarks)
+        self._paths: dict[tuple[int, torch.dtype], str] = {}  # the probe's choice per row bucket and dtype
 
     @classmethod
     def from_weight(
-        cls, weight: torch.Tensor, bits: int, group_size: int = 128, bias: torch.Tensor | None = None
+        cls, weight: torch.Tensor, bits: int, group_size: int = 128, bias: torch.Tensor | None = None,
+        int8_activations: bool = False,
     ) -> QuantizedLinear:
         """Quantize a float weight [out_features, in_features] (on its own device)."""
         if bits == 8:
             q, scale = quantize_int8(weight)
-            return cls(8, q, scale, bias=bias)
+            return cls(8, q, scale, bias=bias, int8_activations=int8_activations)
+        if int8_activations:
+            raise QuantizationError(f"int8 activations (w8a8) need 8-bit weights, got {bits} bits")
         if bits == 4:
             q, scale, zero = quantize_int4(weight, group_size)
             return cls(4, q, scale, zero, group_size, bias=bias)
@@ -357,6 +407,72 @@ class QuantizedLinear(nn.Module):
             torch.matmul(x2d, weight.t(), out=y[:, start:stop])
         return y.mul_(self.scales.to(x2d.dtype)) if scale_after else y
 
+    def _int8_activation_matmul(self, x2d: torch.Tensor) -> torch.Tensor:
+        """w8a8: x2d's rows quantized (quantize_activations), a @ q^T summed in int32 by
+        `torch._int_mm`, then (acc * s[m]) * scale[n] in fp32. Products and sums are exact in
+        int32 (|a|, |q| <= 127: at most 2^14 per product, 2^17 products before 2^31), so the
+        result differs from the exact one only by the fp32 conversion and the two multiplies."""
+        a, s = quantize_activations(x2d)
+        acc = torch._int_mm(a, self.qweight.t())  # the transposed view: as fast as a [K, N] copy
+        return acc.to(torch.float32).mul_(s[:, None]).mul_(self.scales)
+
+    # ---- which path a CPU call takes ------------------------------------------------------
+    def cpu_paths(self, dtype: torch.dtype) -> list[str]:
+        """The paths a CPU call with `dtype` activations may take here (the probe's candidates)."""
+        if self._kernel is None:  # no packed kernel (refused, or use_kernels off): dequantize in x's dtype
+            return [_dequantize_path(dtype)]
+        paths = [PACKED, _dequantize_path(dtype)]
+        paths.append("dequantize+bf16" if dtype == torch.float32 else "dequantize+fp32")
+        if self.int8_activations:
+            if matmul_probe.int8_dot_products():
+                paths.append(INT8_ACTIVATIONS)
+            elif not _said_no_int8_dots:
+                _said_no_int8_dots.append(True)
+                warnings.warn("w8a8: this CPU has no int8 dot products that torch._int_mm runs on (AVX512-VNNI "
+                              "or AMX); the w8a8 layers multiply as weight-only int8", stacklevel=4)
+        return paths
+
+    def cpu_path(self, rows: int, dtype: torch.dtype) -> str:
+        """The path a CPU call with `rows` rows of `dtype` takes: forced, else the probe's measured
+        choice (gptj/model/matmul_probe.py), else (probing off, or compiling) the fixed cutoffs."""
+        if self.forced_path is not None:
+            return self.forced_path
+        paths = self.cpu_paths(dtype)
+        if len(paths) == 1:
+            return paths[0]
+        if not matmul_probe.enabled() or torch.compiler.is_compiling():
+            return self._fixed_path(rows, dtype, paths)
+        bucket = matmul_probe.row_bucket(rows)
+        path = self._paths.get((bucket, dtype))
+        if path is None:
+            x = torch.randn(bucket, self.in_features, generator=torch.Generator().manual_seed(0)).to(dtype)
+            family = self.extra_repr().split(",")[0] + (f" g{self.group_size}" if self.bits == 4 else "")
+            candidates = {name: functools.partial(self._cpu_matmul, name, x) for name in paths}
+            path = matmul_probe.choose(family, dtype, rows, self.out_features, self.in_features, candidates)
+            self._paths[(bucket, dtype)] = path
+        return path
+
+    def _fixed_path(self, rows: int, dtype: torch.dtype, paths: list[str]) -> str:
+        """The cutoffs measured on the machines in NOTES.md (probing off)."""
+        if INT8_ACTIVATIONS in paths and rows >= W8A8_MIN_ROWS:
+            return INT8_ACTIVATIONS
+        if rows <= CPU_KERNEL_MAX_ROWS or dtype == torch.float32:
+            return PACKED
+        if self._kernel == "int4_cpu" and rows <= CPU_INT4_KERNEL_MAX_ROWS:
+            return PACKED
+        return _dequantize_path(dtype)
+
+    def _cpu_matmul(self, path: str, x2d: torch.Tensor) -> torch.Tensor:
+        """x2d @ W^T through `path` (one of cpu_paths), in x2d's dtype."""
+        if path == PACKED:  # the packed kernels need a contiguous 2-D input
+            return self._packed_matmul(x2d.contiguous()).to(x2d.dtype)
+        if path == INT8_ACTIVATIONS:
+            return self._int8_activation_matmul(x2d).to(x2d.dtype)
+        if path not in DEQUANTIZE_PATHS:
+            raise QuantizationError(f"unknown matmul path {path!r}; expected {PACKED}, {INT8_ACTIVATIONS} "
+                                    f"or one of {', '.join(DEQUANTIZE_PATHS)}")
+        return self._dequantized_matmul(x2d.to(DEQUANTIZE_PATHS[path])).to(x2d.dtype)
+
     def _packed_matmul(self, x2d: torch.Tensor) -> torch.Tensor:
         if self._kernel == "int8_cuda":
             return self._int8_cuda_matmul(x2d)
@@ -375,22 +491,20 @@ class QuantizedLinear(nn.Module):
         if self.use_kernels:
             self.prepare_kernel()
         rows = x.numel() // self.in_features
-        use_kernel = self._kernel is not None and (
-            self._kernel.endswith("_cuda") or rows <= CPU_KERNEL_MAX_ROWS or x.dtype == torch.float32
-            or (self._kernel == "int4_cpu" and rows <= CPU_INT4_KERNEL_MAX_ROWS)
-        )
-        if use_kernel:  # the packed kernels need a contiguous 2-D input
+        if x.device.type == "cpu":
+            x2d = x.reshape(rows, self.in_features)
+            y = self._cpu_matmul(self.cpu_path(rows, x.dtype), x2d).view(*x.shape[:-1], self.out_features)
+        elif self._kernel is not None:  # CUDA: the packed kernels need a contiguous 2-D input
             y = self._packed_matmul(x.reshape(rows, self.in_features).contiguous()).to(x.dtype)
             y = y.view(*x.shape[:-1], self.out_features)
-        elif x.device.type == "cpu":
-            y = self._dequantized_matmul(x.reshape(rows, self.in_features)).view(*x.shape[:-1], self.out_features)
         else:
             y = F.linear(x, self.dequantize(x.dtype))
         return y if self.bias is None else y + self.bias
 
     def extra_repr(self) -> str:
         group = f", group_size={self.group_size}" if self.bits == 4 else ""
-        return f"int{self.bits}, in_features={self.in_features}, out_features={self.out_features}{group}"
+        kind = "w8a8" if self.int8_activations else f"int{self.bits}"
+        return f"{kind}, in_features={self.in_features}, out_features={self.out_features}{group}"
 
     def decode_bytes(self) -> int:
         """Bytes one call with few rows reads: the packed kernel's operands, or the stored form."""
@@ -410,6 +524,11 @@ class QuantizedLinear(nn.Module):
     def resident_bytes(self) -> int:
         """Bytes this layer holds now (stored buffers and kernel copies)."""
         return sum(b.numel() * b.element_size() for b in self.buffers())
+
+
+def _dequantize_path(dtype: torch.dtype) -> str:
+    """The dequantizing path that computes in `dtype`."""
+    return next(name for name, d in DEQUANTIZE_PATHS.items() if d == dtype)
 
 
 class _FrozenQuantizedMatmul(torch.autograd.Function):

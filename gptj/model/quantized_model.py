@@ -1,4 +1,4 @@
-"""Building a GPT-J whose projections are weight-only quantized (see quant.py), one tensor at a time.
+"""Building a GPT-J whose projections are quantized (see quantized_linear.py), one tensor at a time.
 
 The model is first created on the meta device (no memory), then each parameter is produced by
 `value_of(name)` (this rank's shard, read from a checkpoint or taken from a model in memory) and
@@ -11,6 +11,9 @@ the model is complete, at its final size, when loading ends.
 Quantized: every block's fused q/k/v/fc_in, out_proj and fc_out, and lm_head unless
 `QuantSpec.quantize_head` is False. The embedding is a lookup (one row per token), layer norms
 and biases are tiny: they stay in the model dtype.
+
+w8a8 layers hold the same int8 weight as int8 (and are stored alike); they also quantize their
+input per token on CPU (QuantizedLinear).
 
 Checkpoints keep the Hugging Face names; a quantized HF tensor `X.weight` is stored as
 `X.weight.qweight`, `X.weight.scales` (and `X.weight.zeros` for int4), quantized per HF tensor.
@@ -97,7 +100,7 @@ def quantize_weight(weight: torch.Tensor, spec: QuantSpec) -> QuantizedLinear:
     """QuantizedLinear.from_weight in blocks of QUANTIZE_ROWS rows (quantization is per row, so
     the result is the same), so that its fp32 temporaries stay small beside a 6B model."""
     if weight.shape[0] <= QUANTIZE_ROWS:
-        return QuantizedLinear.from_weight(weight, spec.bits, spec.group_size)
+        return QuantizedLinear.from_weight(weight, spec.bits, spec.group_size, int8_activations=spec.int8_activations)
     parts: dict[str, torch.Tensor] = {}
     for start in range(0, weight.shape[0], QUANTIZE_ROWS):
         block = QuantizedLinear.from_weight(weight[start : start + QUANTIZE_ROWS], spec.bits, spec.group_size)
@@ -106,7 +109,13 @@ def quantize_weight(weight: torch.Tensor, spec: QuantSpec) -> QuantizedLinear:
             if part not in parts:
                 parts[part] = value.new_empty((weight.shape[0], *value.shape[1:]))
             parts[part][start : start + value.shape[0]] = value
-    return QuantizedLinear(spec.bits, parts["qweight"], parts["scales"], parts.get("zeros"), spec.group_size)
+    return stored_layer(spec, parts)
+
+
+def stored_layer(spec: QuantSpec, parts: dict[str, torch.Tensor]) -> QuantizedLinear:
+    """A layer of `spec` from its stored components (w8a8: the int8 weight, activations too)."""
+    return QuantizedLinear(spec.bits, parts["qweight"], parts["scales"], parts.get("zeros"), spec.group_size,
+                           int8_activations=spec.int8_activations)
 
 
 def quantize_hf_tensor(name: str, tensor: torch.Tensor, spec: QuantSpec) -> dict[str, torch.Tensor]:
@@ -231,7 +240,7 @@ def load_quantized_from_reader(
             part: read_local_shard(name, config, ctx, quantized_component_reader(read, spec, part)).to(device)
             for part in components(spec)
         }
-        return QuantizedLinear(spec.bits, parts["qweight"], parts["scales"], parts.get("zeros"), spec.group_size)
+        return stored_layer(spec, parts)
 
     return build_quantized(config, ctx, dtype, device, spec, value_of, kernels)
 
@@ -252,6 +261,16 @@ def prepare_kernels(model: nn.Module) -> nn.Module:
     for module in model.modules():
         if isinstance(module, QuantizedLinear):
             module.prepare_kernel()
+    return model
+
+
+def force_cpu_path(model: nn.Module, path: str | None) -> nn.Module:
+    """Make every quantized layer of `model` take CPU path `path` (None: the measured choice
+    again), e.g. int8 x int8 for a w8a8 quality measurement that must not depend on which path
+    this CPU runs fastest. See QuantizedLinear.cpu_path."""
+    for module in model.modules():
+        if isinstance(module, QuantizedLinear):
+            module.forced_path = path
     return model
 
 
