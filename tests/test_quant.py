@@ -154,15 +154,18 @@ def float_dir(tmp_path_factory):
     return out
 
 
-@pytest.mark.parametrize("bits,group", [(8, 128), (4, 32)])
-def test_saved_quantized_checkpoint_loads_identical(float_dir, tmp_path, bits, group):
-    out = tmp_path / f"int{bits}"
-    args = ["--model", str(float_dir), "--quantize", f"int{bits}", "--group-size", str(group), "--output", str(out),
+@pytest.mark.parametrize("mode,group", [("int8", 128), ("int4", 32), ("w8a8", 128)])
+def test_saved_quantized_checkpoint_loads_identical(float_dir, tmp_path, mode, group):
+    out = tmp_path / mode
+    args = ["--model", str(float_dir), "--quantize", mode, "--group-size", str(group), "--output", str(out),
             "--no-progress"]
     assert quantize_main(args) == 0
     loaded, tok = load_model_and_tokenizer(str(out))  # the quantization section says how
-    direct, _ = load_model_and_tokenizer(str(float_dir), quantize=f"int{bits}", group_size=group)
-    assert loaded.quantization == direct.quantization == QuantSpec(bits, group)
+    direct, _ = load_model_and_tokenizer(str(float_dir), quantize=mode, group_size=group)
+    assert loaded.quantization == direct.quantization == QuantSpec.parse(mode, group)
+    flags = [m.int8_activations for m in loaded.modules() if isinstance(m, QuantizedLinear)]
+    assert len(flags) == 3 * loaded.config.num_layers + (mode != "w8a8")  # w8a8: lm_head stays float
+    assert set(flags) == {mode == "w8a8"}
     ids = torch.tensor([tok.encode(["the cat sat on the mat"])[0]])
     with torch.inference_mode():
         assert torch.equal(loaded.logits(ids), direct.logits(ids))
@@ -172,7 +175,7 @@ def test_saved_quantized_checkpoint_loads_identical(float_dir, tmp_path, bits, g
     assert first == [r.token_ids for r in generate(direct, prompts, 8, None)]
     # A saved quantized checkpoint is not quantized again, and is not overwritten by accident.
     with pytest.raises(ValueError, match="already quantized"):
-        load_model_and_tokenizer(str(out), quantize="int8" if bits == 4 else "int4")
+        load_model_and_tokenizer(str(out), quantize="int8" if mode == "int4" else "int4")
     assert quantize_main(args) == 2
 
 

@@ -88,7 +88,8 @@ def add_model_arguments(p: argparse.ArgumentParser, named_adapters: bool = False
                          help="auto: bf16 where the hardware runs it natively and the model is not tiny, "
                               "else fp32" + d("model.precision"))
     numbers.add_argument("--quantize", choices=QUANTIZE_MODES,
-                         help="weight-only quantization while loading: int8 per channel, int4 group-wise "
+                         help="quantization while loading: int8 per channel, int4 group-wise (weight-only), "
+                              "w8a8 (int8 weights and per-token int8 activations; lm_head float) "
                               "(default: none)")
     numbers.add_argument("--group-size", type=int, choices=GROUP_SIZES, metavar="N",
                          help=f"int4 group size: {GROUP_SIZES_TEXT}" + d("model.group_size"))

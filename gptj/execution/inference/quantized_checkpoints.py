@@ -25,9 +25,10 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
 
 def quantize_checkpoint(
     source: str, output: str | Path, bits: int, group_size: int = 128, quantize_head: bool = True,
-    overwrite: bool = False, progress: bool = True,
+    overwrite: bool = False, progress: bool = True, int8_activations: bool = False,
 ) -> Path:
-    """Quantize the float checkpoint `source` (HF dir / Hub id / run dir) into `output`."""
+    """Quantize the float checkpoint `source` (HF dir / Hub id / run dir) into `output`
+    (`int8_activations`: w8a8, stored as int8 and marked to quantize activations when loaded)."""
     from tqdm import tqdm
 
     from gptj.execution.inference.pipelines import resolve_model_dir
@@ -45,7 +46,7 @@ def quantize_checkpoint(
     from gptj.model.quantized_model import check_layout, quantize_hf_tensor, quantized_hf_names
     from gptj.model.sharding import hf_shapes
 
-    spec = QuantSpec(bits, group_size, quantize_head)
+    spec = QuantSpec(bits, group_size, quantize_head, int8_activations)
     spec.check()
     directory = resolve_checkpoint(resolve_model_dir(str(source)))
     info = read_checkpoint_info(directory)
