@@ -12,7 +12,7 @@ from gptj.execution.inference.generation import GenerationEngine
 from gptj.execution.inference.pipelines import EntailmentPipeline, load_model_and_tokenizer
 from gptj.execution.inference.sampling import SamplingParams
 from gptj.execution.inference.scoring import score_rows
-from tests.fixtures.server import tp_server_process
+from tests.fixtures.server import metric, tp_server_process
 
 PROMPTS = ["The cat sat on the", "Once upon a time", "a", "mnli hypothesis: x premise: y target:"]
 SAMPLED = dict(temperature=0.8, top_k=40, top_p=0.95, seed=7)
@@ -22,6 +22,27 @@ SAMPLED = dict(temperature=0.8, top_k=40, top_p=0.95, seed=7)
 def tp_server():
     with tp_server_process() as (url, proc):
         yield url, proc
+
+
+def test_tensor_parallel_server_reuses_prompt_prefixes_with_the_single_process_tokens(tp_server):
+    """Prefix caching is on by default: both ranks hold the same blocks (their own heads), so the
+    second prompt's hit runs the same shortened prefill on both, and the tokens stay a single
+    process's (runs before the test below, which stops the server)."""
+    url, _ = tp_server
+    model, tokenizer = load_model_and_tokenizer("random:tiny", "bundled:tiny")
+    long = "In the beginning the model read every token of this rather long prompt, one block at a time, and"
+    prompts = [long + " then", long + " so"]
+    want = [tokenizer.decode(r.token_ids) for r in GenerationEngine(model).run(tokenizer.encode(prompts), 8,
+                                                                                tokenizer.eos_id)]
+    before = metric(url, "gptj_prefix_cache_hit_tokens_total")
+    texts = []
+    for prompt in prompts:  # one after the other: the second finds the first's blocks
+        resp = httpx.post(f"{url}/v1/completions", json={"prompt": prompt, "max_tokens": 8, "temperature": 0},
+                          timeout=120)
+        assert resp.status_code == 200, resp.text
+        texts.append(resp.json()["choices"][0]["text"])
+    assert texts == want
+    assert metric(url, "gptj_prefix_cache_hit_tokens_total") - before >= 16
 
 
 def test_tensor_parallel_server_gives_the_single_process_tokens(tp_server):

@@ -31,6 +31,7 @@ OPTION_FIELDS = {
     "api_key": "server.api_key",
     "served_model_name": "server.served_model_name",
     "max_adapters": "server.max_adapters",
+    "prefix_cache": "server.prefix_cache",
 }
 
 
@@ -68,6 +69,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     limits.add_argument("--max-adapters", type=int, metavar="N",
                         help="LoRA adapters held at once, loaded at run time included (POST /v1/load_lora_adapter; "
                              "default: as many as --adapter NAME=DIR names)")
+    limits.add_argument("--no-prefix-cache", dest="prefix_cache", action="store_const", const=False,
+                        help="do not keep prompt blocks' KV for later prompts that start the same way "
+                             "(default: kept, within the KV cache's memory; hit rate on /metrics)")
     p.add_argument("--set", action="append", default=[], metavar="SECTION.FIELD=VALUE", help="override any field")
     return p.parse_args(argv)
 

@@ -10,6 +10,10 @@ on the phase the caller set before the forward pass:
 
 - `prefill(rows, length)`: k/v [n, H, S, D] of fresh prompts are written into slots 0..S-1
   of `rows`; attention then runs over these new keys only (the caller's mask is [n,1,S,S]).
+- `extend(rows, starts, ends)`: the rest of prompts whose first `starts[i]` slots already hold
+  their keys (copied in from a prefix cache, `write_blocks`): k/v [n, H, S, D] (right-padded)
+  are written into slots starts[i]..ends[i]-1 of `rows`; attention then runs over slots
+  0..max(ends)-1 of those rows (the caller's mask is [n,1,S,max(ends)]).
 - `decode(positions, window)`: k/v [B, H, 1, D] are written at slot `positions[b]` of every
   row; attention runs over slots 0..window-1 of every row (the caller's mask is
   [B,1,1,window] and hides unused slots). A fixed `window` = T keeps every shape static,
@@ -55,6 +59,12 @@ class _LayerCache:
                 self.keys[rows, :, :length] = cached_k
                 self.values[rows, :, :length] = cached_v
             return k, v
+        if owner.phase == "extend":
+            rows, slots, batch, offset = owner.extend_index  # one entry per real (not padding) token
+            self.keys[rows, :, slots] = k[batch, :, offset].to(self.keys.dtype)
+            self.values[rows, :, slots] = v[batch, :, offset].to(self.values.dtype)
+            seen, end = owner.rows, owner.window
+            return self.keys[seen, :, :end], self.values[seen, :, :end]
         raise RuntimeError("KV cache used outside prefill()/decode(): set the phase first")
 
 
@@ -120,8 +130,9 @@ class StaticKVCache:
         self.decode_mask = torch.zeros(batch_size, 1, 1, max_length, dtype=torch.bool, device=device)
         self._index_rows(batch_size, num_heads, torch.device(device or "cpu"))
         self.phase: str | None = None
-        self.rows: torch.Tensor | None = None
+        self.rows: torch.Tensor | slice | None = None
         self.window = max_length
+        self.extend_index: tuple[torch.Tensor, ...] = ()
 
     def _index_rows(self, batch_size: int, num_heads: int, device: torch.device) -> None:
         rows = torch.arange(batch_size, device=device)[:, None].expand(batch_size, num_heads)
@@ -180,7 +191,7 @@ class StaticKVCache:
         rows, heads, slots = (index[:n] for index in self.write_index)
         view._slots = slots.clone()
         view.write_index = (rows, heads, view._slots)
-        view.phase, view.rows, view.window = None, None, self.max_length
+        view.phase, view.rows, view.window, view.extend_index = None, None, self.max_length, ()
         return view
 
     def mark_static_addresses(self) -> StaticKVCache:
@@ -220,6 +231,41 @@ class StaticKVCache:
             self.decode_mask.copy_(visible)
         else:
             self.decode_mask[rows] = visible
+
+    def extend(self, rows: list[int], starts: list[int], ends: list[int]) -> None:
+        """Next forward writes the tokens at slots starts[i]..ends[i]-1 of `rows` (fed as one
+        right-padded batch, row i's first fed token at slot starts[i]) and attends slots
+        0..max(ends)-1 of those rows. Slots below starts[i] must already hold the row's earlier
+        tokens (`write_blocks`). Marks slots 0..ends[i]-1 visible to later decode steps."""
+        device = self.decode_mask.device
+        self.phase, self.window = "extend", max(ends)
+        n = len(rows)
+        contiguous = rows == list(range(rows[0], rows[0] + n))
+        row_ids = torch.tensor(rows, device=device)
+        self.rows = slice(rows[0], rows[0] + n) if contiguous else row_ids
+        starts_t, ends_t = torch.tensor(starts, device=device), torch.tensor(ends, device=device)
+        batch = torch.repeat_interleave(torch.arange(n, device=device), ends_t - starts_t)
+        offset = torch.cat([torch.arange(e - s, device=device) for s, e in zip(starts, ends)])
+        self.extend_index = (row_ids[batch], starts_t[batch] + offset, batch, offset)
+        slots = torch.arange(self.max_length, device=device)
+        self.decode_mask[row_ids] = (slots[None, :] < ends_t[:, None]).view(n, 1, 1, self.max_length)
+
+    # ---- whole blocks of slots, for a prefix cache (gptj/execution/inference/prefix_cache.py) ----
+    def read_block(self, row: int, start: int, size: int) -> torch.Tensor:
+        """A copy of slots start..start+size-1 of `row`: [2 * layers, heads, size, head_dim], layer
+        l's keys at 2l and its values at 2l + 1."""
+        return torch.stack([t[row, :, start:start + size] for layer in self.layers for t in (layer.keys, layer.values)])
+
+    def write_blocks(self, row: int, blocks: list[torch.Tensor]) -> None:
+        """Slots 0.. of `row` from consecutive blocks in `read_block`'s layout (block by block: no
+        temporary as large as the prompt's KV)."""
+        start = 0
+        for block in blocks:
+            size = block.shape[2]
+            for i, layer in enumerate(self.layers):
+                layer.keys[row, :, start:start + size].copy_(block[2 * i])
+                layer.values[row, :, start:start + size].copy_(block[2 * i + 1])
+            start += size
 
     def decode(self, positions: torch.Tensor, window: int | None = None) -> None:
         """Next forward writes one token per row at slot positions[b] and attends slots < window."""

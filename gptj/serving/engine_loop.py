@@ -247,6 +247,8 @@ class EngineLoop:
                 if self.engine.has_work:
                     events += self.engine.step()
                     self.metrics.engine_steps.inc()
+                    if self.engine.prefix_cache is not None:
+                        self.metrics.record_prefix_cache(self.engine.prefix_cache)
                     results.update(self.adapters.settle())
                 with self._cond:
                     self._engine_waiting = self.engine.num_waiting

@@ -38,6 +38,30 @@ class ServerMetrics:
         self.adapter_generation_tokens = Counter("gptj_adapter_generation_tokens", "Tokens generated, by LoRA adapter",
                                                  ["adapter"], registry=registry)
         self.engine_steps = Counter("gptj_engine_steps", "Engine steps run", registry=registry)
+        # Prefix caching (gptj/execution/inference/prefix_cache.py); the hit rate is tokens reused
+        # over prompt tokens admitted since the server started.
+        self.prefix_cache_prompt_tokens = Counter(
+            "gptj_prefix_cache_prompt_tokens", "Prompt tokens admitted while prefix caching is on", registry=registry)
+        self.prefix_cache_hit_tokens = Counter(
+            "gptj_prefix_cache_hit_tokens", "Prompt tokens whose KV came from the prefix cache instead of a prefill",
+            registry=registry)
+        self._prefix_seen = (0, 0)  # the cache's counts at the last record
+        self.prefix_cache_hit_rate = Gauge(
+            "gptj_prefix_cache_hit_rate", "Prompt tokens reused / prompt tokens admitted, since start", registry=registry)
+        self.prefix_cache_blocks = Gauge("gptj_prefix_cache_blocks", "Prompt blocks held by the prefix cache",
+                                         registry=registry)
+        self.prefix_cache_bytes = Gauge("gptj_prefix_cache_bytes", "Bytes of KV the prefix cache holds (this rank)",
+                                        registry=registry)
+
+    def record_prefix_cache(self, cache) -> None:
+        """Bring the prefix-cache figures up to `cache`'s (a PrefixCache) counts."""
+        seen_prompt, seen_hit = self._prefix_seen
+        self.prefix_cache_prompt_tokens.inc(cache.prompt_tokens - seen_prompt)
+        self.prefix_cache_hit_tokens.inc(cache.hit_tokens - seen_hit)
+        self._prefix_seen = (cache.prompt_tokens, cache.hit_tokens)
+        self.prefix_cache_hit_rate.set(cache.hit_rate)
+        self.prefix_cache_blocks.set(len(cache))
+        self.prefix_cache_bytes.set(cache.nbytes)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

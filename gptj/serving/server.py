@@ -66,7 +66,8 @@ def load(config, ctx=None, device=None, started: InferencePlan | None = None):
     engine = RequestEngine(model, server.max_batch_size, tokenizer.eos_id, server.max_model_len,
                            decode=tokenizer.decode, compile_decode=m.compile,
                            prefill_multiple=server.prefill_multiple,
-                           cache_dtype=cache_dtype, adapters=adapters, cache_budget=budget)
+                           cache_dtype=cache_dtype, adapters=adapters, cache_budget=budget,
+                           prefix_cache=server.prefix_cache, prefix_block_size=server.prefix_block_size)
     slots = AdapterSlots(engine, ctx, adapter_limit(config))
     # Entailment pairs and /v1/classify inputs (gptj/serving/scoring.py), batched per engine step.
     # The scorer runs the engine's adapters too: "model" of /v1/classify and of a guided choice.

@@ -111,10 +111,14 @@ class ServerSection:
     # LoRA adapters held at once, those loaded at run time (POST /v1/load_lora_adapter) included;
     # None: as many as model.adapters names.
     max_adapters: int | None = None
+    # Keep the KV of full prompt blocks (prefix_block_size tokens each) and reuse it for prompts
+    # that start the same way, within the KV cache budget (gptj/execution/inference/prefix_cache.py).
+    prefix_cache: bool = True
+    prefix_block_size: int = 16
     chat_template: ChatTemplate = field(default_factory=ChatTemplate)
 
     def __post_init__(self):
-        for name in ("max_batch_size", "max_n", "prefill_multiple"):
+        for name in ("max_batch_size", "max_n", "prefill_multiple", "prefix_block_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"server.{name} must be >= 1, got {getattr(self, name)}")
         if self.max_queue < 0:

@@ -2,13 +2,17 @@
 
     runner = ModelRunner(model)
     hidden, lengths = runner.prefill(cache, rows, prompts)      # prompts into cache rows
+    hidden, lengths = runner.prefill(cache, rows, prompts, starts=starts)  # after cached prefixes
     logits = runner.decode(cache, tokens, positions, window)    # one token per row
 
 The request engine (request_engine.py) is the one caller that schedules them; offline
 generation (generation.py) and the server drive that engine.
 
 Prefill: prompts are right-padded into one batch, each row's keys written into slots
-0..L-1 of its own cache row at positions 0..L-1, so no row sees another's padding.
+0..L-1 of its own cache row at positions 0..L-1, so no row sees another's padding. With
+`starts` (a prefix cache's hit: slots 0..starts[i]-1 of row i already hold the prompt's first
+tokens, gptj/execution/inference/prefix_cache.py) only the rest is fed, at positions and slots
+starts[i].., attending to the cached slots and to itself.
 Decode: one token per row at that row's own position; the cache mask [B,1,1,T] gains one
 visible slot per row per step, in place. Only last-position hidden states go through the
 lm_head.
@@ -27,6 +31,7 @@ from __future__ import annotations
 
 import torch
 
+from gptj.execution.inference.prefix_cache import PrefixCache
 from gptj.model.kv_cache import StaticKVCache
 
 
@@ -37,8 +42,12 @@ def sync(device: torch.device) -> None:
 
 
 class ModelRunner:
-    def __init__(self, model, compile_decode: bool = False, cache_dtype: torch.dtype | None = None):
+    def __init__(self, model, compile_decode: bool = False, cache_dtype: torch.dtype | None = None,
+                 prefix_cache: PrefixCache | None = None):
         self.model = model
+        # Prompt blocks' KV kept across requests (and across engines over this runner); the
+        # request engine looks prompts up in it and fills it.
+        self.prefix_cache = prefix_cache
         self.config = model.config
         self.device = model.device
         self.compile_decode = compile_decode
@@ -62,13 +71,18 @@ class ModelRunner:
         return cache
 
     def prefill(self, cache: StaticKVCache, rows: list[int], prompts: list[list[int]],
-                pad_multiple: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+                pad_multiple: int = 1, starts: list[int] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Write `prompts` into cache `rows`; return the final hidden states of every position
         [n, S, d] (padding after each prompt's end) and the prompt lengths [n].
 
         pad_multiple: right-pad the batch to a multiple of this many tokens (fewer distinct
         shapes for kernels that cache per shape); padding is masked, so results are the same.
+        starts: per prompt, how many leading tokens row i already holds (copied in from a prefix
+        cache); only the tokens after them are run, and the hidden states and lengths returned
+        are those of the tokens run.
         """
+        if starts is not None and any(starts):
+            return self._extend(cache, rows, prompts, pad_multiple, starts)
         device, n = self.device, len(rows)
         lengths = torch.tensor([len(p) for p in prompts], device=device)
         seq = max(len(p) for p in prompts)
@@ -84,6 +98,29 @@ class ModelRunner:
         all_rows = rows == list(range(cache.batch_size))
         cache.prefill(None if all_rows else torch.tensor(rows, device=device), lengths)
         hidden = self.model.hidden_states(ids, position_ids=positions, attn_mask=mask, kv_cache=cache)
+        return hidden, lengths
+
+    def _extend(self, cache: StaticKVCache, rows: list[int], prompts: list[list[int]], pad_multiple: int,
+                starts: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        device, n = self.device, len(rows)
+        fed = [p[s:] for p, s in zip(prompts, starts)]
+        lengths = torch.tensor([len(f) for f in fed], device=device)
+        seq = -(-max(len(f) for f in fed) // pad_multiple) * pad_multiple
+        ids = torch.zeros(n, seq, dtype=torch.long)
+        for i, f in enumerate(fed):
+            ids[i, : len(f)] = torch.tensor(f, dtype=torch.long)
+        ids = ids.to(device)
+        ends = [len(p) for p in prompts]
+        positions = torch.tensor(starts, device=device)[:, None] + torch.arange(seq, device=device)[None, :]
+        slots = torch.arange(max(ends), device=device)
+        # Query j of row i (at position starts[i] + j) sees the row's slots up to itself and below
+        # the prompt's end: a padding query sees the whole prompt, so no row of the mask is empty.
+        mask = (slots[None, None, :] <= positions[:, :, None]) & (
+            slots[None, None, :] < torch.tensor(ends, device=device)[:, None, None])
+        cache.extend(rows, starts, ends)
+        # Padding positions may run past the context: any valid rotation will do for them.
+        positions = positions.clamp(max=self.config.max_positions - 1)
+        hidden = self.model.hidden_states(ids, position_ids=positions, attn_mask=mask.unsqueeze(1), kv_cache=cache)
         return hidden, lengths
 
     def decode(self, cache: StaticKVCache, tokens: torch.Tensor, positions: torch.Tensor,

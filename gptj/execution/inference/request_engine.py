@@ -21,8 +21,17 @@ A failure while handling one request (a prefill that raises, a stop-string check
 raises) finishes that request with reason "error"; the other requests go on. A failing
 decode step fails the requests in it and leaves the engine ready for new ones.
 
+Prefix caching (on with a cache budget, the server's; gptj/execution/inference/prefix_cache.py):
+the KV of every full block of a prefilled prompt is kept, keyed by its prefix and adapter; a
+later prompt that starts with held blocks gets them copied into its row and prefills only the
+rest. A request admitted beside an earlier one that shares a longer prefix than the cache
+holds waits for a second prefill pass in the same step, after the first has stored its blocks.
+Requests asking for prompt log-probabilities need every prompt position's hidden state, so
+they prefill in full (and still store their blocks).
+
 Tensor parallel: every rank must make the same calls in the same order (same requests, same
-seeds); every rank then computes the same tokens.
+seeds); every rank then computes the same tokens, and holds the same prefix blocks, each with
+its own heads.
 """
 
 from __future__ import annotations
@@ -37,6 +46,7 @@ from gptj.errors import UsageError
 from gptj.execution.inference.generation_stats import GenerationStats
 from gptj.execution.inference.kv_budget import CacheBudget
 from gptj.execution.inference.model_runner import ModelRunner, sync
+from gptj.execution.inference.prefix_cache import DEFAULT_BLOCK_SIZE, PrefixCache
 from gptj.execution.inference.requests import MAX_LOGPROBS, Event, Request  # noqa: F401 (the engine's API)
 from gptj.execution.inference.sampling import SamplingParams, choose_tokens, prompt_generator
 from gptj.execution.inference.scoring import token_logprobs
@@ -76,6 +86,11 @@ class RequestEngine:
     not fit yet waits for running ones to finish). None: all rows at full length up front.
     isolate_failures: a failing request finishes with reason "error" while the others go on
     (a server); False: the error is raised (one offline run).
+    prefix_cache: reuse the KV of prompt blocks across requests (module docstring). None: on
+    when there is a cache budget or the runner already holds a PrefixCache; True: on (a new
+    PrefixCache of `prefix_block_size`-token blocks on the runner when it has none); False: off.
+    The blocks held take at most the budget's bytes less the row cache's; without a budget, the
+    PrefixCache's max_bytes, or as many bytes as the row cache when that is None.
     """
 
     prefill_token_budget = 16384
@@ -94,6 +109,8 @@ class RequestEngine:
         runner: ModelRunner | None = None,
         cache_budget: CacheBudget | None = None,
         isolate_failures: bool = True,
+        prefix_cache: bool | None = None,
+        prefix_block_size: int = DEFAULT_BLOCK_SIZE,
     ):
         if max_batch_size < 1:
             raise UsageError(f"max_batch_size must be >= 1, got {max_batch_size}")
@@ -112,12 +129,19 @@ class RequestEngine:
         self.adapters = adapters
         self.isolate_failures = isolate_failures
         self.budget = cache_budget
+        self._budget_bytes = None if cache_budget is None else cache_budget.budget_bytes
         if cache_budget is not None and self.runner.compile_decode:
             # A compiled step needs static shapes: the rows that fit at full length, once.
             max_batch_size = min(max_batch_size, cache_budget.full_rows(self.max_length))
             self.budget = None
         rows, length = (max_batch_size, self.max_length) if self.budget is None else self.budget.first_shape()
         self.cache = self.runner.cache_for(rows, length)
+        if prefix_cache is None:
+            prefix_cache = cache_budget is not None or self.runner.prefix_cache is not None
+        if prefix_cache and self.runner.prefix_cache is None:
+            self.runner.prefix_cache = PrefixCache(prefix_block_size)
+        self.prefix_cache: PrefixCache | None = self.runner.prefix_cache if prefix_cache else None
+        self._reused: dict[str, int] = {}  # request id -> prompt tokens taken from the prefix cache
         self._views: dict[int, object] = {}  # leading-rows views of the cache, by row count
         self.slots = [_Slot() for _ in range(max_batch_size)]
         self.waiting: deque[Request] = deque()
@@ -217,6 +241,7 @@ class RequestEngine:
                 try:
                     logits, scores = self._prefill([row], [request])
                 except Exception as err:  # noqa: BLE001 - one bad request must not stop the engine
+                    self._reused.pop(request.request_id, None)
                     events.append(_failed(request, f"prefill failed: {err}"))
                     continue
                 self._start([row], [request], logits, scores, events)
@@ -244,6 +269,8 @@ class RequestEngine:
             shape, taken = wanted, taken + 1
             in_use, length = max(in_use, row + 1), max(length, len(request.prompt) + request.max_new_tokens)
         if shape is not None and shape != (self.cache.batch_size, self.cache.max_length):
+            if self.prefix_cache is not None:  # the rows come first: blocks make room before the copy
+                self.prefix_cache.shrink_to(self._budget_bytes - self.budget.nbytes(*shape))
             self.cache.resize(*shape)
             self._views.clear()  # they hold the old tensors
         return rows[:taken]
@@ -252,30 +279,96 @@ class RequestEngine:
         """Prefill `requests` into cache `rows`: last-position logits [n, V] and each request's
         prompt scores (`Event.prompt_logprobs`; None unless it asked).
 
-        The admitted requests go in groups of consecutive requests whose padded batch holds at
-        most `prefill_token_budget` tokens (a longer prompt alone), so many long prompts (a
-        scoring client's batch) never hold all their activations at once."""
+        With a prefix cache, each request's held leading blocks are copied into its row first and
+        only the rest of its prompt runs; a request that shares more blocks with an earlier one
+        of this batch than the cache holds runs in a later pass, once those blocks are stored."""
+        pool, n = self.prefix_cache, len(requests)
+        if pool is None:
+            return self._prefill_groups(rows, requests, [0] * n)
+        keys = [pool.block_keys(r.prompt, r.adapter) for r in requests]
+        logits: list = [None] * n
+        scores: list = [None] * n
+        pending = list(range(n))
+        while pending:
+            now, later, promised = [], [], set()
+            for i in pending:
+                held = pool.match(keys[i])
+                if _looks_up(requests[i]) and _leading(keys[i], pool, promised) > held:
+                    later.append(i)  # an earlier request of this pass stores more of its prefix
+                    continue
+                now.append(i)
+                promised.update(keys[i])
+            starts = {i: self._copy_held_blocks(rows[i], requests[i], keys[i]) for i in now}
+            for part in ([i for i in now if not starts[i]], [i for i in now if starts[i]]):
+                if part:
+                    part_logits, part_scores = self._prefill_groups(
+                        [rows[i] for i in part], [requests[i] for i in part], [starts[i] for i in part],
+                        keys=[keys[i] for i in part])
+                    for j, i in enumerate(part):
+                        logits[i], scores[i] = part_logits[j], part_scores[j]
+            pending = later
+        return torch.stack(logits), scores
+
+    def _copy_held_blocks(self, row: int, request: Request, keys: list[bytes]) -> int:
+        """Copy the held leading blocks of `request`'s prompt into `row`; the number of prompt
+        tokens they cover that need no prefill (the last prompt token is always run: its logits
+        choose the first token)."""
+        pool = self.prefix_cache
+        if not _looks_up(request):
+            start = 0
+        else:
+            blocks = pool.take(keys)
+            start = min(len(blocks) * pool.block_size, len(request.prompt) - 1)
+            if start:
+                self.cache.write_blocks(row, blocks)
+        self._reused[request.request_id] = start
+        return start
+
+    def _prefill_groups(self, rows: list[int], requests: list[Request], starts: list[int],
+                        keys: list | None = None) -> tuple[torch.Tensor, list]:
+        """`requests` (after `starts` tokens each) in groups of consecutive requests whose padded
+        batch holds at most `prefill_token_budget` tokens (a longer prompt alone), so many long
+        prompts (a scoring client's batch) never hold all their activations at once. Each
+        group's full prompt blocks are stored in the prefix cache (`keys`: their keys)."""
         groups, group, longest = [], [], 0
         for i, request in enumerate(requests):
-            width = -(-max(longest, len(request.prompt)) // self.prefill_multiple) * self.prefill_multiple
+            fed = len(request.prompt) - starts[i]
+            width = -(-max(longest, fed) // self.prefill_multiple) * self.prefill_multiple
             if group and (len(group) + 1) * width > self.prefill_token_budget:
                 groups.append(group)
                 group, longest = [], 0
             group.append(i)
-            longest = max(longest, len(request.prompt))
+            longest = max(longest, fed)
         groups.append(group)
         logits, scores = [], []
         for group in groups:
-            part_logits, part_scores = self._prefill_group([rows[i] for i in group], [requests[i] for i in group])
+            part_logits, part_scores = self._prefill_group([rows[i] for i in group], [requests[i] for i in group],
+                                                           [starts[i] for i in group])
             logits.append(part_logits)
             scores += part_scores
+            if keys is not None:
+                for i in group:
+                    self._store_blocks(rows[i], requests[i], keys[i])
         return torch.cat(logits), scores
 
-    def _prefill_group(self, rows: list[int], requests: list[Request]) -> tuple[torch.Tensor, list]:
+    def _store_blocks(self, row: int, request: Request, keys: list[bytes]) -> None:
+        pool = self.prefix_cache
+        size = pool.block_size
+        if self._budget_bytes is not None:
+            limit = self._budget_bytes - self.cache.nbytes()
+        else:
+            limit = self.cache.nbytes() if pool.max_bytes is None else None
+        pool.store(keys, request.adapter, lambda j: self.cache.read_block(row, j * size, size), limit)
+
+    def _prefill_group(self, rows: list[int], requests: list[Request], starts: list[int]) -> tuple[torch.Tensor, list]:
         """One batched prefill; its prompt scores in one `gptj.execution.inference.scoring.token_logprobs` pass
-        over the prefill's hidden states."""
+        over the prefill's hidden states (requests after a cached prefix ask for none)."""
         self._set_adapter_rows([r.adapter for r in requests])
-        hidden, lengths = self.runner.prefill(self.cache, rows, [r.prompt for r in requests], self.prefill_multiple)
+        prompts = [r.prompt for r in requests]
+        if any(starts):
+            hidden, lengths = self.runner.prefill(self.cache, rows, prompts, self.prefill_multiple, starts=starts)
+        else:
+            hidden, lengths = self.runner.prefill(self.cache, rows, prompts, self.prefill_multiple)
         device = hidden.device
         logits = self.model.logits_from_hidden(hidden[torch.arange(len(rows), device=device), lengths - 1])
         scored = [i for i, r in enumerate(requests) if r.prompt_logprobs is not None and len(r.prompt) > 1]
@@ -299,7 +392,12 @@ class RequestEngine:
         """Rows begin their requests with the first token chosen from the prefill's logits; a
         request that only scores its prompt is done at once and leaves its row free."""
         generating = []
+        pool = self.prefix_cache
         for i, (row, request) in enumerate(zip(rows, requests)):
+            reused = self._reused.pop(request.request_id, 0)
+            if pool is not None:
+                pool.prompt_tokens += len(request.prompt)
+                pool.hit_tokens += reused
             if request.max_new_tokens == 0:
                 events.append(Event(request.request_id, finish_reason="length", time=time.perf_counter(),
                                     prompt_logprobs=scores[i]))
@@ -447,11 +545,15 @@ class RequestEngine:
         if self.adapters is None:
             raise UsageError("this engine was built without adapters (adapters=None)")
         self.adapters.add(name, lora)
+        if self.prefix_cache is not None:  # blocks of an earlier adapter of that name are stale
+            self.prefix_cache.drop_adapter(name)
 
     def remove_adapter(self, name: str) -> None:
         if self.adapter_in_use(name):
             raise UsageError(f"adapter {name!r} still has requests")
         self.adapters.remove(name)
+        if self.prefix_cache is not None:
+            self.prefix_cache.drop_adapter(name)
 
     def _set_adapter_rows(self, names: list[str | None]) -> None:
         if self.adapters is not None:
@@ -466,6 +568,22 @@ def _rows_of(logits: torch.Tensor, rows: list[int]) -> torch.Tensor:
     if rows == list(range(logits.shape[0])):
         return logits
     return logits[torch.tensor(rows, device=logits.device)]
+
+
+def _looks_up(request: Request) -> bool:
+    """Whether a request may start from cached prompt blocks: not when it asks for every prompt
+    position's scores (those positions must run)."""
+    return request.prompt_logprobs is None and len(request.prompt) > 1
+
+
+def _leading(keys: list[bytes], pool: PrefixCache, promised: set[bytes]) -> int:
+    """Leading keys held in `pool` or about to be stored (`promised`)."""
+    count = 0
+    for key in keys:
+        if key not in pool and key not in promised:
+            break
+        count += 1
+    return count
 
 
 def _failed(request: Request, message: str) -> Event:
