@@ -9,6 +9,7 @@ import textwrap
 
 import pytest
 
+from gptj.execution.runtime.precision import PRECISIONS
 from gptj.execution.training.planner import (
     MACHINES,
     Layout,
@@ -24,6 +25,7 @@ from gptj.execution.training.planner import (
     plan_lora_layout,
 )
 from gptj.model import ConfigError, ModelConfig
+from gptj.model.quantized_linear import GROUP_SIZES, QUANTIZE_MODES
 
 GPTJ6B = ModelConfig.preset("gptj-6b")
 
@@ -96,6 +98,25 @@ MEASURE = textwrap.dedent("""
     print(json.dumps({"peak_delta": peak - baseline, "fused": True}))
 """)
 
+
+def test_a_config_json_that_is_not_json_is_one_line_naming_it(tmp_path, capsys):
+    """The planner reads a checkpoint's config.json as every other command does."""
+    (tmp_path / "config.json").write_text("{not json")
+    assert main(["--model", str(tmp_path)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and err.startswith("error: ") and f"{tmp_path / 'config.json'} is not valid JSON" in err
+    with pytest.raises(ConfigError, match="expected a Hugging Face model's config.json"):
+        load_model_config(str(tmp_path / "model.json"))
+
+
+@pytest.mark.parametrize("option, bad, choices", [
+    ("--precision", "fp8", PRECISIONS), ("--group-size", "16", GROUP_SIZES), ("--quantize", "int2", QUANTIZE_MODES)])
+def test_the_choices_are_those_every_command_offers(option, bad, choices, capsys):
+    with pytest.raises(SystemExit):
+        main([option, bad])
+    err = capsys.readouterr().err
+    offered = [str(c) for c in choices]
+    assert all(c in err for c in offered) and sorted(offered, key=err.index) == offered, err
 
 @pytest.mark.slow
 def test_predicted_memory_matches_a_measured_cpu_training_run():

@@ -24,13 +24,21 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+from gptj.execution.runtime.precision import DTYPES, PRECISIONS
 from gptj.execution.training.planner_machines import GB, MACHINES, GiB, Machine, h100_machine  # noqa: F401
 from gptj.execution.training.planner_table import format_table, why_nothing_fits  # noqa: F401 - printed by main, used by callers
 from gptj.model import ConfigError, ModelConfig
 from gptj.model.lora import ROW_PARALLEL, lora_flops_per_token, target_dims
 from gptj.model.lora import TARGETS as LORA_TARGETS
+from gptj.model.quantized_linear import (
+    DEFAULT_GROUP_SIZE,
+    GROUP_SIZES,
+    GROUP_SIZES_TEXT,
+    QUANTIZE_MODES,
+    QuantSpec,
+)
 
-PRECISION_BYTES = {"bf16": 2, "fp16": 2, "fp32": 4}
+PRECISION_BYTES = {name: dtype.itemsize for name, dtype in DTYPES.items()}  # per element
 ADAM_MOMENT_BYTES = 8  # fp32 m and v, per parameter
 
 
@@ -62,19 +70,22 @@ def load_model_config(spec: str) -> ModelConfig:
     """A preset name, the path of a Hugging Face config.json, its directory, or a fine-tuning run
     directory (its hf/ export)."""
     path = Path(spec)
-    if path.suffix != ".json" and (path.is_dir() or "/" in spec):  # presets have no "/"
-        from gptj.execution.runtime.preflight import InputError
-        from gptj.execution.runtime.run_dirs import resolve_model_dir
+    if path.suffix != ".json" and not path.is_dir() and "/" not in spec:  # presets have no "/"
+        return ModelConfig.preset(spec)
+    from gptj.execution.runtime.preflight import InputError
+    from gptj.execution.runtime.run_dirs import resolve_model_dir
+    from gptj.model.hf import CONFIG_FILE, CheckpointError, read_checkpoint_info
 
-        try:
-            path = Path(resolve_model_dir(spec)) / "config.json"
-        except InputError as err:
-            raise ConfigError(str(err)) from None
-    if path.suffix == ".json":
-        if not path.is_file():
-            raise ConfigError(f"{path}: no such config.json")
-        return ModelConfig.from_hf(json.loads(path.read_text()))
-    return ModelConfig.preset(spec)
+    try:
+        if path.suffix == ".json":
+            if path.name != CONFIG_FILE:
+                raise ConfigError(f"{path}: expected a Hugging Face model's {CONFIG_FILE} (or its directory)")
+            if not path.is_file():
+                raise ConfigError(f"{path}: no such {CONFIG_FILE}")
+            path = path.parent
+        return read_checkpoint_info(Path(resolve_model_dir(str(path)))).config
+    except (InputError, CheckpointError) as err:
+        raise ConfigError(str(err)) from None
 
 
 def parameter_counts(config: ModelConfig, tp: int) -> dict[str, int]:
@@ -236,10 +247,10 @@ def layout_result(name: str, layout: Layout, machine: Machine, params: dict, acc
 # ---- LoRA: a frozen base, adapters trained --------------------------------------------------------
 
 # Bytes per element of a quantized frozen weight as a training run holds it (gptj/model/quantized_linear.py;
-# no kernel copies). int8: the int8 values (one fp32 scale per output row: negligible). int4
+# no kernel copies). 8 bits: the int8 values (one fp32 scale per output row: negligible). int4
 # with groups of g input columns: the nibbles (0.5) and an fp32 scale and zero point per group.
-def quantized_bytes(base: str, group_size: int = 128) -> float:
-    return 1.0 if base == "int8" else 0.5 + 8 / group_size
+def quantized_bytes(base: str, group_size: int = DEFAULT_GROUP_SIZE) -> float:
+    return 1.0 if QuantSpec.parse(base, group_size).bits == 8 else 0.5 + 8 / group_size
 
 
 # Bytes per element of the largest quantized weight while it is dequantized for a training
@@ -253,9 +264,9 @@ def dequantize_transient_bytes(rows: int, columns: int, pb: int) -> float:
 class LoraPlan:
     rank: int
     targets: tuple[str, ...] = LORA_TARGETS  # any of gptj.model.lora.TARGETS
-    base: str = "model"  # frozen base weights: "model" (the compute dtype), "int8" or "int4"
+    base: str = "model"  # frozen base weights: "model" (the compute dtype) or one of QUANTIZE_MODES
     dropout: float = 0.0  # > 0: each adapter keeps its dropped input (and a bool mask) for backward
-    group_size: int = 128  # int4 only
+    group_size: int = DEFAULT_GROUP_SIZE  # int4 only
 
 
 def lora_parameter_counts(config: ModelConfig, tp: int, lora: LoraPlan) -> dict[str, int]:
@@ -274,11 +285,13 @@ def lora_parameter_counts(config: ModelConfig, tp: int, lora: LoraPlan) -> dict[
 
 def frozen_base_bytes(config: ModelConfig, tp: int, pb: int, lora: LoraPlan) -> float:
     """Bytes of one TP rank's frozen base. Quantized (gptj/model/quantized_model.py): every block matmul
-    weight and lm_head; the embedding, LayerNorms and biases stay in pb."""
+    weight and lm_head (unless the quantization keeps it float); the embedding, LayerNorms and
+    biases stay in pb."""
     total = parameter_counts(config, tp)["total"]
     if lora.base == "model":
         return total * pb
-    quantized = sum(quantized_weight_counts(config, tp))
+    blocks, head = quantized_weight_counts(config, tp)
+    quantized = blocks + (head if QuantSpec.parse(lora.base, lora.group_size).quantize_head else 0)
     return quantized * quantized_bytes(lora.base, lora.group_size) + (total - quantized) * pb
 
 
@@ -393,7 +406,7 @@ def plan(config: ModelConfig, machine: Machine, seq: int, micro_batch: int, glob
          precision: str = "bf16", fused_adamw: bool = True, lora: LoraPlan | None = None) -> dict:
     """Every layout, and the recommended one: the fitting layout with the lowest estimated step time."""
     if precision not in PRECISION_BYTES:
-        raise ConfigError(f"precision {precision!r}; expected one of {sorted(PRECISION_BYTES)}")
+        raise ConfigError(f"precision {precision!r}; expected one of {', '.join(PRECISIONS)}")
     if lora is not None:
         rows = [plan_lora_layout(config, lay, machine, seq, micro_batch, global_batch, precision, lora)
                 for lay in lora_layouts(machine)]
@@ -422,7 +435,7 @@ def main(argv=None) -> int:
     parser.add_argument("--micro-batch", type=int, default=1,
                         help="0: the power of two with the fastest fitting layout (the largest of equals)")
     parser.add_argument("--global-batch", type=int, default=128)
-    parser.add_argument("--precision", default="bf16", choices=sorted(PRECISION_BYTES))
+    parser.add_argument("--precision", default="bf16", choices=PRECISIONS)
     parser.add_argument("--machine", default="h100-80gb-x8", help=f"one of {', '.join(MACHINES)}")
     parser.add_argument("--device-memory-gib", type=float, help="override the machine's device memory")
     parser.add_argument("--host-memory-gib", type=float, help="override the machine's host memory per node")
@@ -430,10 +443,10 @@ def main(argv=None) -> int:
                         help="count the fp32 temporaries of the for-loop torch AdamW (8 B/param)")
     parser.add_argument("--lora-rank", type=int, default=0, help="plan LoRA on a frozen base (0: full fine-tuning)")
     parser.add_argument("--lora-targets", default=",".join(LORA_TARGETS), help="comma-separated LoRA targets")
-    parser.add_argument("--quantize", default="none", choices=["none", "int8", "int4"],
+    parser.add_argument("--quantize", default="none", choices=["none", *QUANTIZE_MODES],
                         help="frozen base weights quantized (LoRA only)")
-    parser.add_argument("--group-size", type=int, default=128, choices=[32, 64, 128, 256],
-                        help="int4 group size of the quantized base (default 128)")
+    parser.add_argument("--group-size", type=int, default=DEFAULT_GROUP_SIZE, choices=GROUP_SIZES,
+                        help=f"int4 group size of the quantized base: {GROUP_SIZES_TEXT} (default {DEFAULT_GROUP_SIZE})")
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
     args = parser.parse_args(argv)
     for option in ("seq", "micro_batch", "global_batch"):
