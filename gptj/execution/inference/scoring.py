@@ -111,7 +111,7 @@ def score_rows(model, rows: list[list[int]], starts: list[int], top_k: int = 0) 
     one forward over the right-padded batch (padding comes after every real token, so plain
     causal attention is exact) and `token_logprobs` over the scored positions only."""
     _check_rows(rows, starts, model.config.max_positions)
-    device = model.embed.weight.device
+    device = model.device
     ids = torch.zeros(len(rows), max(len(r) for r in rows), dtype=torch.long)
     for i, row in enumerate(rows):
         ids[i, :len(row)] = torch.tensor(row, dtype=torch.long)
@@ -179,7 +179,7 @@ def score_candidates(model, prompts: list[list[int]], candidates: list[list[list
 
 
 def _score_candidate_rows(model, prompts, candidates, top_k) -> list[list[TokenScores]]:
-    device = model.embed.weight.device
+    device = model.device
     width = max(len(p) + sum(map(len, cands)) for p, cands in zip(prompts, candidates))
     ids = torch.zeros(len(prompts), width, dtype=torch.long)
     positions = torch.zeros(len(prompts), width, dtype=torch.long)

@@ -291,7 +291,7 @@ class ShardedAdamW:
         self.options = {"beta1": betas[0], "beta2": betas[1], "eps": eps}
         self.weight_decay = weight_decay
         # The device of the resident parameters (the block streamer keeps the embedding there).
-        self.device = model.embed.weight.device if isinstance(model, GPTJ) else next(model.parameters()).device
+        self.device = model.device if isinstance(model, GPTJ) else next(model.parameters()).device
         # Replicated parameters whose gradient is a per-rank partial sum (LoRA's whole factors).
         self.sum_replicated_over_tp = bool(getattr(model, "REPLICATED_GRADS_ARE_PARTIAL", False))
         replicas = self._replicas()
