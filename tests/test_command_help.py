@@ -1,5 +1,5 @@
-"""--help of the inference commands: options in groups, each value option with its default, and
-the quantizer spelled as everywhere else (--quantize int8|int4)."""
+"""--help of the commands: options in groups, each value option with its default, and the
+quantizer spelled as everywhere else (--quantize int8|int4)."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import argparse
 
 import pytest
 
+import gptj.commands.finetune as finetune
 import gptj.commands.generate as generate
 import gptj.commands.quantize as quantize
 import gptj.commands.serve as serve
@@ -34,6 +35,7 @@ def parser_of(module, monkeypatch) -> argparse.ArgumentParser:
     (generate, {"model", "precision and quantization", "hardware", "prompts", "generation", "output"}),
     (serve, {"model", "precision and quantization", "hardware", "server", "limits"}),
     (quantize, {"checkpoint", "quantization"}),
+    (finetune, {"model", "data", "training", "LoRA", "hardware", "output"}),
 ])
 def test_help_is_in_groups_and_every_value_option_shows_its_default(module, groups, monkeypatch):
     parser = parser_of(module, monkeypatch)
@@ -70,3 +72,21 @@ def test_the_quantizer_takes_quantize_not_bits(capsys):
     assert (args.quantize, args.group_size) == ("int4", 128)
     with pytest.raises(SystemExit):
         quantize.parse_args(["--model", "m", "--output", "o", "--quantize", "int3"])
+
+
+def test_finetune_help_defaults_are_those_an_option_left_out_gets(monkeypatch, tmp_path):
+    from gptj.execution.training.config import load_config
+
+    parser = parser_of(finetune, monkeypatch)
+    defaults = load_config("tiny")
+    helps = {a.option_strings[-1]: a.help for a in parser._actions if a.option_strings}
+    fields = {"--steps": defaults.training.steps, "--lr": defaults.optimizer.lr,
+              "--checkpoint-every": defaults.checkpoint.every, "--sequence-length": defaults.data.sequence_length,
+              "--dataset": defaults.data.dataset, "--group-size": defaults.model.group_size}
+    for option, value in fields.items():
+        assert helps[option].endswith(f"(default: {value})"), (option, helps[option])
+    assert "--config tiny" in parser.epilog
+    monkeypatch.undo()
+    config = finetune.build_config(finetune.parse_args(["--output-dir", str(tmp_path)]))
+    assert (config.training.steps, config.optimizer.lr, config.checkpoint.every, config.data.sequence_length,
+            config.data.dataset, config.model.group_size) == tuple(fields.values())

@@ -44,58 +44,93 @@ OPTION_FIELDS = {
 }
 
 
+DEFAULTS_NOTE = ("option defaults shown are those of --config tiny; another preset (gptj/config/finetuning.yml) "
+                 "may set its own, and --set SECTION.FIELD=VALUE reaches any field. Multi-process: torchrun "
+                 "--nproc-per-node N run_finetuning.py --tensor-parallel T ... (replicas = N / T).")
+
+
+def preset_defaults():
+    """The config an option left out falls back to (the default preset's), for --help."""
+    from gptj.execution.training.config import DEFAULT_PRESET, load_config
+
+    return load_config(DEFAULT_PRESET)
+
+
 def parse_args(argv=None) -> argparse.Namespace:
     from gptj.config import threads_value
+    from gptj.execution.inference.cli import default_text
     from gptj.execution.runtime.precision import PRECISION_CHOICES
-    from gptj.model.quantized_linear import DEFAULT_GROUP_SIZE, GROUP_SIZES, QUANTIZE_MODES
+    from gptj.model.quantized_linear import GROUP_SIZES, GROUP_SIZES_TEXT, QUANTIZE_MODES
+
+    defaults = preset_defaults()
+
+    def d(field: str) -> str:
+        return default_text(defaults, field)
 
     p = argparse.ArgumentParser(
-        description="Fine-tune GPT-J (tensor parallel x replicas, sharded AdamW, host offload).",
-        epilog="Multi-process: torchrun --nproc-per-node N run_finetuning.py --tensor-parallel T "
-               "... (replicas = N / T). Presets: gptj/config/finetuning.yml.")
-    p.add_argument("--config", default="tiny", metavar="PRESET",
-                   help="preset in gptj/config/finetuning.yml (default: tiny, the CPU demo)")
-    p.add_argument("--preset-file", default=None, metavar="YAML", help="another preset YAML file")
-    p.add_argument("--model", metavar="HF_ID_OR_DIR",
-                   help="initial weights (Hugging Face directory or Hub id); default: random init")
-    p.add_argument("--tokenizer", metavar="HF_ID_OR_DIR",
-                   help="tokenizer (default: the one of --model when given, else the preset's)")
-    p.add_argument("--dataset", metavar="SOURCE",
-                   help="training data: bundled:NAME, a directory or file, or hf:NAME/CONFIG")
-    p.add_argument("--task", metavar="NAME", help="task name (gptj/config/tasks.yml) or task YAML file")
-    p.add_argument("--eval-dataset", action="append", metavar="SOURCE[@SPLIT]",
-                   help="evaluation data, repeatable (default: the task's validation splits)")
-    p.add_argument("--output-dir", metavar="DIR", help="run directory (default: runs/<preset>)")
-    p.add_argument("--steps", type=int, metavar="N", help="optimizer steps")
-    p.add_argument("--global-batch-size", type=int, metavar="N", help="rows per optimizer step, all replicas")
-    p.add_argument("--micro-batch-size", type=int, metavar="N", help="rows per forward/backward per replica")
-    p.add_argument("--sequence-length", type=int, metavar="N", help="tokens per row")
-    p.add_argument("--lr", type=float, metavar="X", help="peak learning rate")
-    p.add_argument("--seed", type=int, metavar="N", help="data order seed")
-    p.add_argument("--tensor-parallel", type=int, metavar="T", help="tensor-parallel ranks")
-    p.add_argument("--precision", choices=PRECISION_CHOICES,
-                   help="compute precision (auto: bf16 where the GPU or CPU runs it natively and "
-                        "the model is not tiny, else fp32)")
-    p.add_argument("--threads", type=threads_value, metavar="N|auto",
-                   help="CPU threads per process (auto: 1 for tiny models, else the physical cores)")
-    p.add_argument("--eval-every", type=int, metavar="N", help="evaluate every N steps (0: at the end)")
-    p.add_argument("--checkpoint-every", type=int, metavar="N", help="checkpoint every N steps")
-    p.add_argument("--lora-rank", type=int, metavar="R",
-                   help="train LoRA adapters of rank R on the frozen base (0: full fine-tuning)")
-    p.add_argument("--lora-alpha", type=float, metavar="X", help="LoRA alpha (default 2 x rank)")
-    p.add_argument("--lora-dropout", type=float, metavar="P", help="dropout on the adapters' input")
-    p.add_argument("--lora-targets", metavar="LIST",
-                   help="comma-separated subset of q,k,v,out_proj,fc_in,fc_out (default: all)")
-    p.add_argument("--quantize", choices=("none", *QUANTIZE_MODES),
-                   help="quantize the frozen base weights while loading (LoRA only)")
-    p.add_argument("--group-size", type=int, choices=GROUP_SIZES, metavar="N",
-                   help=f"int4 group size of the quantized base: one of {', '.join(map(str, GROUP_SIZES))} "
-                        f"(default {DEFAULT_GROUP_SIZE})")
-    p.add_argument("--resume", nargs="?", const=True, choices=["auto"], default=None,
-                   help="continue from the newest valid checkpoint in the output dir; `--resume auto`: "
-                        "also start fresh when there is none (for torchrun --max-restarts)")
-    p.add_argument("--show-config", action="store_true",
-                   help="print the full resolved config at the start (it is always written to OUTPUT_DIR/config.yaml)")
+        prog="gptj-finetune", epilog=DEFAULTS_NOTE,
+        description="Fine-tune GPT-J (tensor parallel x replicas, sharded AdamW, host offload).")
+    model = p.add_argument_group("model")
+    model.add_argument("--config", default="tiny", metavar="PRESET",
+                       help="preset in gptj/config/finetuning.yml (default: tiny, the CPU demo)")
+    model.add_argument("--preset-file", default=None, metavar="YAML",
+                       help="another preset YAML file (default: gptj/config/finetuning.yml)")
+    model.add_argument("--model", metavar="HF_ID_OR_DIR",
+                       help="initial weights: HF directory or Hub id, or a gptj-finetune output dir (its hf/ "
+                            f"export); default: random init of the preset's shape ({defaults.model.preset})")
+    model.add_argument("--tokenizer", metavar="HF_ID_OR_DIR",
+                       help="tokenizer (default: the one of --model when given, else the preset's: "
+                            f"{defaults.data.tokenizer})")
+    data = p.add_argument_group("data")
+    data.add_argument("--task", metavar="NAME",
+                      help="task name (gptj/config/tasks.yml) or task YAML file" + d("data.task"))
+    data.add_argument("--dataset", metavar="SOURCE",
+                      help="training data: bundled:NAME, a directory or file, or hf:NAME/CONFIG" + d("data.dataset"))
+    data.add_argument("--eval-dataset", action="append", metavar="SOURCE[@SPLIT]",
+                      help="evaluation data, repeatable (default: the task's validation splits)")
+    data.add_argument("--sequence-length", type=int, metavar="N", help="tokens per row" + d("data.sequence_length"))
+    training = p.add_argument_group("training")
+    training.add_argument("--steps", type=int, metavar="N", help="optimizer steps" + d("training.steps"))
+    training.add_argument("--global-batch-size", type=int, metavar="N",
+                          help="rows per optimizer step, all replicas" + d("training.global_batch_size"))
+    training.add_argument("--micro-batch-size", type=int, metavar="N",
+                          help="rows per forward/backward per replica" + d("training.micro_batch_size"))
+    training.add_argument("--lr", type=float, metavar="X", help="peak learning rate" + d("optimizer.lr"))
+    training.add_argument("--seed", type=int, metavar="N", help="data order seed" + d("training.seed"))
+    training.add_argument("--eval-every", type=int, metavar="N",
+                          help="evaluate every N steps (0: at the end)" + d("eval.every"))
+    lora = p.add_argument_group("LoRA")
+    lora.add_argument("--lora-rank", type=int, metavar="R",
+                      help="train LoRA adapters of rank R on the frozen base (0: full fine-tuning)" + d("lora.rank"))
+    lora.add_argument("--lora-alpha", type=float, metavar="X", help="LoRA alpha (default: 2 x rank)")
+    lora.add_argument("--lora-dropout", type=float, metavar="P",
+                      help="dropout on the adapters' input" + d("lora.dropout"))
+    lora.add_argument("--lora-targets", metavar="LIST",
+                      help="comma-separated subset of q,k,v,out_proj,fc_in,fc_out (default: all)")
+    lora.add_argument("--quantize", choices=("none", *QUANTIZE_MODES),
+                      help="quantize the frozen base weights while loading (LoRA only)" + d("model.quantize"))
+    lora.add_argument("--group-size", type=int, choices=GROUP_SIZES, metavar="N",
+                      help=f"int4 group size of the quantized base: {GROUP_SIZES_TEXT}" + d("model.group_size"))
+    hardware = p.add_argument_group("hardware")
+    hardware.add_argument("--tensor-parallel", type=int, metavar="T",
+                          help="tensor-parallel ranks (launch with torchrun)" + d("parallel.tensor_parallel"))
+    hardware.add_argument("--precision", choices=PRECISION_CHOICES,
+                          help="compute precision (auto: bf16 where the GPU or CPU runs it natively and the "
+                               "model is not tiny, else fp32)" + d("training.precision"))
+    hardware.add_argument("--threads", type=threads_value, metavar="N|auto",
+                          help="CPU threads per process (auto: 1 for tiny models, else the physical cores)"
+                               + d("training.threads"))
+    output = p.add_argument_group("output")
+    output.add_argument("--output-dir", metavar="DIR", help="run directory (default: runs/<preset>)")
+    output.add_argument("--checkpoint-every", type=int, metavar="N",
+                        help="checkpoint every N steps (0: at the end)" + d("checkpoint.every"))
+    output.add_argument("--resume", nargs="?", const=True, choices=["auto"], default=None,
+                        help="continue from the newest valid checkpoint in the output dir; `--resume auto`: "
+                             "also start fresh when there is none, for torchrun --max-restarts (default: a "
+                             "fresh run)")
+    output.add_argument("--show-config", action="store_true",
+                        help="print the full resolved config at the start (it is always written to "
+                             "OUTPUT_DIR/config.yaml)")
     p.add_argument("--set", action="append", default=[], metavar="SECTION.FIELD=VALUE",
                    help="override any config field, e.g. --set schedule.warmup_steps=10")
     return p.parse_args(argv)
