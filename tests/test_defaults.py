@@ -83,7 +83,7 @@ def test_warning_only_without_native_kernels():
 
 
 def _inference(argv, capsys):
-    code = run_inference.main(argv + ["--prompt", "a cat", "--max-new-tokens", "2"])
+    code = run_inference.main(argv + ["--prompt", "a cat", "--max-new-tokens", "2", "--show-config"])
     captured = capsys.readouterr()
     assert code == 0, captured.err
     config = next(json.loads(line.removeprefix("config: ")) for line in captured.out.splitlines()

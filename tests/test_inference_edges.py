@@ -51,9 +51,9 @@ def eos_model(tmp_path_factory):
 
 
 def blocks(stdout: str) -> str:
-    """The per-prompt blocks of an inference run's stdout (no config and summary lines)."""
+    """The per-prompt blocks of an inference run's stdout (no start-up and speed lines)."""
     return "".join(line for line in stdout.splitlines(keepends=True)
-                   if not line.startswith(("config: ", "machine: ")) and " tokens/s | " not in line)
+                   if not line.startswith(("generate: ", "config: ", "machine: ")) and " tokens/s | " not in line)
 
 
 def test_truncation_keeps_room_for_the_requested_tokens(capsys, tmp_path):

@@ -1,6 +1,7 @@
-"""A fine-tuning run directory is accepted wherever a model or an adapter directory is (the
-server's /v1/load_lora_adapter, the planner's --model), through one resolver; a path that
-cannot be one says why ("does not exist", a run not finished, a full run given as an adapter)."""
+"""A fine-tuning run directory is accepted wherever a model or an adapter directory is (--model
+and --adapter of every command, the server's /v1/load_lora_adapter, the planner's --model),
+through one resolver; a path that cannot be one says why ("does not exist", a run not
+finished, a full run given as an adapter)."""
 
 from __future__ import annotations
 
@@ -12,13 +13,18 @@ import pytest
 import torch
 
 from gptj.execution.inference.pipelines import load_model_and_tokenizer
-from gptj.execution.runtime.preflight import InputError
+from gptj.execution.runtime import run_dirs
+from gptj.execution.runtime.preflight import InputError, resolve_model_source
 from gptj.execution.runtime.run_dirs import resolve_adapter_dir, resolve_model_dir
 from gptj.execution.training.planner import main as plan
 from gptj.model import ModelConfig
 from gptj.model.adapter_io import save_peft_adapter
 from gptj.model.lora import LoraAdapters, LoraSettings
-from tests.fixtures.server import tiny_server
+from gptj.serving.server import check_model_paths
+from tests.fixtures.cli import run_inference_main
+from tests.fixtures.server import tiny_config, tiny_server
+
+PROMPT = "The quick brown fox"
 
 
 @pytest.fixture(scope="module")
@@ -95,3 +101,65 @@ def test_the_planner_takes_a_run_directory(tmp_path, adapter, capsys):
     assert json.loads(capsys.readouterr().out)["recommended"] is not None
     assert plan(["--model", str(tmp_path / "nope")]) == 2
     assert "model directory does not exist" in capsys.readouterr().err
+
+
+def _generated(argv, capsys, tmp_path) -> str:
+    """gptj-generate's text for one greedy prompt (fp32, 6 tokens) with `argv` added."""
+    out = tmp_path / f"out-{len(list(tmp_path.glob('out-*')))}.jsonl"
+    code, _, err = run_inference_main(["--prompt", PROMPT, "--max-new-tokens", "6", "--precision", "fp32",
+                                       "--output", str(out), *argv], capsys)
+    assert code == 0, err
+    return json.loads(out.read_text())["text"]
+
+
+def _served(server, model: str | None = None) -> str:
+    body = {"prompt": PROMPT, "max_tokens": 6, "temperature": 0, **({"model": model} if model else {})}
+    resp = httpx.post(f"{server.url}/v1/completions", json=body, timeout=60)
+    assert resp.status_code == 200, resp.text
+    return resp.json()["choices"][0]["text"]
+
+
+def test_adapter_options_take_a_run_directory(tmp_path, adapter, capsys):
+    """--adapter RUN_DIR (gptj-generate, gptj-serve merged) and --adapter NAME=RUN_DIR (served by
+    name) give what the adapter directory itself gives."""
+    run = lora_run_dir(tmp_path, adapter)
+    direct = _generated(["--adapter", adapter], capsys, tmp_path)
+    assert _generated(["--adapter", str(run)], capsys, tmp_path) == direct
+    with tiny_server("--precision", "fp32", "--adapter", str(run)) as server:
+        assert server.config.model.adapter == str(run / "adapter")
+        assert _served(server) == direct
+    with tiny_server("--precision", "fp32", "--adapter", f"run={run}", "--adapter", f"direct={adapter}") as server:
+        assert server.config.model.adapters == {"run": str(run / "adapter"), "direct": adapter}
+        assert _served(server, "run") == _served(server, "direct") == direct
+        assert _served(server) != direct  # the base alone: the adapter changes the text
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--adapter", "{p}"], "--adapter {p}: adapter directory does not exist"),
+    (["--adapter", "qa={p}"], "--adapter qa={p}: adapter directory does not exist"),
+])
+def test_a_missing_adapter_says_it_does_not_exist(tmp_path, argv, message):
+    missing = tmp_path / "nope"
+    config = tiny_config(*[a.format(p=missing) for a in argv])
+    with pytest.raises(InputError) as err:
+        check_model_paths(config)
+    assert str(err.value) == message.format(p=missing)
+
+
+def test_gptj_generate_says_a_missing_adapter_does_not_exist_before_loading(tmp_path, capsys):
+    missing = tmp_path / "nope"
+    code, out, err = run_inference_main(["--prompt", PROMPT, "--adapter", str(missing)], capsys)
+    assert code == 2 and "machine:" not in out
+    assert err.strip() == f"error: --adapter {missing}: adapter directory does not exist"
+
+
+def test_every_model_option_follows_the_one_run_directory_rule(tmp_path, monkeypatch):
+    """resolve_model_source (--model of every command) resolves a run directory by run_dirs.py's
+    rule, not a copy of it: a changed export name is followed."""
+    monkeypatch.setattr(run_dirs, "MODEL_EXPORT", "export")
+    (tmp_path / "run" / "export").mkdir(parents=True)
+    (tmp_path / "run" / "export" / "config.json").write_text("{}")
+    assert resolve_model_source(str(tmp_path / "run")) == str(tmp_path / "run" / "export")
+    assert resolve_model_source("EleutherAI/gpt-j-6b") == "EleutherAI/gpt-j-6b"  # a Hub id, as it is
+    with pytest.raises(InputError, match="model directory does not exist"):
+        resolve_model_source(str(tmp_path / "gone"))

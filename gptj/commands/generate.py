@@ -65,6 +65,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     output = p.add_argument_group("output")
     output.add_argument("--output", metavar="FILE", help="write JSONL results")
     output.add_argument("--stream", action="store_true", help="print tokens as they come (batch size 1)")
+    output.add_argument("--show-config", action="store_true",
+                        help="print the full resolved config at the start (default: a one-line summary)")
     p.add_argument("--set", action="append", default=[], metavar="SECTION.FIELD=VALUE", help="override any field")
     return p.parse_args(argv)
 
@@ -154,14 +156,33 @@ def read_prompts(args) -> list[str] | None:
     return prompts
 
 
-def run(config) -> int:
+def summary_line(config) -> str:
+    """What is generated from what, in one line (--show-config: every field)."""
+    m, gen, count = config.model, config.generation, len(config.prompts)
+    model = m.name_or_path or f"random:{m.preset}"
+    if m.quantize:
+        model += f" ({m.quantize} weights)"
+    if m.adapter:
+        model += f" with adapter {m.adapter}"
+    sampling = "greedy" if gen.temperature == 0 else (
+        f"temperature {gen.temperature:g}, top-k {gen.top_k}, top-p {gen.top_p:g}, seed {gen.seed}")
+    stop = f", stop at {', '.join(map(repr, gen.stop))}" if gen.stop else ""
+    return (f"generate: {count} prompt{'s' if count != 1 else ''} with {model}, precision {m.precision}; up to "
+            f"{gen.max_new_tokens} new tokens each, {sampling}{stop}, batches of {min(gen.batch_size, count)} "
+            "(--show-config prints the full config)")
+
+
+def run(config, show_config: bool = False) -> int:
     from gptj.execution.inference.pipelines import TextGenerationPipeline
     from gptj.execution.inference.startup import plan_inference, print_machine
     from gptj.execution.inference.text_output import StreamPrinter
     from gptj.execution.runtime.distributed import init_distributed, world_size
     from gptj.execution.runtime.precision import pick_device
     from gptj.execution.runtime.preflight import check_output_file
+    from gptj.execution.runtime.run_dirs import resolve_adapter_dir
 
+    if config.model.adapter:  # before anything loads; a run directory stands for its adapter/ export
+        config.model.adapter = resolve_adapter_dir(config.model.adapter)
     if config.output:  # checked now, not after generating: the results must not be lost
         check_output_file(config.output)
     prompts = config.prompts
@@ -180,7 +201,8 @@ def run(config) -> int:
                           rows=max(1, min(gen.batch_size or len(prompts), len(prompts))), main=main)
     if main:
         print_machine(plan)
-        print("config: " + json.dumps(dataclasses.asdict(config)), flush=True)
+        print(("config: " + json.dumps(dataclasses.asdict(config))) if show_config else summary_line(config),
+              flush=True)
     model = plan.load(ctx)
     pipe = TextGenerationPipeline(model, plan.tokenizer, batch_size=gen.batch_size,
                                   compile_decode=config.model.compile, kv_cache_dtype=config.model.kv_cache_dtype)
@@ -285,7 +307,7 @@ def main(argv=None) -> int:
 
     threads = torch.get_num_threads()
     try:
-        return run(build_config(args))
+        return run(build_config(args), args.show_config)
     except GPTJError as err:  # bad input: one clear line, no stack trace
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -37,6 +37,7 @@ OPTION_FIELDS = {
 
 def parse_args(argv=None) -> argparse.Namespace:
     from gptj.execution.inference.cli import DEFAULTS_NOTE, add_model_arguments, default_text, preset_defaults
+    from gptj.serving.body_limit import MAX_BODY_BYTES
 
     defaults = preset_defaults()
 
@@ -69,11 +70,41 @@ def parse_args(argv=None) -> argparse.Namespace:
     limits.add_argument("--max-adapters", type=int, metavar="N",
                         help="LoRA adapters held at once, loaded at run time included (POST /v1/load_lora_adapter; "
                              "default: as many as --adapter NAME=DIR names)")
+    limits.add_argument("--max-body-size", type=byte_size, metavar="BYTES",
+                        help="larger request bodies get 413 before they are read; a number of bytes, or with "
+                             f"K, M or G (KiB, MiB, GiB) (default: {size_text(MAX_BODY_BYTES)})")
+    p.add_argument("--show-config", action="store_true",
+                   help="print the full resolved config at the start (default: a one-line summary)")
     limits.add_argument("--no-prefix-cache", dest="prefix_cache", action="store_const", const=False,
                         help="do not keep prompt blocks' KV for later prompts that start the same way "
                              "(default: kept, within the KV cache's memory; hit rate on /metrics)")
     p.add_argument("--set", action="append", default=[], metavar="SECTION.FIELD=VALUE", help="override any field")
     return p.parse_args(argv)
+
+
+UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
+
+
+def byte_size(text: str) -> int:
+    """--max-body-size: "65536", "512K", "4M" or "1G" (powers of 1024), more than 0."""
+    number, unit = text.strip().upper().removesuffix("B").removesuffix("I"), ""
+    if number[-1:] in UNITS:
+        number, unit = number[:-1], number[-1]
+    try:
+        value = int(float(number) * UNITS[unit])
+    except (ValueError, OverflowError):
+        raise argparse.ArgumentTypeError(f"expected a size such as 65536, 512K or 4M, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be more than 0 bytes, got {text!r}")
+    return value
+
+
+def size_text(size: int) -> str:
+    """4194304 -> "4 MiB"; sizes that are no whole number of KiB stay in bytes."""
+    for unit, name in ((1 << 30, "GiB"), (1 << 20, "MiB"), (1 << 10, "KiB")):
+        if size % unit == 0:
+            return f"{size // unit} {name}"
+    return f"{size} bytes"
 
 
 def build_config(args: argparse.Namespace):
@@ -93,28 +124,54 @@ def build_config(args: argparse.Namespace):
     return build(InferenceConfig, settings, "")
 
 
-def run(config, log_level: str) -> int:
+def summary_line(config, max_body_bytes: int) -> str:
+    """What is served and under which limits, in one line (--show-config: every field)."""
+    m, server = config.model, config.server
+    served = [(m.name_or_path or f"random:{m.preset}")
+              + (f" as {server.served_model_name!r}" if server.served_model_name else "")]
+    if m.quantize:
+        served.append(f"{m.quantize} weights")
+    if m.adapter:
+        served.append(f"adapter {m.adapter} merged")
+    if m.adapters:
+        served.append(f"adapters {', '.join(m.adapters)}")
+    if m.tensor_parallel > 1:
+        served.append(f"tensor parallel {m.tensor_parallel}")
+    return (f"serve: {', '.join(served)}; {server.max_batch_size} requests at once, {server.max_queue} waiting, "
+            f"request timeout {server.request_timeout:g} s, bodies up to {size_text(max_body_bytes)}, "
+            f"{'API key required' if server.api_key else 'no API key'} (--show-config prints the full config)")
+
+
+def full_config_line(config) -> str:
+    """`config: {...}`, the resolved config as JSON, the API key hidden."""
+    shown = dataclasses.asdict(config)
+    shown.pop("prompts", None)
+    shown.pop("output", None)
+    if shown["server"]["api_key"]:
+        shown["server"]["api_key"] = "***"
+    return "config: " + json.dumps(shown)
+
+
+def run(config, log_level: str, show_config: bool = False, max_body_bytes: int | None = None) -> int:
     from gptj.execution.runtime.distributed import init_distributed, world_size
     from gptj.execution.runtime.precision import pick_device
-    from gptj.serving.server import plan, serve
+    from gptj.serving.body_limit import MAX_BODY_BYTES
+    from gptj.serving.server import check_model_paths, plan, serve
 
     tp = config.model.tensor_parallel
     if world_size() != tp:
         raise UsageError(f"--tensor-parallel {tp} needs exactly {tp} processes: "
                          f"torchrun --nproc-per-node {tp} run_server.py ... (found {world_size()})")
+    check_model_paths(config)  # a missing model or adapter: one line; run directories stand for their exports
     ctx, _ = init_distributed(tp)
     device = pick_device(config.model.device)
     # Before the port is bound and anything loads: the model read, the auto choices settled, the
     # weights and one full-length row of KV cache checked against the memory.
     started = plan(config, device, ctx.is_main)
     if ctx.is_main:
-        shown = dataclasses.asdict(config)
-        shown.pop("prompts", None)
-        shown.pop("output", None)
-        if shown["server"]["api_key"]:
-            shown["server"]["api_key"] = "***"
-        print("config: " + json.dumps(shown), flush=True)
-    return serve(config, ctx, device, log_level, started=started)
+        print(full_config_line(config) if show_config else summary_line(config, max_body_bytes or MAX_BODY_BYTES),
+              flush=True)
+    return serve(config, ctx, device, log_level, started=started, max_body_bytes=max_body_bytes)
 
 
 def main(argv=None) -> int:
@@ -122,7 +179,7 @@ def main(argv=None) -> int:
     from gptj.errors import GPTJError
 
     try:
-        return run(build_config(args), args.log_level)
+        return run(build_config(args), args.log_level, args.show_config, args.max_body_size)
     except GPTJError as err:  # bad input: one clear line, no stack trace
         print(f"error: {err}", file=sys.stderr)
         return 2

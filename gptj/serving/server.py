@@ -16,7 +16,6 @@ import socket
 import threading
 import time
 import traceback
-from pathlib import Path
 
 import torch
 
@@ -28,10 +27,12 @@ from gptj.execution.inference.startup import InferencePlan, plan_inference
 from gptj.execution.runtime.distributed import gather_ints
 from gptj.execution.runtime.precision import dtype_name, pick_device
 from gptj.execution.runtime.preflight import InputError, resolve_model_source
+from gptj.execution.runtime.run_dirs import resolve_adapter_dir
 from gptj.model.kv_cache import kv_bytes_per_token, model_cache_dtype
 
 from .adapter_slots import AdapterSlots, adapter_limit
 from .app import ServerState, create_app
+from .drain import DrainOnExit
 from .engine_loop import EngineLoop, StepSync, follow
 from .scoring import ServingClassifier
 
@@ -145,15 +146,16 @@ def build_app(config, ctx=None, device=None, on_load_error=None, started: Infere
 
 
 def check_model_paths(config) -> None:
-    """The model and adapter paths can be found (nothing is read): an InputError otherwise."""
+    """The model and adapter paths can be found (nothing is read): an InputError otherwise. A
+    fine-tuning run directory given as an adapter stands for its adapter/ export, which is
+    written back into the config, so the loaders see the adapter directory itself."""
     m = config.model
     if m.name_or_path:
         resolve_model_source(m.name_or_path, "--model")
-    named = [("--adapter", m.adapter)] if m.adapter else []
-    named += [(f"--adapter {name}=", path) for name, path in m.adapters.items()]
-    for option, path in named:
-        if not Path(path).expanduser().is_dir():
-            raise InputError(f"{option}{'' if option.endswith('=') else ' '}{path}: adapter directory does not exist")
+    if m.adapter:
+        m.adapter = resolve_adapter_dir(m.adapter, "--adapter")
+    for name, path in m.adapters.items():
+        m.adapters[name] = resolve_adapter_dir(path, f"--adapter {name}=")
 
 
 def listen_socket(host: str, port: int) -> socket.socket:
@@ -185,22 +187,28 @@ def show_request_log(log_level: str) -> None:
     REQUEST_LOG.propagate = False
 
 
-def uvicorn_server(app, host: str, port: int, log_level: str = "warning", on_started=None):
-    """A uvicorn server; `on_started()` runs once it accepts connections."""
+def uvicorn_server(app, host: str, port: int, log_level: str = "warning", on_started=None, state=None):
+    """A uvicorn server; `on_started()` runs once it accepts connections. `state` (the app's
+    ServerState): a Ctrl-C says what it waits for and for how long at most (serving/drain.py)."""
     import uvicorn
 
-    class Server(uvicorn.Server):
+    class Server(DrainOnExit, uvicorn.Server):
         async def startup(self, sockets=None):
             await super().startup(sockets)
             if self.started and on_started is not None:
                 on_started()
 
-    return Server(uvicorn.Config(app, host=host, port=port, log_level=log_level, timeout_keep_alive=30))
+    server = Server(uvicorn.Config(app, host=host, port=port, log_level=log_level, timeout_keep_alive=30))
+    server.drain_state = state
+    return server
 
 
-def serve(config, ctx=None, device=None, log_level: str = "info", started: InferencePlan | None = None) -> int:
-    """Run until stopped (Ctrl-C / SIGTERM on rank 0). `started`: the start-up, already planned
-    (None: planned now, before the port is bound)."""
+def serve(config, ctx=None, device=None, log_level: str = "info", started: InferencePlan | None = None,
+          max_body_bytes: int | None = None) -> int:
+    """Run until stopped (Ctrl-C / SIGTERM on rank 0: the requests in flight finish, within the
+    request timeout; a second Ctrl-C stops at once). `started`: the start-up, already planned
+    (None: planned now, before the port is bound). `max_body_bytes`: larger request bodies are
+    refused with 413 (None: serving/body_limit.py's default)."""
     check_model_paths(config)
     started = started or plan(config, device, ctx is None or ctx.is_main)
     if ctx is not None and not ctx.is_main:
@@ -223,7 +231,9 @@ def serve(config, ctx=None, device=None, log_level: str = "info", started: Infer
 
     show_request_log(log_level)
     app, state = build_app(config, ctx, device, on_load_error=give_up, started=started)
-    server = uvicorn_server(app, host, port, log_level, on_started=announce)
+    if max_body_bytes is not None:
+        state.max_body_bytes = max_body_bytes
+    server = uvicorn_server(app, host, port, log_level, on_started=announce, state=state)
     try:
         server.run(sockets=[sock])
     finally:
@@ -246,8 +256,9 @@ class ServerThread:
         if config.server.port == 0:
             config.server.port = free_port(config.server.host)
         self.config, self.ready_timeout = config, ready_timeout
+        check_model_paths(config)  # as the command does: run directories stand for their exports
         self.app, self.state = build_app(config)
-        self.server = uvicorn_server(self.app, config.server.host, config.server.port)
+        self.server = uvicorn_server(self.app, config.server.host, config.server.port, state=self.state)
         self.thread = threading.Thread(target=self.server.run, name="uvicorn", daemon=True)
         self.threads = torch.get_num_threads()
 

@@ -73,26 +73,15 @@ def looks_local(name: str) -> bool:
 def resolve_model_source(name_or_path: str, option: str = "--model") -> str:
     """The model directory behind every accepted `--model` form.
 
-    `random:PRESET` and Hub ids (`org/name`) are returned as they are; a local directory is
-    itself when it holds config.json, or its `hf/` export when it is a run_finetuning.py output
-    directory. A local path that cannot be a model is an InputError naming what is wrong.
+    `random:PRESET` and Hub ids (`org/name`) are returned as they are; a local path is resolved
+    by gptj/execution/runtime/run_dirs.py (a model directory, or a run_finetuning.py output
+    directory's hf/ export), which raises an InputError naming what is wrong.
     """
+    from gptj.execution.runtime.run_dirs import resolve_model_dir  # it imports InputError from here
+
     name = str(name_or_path)
     if name.startswith("random:"):
         return name
-    path = Path(name).expanduser()
-    if path.is_dir():
-        if (path / "config.json").is_file():
-            return str(path)
-        if (path / "hf" / "config.json").is_file():
-            return str(path / "hf")
-        if (path / "checkpoints").is_dir():
-            raise InputError(f"{option} {name}: this run directory has no hf/ export yet (it is "
-                             "written when the run finishes)")
-        raise InputError(f"{option} {name}: no config.json; expected a Hugging Face GPT-J "
-                         "directory or a run_finetuning.py output directory (with hf/)")
-    if path.exists():
-        raise InputError(f"{option} {name} is a file; pass the directory that holds config.json")
-    if looks_local(name):
-        raise InputError(f"{option} {name}: model directory does not exist")
+    if Path(name).expanduser().exists() or looks_local(name):
+        return resolve_model_dir(name, option)
     return name
