@@ -41,7 +41,9 @@ FILE_VERSION = 1
 # far fewer rows on, and timing more rows of a 6B layer would only lengthen the first prefill.
 MAX_BUCKET_ROWS = 512
 # Each candidate runs once untimed (oneDNN builds its primitives, buffers are allocated), then
-# timed until this long has been spent or TIMED_RUNS runs were made; the fastest run counts.
+# all are timed in turn, round after round, until this long has been spent or TIMED_RUNS rounds
+# were made; each one's fastest run counts. Taking turns spreads a busy machine's other load
+# over every candidate instead of penalising whichever ran while it peaked.
 TIMED_RUNS = 3
 TIMING_SECONDS = 0.05
 
@@ -178,18 +180,31 @@ def _say(line: str, warning: bool = False) -> None:
 
 
 def _time(run: Callable[[], object]) -> float:
+    """Seconds one call of `run` takes."""
+    start = time.perf_counter()
+    run()
+    return time.perf_counter() - start
+
+
+def _time_all(candidates: dict[str, Callable[[], object]]) -> tuple[dict[str, float], dict[str, str]]:
+    """({name: fastest seconds}, {name: why it failed}) of the candidates, timed in turns."""
     global timings_run
-    timings_run += 1
-    run()  # untimed: one-time setup of the path
-    best, spent = float("inf"), 0.0
+    runs, refused = {}, {}
+    for name, run in candidates.items():
+        try:
+            run()  # untimed: one-time setup of the path; a path that fails is left out here
+            runs[name] = run
+        except RuntimeError as err:
+            refused[name] = str(err).splitlines()[0]
+    timings_run += len(runs)
+    times, spent = dict.fromkeys(runs, float("inf")), 0.0
     for _ in range(TIMED_RUNS):
-        start = time.perf_counter()
-        run()
-        took = time.perf_counter() - start
-        best, spent = min(best, took), spent + took
+        for name, run in runs.items():
+            took = _time(run)
+            times[name], spent = min(times[name], took), spent + took
         if spent >= TIMING_SECONDS:
             break
-    return best
+    return times, refused
 
 
 def choose(family: str, dtype: torch.dtype, rows: int, out_features: int, in_features: int,
@@ -206,12 +221,7 @@ def choose(family: str, dtype: torch.dtype, rows: int, out_features: int, in_fea
         if isinstance(record, dict) and record.get("path") in candidates:
             _measured.setdefault(key, record)
             return record["path"]
-        times, refused = {}, {}
-        for name, run in candidates.items():
-            try:
-                times[name] = _time(run)
-            except RuntimeError as err:
-                refused[name] = str(err).splitlines()[0]
+        times, refused = _time_all(candidates)
         if not times:
             raise RuntimeError(f"every matmul path failed for {key}: {refused}")
         best = min(times, key=times.get)
