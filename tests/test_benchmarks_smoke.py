@@ -121,3 +121,29 @@ def test_training_rows_of_the_full_width_run_at_the_tiny_shape():
             assert len(result["peak_memory_per_process"]) == 2
         else:
             assert result["frozen_backward"]["fraction_of_float"] > 0
+
+
+@pytest.mark.slow
+def test_bench_classify_quick(tmp_path):
+    out = tmp_path / "classify.json"
+    done = subprocess.run(
+        [sys.executable, "-m", "benchmarks.bench_classify", "--quick", "--threads", "1", "--json", str(out)],
+        cwd=ROOT, capture_output=True, text=True, timeout=900,
+    )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    report = json.loads(out.read_text())
+    lines = {(line["case"], line["row"]): line for line in report["table"]}
+    import importlib.util
+
+    rows = ["transformers fp32", "ours fp32", "server fp32 c1", "server fp32 c16"]
+    if importlib.util.find_spec("ctranslate2") is not None:  # an optional package: its row when installed
+        rows.append("ctranslate2 fp32")
+    for case in ("0-shot", "5-shot"):
+        for row in rows:
+            line = lines[(case, row)]
+            assert line["pairs"] == 6 and line["pairs_per_s"] > 0, line
+            # The same weights and the same rule: every label and probability is transformers fp32's.
+            assert line["agreement"] == 1.0 and line["compared"] == 6, line
+            assert line["max_probability_diff"] < 1e-4, line
+        assert report["ratios"][f"{case} ours/transformers"] > 0
+    assert "| case | row | pairs | pairs/s | labels as transformers fp32 |" in done.stdout
