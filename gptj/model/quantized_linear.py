@@ -440,7 +440,7 @@ class QuantizedLinear(nn.Module):
         paths = self.cpu_paths(dtype)
         if len(paths) == 1:
             return paths[0]
-        if not matmul_probe.enabled() or torch.compiler.is_compiling():
+        if torch.compiler.is_compiling() or not matmul_probe.enabled():  # a traced graph: fixed choices
             return self._fixed_path(rows, dtype, paths)
         bucket = matmul_probe.row_bucket(rows)
         path = self._paths.get((bucket, dtype))
