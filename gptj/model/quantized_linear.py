@@ -182,10 +182,10 @@ def quantize_activations(x2d: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]
     """[M, K] float -> (a int8 [M, K], s fp32 [M]) with x ~= a * s[:, None], per row (token),
     symmetric: s = max |x[m, :]| / 127, so the largest value maps to +-127 and none is clipped.
     An all-zero row gets s = 1 (a = 0)."""
-    x = x2d.float()
-    largest = torch.linalg.vector_norm(x, ord=float("inf"), dim=1)
+    largest = torch.linalg.vector_norm(x2d, ord=float("inf"), dim=1, dtype=torch.float32)
     scale = torch.where(largest > 0, largest / 127.0, torch.ones_like(largest))
-    a = torch.div(x, scale[:, None]).round_().clamp_(-127, 127).to(torch.int8)
+    # bf16 / fp32 divides in fp32 (x converted exactly, no fp32 copy of x made first)
+    a = torch.div(x2d, scale[:, None]).round_().clamp_(-127, 127).to(torch.int8)
     return a, scale
 
 
@@ -414,7 +414,7 @@ class QuantizedLinear(nn.Module):
         result differs from the exact one only by the fp32 conversion and the two multiplies."""
         a, s = quantize_activations(x2d)
         acc = torch._int_mm(a, self.qweight.t())  # the transposed view: as fast as a [K, N] copy
-        return acc.to(torch.float32).mul_(s[:, None]).mul_(self.scales)
+        return torch.mul(acc, s[:, None]).mul_(self.scales)  # int32 * fp32: acc converted, then multiplied
 
     # ---- which path a CPU call takes ------------------------------------------------------
     def cpu_paths(self, dtype: torch.dtype) -> list[str]:
