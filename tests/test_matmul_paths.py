@@ -82,7 +82,9 @@ def test_every_path_equals_the_float_reference(bits, group, n, k, w8a8):
                 layer.bias = bias.to(dtype)
                 x = torch.randn(*rows, k).to(dtype)
                 reference = x.double() @ w64.T + layer.bias.double()
-                paths = layer.cpu_paths(dtype) + ([INT8_ACTIVATIONS] if bits == 8 else [])  # any int8 weight
+                # whichever this CPU would time, every path a layer can take
+                paths = layer.cpu_paths(dtype) + ["dequantize+fp32", "dequantize+bf16"]
+                paths += [INT8_ACTIVATIONS] if bits == 8 else []  # any int8 weight
                 for path in dict.fromkeys(paths):
                     layer.forced_path = path
                     out = layer(x)
@@ -187,6 +189,7 @@ def test_the_probe_times_once_keeps_the_fastest_and_reuses_it(probe, monkeypatch
         return fake_ms[run.args[0]] / 1e3
 
     monkeypatch.setattr(matmul_probe, "_time", fake_time)
+    monkeypatch.setattr(matmul_probe, "native_bf16", lambda: False)  # the fp32 matmul is a candidate too
     torch.manual_seed(0)
     first, second = (QuantizedLinear.from_weight(torch.randn(48, 128), 8).prepare_kernel() for _ in range(2))
     x = torch.randn(40, 128).bfloat16()
@@ -228,6 +231,14 @@ def test_the_probe_times_real_calls_and_survives_a_broken_file(probe, caplog):
     assert out.shape == (3, 64)
     record = json.loads(probe.read_text())["cpus"][matmul_probe.cpu_model()]
     assert [r["path"] for r in record.values()] == [layer.cpu_path(3, torch.float32)]
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_the_fp32_matmul_is_a_candidate_for_bf16_only_where_bf16_is_not_native(native, monkeypatch):
+    monkeypatch.setattr(matmul_probe, "native_bf16", lambda: native)
+    layer = QuantizedLinear.from_weight(torch.randn(32, 64), 8).prepare_kernel()
+    assert ("dequantize+fp32" in layer.cpu_paths(torch.bfloat16)) == (not native)
+    assert layer.cpu_paths(torch.float32) == [PACKED, "dequantize+fp32", "dequantize+bf16"]
 
 
 def test_row_buckets():

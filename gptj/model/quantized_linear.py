@@ -422,7 +422,10 @@ class QuantizedLinear(nn.Module):
         if self._kernel is None:  # no packed kernel (refused, or use_kernels off): dequantize in x's dtype
             return [_dequantize_path(dtype)]
         paths = [PACKED, _dequantize_path(dtype)]
-        paths.append("dequantize+bf16" if dtype == torch.float32 else "dequantize+fp32")
+        if dtype == torch.float32:
+            paths.append("dequantize+bf16")
+        elif not (dtype == torch.bfloat16 and matmul_probe.native_bf16()):
+            paths.append("dequantize+fp32")
         if self.int8_activations:
             if matmul_probe.int8_dot_products():
                 paths.append(INT8_ACTIVATIONS)
