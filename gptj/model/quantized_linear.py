@@ -7,7 +7,6 @@
 - int4: W[n, k] ~= (q[n, k] - 8) * scale[n, j] + zero[n, j] for the group j = k // group_size;
   q in [0, 15] from the group's min and max (scale = (max - min) / 15, zero = min + 8 * scale).
   Two values per byte: `qweight[n, k // 2]` holds column 2i in the high nibble, 2i + 1 in the low.
-
 - w8a8: the int8 weight above, and on CPU the activations quantized per token (row) as they
   come: x[m, k] ~= a[m, k] * s[m], a int8 in [-127, 127], s = max |x[m, :]| / 127 (symmetric,
   nothing saturates). `torch._int_mm` sums a @ q^T in int32 (oneDNN's VNNI / AMX kernels), and
@@ -34,7 +33,8 @@ int8 x int8; the cutoffs below are the fallback when probing is off. What they w
   the whole weight in bf16 first, so a call reads and writes ~5 bytes a weight, slower than a
   bf16 weight; only under `torch.compile` with coordinate-descent tuning and ONE row (batch-1
   decode) does inductor turn the matmul into a reduction that reads the int8 weight directly
-  (~1 byte a weight). Nothing fuses the conversion at more rows.
+  (~1 byte a weight). Nothing fuses the conversion at more rows. w8a8 layers multiply there as
+  int8 (int8 activations are a CPU path for now; not measured on a GPU).
 
 Every layer records the kernel it prepared (`kernel_name`); a packing the kernel refuses (a
 shape it does not take) falls back to dequantize + matmul with a warning and the reason in
