@@ -393,7 +393,15 @@ def ctranslate2_installed() -> bool:
     return importlib.util.find_spec("ctranslate2") is not None
 
 
-def planned_rows(rows: list[str], precisions: list[str], server_precision: str, native_bf16: bool) -> list[tuple]:
+def ctranslate2_types() -> set[str]:
+    """The compute types CTranslate2 runs on this CPU (bfloat16 needs a CPU it runs fast)."""
+    import ctranslate2
+
+    return set(ctranslate2.get_supported_compute_types("cpu"))
+
+
+def planned_rows(rows: list[str], precisions: list[str], server_precision: str, native_bf16: bool,
+                 ct2_types=frozenset()) -> list[tuple]:
     """(row, precision) in the order they run; the reference (transformers fp32) first."""
     plan = []
     if "transformers" in rows:
@@ -403,7 +411,8 @@ def planned_rows(rows: list[str], precisions: list[str], server_precision: str, 
     if "server" in rows:
         plan.append(("server", server_precision))
     if "ctranslate2" in rows:
-        plan += [("ctranslate2", p) for p in precisions if p in CT2_TYPES and (p != "bf16" or native_bf16)]
+        plan += [("ctranslate2", p) for p in precisions
+                 if CT2_TYPES.get(p) in ct2_types and (p != "bf16" or native_bf16)]
     return plan
 
 
@@ -490,7 +499,8 @@ def run(args) -> dict:
         if "ctranslate2" in rows and not ctranslate2_installed():
             rows.remove("ctranslate2")
             print("ctranslate2 is not installed (pip install ctranslate2): its rows are left out", file=sys.stderr)
-        plan = planned_rows(rows, precisions, args.server_precision or precisions[0], native_bf16)
+        plan = planned_rows(rows, precisions, args.server_precision or precisions[0], native_bf16,
+                            ctranslate2_types() if "ctranslate2" in rows else set())
         budget = args.time_limit * len(SHOTS) * len(CONCURRENCY) + STARTUP_S
         results = []
         for kind, precision in plan:

@@ -11,7 +11,7 @@ import pytest
 from gptj.execution.inference.generation import GenerationEngine
 from gptj.execution.inference.pipelines import EntailmentPipeline, load_model_and_tokenizer
 from gptj.execution.inference.sampling import SamplingParams
-from gptj.execution.inference.scoring import score_rows
+from gptj.execution.inference.scoring import choose, score_rows
 from tests.fixtures.server import metric, tp_server_process
 
 PROMPTS = ["The cat sat on the", "Once upon a time", "a", "mnli hypothesis: x premise: y target:"]
@@ -80,6 +80,15 @@ def test_tensor_parallel_server_gives_the_single_process_tokens(tp_server):
         assert lp["token_logprobs"][1:] == pytest.approx(scores.logprobs.tolist(), abs=1e-4)
         assert [max(top.values()) for top in lp["top_logprobs"][1:]] == pytest.approx(
             scores.top_logprobs[:, 0].tolist(), abs=1e-4)
+    # A guided choice, scored by both ranks in the same step: the single process's choice and numbers.
+    choices = [" mat", " floor", " roof of the house"]
+    body = {"prompt": PROMPTS[0], "guided_choice": choices, "temperature": 0, "logprobs": 1}
+    answer = httpx.post(f"{url}/v1/completions", json=body, timeout=60).json()["choices"][0]
+    choice_ids = tokenizer.encode(choices)
+    (picked,) = choose(model, [ids[0]], [[c + [tokenizer.eos_id] for c in choice_ids]])
+    assert answer["text"] == choices[picked.best]
+    assert answer["logprobs"]["token_logprobs"] == pytest.approx(
+        picked.scores[picked.best].logprobs[:-1].tolist(), abs=1e-4)
     # Ctrl-C: rank 0 finishes its last step and tells the follower to stop; no rank fails.
     proc.send_signal(signal.SIGINT)
     proc.wait(60)
