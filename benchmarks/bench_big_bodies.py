@@ -31,7 +31,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if __package__ in (None, ""):
     sys.path.insert(0, str(ROOT))
 
-from benchmarks.bench_serving import rss_mib  # noqa: E402
+from benchmarks.bench_serving import rss_mib, wait_until_healthy  # noqa: E402
 
 
 def start_server(max_batch_size: int) -> tuple[subprocess.Popen, str]:
@@ -41,18 +41,7 @@ def start_server(max_batch_size: int) -> tuple[subprocess.Popen, str]:
     command = [sys.executable, "run_server.py", "--port", str(port), "--log-level", "warning", "--threads", "1",
                "--max-batch-size", str(max_batch_size), "--max-queue", "1024"]
     proc = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 300
-    while True:
-        try:
-            if httpx.get(f"{url}/health", timeout=5).status_code == 200:
-                return proc, url
-        except httpx.HTTPError:
-            pass
-        if proc.poll() is not None or time.monotonic() > deadline:
-            proc.kill()
-            raise RuntimeError(f"server did not start: {proc.stderr.read()}")
-        time.sleep(0.2)
+    return proc, wait_until_healthy(proc, f"http://127.0.0.1:{port}", 300)
 
 
 def big_body(megabytes: float) -> bytes:

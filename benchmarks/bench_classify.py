@@ -298,8 +298,7 @@ def row_ctranslate2(spec: dict, precision: str) -> dict:
 
 
 def start_server(spec: dict, precision: str) -> tuple[subprocess.Popen, str]:
-    import httpx
-
+    from benchmarks.bench_serving import wait_until_healthy
     from gptj.serving.server import free_port
 
     port = free_port()
@@ -312,18 +311,7 @@ def start_server(spec: dict, precision: str) -> tuple[subprocess.Popen, str]:
     else:
         command += ["--precision", precision]
     proc = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + STARTUP_S
-    while True:
-        try:
-            if httpx.get(f"{url}/health", timeout=5).status_code == 200:
-                return proc, url
-        except httpx.HTTPError:
-            pass
-        if proc.poll() is not None or time.monotonic() > deadline:
-            proc.kill()
-            raise RuntimeError(f"server did not start: {proc.stderr.read()[-2000:]}")
-        time.sleep(0.2)
+    return proc, wait_until_healthy(proc, f"http://127.0.0.1:{port}", STARTUP_S)
 
 
 async def classify_level(url: str, task: dict, rows: list[dict], labels: list[str], concurrency: int,

@@ -65,17 +65,22 @@ def start_server(args, extra=()) -> tuple[subprocess.Popen, str]:
             command += ["--tokenizer", str(GPT2_TOKENIZER)]
     command += list(extra)
     proc = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 300
+    return proc, wait_until_healthy(proc, f"http://127.0.0.1:{port}", 300)
+
+
+def wait_until_healthy(proc: subprocess.Popen, url: str, seconds: float) -> str:
+    """`url` once its /health answers 200; kills the server and raises with its stderr when it
+    exits or `seconds` pass first."""
+    deadline = time.monotonic() + seconds
     while True:
         try:
             if httpx.get(f"{url}/health", timeout=5).status_code == 200:
-                return proc, url
+                return url
         except httpx.HTTPError:
             pass
         if proc.poll() is not None or time.monotonic() > deadline:
             proc.kill()
-            raise RuntimeError(f"server did not start: {proc.stderr.read()}")
+            raise RuntimeError(f"server did not start: {proc.stderr.read()[-2000:]}")
         time.sleep(0.2)
 
 
