@@ -83,6 +83,23 @@ def shape(quick: bool = False, name: str = "bench-small", layers: int | None = N
     return config, batch, seq or default_seq
 
 
+def sharded_adamw_step(model, trained=None):
+    """One training step function of the project's own: loss, backward, ShardedAdamW over
+    `trained` (the model itself, or its LoRA adapters), as train() runs it."""
+    from gptj.execution.training.optimizer import ShardedAdamW
+
+    optimizer = ShardedAdamW(trained if trained is not None else model, lr=1e-4, betas=(0.9, 0.95), eps=1e-8,
+                             weight_decay=0.0, max_grad_norm=1.0)
+
+    def step(inputs, labels):
+        loss = model.loss(inputs, labels)
+        loss.backward()
+        optimizer.step(1e-4)
+        return loss
+
+    return step
+
+
 def _our_step(config, precision: str):
     import torch
 
@@ -90,38 +107,7 @@ def _our_step(config, precision: str):
 
     dtype = torch.bfloat16 if precision == "bf16" else torch.float32
     model = load_model(config, precision=dtype, trainable=True).model  # as train() builds it
-    note = ""
-    try:
-        from gptj.execution.training.optimizer import ShardedAdamW
-    except ImportError:
-        ShardedAdamW = None
-    if ShardedAdamW is not None:
-        optimizer = ShardedAdamW(
-            model, lr=1e-4, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.0, max_grad_norm=1.0, offload=False
-        )
-
-        def update():
-            optimizer.step(1e-4)
-            optimizer.zero_grad()
-
-    else:
-        # The sharded optimizer is not in this tree yet: a plain AdamW on the parameters
-        # (in bf16 this keeps bf16 state, i.e. no master weights; the memory is then lower).
-        note = "gptj.execution.training.optimizer missing: torch.optim.AdamW(fused) on the parameters"
-        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95), fused=True)
-
-        def update():
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-
-    def step(inputs, labels):
-        loss = model.loss(inputs, labels)
-        loss.backward()
-        update()
-        return loss
-
-    return step, note
+    return sharded_adamw_step(model), ""
 
 
 def _hf_step(config, precision: str):
@@ -223,7 +209,6 @@ def _parallel_rank(rank: int, world: int, port: int, tp: int, config: dict, batc
     import torch
     import torch.distributed as dist
 
-    from gptj.execution.training.optimizer import ShardedAdamW
     from gptj.model import GPTJ, ModelConfig, ParallelContext
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
@@ -235,14 +220,7 @@ def _parallel_rank(rank: int, world: int, port: int, tp: int, config: dict, batc
         ctx = ParallelContext.from_process_group(tp)
         model = GPTJ(config, ctx).init_weights(seed=0)
         model.train()
-        optimizer = ShardedAdamW(model, lr=1e-4, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.0, max_grad_norm=1.0)
-
-        def step(inputs, labels):
-            loss = model.loss(inputs, labels)
-            loss.backward()
-            optimizer.step(1e-4)
-            return loss
-
+        step = sharded_adamw_step(model)
         inputs, labels = _batch(config, batch, seq, "ours")
         times, losses = _timed_steps(step, inputs, labels, steps, max_seconds)
         result = {"step_times": times, "last_loss": losses[-1], "peak_memory_bytes": peak_rss() - baseline,
@@ -308,20 +286,13 @@ def _qlora_step(config, seq: int, batch: int):
     import torch
 
     from gptj.execution.runtime.model_loading import NewAdapters, load_model
-    from gptj.execution.training.optimizer import ShardedAdamW
     from gptj.model.lora import LoraSettings
     from gptj.model.quantized_linear import QuantSpec, linear
 
     loaded = load_model(config, precision="auto", quantize=QuantSpec(4, 128),
                         adapters=NewAdapters(LoraSettings(rank=8)), trainable=True)
     model, adapters = loaded.model, loaded.adapters
-    optimizer = ShardedAdamW(adapters, lr=1e-4, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.0, max_grad_norm=1.0)
-
-    def step(inputs, labels):
-        loss = model.loss(inputs, labels)
-        loss.backward()
-        optimizer.step(1e-4)
-        return loss
+    step = sharded_adamw_step(model, adapters)
 
     weight = model.blocks[0].in_proj_weight
     dtype = model.embed.weight.dtype
