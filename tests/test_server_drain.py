@@ -17,7 +17,7 @@ import httpx
 import pytest
 
 from gptj.serving.server import build_app, free_port, uvicorn_server
-from tests.fixtures.server import tiny_config, wait_for
+from tests.fixtures.server import serving, tiny_config, wait_for
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -125,14 +125,8 @@ def serve_process():
     threading.Thread(target=read, daemon=True).start()
     url = f"http://127.0.0.1:{port}"
 
-    def healthy():
-        try:
-            return httpx.get(f"{url}/health", timeout=5).status_code == 200
-        except httpx.HTTPError:
-            return proc.poll() is not None
-
     try:
-        assert wait_for(healthy, 180, 0.2) and proc.poll() is None, "".join(stderr)
+        assert serving(proc, url), "".join(stderr)
         yield proc, url, stderr
     finally:
         if proc.poll() is None:

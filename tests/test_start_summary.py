@@ -16,7 +16,7 @@ import gptj.commands.serve as serve_command
 import gptj.serving.server as server_module
 from gptj.serving.server import free_port
 from tests.fixtures.cli import run_inference_main
-from tests.fixtures.server import wait_for
+from tests.fixtures.server import serving
 
 ROOT = Path(__file__).resolve().parents[1]
 NOTE = " (--show-config prints the full config)"
@@ -104,14 +104,8 @@ def test_gptj_serve_refuses_bodies_over_max_body_size():
                             text=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
     url = f"http://127.0.0.1:{port}"
 
-    def healthy():
-        try:
-            return httpx.get(f"{url}/health", timeout=5).status_code == 200
-        except httpx.HTTPError:
-            return proc.poll() is not None
-
     try:
-        assert wait_for(healthy, 180, 0.2) and proc.poll() is None
+        assert serving(proc, url)
         big = httpx.post(f"{url}/v1/completions", json={"prompt": "a", "max_tokens": 1, "padding": "x" * 70_000},
                          timeout=60)
         assert big.status_code == 413 and "at most 65536 bytes" in big.json()["error"]["message"], big.text
