@@ -31,10 +31,10 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-ROWS = ("bf16", "int8", "int4", "int4-prequantized", "transformers-bf16", "ctranslate2-int8", "server-int4",
+ROWS = ("bf16", "int8", "int4", "w8a8", "int4-prequantized", "transformers-bf16", "ctranslate2-int8", "server-int4",
         "qlora-int4")
 PREQUANTIZED = ("int4-prequantized", "server-int4", "qlora-int4")  # rows on the stored int4 checkpoint
-QUANTIZE = {"bf16": None, "int8": "int8", "int4": "int4", "int4-prequantized": None}
+QUANTIZE = {"bf16": None, "int8": "int8", "int4": "int4", "w8a8": "w8a8", "int4-prequantized": None}
 # The bf16 row keeps its name's precision (fp32 6B would not fit 24 GB); the quantized rows run
 # in what `--precision auto` picks, as a user's would: bf16 where the CPU has native bf16
 # matmuls, fp32 where it has not (AVX2), where bf16 prefill and attention run several times slower.
@@ -115,7 +115,20 @@ def measure_ours(model_dir: str, quantize: str | None, shape: dict, precision: s
     kv = 2 * model.config.num_layers * model.config.hidden_size * cache * (shape["prompt_tokens"] + new // 2)
     out["bytes_per_token"] = weight_bytes_per_step(model) + kv
     out["kernels"] = sorted({m.kernel_name for m in model.modules() if hasattr(m, "kernel_name")})
+    out["paths"] = chosen_paths()
     return out
+
+
+def chosen_paths() -> dict[str, list[str]]:
+    """The matmul paths the probe chose in this process, by row bucket ("rows<=512": the
+    prefill's; "rows<=1": batch-1 decode's)."""
+    from gptj.model import matmul_probe
+
+    paths: dict[str, set[str]] = {}
+    for key, record in matmul_probe.chosen().items():
+        bucket = next(part for part in key.split() if part.startswith("rows<="))
+        paths.setdefault(bucket, set()).add(record["path"])
+    return {bucket: sorted(names) for bucket, names in sorted(paths.items(), key=lambda i: int(i[0][6:]))}
 
 
 def prefill_flops(config, tokens: int) -> float:
@@ -180,6 +193,13 @@ def measure_ctranslate2(model_dir: str, shape: dict, threads: int) -> dict:
     out["decode_b1_tok_s"] = (new - 1) / max(1e-9, generate(tokens[:1], new) - out["ttft_warm_s"])
     first = generate(tokens, 1)
     out[f"decode_b{len(tokens)}_tok_s"] = len(tokens) * (new - 1) / max(1e-9, generate(tokens, new) - first)
+    long = shape.get("prefill_tokens", 0)
+    if long:  # the same long prompt's first token as our rows (int8 x int8 arithmetic)
+        out["prefill_tokens"], out["prefill_s"] = long, generate([[names[i] for i in _prompts(len(names), 1, long)[0]]], 1)
+        config = json.loads((Path(model_dir) / "config.json").read_text())
+        from gptj.model import ModelConfig
+
+        out["prefill_GFLOPs"] = prefill_flops(ModelConfig.from_hf(config), long) / out["prefill_s"] / 1e9
     # Its int8 weights as written, less the embedding (int8, one row read a token): the bytes a step reads.
     vocab, width = len(names), json.loads((Path(model_dir) / "config.json").read_text())["n_embd"]
     out["bytes_per_token"] = (converted / "model.bin").stat().st_size - vocab * width
@@ -401,13 +421,18 @@ def write_report(report: dict, out: Path) -> None:
                   f"| decode b1 tok/s | decode b{report['shape']['batch']} tok/s | GB read per token "
                   "| of read bandwidth |", "|---|---|---|---|---|---|---|---|---|---|---|"]
         lines += [row_line(row, bandwidth) for row in decode_rows]
+    best_float = max(((report.get(f"{p}_matmul_GFLOPs") or 0.0, p) for p in PEAK_PRECISIONS), default=(0.0, ""))
     for row in decode_rows:
         precision = row.get("precision", "bf16")
-        peak = report.get(f"{precision}_matmul_GFLOPs")
+        # A row in int8 arithmetic (CTranslate2) is set against the best float peak.
+        peak, peak_name = (report.get(f"{precision}_matmul_GFLOPs"), precision) if precision in PEAK_PRECISIONS \
+            else best_float
         if "prefill_s" in row and peak:
+            chosen = row.get("paths", {}).get(f"rows<={row['prefill_tokens']}")
             lines.append(f"\n{row['row']}: a {row['prefill_tokens']}-token prompt's first token in {row['prefill_s']:.2f} s, "
                          f"{row['prefill_GFLOPs']:.0f} GFLOP/s (matmul FLOPs), {100 * row['prefill_GFLOPs'] / peak:.0f}% of "
-                         f"the {precision} matmul peak measured in the same run ({peak:.0f} GFLOP/s, 2048^3)")
+                         f"the {peak_name} matmul peak measured in the same run ({peak:.0f} GFLOP/s, 2048^3)"
+                         + (f"; quantized layers' path: {', '.join(chosen)}" if chosen else ""))
     for name, header in OWN_TABLES.items():
         rows = [row for row in report["rows"] if row["row"] == name]
         if rows:

@@ -218,6 +218,25 @@ def test_the_probe_times_once_keeps_the_fastest_and_reuses_it(probe, monkeypatch
     assert matmul_probe.chosen()[key]["path"] == "dequantize+bf16"
 
 
+def test_a_cpu_with_the_same_name_but_other_instruction_sets_measures_again(probe, monkeypatch):
+    """Virtual machines name AVX2-only and AVX-512 + BF16 parts alike ("AMD EPYC"): the cache
+    is keyed by the deciding instruction sets too, so one's choice is never the other's."""
+    layer = QuantizedLinear.from_weight(torch.randn(48, 128), 8).prepare_kernel()
+    monkeypatch.setattr(matmul_probe, "_cpu_flags", lambda: {"avx2", "fpu"})
+    with torch.inference_mode():
+        layer(torch.randn(40, 128))
+    assert matmul_probe.cpu_model().endswith(" [avx2]")
+    before = matmul_probe.timings_run
+    matmul_probe.forget()  # a new process on the other machine, same name, same cache file
+    monkeypatch.setattr(matmul_probe, "_cpu_flags", lambda: {"avx2", "avx512f", "avx512_bf16"})
+    layer = QuantizedLinear.from_weight(torch.randn(48, 128), 8).prepare_kernel()
+    with torch.inference_mode():
+        layer(torch.randn(40, 128))
+    assert matmul_probe.timings_run > before
+    assert sorted(json.loads(probe.read_text())["cpus"]) == sorted(
+        [matmul_probe.cpu_model(), matmul_probe.cpu_model().replace(" avx512f avx512_bf16", "")])
+
+
 def test_the_probe_times_real_calls_and_survives_a_broken_file(probe, caplog):
     probe.write_text("{not json")
     layer = QuantizedLinear.from_weight(torch.randn(64, 128), 4, 32).prepare_kernel()

@@ -83,17 +83,28 @@ def row_bucket(rows: int) -> int:
     return bucket
 
 
+# The instruction sets that decide which path wins. Virtual machines often report only a family
+# name ("AMD EPYC") for CPUs as different as AVX2-only and AVX-512 + BF16 parts, so the cache
+# key names them beside the model name.
+DECIDING_FLAGS = ("avx2", "avx512f", "avx512_bf16", "avx512_vnni", "avx_vnni", "amx_bf16", "amx_int8")
+
+
 def cpu_model() -> str:
-    """The CPU's model name (/proc/cpuinfo), the key of the cache file's table."""
+    """The CPU's model name (/proc/cpuinfo) and its deciding instruction sets: the key of the
+    cache file's table, e.g. "AMD EPYC [avx2 avx512f avx512_bf16 avx512_vnni avx_vnni]"."""
+    name = ""
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
                 key, _, value = line.partition(":")
                 if key.strip() == "model name":
-                    return value.strip()
+                    name = value.strip()
+                    break
     except OSError:
         pass
-    return platform.processor() or platform.machine() or "unknown CPU"
+    name = name or platform.processor() or platform.machine() or "unknown CPU"
+    flags = _cpu_flags()
+    return f"{name} [{' '.join(flag for flag in DECIDING_FLAGS if flag in flags)}]"
 
 
 def _cpu_flags() -> set[str]:
