@@ -211,7 +211,15 @@ class _Scoring:
 class ServingClassifier(EntailmentPipeline):
     """The server's scorer on every rank: the entailment pairs, /v1/classify inputs and guided
     choices of one engine step in one `choose` pass per adapter (each prompt once, with its
-    own candidates)."""
+    own candidates), sharing the request engine's prefix cache (its blocks, budget and hit
+    rate on /metrics)."""
+
+    def __init__(self, model, tokenizer, engine, batch_size: int = 8, adapters=None):
+        super().__init__(model, tokenizer, batch_size=batch_size, adapters=adapters, prefix_cache=False)
+        self.engine = engine
+
+    def prefix_reuse(self, adapter):
+        return self.engine.prefix_reuse(adapter)
 
     def _scoring(self, item) -> _Scoring:
         eos = self.tokenizer.eos_id
@@ -248,7 +256,8 @@ class ServingClassifier(EntailmentPipeline):
                 continue
             with running:
                 picked = choose(self.model, [prompts[i] for i in which], [work[i].candidates for i in which],
-                                max_rows=self.batch_size, top_k=max(work[i].top_k for i in which))
+                                max_rows=self.batch_size, top_k=max(work[i].top_k for i in which),
+                                prefix=self.prefix_reuse(adapter))
             for i, c in zip(which, picked):
                 out[i] = work[i].result(c)
         return out

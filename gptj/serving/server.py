@@ -72,7 +72,7 @@ def load(config, ctx=None, device=None, started: InferencePlan | None = None):
     slots = AdapterSlots(engine, ctx, adapter_limit(config))
     # Entailment pairs and /v1/classify inputs (gptj/serving/scoring.py), batched per engine step.
     # The scorer runs the engine's adapters too: "model" of /v1/classify and of a guided choice.
-    return engine, tokenizer, ServingClassifier(model, tokenizer, batch_size=server.max_batch_size,
+    return engine, tokenizer, ServingClassifier(model, tokenizer, engine, batch_size=server.max_batch_size,
                                                 adapters=adapters), slots
 
 

@@ -322,8 +322,10 @@ class EntailmentPipeline(ClassificationPipeline):
     "probabilities"; "log_likelihoods" beside them). `task` may name another task with premise
     and hypothesis fields."""
 
-    def __init__(self, model: GPTJ, tokenizer, task: str = "mnli", batch_size: int = 8, adapters=None):
-        super().__init__(model, tokenizer, task=task, batch_size=batch_size, adapters=adapters)
+    def __init__(self, model: GPTJ, tokenizer, task: str = "mnli", batch_size: int = 8, adapters=None,
+                 prefix_cache=True):
+        super().__init__(model, tokenizer, task=task, batch_size=batch_size, adapters=adapters,
+                         prefix_cache=prefix_cache)
 
     @classmethod
     def from_pretrained(

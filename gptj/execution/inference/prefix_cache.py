@@ -86,6 +86,16 @@ class PrefixCache:
             count += 1
         return count
 
+    def leading(self, keys: list[bytes], promised: set[bytes]) -> int:
+        """How many leading blocks of these keys are held or about to be stored (`promised`:
+        the keys of prompts run earlier in the same pass)."""
+        count = 0
+        for key in keys:
+            if key not in self._blocks and key not in promised:
+                break
+            count += 1
+        return count
+
     def take(self, keys: list[bytes]) -> list[torch.Tensor]:
         """The held leading blocks of these keys, marked as just used."""
         blocks = [self._blocks[key] for key in keys[: self.match(keys)]]

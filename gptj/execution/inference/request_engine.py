@@ -49,7 +49,7 @@ from gptj.execution.inference.model_runner import ModelRunner, sync
 from gptj.execution.inference.prefix_cache import DEFAULT_BLOCK_SIZE, PrefixCache
 from gptj.execution.inference.requests import MAX_LOGPROBS, Event, Request  # noqa: F401 (the engine's API)
 from gptj.execution.inference.sampling import SamplingParams, choose_tokens, prompt_generator
-from gptj.execution.inference.scoring import token_logprobs
+from gptj.execution.inference.scoring import PrefixReuse, token_logprobs
 
 
 class _Slot:
@@ -293,7 +293,7 @@ class RequestEngine:
             now, later, promised = [], [], set()
             for i in pending:
                 held = pool.match(keys[i])
-                if _looks_up(requests[i]) and _leading(keys[i], pool, promised) > held:
+                if _looks_up(requests[i]) and pool.leading(keys[i], promised) > held:
                     later.append(i)  # an earlier request of this pass stores more of its prefix
                     continue
                 now.append(i)
@@ -352,13 +352,24 @@ class RequestEngine:
         return torch.cat(logits), scores
 
     def _store_blocks(self, row: int, request: Request, keys: list[bytes]) -> None:
-        pool = self.prefix_cache
-        size = pool.block_size
+        size = self.prefix_cache.block_size
+        self.prefix_cache.store(keys, request.adapter, lambda j: self.cache.read_block(row, j * size, size),
+                                self.prefix_store_limit())
+
+    def prefix_store_limit(self) -> int | None:
+        """The bytes the prefix cache may hold now: the KV budget less the row cache; without a
+        budget, as much as the row cache (unless the pool has a ceiling of its own)."""
         if self._budget_bytes is not None:
-            limit = self._budget_bytes - self.cache.nbytes()
-        else:
-            limit = self.cache.nbytes() if pool.max_bytes is None else None
-        pool.store(keys, request.adapter, lambda j: self.cache.read_block(row, j * size, size), limit)
+            return self._budget_bytes - self.cache.nbytes()
+        return self.cache.nbytes() if self.prefix_cache.max_bytes is None else None
+
+    def prefix_reuse(self, adapter: str | None = None) -> PrefixReuse | None:
+        """How candidate scoring on the engine's thread (the server's /v1/classify and guided
+        choices) shares this engine's prefix cache: the same pool, KV dtype and store limit as
+        its own prompts. None when prefix caching is off."""
+        if self.prefix_cache is None:
+            return None
+        return PrefixReuse(self.prefix_cache, adapter, self.cache.layers[0].keys.dtype, self.prefix_store_limit)
 
     def _prefill_group(self, rows: list[int], requests: list[Request], starts: list[int]) -> tuple[torch.Tensor, list]:
         """One batched prefill; its prompt scores in one `gptj.execution.inference.scoring.token_logprobs` pass
@@ -574,16 +585,6 @@ def _looks_up(request: Request) -> bool:
     """Whether a request may start from cached prompt blocks: not when it asks for every prompt
     position's scores (those positions must run)."""
     return request.prompt_logprobs is None and len(request.prompt) > 1
-
-
-def _leading(keys: list[bytes], pool: PrefixCache, promised: set[bytes]) -> int:
-    """Leading keys held in `pool` or about to be stored (`promised`)."""
-    count = 0
-    for key in keys:
-        if key not in pool and key not in promised:
-            break
-        count += 1
-    return count
 
 
 def _failed(request: Request, message: str) -> Event:

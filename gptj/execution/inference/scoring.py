@@ -8,7 +8,7 @@ by chunk (every rank runs the same chunks) and every rank gets the same numbers.
 
     token_logprobs(model, hidden, targets, top_k)   hidden [N, d] -> log p(target) [N] (+ top-k)
     score_rows(model, rows, starts, top_k)          one forward over right-padded rows
-    score_candidates(model, prompts, candidates, top_k)
+    score_candidates(model, prompts, candidates, top_k, prefix=None)
                                                     every candidate continuation of every prompt,
                                                     the prompt prefilled once (see below)
     candidate_logprobs(model, prompts, candidates)  [N, K] summed log p(candidate k | prompt n)
@@ -29,15 +29,25 @@ candidate's probability when the model must answer with one of the candidates, t
 The summed log-likelihood alone favours shorter candidates whenever the model spreads its
 probability: a model that puts at most 1.5% on any token loses ~4.2 nats per extra token.
 
+With a prefix cache (`PrefixReuse`: the server's, or a pipeline's own), the full blocks of a
+prompt already computed (the demonstrations of a few-shot prompt, say) are copied into a KV
+cache row and only the rest of the prompt runs, then its candidates, behind the same mask; the
+prompt's blocks are stored for the next call. Prompts of one call that share more blocks with
+an earlier prompt of the call than the pool holds run in a later pass, after it stored them.
+
 The server scores a prompt from the hidden states of the very prefill that fills its KV cache
 (gptj/execution/inference/request_engine.py) with `token_logprobs` too, so its numbers and these agree.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
+
+from gptj.execution.inference.prefix_cache import PrefixCache
+from gptj.model.kv_cache import StaticKVCache
 
 # fp32 logits per chunk: [rows, vocab] with rows = SCORE_CHUNK_ELEMENTS // vocab (166 rows of
 # GPT-J's 50400-token vocabulary, 32 MiB).
@@ -133,17 +143,47 @@ def score_rows(model, rows: list[list[int]], starts: list[int], top_k: int = 0) 
     return out
 
 
-def candidate_mask(groups: torch.Tensor) -> torch.Tensor:
-    """Bool [B, 1, S, S] over rows laid out as prompt, candidate 1, candidate 2, ..., padding.
+def candidate_mask(groups: torch.Tensor, starts: list[int] | None = None, window: int | None = None) -> torch.Tensor:
+    """Bool [B, 1, S, T] over rows laid out as prompt, candidate 1, candidate 2, ..., padding.
 
     groups [B, S]: 0 for a prompt token, k >= 1 for candidate k's tokens, -1 for padding.
     A query sees earlier keys of its own group, and a candidate's query sees the whole prompt
-    as well; padding sees padding (never an empty softmax row) and no real token sees it."""
-    seq = groups.shape[1]
-    causal = torch.ones(seq, seq, dtype=torch.bool, device=groups.device).tril_()
-    query, key = groups.unsqueeze(2), groups.unsqueeze(1)
+    as well; no real token sees padding. starts: per row, how many prompt tokens a KV cache
+    already holds before the fed ones (a prefix cache's hit): row b's tokens sit at slots
+    starts[b].. and the keys are its slots 0..window-1 (T = window). None: nothing cached,
+    T = S. A padding query sees padding, or slot 0 (a prompt token) when cached: never an
+    empty softmax row."""
+    device, (batch, seq) = groups.device, groups.shape
+    if starts is None:
+        slots = torch.arange(seq, device=device)
+        query_slot, key_slot, key_groups = slots[None, :], slots, groups
+    else:
+        first = torch.tensor(starts, device=device)[:, None]
+        query_slot, key_slot = first + torch.arange(seq, device=device), torch.arange(window, device=device)
+        fed = key_slot[None, :] - first  # [B, T]: the fed token a slot holds (< 0: cached prompt)
+        key_groups = torch.where(fed < 0, 0, groups.gather(1, fed.clamp(0, seq - 1)))
+        key_groups = key_groups.masked_fill(fed >= seq, -1)
+    causal = key_slot[None, None, :] <= query_slot[:, :, None]
+    query, key = groups.unsqueeze(2), key_groups.unsqueeze(1)
     prompt_key = (key == 0) & (query > 0)
-    return (causal & ((query == key) | prompt_key)).unsqueeze(1)
+    mask = causal & ((query == key) | prompt_key)
+    if starts is not None:
+        mask |= (query == -1) & (key_slot == 0)
+    return mask.unsqueeze(1)
+
+
+@dataclass
+class PrefixReuse:
+    """Where candidate scoring takes and leaves prompt blocks (prefix_cache.py): the pool, the
+    LoRA adapter the prompts run under (a pool keeps each adapter's blocks apart), the dtype
+    the KV is cached in (None: `model_cache_dtype`'s choice), and the byte limit of each store
+    (a function, asked at the store: the server's KV budget less its row cache; None: the
+    pool's own ceiling)."""
+
+    pool: PrefixCache
+    adapter: str | None = None
+    cache_dtype: torch.dtype | None = None
+    limit: Callable[[], int | None] | None = None
 
 
 def _check_candidates(prompts: list[list[int]], candidates: list[list[list[int]]], context: int) -> None:
@@ -164,47 +204,99 @@ def _check_candidates(prompts: list[list[int]], candidates: list[list[list[int]]
 
 @torch.inference_mode()
 def score_candidates(model, prompts: list[list[int]], candidates: list[list[list[int]]], top_k: int = 0,
-                     max_rows: int | None = None) -> list[list[TokenScores]]:
+                     max_rows: int | None = None, prefix: PrefixReuse | None = None) -> list[list[TokenScores]]:
     """Scores of the tokens of candidates[n][k] after prompts[n], for every prompt n and
     candidate k (any number, any lengths), `max_rows` prompts per forward (None: all at once).
     Each prompt is one row: its tokens once, then all of its candidates behind a
     `candidate_mask`; rows are right-padded. The numbers equal `score_rows` of prompt +
-    candidate, one candidate at a time."""
+    candidate, one candidate at a time. `prefix`: reuse and keep the prompts' full blocks in a
+    prefix cache (module docstring)."""
     _check_candidates(prompts, candidates, model.config.max_positions)
     step = max_rows or max(1, len(prompts))
     out: list[list[TokenScores]] = []
     for start in range(0, len(prompts), step):
-        out += _score_candidate_rows(model, prompts[start:start + step], candidates[start:start + step], top_k)
+        part = prompts[start:start + step], candidates[start:start + step]
+        out += _score_reusing(model, *part, top_k, prefix) if prefix is not None else _score_candidate_rows(model, *part, top_k)
     return out
 
 
-def _score_candidate_rows(model, prompts, candidates, top_k) -> list[list[TokenScores]]:
+def _score_reusing(model, prompts, candidates, top_k, prefix: PrefixReuse) -> list[list[TokenScores]]:
+    """`_score_candidate_rows` from and into a prefix cache, in passes: a prompt that shares
+    more leading blocks with an earlier prompt of this pass than the pool holds waits for the
+    next pass, when they are stored."""
+    pool = prefix.pool
+    keys = [pool.block_keys(p, prefix.adapter) for p in prompts]
+    out: list = [None] * len(prompts)
+    pending = list(range(len(prompts)))
+    while pending:
+        now, later, promised = [], [], set()
+        for i in pending:
+            if pool.leading(keys[i], promised) > pool.match(keys[i]):
+                later.append(i)
+            else:
+                now.append(i)
+                promised.update(keys[i])
+        scored = _score_candidate_rows(model, [prompts[i] for i in now], [candidates[i] for i in now], top_k,
+                                       prefix, [keys[i] for i in now])
+        for i, row in zip(now, scored):
+            out[i] = row
+        pending = later
+    return out
+
+
+def _score_candidate_rows(model, prompts, candidates, top_k, prefix: PrefixReuse | None = None,
+                          keys: list[list[bytes]] | None = None) -> list[list[TokenScores]]:
     device = model.device
-    width = max(len(p) + sum(map(len, cands)) for p, cands in zip(prompts, candidates))
+    starts, held = [0] * len(prompts), [[] for _ in prompts]
+    if prefix is not None and any(keys):
+        pool = prefix.pool
+        for b, (prompt, row_keys) in enumerate(zip(prompts, keys)):
+            held[b] = pool.take(row_keys)
+            # The prompt's last token always runs: it predicts every candidate's first token.
+            starts[b] = min(len(held[b]) * pool.block_size, len(prompt) - 1)
+        pool.prompt_tokens += sum(map(len, prompts))
+        pool.hit_tokens += sum(starts)
+    else:
+        prefix = None  # no prompt holds a full block: nothing to take or keep
+    width = max(len(p) - s + sum(map(len, cands)) for p, s, cands in zip(prompts, starts, candidates))
     ids = torch.zeros(len(prompts), width, dtype=torch.long)
     positions = torch.zeros(len(prompts), width, dtype=torch.long)
     groups = torch.full((len(prompts), width), -1, dtype=torch.long)
-    # (row, position of the hidden state that predicts it, token) of every scored token.
-    rows, at, targets = [], [], []
-    for b, (prompt, cands) in enumerate(zip(prompts, candidates)):
-        plen = len(prompt)
-        ids[b, :plen] = torch.tensor(prompt)
-        positions[b, :plen] = torch.arange(plen)
-        groups[b, :plen] = 0
-        offset = plen
+    # (row, index of the fed token whose hidden state predicts it, token) of every scored token.
+    rows, at, targets, ends = [], [], [], []
+    for b, (prompt, start, cands) in enumerate(zip(prompts, starts, candidates)):
+        plen, fed = len(prompt), len(prompt) - start  # the prompt's tokens after the cached ones
+        ids[b, :fed] = torch.tensor(prompt[start:])
+        positions[b, :fed] = torch.arange(start, plen)
+        groups[b, :fed] = 0
+        offset = fed
         for k, cand in enumerate(cands, start=1):
             n = len(cand)
             ids[b, offset:offset + n] = torch.tensor(cand)
             positions[b, offset:offset + n] = torch.arange(plen, plen + n)  # as if alone after the prompt
             groups[b, offset:offset + n] = k
             # The first token is predicted by the prompt's last one, the others by their predecessor.
-            at += [plen - 1] + list(range(offset, offset + n - 1))
+            at += [fed - 1] + list(range(offset, offset + n - 1))
             rows += [b] * n
             targets += cand
             offset += n
+        ends.append(start + offset)
     # Padding keeps position 0 and token 0: no real token attends to it.
-    hidden = model.hidden_states(ids.to(device), position_ids=positions.to(device),
-                                 attn_mask=candidate_mask(groups.to(device)))
+    ids, positions, groups = ids.to(device), positions.to(device), groups.to(device)
+    if prefix is None:
+        hidden = model.hidden_states(ids, position_ids=positions, attn_mask=candidate_mask(groups))
+    else:
+        cache = StaticKVCache.for_model(model, len(prompts), max(ends), dtype=prefix.cache_dtype)
+        for b, blocks in enumerate(held):
+            if starts[b]:
+                cache.write_blocks(b, blocks)
+        cache.extend(list(range(len(prompts))), starts, ends)
+        hidden = model.hidden_states(ids, position_ids=positions, attn_mask=candidate_mask(groups, starts, max(ends)),
+                                     kv_cache=cache)
+        limit, size = prefix.limit() if prefix.limit else None, pool.block_size
+        for b, row_keys in enumerate(keys):
+            pool.store(row_keys, prefix.adapter, lambda j, b=b: cache.read_block(b, j * size, size), limit)
+        del cache
     batch_index = torch.tensor(rows, dtype=torch.long, device=device)
     position = torch.tensor(at, dtype=torch.long, device=device)
     scores = token_logprobs(model, hidden[batch_index, position], torch.tensor(targets), top_k)
@@ -222,10 +314,10 @@ def _score_candidate_rows(model, prompts, candidates, top_k) -> list[list[TokenS
 
 
 def candidate_logprobs(model, prompts: list[list[int]], candidates: list[list[int]],
-                       max_rows: int | None = None) -> torch.Tensor:
+                       max_rows: int | None = None, prefix: PrefixReuse | None = None) -> torch.Tensor:
     """[N, K] summed log p(candidates[k] | prompts[n]) (fp32, CPU): the same K candidates (e.g.
     a task's labels) after every prompt, each prompt prefilled once (`score_candidates`)."""
-    scored = score_candidates(model, prompts, [candidates] * len(prompts), max_rows=max_rows)
+    scored = score_candidates(model, prompts, [candidates] * len(prompts), max_rows=max_rows, prefix=prefix)
     if not scored:
         return torch.zeros(0, len(candidates))
     return torch.stack([torch.stack([s.logprobs.sum() for s in row]) for row in scored])
@@ -267,11 +359,11 @@ class Choice:
 
 
 def choose(model, prompts: list[list[int]], candidates: list[list[list[int]]],
-           max_rows: int | None = None, top_k: int = 0) -> list[Choice]:
+           max_rows: int | None = None, top_k: int = 0, prefix: PrefixReuse | None = None) -> list[Choice]:
     """For every prompt, its candidates scored from one prefill (`score_candidates`) and the
     choice among them (`choice_logprobs`; ties go to the first)."""
     out = []
-    scored = score_candidates(model, prompts, candidates, top_k=top_k, max_rows=max_rows)
+    scored = score_candidates(model, prompts, candidates, top_k=top_k, max_rows=max_rows, prefix=prefix)
     for cands, scores in zip(candidates, scored):
         logprobs = choice_logprobs(cands, scores)
         out.append(Choice(torch.stack([s.logprobs.sum() for s in scores]), logprobs, int(logprobs.argmax()), scores))
