@@ -108,8 +108,12 @@ def measure_ours(model_dir: str, quantize: str | None, shape: dict, precision: s
         out[f"decode_b{len(prompts)}_tok_s"] = engine.stats.decode_tokens_per_second
         long = shape.get("prefill_tokens", 0)
         if long:  # one long prompt's first token: the prefill, at compute speed or not
-            engine.run(_prompts(model.config.vocab_size, 1, long), 1, None)
-            out["prefill_tokens"], out["prefill_s"] = long, engine.stats.time_to_first_token
+            # Twice: the first time a process meets this many rows, the probe may time the
+            # quantized layers' paths (once per CPU kind: the choice is cached on disk).
+            for key in ("prefill_first_s", "prefill_s"):
+                engine.run(_prompts(model.config.vocab_size, 1, long), 1, None)
+                out[key] = engine.stats.time_to_first_token
+            out["prefill_tokens"] = long
             out["prefill_GFLOPs"] = prefill_flops(model.config, long) / out["prefill_s"] / 1e9
     cache = engine.cache.layers[0].keys.element_size()
     kv = 2 * model.config.num_layers * model.config.hidden_size * cache * (shape["prompt_tokens"] + new // 2)
@@ -429,7 +433,8 @@ def write_report(report: dict, out: Path) -> None:
             else best_float
         if "prefill_s" in row and peak:
             chosen = row.get("paths", {}).get(f"rows<={row['prefill_tokens']}")
-            lines.append(f"\n{row['row']}: a {row['prefill_tokens']}-token prompt's first token in {row['prefill_s']:.2f} s, "
+            first = f" (the process's first: {row['prefill_first_s']:.2f} s)" if "prefill_first_s" in row else ""
+            lines.append(f"\n{row['row']}: a {row['prefill_tokens']}-token prompt's first token in {row['prefill_s']:.2f} s{first}, "
                          f"{row['prefill_GFLOPs']:.0f} GFLOP/s (matmul FLOPs), {100 * row['prefill_GFLOPs'] / peak:.0f}% of "
                          f"the {peak_name} matmul peak measured in the same run ({peak:.0f} GFLOP/s, 2048^3)"
                          + (f"; quantized layers' path: {', '.join(chosen)}" if chosen else ""))

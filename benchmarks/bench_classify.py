@@ -6,8 +6,13 @@ the label the model is likeliest to answer when it must answer with one of them
 (gptj.execution.inference.scoring.choice_logprobs). Rows, each in its own process with the
 same torch threads (--threads):
 
+    (int8 / int4 rows quantize the weights and run the activations in `--precision auto`'s
+    choice, as a user's would: bf16 where the CPU multiplies it natively, else fp32)
+
     ours PRECISION         ClassificationPipeline: each pair's prompt prefilled once for all
-                           of its labels, --batch pairs per forward
+                           of its labels, --batch pairs per forward, without a prefix cache;
+                           5-shot also with one ("prefix-cached": the demonstrations' full
+                           blocks run once, each pair runs only its prompt after them)
     server PRECISION cN    run_server.py's POST /v1/classify, one pair per request, N clients
                            at once (1 and 16): the engine batches the requests of a step
     transformers DTYPE     GPTJForCausalLM the usual way: one sequence per (pair, label),
@@ -16,8 +21,9 @@ same torch threads (--threads):
     ctranslate2 TYPE       Generator.score_batch of the same sequences (when the ctranslate2
                            package is installed; the checkpoint is converted first, untimed)
 
-`agreement`: the share of pairs whose label equals transformers fp32's (the reference), and
-the largest difference of a label's probability from the reference's.
+`agreement`: the share of pairs whose label equals the reference's (the first transformers
+row: fp32 unless --transformers names another), and the largest difference of a label's
+probability from the reference's.
 Each row classifies the first --pairs pairs that fit the context, for at most --time-limit
 seconds per case (after two warm-up pairs); pairs/s counts the pairs it did.
 
@@ -25,7 +31,7 @@ Model: bench-small with random weights and the bundled tokenizer, written once a
 Face checkpoint that every row loads; --model DIR for a real checkpoint (6B: pick rows with
 --rows and precisions with --precisions; the reference needs transformers fp32's memory).
 Data: MNLI validation_matched (../shared/data/mnli when present, else the bundled sample).
-5-shot: 5 fixed demonstrations (the shortest training pairs, the labels in turn), each as
+5-shot: 5 fixed demonstrations (training pairs of median length, the labels in turn), each as
 prompt + label on its own line, before every pair.
 
     python -m benchmarks.bench_classify                         # bench-small
@@ -75,9 +81,12 @@ def mnli_rows(split: str, count: int | None = None) -> list[dict]:
 
 
 def demonstrations(rows: list[dict], labels: list[str], shots: int) -> list[dict]:
-    """`shots` fixed training pairs: the shortest of each label, the labels in turn."""
-    by_label = {name: sorted((r for r in rows if r["label"] == name), key=lambda r: len(r["premise"] + r["hypothesis"]))
-                for name in labels}
+    """`shots` fixed training pairs of typical length: the labels in turn, each the first pair
+    of that label whose length is within 20% of the median (the shortest ones would understate
+    what a shared prefix saves)."""
+    length = sorted(len(r["premise"] + r["hypothesis"]) for r in rows)[len(rows) // 2]
+    typical = [r for r in rows if abs(len(r["premise"] + r["hypothesis"]) - length) <= 0.2 * length]
+    by_label = {name: [r for r in typical if r["label"] == name] for name in labels}
     return [by_label[labels[i % len(labels)]][i // len(labels)] for i in range(shots)]
 
 
@@ -184,16 +193,29 @@ def row_ours(spec: dict, precision: str) -> dict:
     from gptj.execution.inference.pipelines import load_model_and_tokenizer
 
     quantize = precision if precision in ("int8", "int4") else None
-    model, tok = load_model_and_tokenizer(spec["model"], spec["tokenizer"], "fp32" if quantize else precision, "cpu",
+    model, tok = load_model_and_tokenizer(spec["model"], spec["tokenizer"], "auto" if quantize else precision, "cpu",
                                           quantize=quantize)
     out = {}
     for name, case in spec["cases"].items():
-        task, labels, _, _ = case_inputs(spec, case, tok)
-        clf = ClassificationPipeline(model, tok, task=task, batch_size=spec["batch"])
-        def run(a, b, clf=clf, rows=case["rows"], labels=labels):
-            return [[r["probabilities"][x] for x in labels] for r in clf.classify(rows[a:b])]
+        task, labels, prompts, _ = case_inputs(spec, case, tok)
+        # Without a prefix cache (every prompt whole: the comparison with the peers), and for a
+        # few-shot case with one, warmed by the warm-up pairs (the demonstrations run once).
+        for cached in (False, True) if name != "0-shot" else (False,):
+            clf = ClassificationPipeline(model, tok, task=task, batch_size=spec["batch"], prefix_cache=cached)
 
-        out[name] = timed_chunks(len(case["rows"]), spec["batch"], spec["time_limit"], run)
+            def run(a, b, clf=clf, rows=case["rows"], labels=labels):
+                return [[r["probabilities"][x] for x in labels] for r in clf.classify(rows[a:b])]
+
+            result = timed_chunks(len(case["rows"]), spec["batch"], spec["time_limit"], run)
+            if cached:
+                pool = clf.prefix_cache
+                shared = pool.block_keys(prompts[0], None)
+                held = sum(1 for key in shared if key in pool)
+                # Tokens a pair runs with the cache: its prompt after the shared full blocks.
+                after = [len(p) - min(held * pool.block_size, len(p) - 1) for p in prompts[:result["pairs"]]]
+                result.update(hit_rate=pool.hit_rate, prompt_tokens=sum(map(len, prompts)) / len(prompts),
+                              tokens_run=sum(after) / max(1, len(after)))
+            out[name + (" prefix-cached" if cached else "")] = result
     return out
 
 
@@ -269,7 +291,10 @@ def row_ctranslate2(spec: dict, precision: str) -> dict:
     import gptj.data as data
 
     converted = Path(spec["work"]) / "ctranslate2"
-    if not converted.is_dir():  # once per run, untimed
+    earlier = Path(f"{spec['model']}-ct2-int8")  # benchmarks/bench_6b.py's int8 conversion, when there
+    if precision == "int8" and (earlier / "model.bin").is_file():
+        converted = earlier
+    elif not converted.is_dir():  # once per run, untimed
         converter = ctranslate2.converters.TransformersConverter(ctranslate2_source(spec))
         converter.convert(str(converted), force=True)
     vocab_file = converted / "vocabulary.json"
@@ -307,7 +332,7 @@ def start_server(spec: dict, precision: str) -> tuple[subprocess.Popen, str]:
                "--max-batch-size", str(max(CONCURRENCY)), "--max-queue", "1024",
                "--max-model-len", str(spec["max_model_len"])]
     if precision in ("int8", "int4"):
-        command += ["--precision", "fp32", "--quantize", precision]
+        command += ["--precision", "auto", "--quantize", precision]
     else:
         command += ["--precision", precision]
     proc = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
@@ -389,11 +414,12 @@ def ctranslate2_types() -> set[str]:
 
 
 def planned_rows(rows: list[str], precisions: list[str], server_precision: str, native_bf16: bool,
-                 ct2_types=frozenset()) -> list[tuple]:
-    """(row, precision) in the order they run; the reference (transformers fp32) first."""
+                 ct2_types=frozenset(), reference: list[str] | None = None) -> list[tuple]:
+    """(row, precision) in the order they run; the reference (the first transformers row:
+    fp32 unless `reference` names others) first."""
     plan = []
     if "transformers" in rows:
-        plan += [("transformers", "fp32")] + ([("transformers", "bf16")] if native_bf16 else [])
+        plan += [("transformers", p) for p in reference or ["fp32"] + (["bf16"] if native_bf16 else [])]
     if "ours" in rows:
         plan += [("ours", p) for p in precisions]
     if "server" in rows:
@@ -417,8 +443,7 @@ def agreement(measured: dict, reference: dict) -> dict:
 def summarise(results: list[dict]) -> dict:
     """Per case: every row's pairs/s and agreement with transformers fp32, and the ratios of
     ours (the best pipeline row) to transformers and ctranslate2 (their best rows)."""
-    reference = next((r for r in results if (r["row"], r["precision"]) == ("transformers", "fp32")
-                      and "error" not in r), None)
+    reference = next((r for r in results if r["row"] == "transformers" and "error" not in r), None)
     table, ratios = [], {}
     cases = sorted({name.split(" ")[0] for r in results if "error" not in r for name in r["cases"]})
     for case in cases:
@@ -434,7 +459,14 @@ def summarise(results: list[dict]) -> dict:
                 if reference is not None:
                     line.update(agreement(m, reference["cases"][case]))
                 table.append(line)
-                if r["row"] != "server":
+                if "tokens_run" in m:
+                    line.update({k: m[k] for k in ("hit_rate", "prompt_tokens", "tokens_run")})
+                    plain = r["cases"].get(case)
+                    if plain:  # the same pipeline and precision without the cache
+                        ratios[f"{case} {r['precision']} prefix-cached/uncached"] = m["pairs_per_s"] / plain["pairs_per_s"]
+                        ratios[f"{case} {r['precision']} prompt tokens/tokens run with the cache"] = \
+                            m["prompt_tokens"] / m["tokens_run"]
+                elif r["row"] != "server":  # the peers' best against ours without a prefix cache
                     best[r["row"]] = max(best.get(r["row"], 0.0), m["pairs_per_s"])
         for other in ("transformers", "ctranslate2"):
             if "ours" in best and best.get(other):
@@ -446,12 +478,14 @@ def print_report(report: dict) -> None:
     print(f"{report['cpu']} | {report['capability']}")
     print(f"model {report['model']} | threads {report['threads']} | {report['pairs']} pairs asked, "
           f"{report['skipped_too_long']} longer than the context skipped | time limit {report['time_limit_s']} s a case")
-    print("| case | row | pairs | pairs/s | labels as transformers fp32 | largest probability difference |")
+    print(f"| case | row | pairs | pairs/s | labels as transformers {report['reference']} | largest probability difference |")
     print("|---|---|---|---|---|---|")
     for line in report["table"]:
         agree = "-" if line.get("agreement") is None else f"{100 * line['agreement']:.1f}% of {line['compared']}"
         gap = "-" if line.get("max_probability_diff") is None else f"{line['max_probability_diff']:.1e}"
-        print(f"| {line['case']} | {line['row']} | {line['pairs']} | {line['pairs_per_s']:.2f} | {agree} | {gap} |")
+        row = line["row"] + (f" (hit rate {100 * line['hit_rate']:.0f}%, {line['tokens_run']:.0f} of "
+                             f"{line['prompt_tokens']:.0f} prompt tokens run)" if "tokens_run" in line else "")
+        print(f"| {line['case']} | {row} | {line['pairs']} | {line['pairs_per_s']:.2f} | {agree} | {gap} |")
     for name, value in report["ratios"].items():
         print(f"{name}: {value:.2f}x")
     for r in report["results"]:
@@ -488,7 +522,8 @@ def run(args) -> dict:
             rows.remove("ctranslate2")
             print("ctranslate2 is not installed (pip install ctranslate2): its rows are left out", file=sys.stderr)
         plan = planned_rows(rows, precisions, args.server_precision or precisions[0], native_bf16,
-                            ctranslate2_types() if "ctranslate2" in rows else set())
+                            ctranslate2_types() if "ctranslate2" in rows else set(),
+                            args.transformers.split(",") if args.transformers else None)
         budget = args.time_limit * len(SHOTS) * len(CONCURRENCY) + STARTUP_S
         results = []
         for kind, precision in plan:
@@ -500,6 +535,8 @@ def run(args) -> dict:
     report = {"cpu": describe(), "capability": capability(), "model": args.model or f"random:{preset}",
               "threads": threads, "pairs": args.pairs, "skipped_too_long": chosen["skipped_too_long"],
               "time_limit_s": args.time_limit, "batch": args.batch, "results": results}
+    report["reference"] = next((r["precision"] for r in results if r["row"] == "transformers" and "error" not in r),
+                               "-")
     report.update(summarise(results))
     return report
 
@@ -513,6 +550,9 @@ def main(argv=None) -> int:
     p.add_argument("--tokenizer", metavar="DIR", help="default: the checkpoint's own")
     p.add_argument("--rows", default=",".join(ROWS), help=f"which rows (default: {','.join(ROWS)})")
     p.add_argument("--precisions", help="ours' precisions, comma-separated (default: fp32[,bf16 where native],int8,int4)")
+    p.add_argument("--transformers", metavar="PRECISIONS",
+                   help="transformers' precisions, the first the reference of agreement (default: fp32[,bf16 "
+                        "where native]; at 6B fp32 needs 24 GiB: bf16)")
     p.add_argument("--server-precision", help="the server's precision (default: the first of --precisions)")
     p.add_argument("--pairs", type=int, default=256, help="validation pairs per case")
     p.add_argument("--batch", type=int, default=16, help="pairs per forward (ours, transformers, ctranslate2)")

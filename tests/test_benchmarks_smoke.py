@@ -146,4 +146,8 @@ def test_bench_classify_quick(tmp_path):
             assert line["agreement"] == 1.0 and line["compared"] == 6, line
             assert line["max_probability_diff"] < 1e-4, line
         assert report["ratios"][f"{case} ours/transformers"] > 0
+    cached = lines[("5-shot", "ours fp32 prefix-cached")]  # the demonstrations from the pipeline's prefix cache
+    assert cached["agreement"] == 1.0 and cached["max_probability_diff"] < 1e-4, cached
+    assert cached["hit_rate"] > 0.3 and cached["tokens_run"] < cached["prompt_tokens"] / 2, cached
+    assert report["ratios"]["5-shot fp32 prefix-cached/uncached"] > 0
     assert "| case | row | pairs | pairs/s | labels as transformers fp32 |" in done.stdout
