@@ -147,9 +147,11 @@ def time_hf(model, prompts, new_tokens, repeats, time_limit=None):
 def weight_bytes_per_step(model: GPTJ) -> int:
     """Bytes of weights one decode step reads: every parameter but the embedding table, and
     each quantized projection as its kernel reads it."""
+    from gptj.model.packed_linear import PackedLinear
     from gptj.model.quantized_linear import QuantizedLinear
 
     total = sum(p.numel() * p.element_size() for n, p in model.named_parameters() if not n.startswith("embed."))
+    total += sum(m.nbytes() for m in model.modules() if isinstance(m, PackedLinear))
     return total + sum(m.decode_bytes() for m in model.modules() if isinstance(m, QuantizedLinear))
 
 

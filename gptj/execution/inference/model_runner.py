@@ -56,6 +56,9 @@ class ModelRunner:
         self._step_cache: StaticKVCache | None = None  # the cache (or leading rows) a decode step uses
         self._decode_fn = self._decode_forward
         if compile_decode:
+            from gptj.model.packed_linear import unpack_projections
+
+            unpack_projections(model)  # inductor traces plain weights (and packs them itself)
             mode = "reduce-overhead" if self.device.type == "cuda" else None
             self._decode_fn = torch.compile(self._decode_forward, mode=mode, dynamic=False)
 
@@ -93,8 +96,11 @@ class ModelRunner:
         ids = ids.to(device)
         slots = torch.arange(seq, device=device)
         positions = slots.expand(n, seq)
-        causal = slots[None, :] <= slots[:, None]  # [S, S]
-        mask = (causal[None] & (slots[None, None, :] < lengths[:, None, None])).unsqueeze(1)
+        if all(len(p) == seq for p in prompts):
+            mask = None  # no padding: plain causal attention, which skips the masked half's work
+        else:
+            causal = slots[None, :] <= slots[:, None]  # [S, S]
+            mask = (causal[None] & (slots[None, None, :] < lengths[:, None, None])).unsqueeze(1)
         all_rows = rows == list(range(cache.batch_size))
         cache.prefill(None if all_rows else torch.tensor(rows, device=device), lengths)
         hidden = self.model.hidden_states(ids, position_ids=positions, attn_mask=mask, kv_cache=cache)

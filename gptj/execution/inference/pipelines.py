@@ -53,6 +53,7 @@ def load_model_and_tokenizer(
     group_size: int = 128,
     *,
     adapter: str | None = None,
+    pack_weights: bool = True,
 ):
     """(GPTJ in eval mode, data.Tokenizer). Raises ValueError subclasses with a clear message.
 
@@ -68,16 +69,19 @@ def load_model_and_tokenizer(
     into them, so generation costs exactly what the base model's does; on quantized weights it
     stays attached beside them (the quantized base plus the adapters, as trained with LoRA on a
     quantized base).
+
+    `pack_weights`: float projections in oneDNN's layout where that is faster on this CPU
+    (gptj/model/packed_linear.py): for inference only (`unpack_projections` to train or save).
     """
     from gptj.execution.runtime.model_files import model_file_errors
 
     with model_file_errors(name_or_path, adapter):  # a cut weight file: one line naming it
         return _load_model_and_tokenizer(name_or_path, tokenizer, precision, device, ctx, offload_weights,
-                                         init_seed, quantize, group_size, adapter)
+                                         init_seed, quantize, group_size, adapter, pack_weights)
 
 
 def _load_model_and_tokenizer(name_or_path, tokenizer, precision, device, ctx, offload_weights, init_seed,
-                              quantize, group_size, adapter):
+                              quantize, group_size, adapter, pack_weights):
     from gptj.execution.runtime.memory_fit import check_model
     from gptj.execution.runtime.model_loading import load_model
     from gptj.model.quantized_linear import QuantSpec
@@ -89,7 +93,7 @@ def _load_model_and_tokenizer(name_or_path, tokenizer, precision, device, ctx, o
     loaded = load_model(name_or_path, ctx, device=pick_device(device), precision=precision,
                         quantize=QuantSpec.parse(quantize, group_size), adapters=adapter or None,
                         offload=offload_weights, init_seed=init_seed, tokenizer=tokenizer,
-                        load_tokenizer=True)
+                        load_tokenizer=True, pack_weights=pack_weights)
     if loaded.streamer is not None:
         # Streaming hooks stay attached for the model's lifetime (it holds the streamer).
         loaded.model.weight_streamer = loaded.streamer
@@ -189,6 +193,7 @@ class TextGenerationPipeline:
         model, tok = load_model_and_tokenizer(
             model_dir_or_id, tokenizer, precision, device, ctx, offload_weights, init_seed,
             quantize=quantize, group_size=group_size, adapter=adapter,
+            pack_weights=not compile_decode,  # a compiled decode step traces plain weights
         )
         return cls(model, tok, batch_size=batch_size, compile_decode=compile_decode, kv_cache_dtype=kv_cache_dtype,
                    adapters=attach_named_adapters(model, adapters, ctx))

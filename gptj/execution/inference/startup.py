@@ -71,7 +71,7 @@ class InferencePlan:
             loaded = load_model(source, ctx, device=self.device, precision=self.dtype,
                                 quantize=QuantSpec.parse(m.quantize, m.group_size), adapters=m.adapter or None,
                                 offload=m.offload_weights, init_seed=m.init_seed, tokenizer=self.tokenizer,
-                                load_tokenizer=True)
+                                load_tokenizer=True, pack_weights=not m.compile)
         if loaded.streamer is not None:
             # Streaming hooks stay attached for the model's lifetime (it holds the streamer).
             loaded.model.weight_streamer = loaded.streamer

@@ -66,11 +66,13 @@ def load_model(source: str | ModelConfig | GPTJ | CheckpointInfo, ctx: ParallelC
                quantize: QuantSpec | None = None, adapters: str | NewAdapters | None = None,
                offload: bool = False, trainable: bool = False, init_seed: int = 0,
                tokenizer: str | None = None, load_tokenizer: bool = False,
-               recompute_blocks: bool = False) -> LoadedModel:
+               recompute_blocks: bool = False, pack_weights: bool = False) -> LoadedModel:
     """Build the model of `source` (see the module docstring); raises ValueError subclasses
     naming the problem. `precision` is a dtype, or a name resolved for the device and model
     ("auto": the fastest native one; a slow choice is warned about once on the main rank).
-    `offload`: block weights live on the host and stream to `device` one block ahead."""
+    `offload`: block weights live on the host and stream to `device` one block ahead.
+    `pack_weights`: an inference model's float projections in oneDNN's layout where that is
+    faster on this CPU (gptj/model/packed_linear.py; not with `trainable` or `offload`)."""
     device = torch.device(device)
     if isinstance(source, GPTJ):
         return _quantized_copy(source, quantize)
@@ -105,6 +107,10 @@ def load_model(source: str | ModelConfig | GPTJ | CheckpointInfo, ctx: ParallelC
         loaded.streamer.attach()
     if not trainable:
         model.eval()
+        if pack_weights and not offload:
+            from gptj.model.packed_linear import pack_projections
+
+            pack_projections(model)
     return loaded
 
 
