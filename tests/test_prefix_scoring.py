@@ -55,6 +55,27 @@ def test_cold_and_warm_scores_are_those_without_the_cache_and_the_hits_are_count
     assert pool.hit_tokens - COLD_HITS == WARM_HITS
 
 
+def test_rows_go_in_groups_whose_kv_fits_the_limit_with_the_same_scores_and_hits(model, monkeypatch):
+    made = []
+    for_model = scoring.StaticKVCache.for_model
+
+    def counting(m, batch_size, max_length, **kwargs):
+        made.append((batch_size, max_length))
+        return for_model(m, batch_size, max_length, **kwargs)
+
+    monkeypatch.setattr(scoring.StaticKVCache, "for_model", counting)
+    per_token = scoring.kv_bytes_per_token(model)
+    longest = max(len(p) + sum(map(len, c)) for p, c in zip(PROMPTS, CANDIDATES))
+    limit = 2 * longest * per_token  # two of the longest rows, three shorter ones
+    monkeypatch.setattr(scoring, "PREFIX_SCORING_KV_BYTES", limit)
+    want = scoring.score_candidates(model, PROMPTS, CANDIDATES)
+    pool = PrefixCache(BLOCK)
+    assert_same(scoring.score_candidates(model, PROMPTS, CANDIDATES, prefix=scoring.PrefixReuse(pool)), want)
+    assert pool.hit_tokens == COLD_HITS
+    assert len(made) > 2 and sum(rows for rows, _ in made) == len(PROMPTS)
+    assert all(rows * length * per_token <= limit for rows, length in made)
+
+
 def test_prompts_shorter_than_a_block_run_without_a_cache_row(model, monkeypatch):
     def no_cache(*args, **kwargs):
         raise AssertionError("no prompt holds a full block: nothing to take or keep")

@@ -47,11 +47,15 @@ from dataclasses import dataclass
 import torch
 
 from gptj.execution.inference.prefix_cache import PrefixCache
-from gptj.model.kv_cache import StaticKVCache
+from gptj.model.kv_cache import StaticKVCache, kv_bytes_per_token
 
 # fp32 logits per chunk: [rows, vocab] with rows = SCORE_CHUNK_ELEMENTS // vocab (166 rows of
 # GPT-J's 50400-token vocabulary, 32 MiB).
 SCORE_CHUNK_ELEMENTS = 1 << 23
+# Scoring from a prefix cache holds every row's whole KV (its prefix copied in) during the
+# forward: rows go in groups of at most this many bytes of it (a GPT-J 6B row of 300 tokens
+# takes 0.27 GiB in fp32), a row alone when it is larger.
+PREFIX_SCORING_KV_BYTES = 1 << 30
 
 
 @dataclass
@@ -236,12 +240,28 @@ def _score_reusing(model, prompts, candidates, top_k, prefix: PrefixReuse) -> li
             else:
                 now.append(i)
                 promised.update(keys[i])
-        scored = _score_candidate_rows(model, [prompts[i] for i in now], [candidates[i] for i in now], top_k,
-                                       prefix, [keys[i] for i in now])
-        for i, row in zip(now, scored):
-            out[i] = row
+        for group in _kv_groups(model, now, prompts, candidates, prefix):
+            scored = _score_candidate_rows(model, [prompts[i] for i in group], [candidates[i] for i in group],
+                                           top_k, prefix, [keys[i] for i in group])
+            for i, row in zip(group, scored):
+                out[i] = row
         pending = later
     return out
+
+
+def _kv_groups(model, rows: list[int], prompts, candidates, prefix: PrefixReuse) -> list[list[int]]:
+    """`rows` in consecutive groups whose KV cache (rows x the longest row) stays within
+    PREFIX_SCORING_KV_BYTES."""
+    per_token = kv_bytes_per_token(model, prefix.cache_dtype)
+    groups, group, longest = [], [], 0
+    for i in rows:
+        length = len(prompts[i]) + sum(map(len, candidates[i]))
+        if group and (len(group) + 1) * max(longest, length) * per_token > PREFIX_SCORING_KV_BYTES:
+            groups.append(group)
+            group, longest = [], 0
+        group.append(i)
+        longest = max(longest, length)
+    return groups + [group] if group else groups
 
 
 def _score_candidate_rows(model, prompts, candidates, top_k, prefix: PrefixReuse | None = None,
