@@ -209,10 +209,13 @@ def row_ours(spec: dict, precision: str) -> dict:
             result = timed_chunks(len(case["rows"]), spec["batch"], spec["time_limit"], run)
             if cached:
                 pool = clf.prefix_cache
-                shared = pool.block_keys(prompts[0], None)
-                held = sum(1 for key in shared if key in pool)
-                # Tokens a pair runs with the cache: its prompt after the shared full blocks.
-                after = [len(p) - min(held * pool.block_size, len(p) - 1) for p in prompts[:result["pairs"]]]
+                done = prompts[:result["pairs"]]
+                # Tokens a pair runs with a warm cache: its prompt after the full blocks every
+                # prompt shares (the demonstrations', up to the block that holds the pair's start).
+                keys = [pool.block_keys(p, None) for p in done]
+                shared = next((j for j in range(min(map(len, keys))) if len({k[j] for k in keys}) > 1),
+                              min(map(len, keys)))
+                after = [len(p) - min(shared * pool.block_size, len(p) - 1) for p in done]
                 result.update(hit_rate=pool.hit_rate, prompt_tokens=sum(map(len, prompts)) / len(prompts),
                               tokens_run=sum(after) / max(1, len(after)))
             out[name + (" prefix-cached" if cached else "")] = result
