@@ -37,7 +37,10 @@ def checkpoint(tmp_path_factory):
 
 
 def resident_bytes(model) -> int:
-    return sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()])
+    from gptj.model.packed_linear import PackedLinear
+
+    held = sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()])
+    return held + sum(m.nbytes() for m in model.modules() if isinstance(m, PackedLinear))
 
 
 def by_hand(quantized_weight) -> int:

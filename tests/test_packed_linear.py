@@ -112,3 +112,19 @@ def test_the_inference_loader_packs_unless_told_not_to():
     plain, _ = load_model_and_tokenizer("random:tiny", "bundled:tiny", pack_weights=False)
     assert isinstance(packed.blocks[0].in_proj_weight, PackedLinear)
     assert isinstance(plain.blocks[0].in_proj_weight, torch.nn.Parameter)
+
+
+def test_the_loss_head_export_and_a_quantized_copy_read_a_packed_model_as_its_plain_weights():
+    from gptj.model.hf import gather_hf_tensors
+    from gptj.model.quantized_linear import QuantSpec
+    from gptj.model.quantized_model import quantized_copy
+
+    plain, packed = tiny(), tiny()
+    pack_projections(packed)
+    ids = torch.randint(0, 1000, (2, 12), generator=torch.Generator().manual_seed(2))
+    with torch.inference_mode():
+        torch.testing.assert_close(packed.loss(ids, ids), plain.loss(ids, ids), rtol=0, atol=1e-5)
+        spec = QuantSpec.parse("int8")
+        assert torch.equal(quantized_copy(packed, spec).logits(ids), quantized_copy(plain, spec).logits(ids))
+    exported, want = gather_hf_tensors(packed), gather_hf_tensors(plain)
+    assert exported.keys() == want.keys() and all(torch.equal(exported[k], want[k]) for k in want)

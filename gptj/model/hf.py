@@ -27,6 +27,7 @@ from .config import ConfigError, ModelConfig
 from .json_files import read_json
 from .model import GPTJ
 from .parallel import ParallelContext
+from .packed_linear import float_weights
 from .quantized_linear import QuantSpec
 from .sharding import gather_to_hf, hf_shapes, shard_rules
 
@@ -249,7 +250,7 @@ def gather_hf_tensors(model: GPTJ, grads: bool = False) -> dict[str, torch.Tenso
 
     Collective over the TP group. Meant for small models and tests; export streams instead.
     """
-    params = dict(model.named_parameters())
+    params = float_weights(model)  # packed projections (packed_linear.py) as plain weights
     out = {}
     for name in shard_rules(model.config):
         tensor = params[name].grad if grads else params[name].detach()
@@ -333,7 +334,7 @@ def export_hf(
     if writes:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
-    params = dict(model.named_parameters())
+    params = float_weights(model)  # packed projections (packed_linear.py) as plain weights
     writer = ShardedSafetensorsWriter(tmp, max_shard_bytes)
     for name in shard_rules(model.config):
         if ctx.replica_rank != 0:

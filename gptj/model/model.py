@@ -50,8 +50,9 @@ class _HeadCrossEntropy(torch.autograd.Function):
     gradient into the small [T, d] operands, so no further pass over [T, V] is needed.
     The numbers are those of `lm_head` + `vocab_parallel_cross_entropy`, up to rounding.
 
-    `weight` may be a frozen quantized head (gptj.model.quantized_linear.QuantizedLinear): it is dequantized to
-    the hidden dtype in forward and again in backward, never saved.
+    `weight` may be a frozen quantized or packed head (gptj.model.quantized_linear.QuantizedLinear,
+    gptj.model.packed_linear.PackedLinear): it is dequantized to the hidden dtype in forward and
+    again in backward, never saved.
     """
 
     # fp32 working set per chunk: large enough that per-op overhead is amortised, small

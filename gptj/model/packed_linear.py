@@ -23,6 +23,7 @@ gives the plain parameters back (to train, merge adapters or save).
 from __future__ import annotations
 
 import functools
+from collections.abc import Mapping
 
 import torch
 import torch.nn.functional as F
@@ -54,6 +55,11 @@ class PackedLinear(nn.Module):
     def dense(self) -> torch.Tensor:
         """The plain weight [out_features, in_features] (a copy)."""
         return self.packed.to_dense()
+
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """The weight in `dtype`, as a frozen QuantizedLinear gives it (the fused loss head
+        multiplies by either kind of frozen weight this way)."""
+        return self.dense().to(dtype)
 
     def nbytes(self) -> int:
         return self.out_features * self.in_features * self.dtype.itemsize
@@ -113,6 +119,32 @@ def pack_projections(model) -> bool:
         del module._parameters[attr]  # frees the plain weight
         module.add_module(attr, packed)
     return True
+
+
+class _FloatWeights(Mapping):
+    """Parameters by name, and packed projections' plain weights under the names their
+    parameters had, each made when asked for (one copy at a time, not the model's worth)."""
+
+    def __init__(self, model):
+        self._params = dict(model.named_parameters())
+        self._packed = {name: m for name, m in model.named_modules() if isinstance(m, PackedLinear)}
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        if name in self._packed:
+            return self._packed[name].dense()
+        return self._params[name]
+
+    def __iter__(self):
+        return iter([*self._params, *self._packed])
+
+    def __len__(self) -> int:
+        return len(self._params) + len(self._packed)
+
+
+def float_weights(model) -> Mapping[str, torch.Tensor]:
+    """Every parameter by name, and each packed projection's plain weight (a copy, made on
+    access) under the name its parameter had: what exporting or quantizing a copy reads."""
+    return _FloatWeights(model)
 
 
 @torch.no_grad()

@@ -34,6 +34,7 @@ from .config import ModelConfig
 from .layers import RotaryTables
 from .model import GPTJ
 from .parallel import ParallelContext
+from .packed_linear import float_weights
 from .quantized_linear import QuantizationError, QuantizedLinear, QuantSpec
 from .sharding import SliceReader, hf_shapes, read_local_shard, shard_rules
 
@@ -249,7 +250,7 @@ def quantized_copy(model: GPTJ, spec: QuantSpec) -> GPTJ:
     """A quantized model for evaluation that shares every unquantized tensor with `model`."""
     if model.quantization is not None:
         raise QuantizationError(f"the model is already quantized ({model.quantization.name})")
-    params = dict(model.named_parameters())
+    params = float_weights(model)  # packed projections (packed_linear.py) as plain weights
     return prepare_kernels(build_quantized(
         model.config, model.ctx, model.dtype, model.device, spec, lambda name: params[name].detach()
     ))
