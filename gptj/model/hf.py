@@ -26,8 +26,8 @@ from gptj.errors import GPTJError
 from .config import ConfigError, ModelConfig
 from .json_files import read_json
 from .model import GPTJ
-from .parallel import ParallelContext
 from .packed_linear import float_weights
+from .parallel import ParallelContext
 from .quantized_linear import QuantSpec
 from .sharding import gather_to_hf, hf_shapes, shard_rules
 

@@ -33,8 +33,8 @@ from torch import nn
 from .config import ModelConfig
 from .layers import RotaryTables
 from .model import GPTJ
-from .parallel import ParallelContext
 from .packed_linear import float_weights
+from .parallel import ParallelContext
 from .quantized_linear import QuantizationError, QuantizedLinear, QuantSpec
 from .sharding import SliceReader, hf_shapes, read_local_shard, shard_rules
 

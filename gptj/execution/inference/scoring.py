@@ -157,7 +157,7 @@ def candidate_mask(groups: torch.Tensor, starts: list[int] | None = None, window
     starts[b].. and the keys are its slots 0..window-1 (T = window). None: nothing cached,
     T = S. A padding query sees padding, or slot 0 (a prompt token) when cached: never an
     empty softmax row."""
-    device, (batch, seq) = groups.device, groups.shape
+    device, seq = groups.device, groups.shape[1]
     if starts is None:
         slots = torch.arange(seq, device=device)
         query_slot, key_slot, key_groups = slots[None, :], slots, groups
