@@ -86,9 +86,25 @@ class PrefixCache:
             count += 1
         return count
 
-    def leading(self, keys: list[bytes], promised: set[bytes]) -> int:
-        """How many leading blocks of these keys are held or about to be stored (`promised`:
-        the keys of prompts run earlier in the same pass)."""
+    def passes(self, keys: list[list[bytes]], looks_up: list[bool] | None = None):
+        """The prompts with these keys in passes (lists of indices, yielded in turn): a prompt
+        that shares more leading blocks with an earlier prompt of the same pass than the pool
+        holds waits for the next pass, when the caller has run and stored that one. Prompts
+        with `looks_up[i]` False never wait."""
+        pending = list(range(len(keys)))
+        while pending:
+            now, later, promised = [], [], set()
+            for i in pending:
+                if (looks_up is None or looks_up[i]) and self._leading(keys[i], promised) > self.match(keys[i]):
+                    later.append(i)
+                else:
+                    now.append(i)
+                    promised.update(keys[i])
+            yield now
+            pending = later
+
+    def _leading(self, keys: list[bytes], promised: set[bytes]) -> int:
+        """Leading blocks of these keys held or about to be stored (`promised`)."""
         count = 0
         for key in keys:
             if key not in self._blocks and key not in promised:

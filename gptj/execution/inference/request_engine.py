@@ -288,16 +288,7 @@ class RequestEngine:
         keys = [pool.block_keys(r.prompt, r.adapter) for r in requests]
         logits: list = [None] * n
         scores: list = [None] * n
-        pending = list(range(n))
-        while pending:
-            now, later, promised = [], [], set()
-            for i in pending:
-                held = pool.match(keys[i])
-                if _looks_up(requests[i]) and pool.leading(keys[i], promised) > held:
-                    later.append(i)  # an earlier request of this pass stores more of its prefix
-                    continue
-                now.append(i)
-                promised.update(keys[i])
+        for now in pool.passes(keys, [_looks_up(r) for r in requests]):
             starts = {i: self._copy_held_blocks(rows[i], requests[i], keys[i]) for i in now}
             for part in ([i for i in now if not starts[i]], [i for i in now if starts[i]]):
                 if part:
@@ -306,7 +297,6 @@ class RequestEngine:
                         keys=[keys[i] for i in part])
                     for j, i in enumerate(part):
                         logits[i], scores[i] = part_logits[j], part_scores[j]
-            pending = later
         return torch.stack(logits), scores
 
     def _copy_held_blocks(self, row: int, request: Request, keys: list[bytes]) -> int:

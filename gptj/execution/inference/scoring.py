@@ -231,21 +231,12 @@ def _score_reusing(model, prompts, candidates, top_k, prefix: PrefixReuse) -> li
     pool = prefix.pool
     keys = [pool.block_keys(p, prefix.adapter) for p in prompts]
     out: list = [None] * len(prompts)
-    pending = list(range(len(prompts)))
-    while pending:
-        now, later, promised = [], [], set()
-        for i in pending:
-            if pool.leading(keys[i], promised) > pool.match(keys[i]):
-                later.append(i)
-            else:
-                now.append(i)
-                promised.update(keys[i])
+    for now in pool.passes(keys):
         for group in _kv_groups(model, now, prompts, candidates, prefix):
             scored = _score_candidate_rows(model, [prompts[i] for i in group], [candidates[i] for i in group],
                                            top_k, prefix, [keys[i] for i in group])
             for i, row in zip(group, scored):
                 out[i] = row
-        pending = later
     return out
 
 
